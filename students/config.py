@@ -1,0 +1,253 @@
+"""Typed SparseFormer configuration.
+
+Round-trips to and from the JSON form used by the released checkpoints (and by
+`tests/fixtures/golden/*.json`): ops by name, `compatible_config` as a mapping.
+Switches that a JSON config leaves out take the bootstrapped ("btsp") era
+defaults listed in `CompatibleConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+OP_NAMES = ("ATTN", "MLP", "ROI_ADJ", "SAMPLING_M", "PE_INJECT")
+ROI_OPS = ("ROI_ADJ", "SAMPLING_M", "PE_INJECT")
+HEAD_OPS = ("avg", "cls")
+
+
+class ConfigError(ValueError):
+    """A SparseFormer configuration that cannot describe a model."""
+
+
+def _unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+@dataclass
+class GridSampleConfig:
+    mode: str = "bilinear"
+    padding_mode: str = "border"
+    align_corners: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in ("bilinear", "nearest", "bicubic"):
+            raise ConfigError(f"grid_sample_config.mode must be bilinear, nearest or bicubic, got {self.mode!r}")
+        if self.padding_mode not in ("zeros", "border", "reflection"):
+            raise ConfigError(
+                f"grid_sample_config.padding_mode must be zeros, border or reflection, got {self.padding_mode!r}"
+            )
+
+
+@dataclass
+class CompatibleConfig:
+    """Switches that differ between SparseFormer v1 and the bootstrapped models.
+
+    Defaults are the btsp-era values, used for keys a JSON config leaves out.
+    """
+
+    type_num_attn_heads: int = 2  # 1: 64 heads (head_dim = dim/64); 2: dim // head_dim heads
+    type_op_adjust: int = 2  # 1: LN+Linear; 2: LN+Linear+GELU+Linear
+    restrict_grad_norm: bool = False
+    pg_inner_dim: Union[int, float] = 0.25  # int: width; float: fraction of dim
+    transition_ln: bool = False
+    mixing_bias: bool = False
+    ln_eps: float = 1e-5
+    use_stage_embedding: bool = True
+    clip_quick_gelu: bool = False
+    grid_sample_config: GridSampleConfig = field(default_factory=GridSampleConfig)
+    # Extension (not in released configs): the head width for type_num_attn_heads=2.
+    # Released models use 64; a student of a teacher with other head widths
+    # inherits the teacher's. Left out of to_dict() when 64.
+    head_dim: int = 64
+
+    def num_heads(self, dim: int) -> int:
+        return 64 if self.type_num_attn_heads == 1 else dim // self.head_dim
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "CompatibleConfig":
+        d = dict(d or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                raise _unknown_key_error("compatible_config", k, names)
+        gs = d.pop("grid_sample_config", None)
+        if isinstance(gs, GridSampleConfig):
+            grid = gs
+        else:
+            gs = dict(gs or {})
+            gnames = [f.name for f in dataclasses.fields(GridSampleConfig)]
+            for k in gs:
+                if k not in gnames:
+                    raise _unknown_key_error("compatible_config.grid_sample_config", k, gnames)
+            grid = GridSampleConfig(**gs)
+        return cls(grid_sample_config=grid, **d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["head_dim"] == 64:
+            del d["head_dim"]
+        return d
+
+
+@dataclass
+class SparseFormerConfig:
+    conv_dim: int
+    num_latent_tokens: int
+    num_sampling_points: int
+    width_configs: list[int]
+    repeats: list[int]
+    ops_list: list[list[str]]
+    head_op: str = "avg"
+    same_token_embedding: bool = False
+    cls_token_insert_layer: int = 0  # unit index; <= 0 means no class token
+    proj_dim: int = 1000  # 0 means no projection (the head is the identity)
+    proj_bias: bool = True
+    drop_path_rate: float = 0.0
+    compatible_config: CompatibleConfig = field(default_factory=CompatibleConfig)
+    # Metadata carried by released configs; not used by the computation.
+    normalization_factor: list[list[float]] | None = None  # [mean, std]
+    model_type: str | None = None
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SparseFormerConfig":
+        if isinstance(d, SparseFormerConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a SparseFormer config must be a mapping or SparseFormerConfig, got {type(d).__name__}")
+        d = dict(d)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                raise _unknown_key_error("SparseFormer config", k, names)
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"SparseFormer config is missing required key(s): {', '.join(missing)}")
+        compat = d.pop("compatible_config", None)
+        if not isinstance(compat, CompatibleConfig):
+            compat = CompatibleConfig.from_dict(compat)
+        d["width_configs"] = list(d["width_configs"])
+        d["repeats"] = list(d["repeats"])
+        d["ops_list"] = [list(ops) for ops in d["ops_list"]]
+        if d.get("cls_token_insert_layer") is None:
+            d["cls_token_insert_layer"] = 0
+        if d.get("proj_dim") is None:
+            d["proj_dim"] = 0
+        cfg = cls(compatible_config=compat, **d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["compatible_config"] = self.compatible_config.to_dict()
+        # Optional keys are written only when set, so that a released config
+        # round-trips to exactly the JSON it came from.
+        for k, unset in (("normalization_factor", None), ("model_type", None),
+                         ("drop_path_rate", 0.0), ("cls_token_insert_layer", 0)):
+            if d[k] == unset:
+                del d[k]
+        return d
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "SparseFormerConfig":
+        text = path_or_text
+        if not path_or_text.lstrip().startswith("{"):
+            with open(path_or_text) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def replace(self, **changes) -> "SparseFormerConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return SparseFormerConfig.from_dict(d)
+
+    # ----------------------------------------------------------- structure
+    @property
+    def num_units(self) -> int:
+        return len(self.width_configs)
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.cls_token_insert_layer > 0
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the final tokens (the input of `norm`)."""
+        return self.width_configs[-1]
+
+    @property
+    def output_dim(self) -> int:
+        return self.proj_dim if self.proj_dim else self.embed_dim
+
+    def validate(self) -> None:
+        n = self.num_units
+        if n == 0:
+            raise ConfigError("width_configs is empty: a SparseFormer needs at least one unit")
+        if len(self.repeats) != n or len(self.ops_list) != n:
+            raise ConfigError(
+                f"width_configs, repeats and ops_list must have one entry per unit; got "
+                f"{len(self.width_configs)}, {len(self.repeats)} and {len(self.ops_list)}"
+            )
+        for name in ("conv_dim", "num_latent_tokens", "num_sampling_points"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for i, (w, r, ops) in enumerate(zip(self.width_configs, self.repeats, self.ops_list)):
+            if not isinstance(w, int) or w <= 0:
+                raise ConfigError(f"width_configs[{i}] must be a positive integer, got {w!r}")
+            if not isinstance(r, int) or r <= 0:
+                raise ConfigError(f"repeats[{i}] must be a positive integer, got {r!r}")
+            for op in ops:
+                if op not in OP_NAMES:
+                    close = difflib.get_close_matches(str(op), OP_NAMES, n=1)
+                    hint = f" Did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(f"unknown op '{op}' in ops_list[{i}].{hint} Valid ops: {', '.join(OP_NAMES)}")
+            if "ATTN" in ops:
+                heads = self.compatible_config.num_heads(w)
+                if heads <= 0 or w % heads != 0:
+                    raise ConfigError(
+                        f"width_configs[{i}] = {w} cannot be split into {heads} attention heads "
+                        f"(type_num_attn_heads={self.compatible_config.type_num_attn_heads}, "
+                        f"head_dim={self.compatible_config.head_dim}); choose a width that the head count divides"
+                    )
+            if "PE_INJECT" in ops and w % 8 != 0:
+                # dim/4 frequencies per RoI number, split into sin/cos halves.
+                raise ConfigError(f"width_configs[{i}] = {w} must be a multiple of 8 for PE_INJECT")
+            if self.has_cls_token and i >= self.cls_token_insert_layer:
+                bad = [op for op in ops if op in ROI_OPS]
+                if bad:
+                    raise ConfigError(
+                        f"ops_list[{i}] has {bad} after the class token is inserted "
+                        f"(cls_token_insert_layer={self.cls_token_insert_layer}); only ATTN and MLP may follow it"
+                    )
+        if self.has_cls_token and self.cls_token_insert_layer >= n:
+            raise ConfigError(
+                f"cls_token_insert_layer={self.cls_token_insert_layer} is past the last unit (there are {n} units)"
+            )
+        if self.head_op not in HEAD_OPS:
+            raise ConfigError(f"head_op must be one of {HEAD_OPS}, got {self.head_op!r}")
+        if self.head_op == "cls" and not self.has_cls_token:
+            raise ConfigError("head_op 'cls' needs a class token: set cls_token_insert_layer > 0")
+        if self.compatible_config.type_num_attn_heads not in (1, 2):
+            raise ConfigError("compatible_config.type_num_attn_heads must be 1 or 2")
+        if self.compatible_config.type_op_adjust not in (1, 2):
+            raise ConfigError("compatible_config.type_op_adjust must be 1 or 2")
+        pg = self.compatible_config.pg_inner_dim
+        if isinstance(pg, bool) or not isinstance(pg, (int, float)) or pg <= 0:
+            raise ConfigError(f"compatible_config.pg_inner_dim must be a positive int or fraction, got {pg!r}")
+        if self.proj_dim < 0:
+            raise ConfigError(f"proj_dim must be >= 0 (0: no projection), got {self.proj_dim}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        self.compatible_config.grid_sample_config.validate()
