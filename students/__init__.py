@@ -1,0 +1,36 @@
+"""SparseFormer students: the model, its released configurations, and its construction from a teacher."""
+
+from .config import CompatibleConfig, ConfigError, GridSampleConfig, SparseFormerConfig
+from .sparseformer import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace
+
+__all__ = [
+    "CompatibleConfig",
+    "ConfigError",
+    "GridSampleConfig",
+    "MediaSparseFormer",
+    "SparseFormer",
+    "SparseFormerConfig",
+    "SparseFormerOutput",
+    "SparseFormerTrace",
+]
+from .registry import (
+    CheckpointMismatchError,
+    create_model,
+    get_config,
+    get_pretrained_cfg,
+    list_models,
+    load_checkpoint_strict,
+    load_state_dict_file,
+    load_student,
+)
+
+__all__ += [
+    "CheckpointMismatchError",
+    "create_model",
+    "get_config",
+    "get_pretrained_cfg",
+    "list_models",
+    "load_checkpoint_strict",
+    "load_state_dict_file",
+    "load_student",
+]

@@ -1,0 +1,281 @@
+"""The released SparseFormer configurations and `create_model`.
+
+v1 models (SparseFormer paper) were trained from scratch on ImageNet-1k; the
+bootstrapped ("btsp") ones inherit the last 2N/3 blocks of a ViT teacher
+(bootstrapping paper). Every configuration here builds exactly the keys and
+shapes of the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .config import SparseFormerConfig
+from .sparseformer import SparseFormer
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+OPENAI_CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+V1_COMPATIBLE = {
+    "type_num_attn_heads": 1,
+    "type_op_adjust": 1,
+    "mixing_bias": True,
+    "transition_ln": True,
+    "ln_eps": 1e-6,
+    "use_stage_embedding": False,
+    "grid_sample_config": {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False},
+    "restrict_grad_norm": False,
+    "pg_inner_dim": 0.25,
+    "clip_quick_gelu": False,
+}
+
+BTSP_COMPATIBLE = {
+    "pg_inner_dim": 128,
+    "grid_sample_config": {"mode": "bilinear", "padding_mode": "border", "align_corners": False},
+    "type_num_attn_heads": 2,
+    "type_op_adjust": 2,
+    "restrict_grad_norm": False,
+    "transition_ln": False,
+    "mixing_bias": False,
+    "ln_eps": 1e-5,
+    "use_stage_embedding": True,
+    "clip_quick_gelu": False,
+}
+
+# The focusing unit of a bootstrapped student: sample, encode RoIs, attend, mix, adjust RoIs.
+BTSP_FOCUS_OPS = ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"]
+# One more sampling step at the teacher's width, before the inherited blocks.
+BTSP_SAMPLE_OPS = ["SAMPLING_M", "PE_INJECT"]
+
+
+def v1_config(name: str, tokens: int, focus_width: int, width: int, depth: int, drop_path_rate: float) -> dict:
+    """SparseFormer v1: a focusing unit repeated 4 times, one sampling unit, then plain blocks."""
+    n_units = 2 + depth
+    return {
+        "conv_dim": 96,
+        "num_latent_tokens": tokens,
+        "num_sampling_points": 36,
+        "same_token_embedding": False,
+        "width_configs": [focus_width] + [width] * (n_units - 1),
+        "repeats": [4] + [1] * (n_units - 1),
+        "head_op": "avg",
+        "ops_list": [["ATTN", "ROI_ADJ", "SAMPLING_M", "MLP"]] * 2 + [["ATTN", "MLP"]] * depth,
+        "compatible_config": dict(V1_COMPATIBLE),
+        "proj_dim": 1000,
+        "proj_bias": True,
+        "drop_path_rate": drop_path_rate,
+        "normalization_factor": [list(IMAGENET_MEAN_STD[0]), list(IMAGENET_MEAN_STD[1])],
+        "model_type": name,
+    }
+
+
+def btsp_config(
+    name: str | None,
+    tokens: int,
+    focus_width: int,
+    width: int,
+    inherited_blocks: int,
+    proj_dim: int,
+    proj_bias: bool,
+    quick_gelu: bool,
+    mean_std=None,
+    conv_dim: int = 64,
+    num_points: int = 16,
+    focus_repeats: int = 4,
+    pg_inner_dim: int = 128,
+) -> dict:
+    """A bootstrapped SparseFormer: new focusing + sampling units, then the teacher's inherited blocks.
+
+    `tokens` counts the latent tokens only; the class token is inserted before
+    the first inherited block (unit index 2).
+    """
+    compat = dict(BTSP_COMPATIBLE, clip_quick_gelu=quick_gelu, pg_inner_dim=pg_inner_dim)
+    cfg = {
+        "conv_dim": conv_dim,
+        "num_latent_tokens": tokens,
+        "num_sampling_points": num_points,
+        "same_token_embedding": True,
+        "cls_token_insert_layer": 2,
+        "width_configs": [focus_width] + [width] * (1 + inherited_blocks),
+        "repeats": [focus_repeats] + [1] * (1 + inherited_blocks),
+        "head_op": "cls",
+        "ops_list": [list(BTSP_FOCUS_OPS), list(BTSP_SAMPLE_OPS)] + [["ATTN", "MLP"]] * inherited_blocks,
+        "compatible_config": compat,
+        "proj_dim": proj_dim,
+        "proj_bias": proj_bias,
+    }
+    if mean_std is not None:
+        cfg["normalization_factor"] = [list(mean_std[0]), list(mean_std[1])]
+    if name is not None:
+        cfg["model_type"] = name
+    return cfg
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What a user needs to feed the model: input size, normalisation, resize."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    def to_timm(self) -> dict:
+        return dict(input_size=self.input_size, mean=self.mean, std=self.std,
+                    interpolation=self.interpolation, crop_pct=self.crop_pct)
+
+
+def _cfg(mean_std, size=224, crop_pct=0.875) -> PretrainedCfg:
+    return PretrainedCfg((3, size, size), tuple(mean_std[0]), tuple(mean_std[1]), "bicubic", crop_pct)
+
+
+RELEASED: dict[str, tuple[dict, PretrainedCfg]] = {
+    "sparseformer_v1_tiny": (v1_config("sparseformer_v1_tiny", 49, 256, 512, 7, 0.2), _cfg(IMAGENET_MEAN_STD)),
+    "sparseformer_v1_small": (v1_config("sparseformer_v1_small", 64, 320, 640, 7, 0.3), _cfg(IMAGENET_MEAN_STD)),
+    "sparseformer_v1_base": (v1_config("sparseformer_v1_base", 81, 384, 768, 9, 0.4), _cfg(IMAGENET_MEAN_STD)),
+    # AugReg ViT-B/16 (224) and ViT-L/16 (384) teachers: 48 latent tokens + cls.
+    "sparseformer_btsp_augreg_base": (
+        btsp_config("sparseformer_btsp_augreg_base", 48, 384, 768, 8, 1000, True, False, INCEPTION_MEAN_STD),
+        _cfg(INCEPTION_MEAN_STD, 224, 0.9),
+    ),
+    "sparseformer_btsp_augreg_large": (
+        btsp_config("sparseformer_btsp_augreg_large", 48, 512, 1024, 16, 1000, True, False, INCEPTION_MEAN_STD),
+        _cfg(INCEPTION_MEAN_STD, 384, 1.0),
+    ),
+    # OpenAI CLIP ViT-B/16 and ViT-L/14 teachers (QuickGELU in the inherited blocks).
+    "sparseformer_btsp_openai_clip_base": (
+        btsp_config("sparseformer_btsp_openai_clip_base", 48, 384, 768, 8, 512, False, True, OPENAI_CLIP_MEAN_STD),
+        _cfg(OPENAI_CLIP_MEAN_STD, 224, 1.0),
+    ),
+    "sparseformer_btsp_openai_clip_large": (
+        btsp_config("sparseformer_btsp_openai_clip_large", 63, 512, 1024, 16, 768, False, True, OPENAI_CLIP_MEAN_STD),
+        _cfg(OPENAI_CLIP_MEAN_STD, 224, 1.0),
+    ),
+}
+
+
+def list_models() -> list[str]:
+    return list(RELEASED)
+
+
+def get_config(name: str) -> SparseFormerConfig:
+    return SparseFormerConfig.from_dict(_released(name)[0])
+
+
+def get_pretrained_cfg(name: str) -> PretrainedCfg:
+    return _released(name)[1]
+
+
+def _released(name: str):
+    if name not in RELEASED:
+        import difflib
+
+        close = difflib.get_close_matches(name, RELEASED, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown SparseFormer model '{name}'.{hint} Released models: {', '.join(RELEASED)}")
+    return RELEASED[name]
+
+
+# --------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose keys or shapes do not fit the model."""
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors` or `.pth/.pt/.bin` (safely: weights_only=True).
+
+    A torch checkpoint may hold the weights at the top level or under a `model`
+    (or `state_dict`) key; a `module.` prefix left by DDP is removed.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle with arbitrary objects, or not a torch file
+            raise CheckpointMismatchError(
+                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
+            ) from e
+        sd = obj
+        if isinstance(obj, Mapping):
+            for k in ("model", "state_dict", "model_state_dict"):
+                if k in obj and isinstance(obj[k], Mapping):
+                    sd = obj[k]
+                    break
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointMismatchError(
+                f"{path} does not hold a state dict (a mapping of names to tensors, at the top level or "
+                f"under 'model'); found {type(sd).__name__}"
+            )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_checkpoint_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
+    """`load_state_dict(strict=True)` with an error that lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+
+        def block(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:20])
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
+            return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+        raise CheckpointMismatchError(
+            f"{source} does not fit {type(model).__name__}"
+            + block("missing keys", missing)
+            + block("unexpected keys", unexpected)
+            + block("mis-shaped keys", misshaped)
+            + "\n  Check that the checkpoint was made for this configuration (model name or config JSON)."
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> SparseFormer:
+    """Build a released SparseFormer by name; `pretrained` is a local weights file.
+
+    `overrides` replace config fields (e.g. `drop_path_rate=0.1`). The model
+    carries `pretrained_cfg` (input size, mean, std, interpolation, crop_pct).
+    """
+    cfg_dict, pcfg = _released(name)
+    cfg = SparseFormerConfig.from_dict({**cfg_dict, **overrides})
+    model = SparseFormer(cfg)
+    model.pretrained_cfg = pcfg.to_timm()
+    if pretrained:
+        load_checkpoint_strict(model, load_state_dict_file(pretrained), source=str(pretrained))
+    return model
+
+
+def load_student(config_path: str | os.PathLike, weights: str | os.PathLike | None = None) -> SparseFormer:
+    """Build a SparseFormer from a config JSON (as a bootstrapping run writes it) and load its weights."""
+    cfg = SparseFormerConfig.from_json(os.fspath(config_path))
+    model = SparseFormer(cfg)
+    if weights:
+        load_checkpoint_strict(model, load_state_dict_file(weights), source=str(weights))
+    return model

@@ -1,0 +1,542 @@
+"""SparseFormer and MediaSparseFormer, as in `../shared/design/sparseformer.md`.
+
+The model sees an image through a few latent tokens. Each token has an
+embedding and a region of interest (RoI, corner form `x1, y1, x2, y2` in
+normalised image coordinates). Units of ops refine both:
+
+    ATTN        x = x + attn(norm1(x))                  (timm ViT attention)
+    MLP         x = x + mlp(norm2(x))                   (timm ViT MLP)
+    ROI_ADJ     RoI centre/size moved by a prediction from x
+    SAMPLING_M  sample the early-convolution map at points inside the RoI,
+                decode them by adaptive mixing, x = x + out_proj(...)
+    PE_INJECT   x = x + pe_transition(sin/cos encoding of the RoI)
+
+Parameter names and shapes match the released checkpoints exactly.
+The video model shares every op; only the number of RoI coordinates
+(`ndim` = 2 for images, 3 for video: x, y, t) and the early convolution differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, QuickGELU, trunc_normal_
+from timm.models.vision_transformer import Attention
+from torch import Tensor, nn
+
+from .config import SparseFormerConfig
+
+# The 7x7 kernel of the early convolution must fit in the image.
+MIN_INPUT_SIZE = 7
+
+
+# --------------------------------------------------------------------------
+# Early convolution
+# --------------------------------------------------------------------------
+class EarlyConvolution(nn.Module):
+    """conv 7x7/2 -> ReLU -> max-pool 3x3/2 -> per-pixel normalisation over channels."""
+
+    def __init__(self, conv_dim: int, ndim: int = 2):
+        super().__init__()
+        if ndim == 2:
+            self.conv1 = nn.Conv2d(3, conv_dim, kernel_size=7, stride=2, padding=3)
+            self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:  # video: the same 2-D kernel on every frame
+            self.conv1 = nn.Conv3d(3, conv_dim, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3))
+            self.pool = nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        # LayerNorm over channels without affine: (x - mean) / sqrt(var + 1e-5).
+        x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), eps=1e-5)
+        return x.movedim(-1, 1)
+
+
+# --------------------------------------------------------------------------
+# RoI geometry
+# --------------------------------------------------------------------------
+def roi_centre_size(roi: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+    """Centre and *signed* size of corner-form RoIs."""
+    p1, p2 = roi[..., :ndim], roi[..., ndim:]
+    return (p1 + p2) / 2, p2 - p1
+
+
+def roi_position_encoding(roi: Tensor, dim: int) -> Tensor:
+    """sin/cos encoding of the 4 RoI numbers; no gradient flows into the RoI."""
+    r = roi.detach().float() * math.pi
+    freqs = torch.exp(torch.linspace(0, math.log(128), dim // 4, device=roi.device))
+    x = r[..., None] * freqs  # [.., 4, dim/4]
+    x = torch.cat([x[..., 0::2].sin(), x[..., 1::2].cos()], dim=-1)
+    return x.flatten(-2)
+
+
+class _ClampGrad(torch.autograd.Function):
+    """Identity whose gradient is clamped to [-bound, bound] (`restrict_grad_norm`)."""
+
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.bound = bound
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-ctx.bound, ctx.bound), None
+
+
+# --------------------------------------------------------------------------
+# Adaptive mixing (the decoder of SAMPLING_M)
+# --------------------------------------------------------------------------
+class AdaptiveMixing(nn.Module):
+    """Per-token channel mixing `Mc` then point mixing `Ms`, both generated from the token."""
+
+    def __init__(self, dim: int, conv_dim: int, num_points: int, inner_dim: int, mixing_bias: bool):
+        super().__init__()
+        self.conv_dim, self.num_points = conv_dim, num_points
+        self.out_points = max(num_points, 32)
+        self.mixing_bias = mixing_bias
+        if mixing_bias:
+            self.m_beta = nn.Parameter(torch.zeros(conv_dim))
+            self.s_beta = nn.Parameter(torch.zeros(self.out_points))
+        self.parameter_generator = nn.Sequential(
+            nn.LayerNorm(dim, eps=1e-5),  # always 1e-5, whatever ln_eps says
+            nn.Linear(dim, inner_dim),
+            nn.Linear(inner_dim, conv_dim * conv_dim + self.out_points * num_points),
+        )
+        self.out_proj = nn.Linear(self.out_points * conv_dim, dim)
+
+    def forward(self, x: Tensor, sampled: Tensor) -> Tensor:
+        """x: [B, N, dim]; sampled: [B, N, P, C] -> [B, N, dim]."""
+        B, N, P, C = sampled.shape
+        params = self.parameter_generator(x).reshape(B * N, -1)
+        channel_mix = params[:, : C * C].reshape(B * N, C, C)  # [C_in, C_out]
+        point_mix = params[:, C * C :].reshape(B * N, self.out_points, P)  # [P_out, P]
+        h = torch.bmm(sampled.reshape(B * N, P, C).to(channel_mix.dtype), channel_mix)
+        if self.mixing_bias:
+            h = F.gelu(h + self.m_beta)
+            h = torch.bmm(point_mix, h) + self.s_beta[:, None]
+        else:
+            h = torch.bmm(point_mix, h)  # no GELU between the two mixings
+        h = F.gelu(h)
+        return self.out_proj(h.reshape(B, N, self.out_points * C))
+
+
+# --------------------------------------------------------------------------
+# A unit: `repeats` passes of its ops with shared weights
+# --------------------------------------------------------------------------
+class SFUnit(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        ops: list[str],
+        repeats: int,
+        cfg: SparseFormerConfig,
+        drop_path_rates: list[float],
+        ndim: int = 2,
+    ):
+        super().__init__()
+        cc = cfg.compatible_config
+        self.dim, self.ops, self.repeats, self.ndim = dim, list(ops), repeats, ndim
+        self.num_points = cfg.num_sampling_points
+        self.grid_sample_kwargs = dict(
+            mode=cc.grid_sample_config.mode,
+            padding_mode=cc.grid_sample_config.padding_mode,
+            align_corners=cc.grid_sample_config.align_corners,
+        )
+        self.restrict_grad_norm = cc.restrict_grad_norm
+        self.type_op_adjust = cc.type_op_adjust
+        eps = cc.ln_eps
+
+        # Registration order gives the released checkpoints' key order.
+        if "SAMPLING_M" in ops:
+            self.roi_offset_bias = nn.Parameter(torch.zeros(ndim * self.num_points))
+        if cc.use_stage_embedding and repeats > 1:
+            self.stage_embedding = nn.Embedding(repeats, dim)
+        if "SAMPLING_M" in ops:
+            pg = cc.pg_inner_dim
+            inner = pg if isinstance(pg, int) else int(pg * dim)
+            self.adaptive_mixing = AdaptiveMixing(dim, cfg.conv_dim, self.num_points, inner, cc.mixing_bias)
+            self.roi_offset_module = nn.Sequential(
+                nn.LayerNorm(dim, eps=eps), nn.Linear(dim, ndim * self.num_points, bias=False)
+            )
+        if "ATTN" in ops:
+            self.norm1 = nn.LayerNorm(dim, eps=eps)
+            self.attn = Attention(dim, num_heads=cc.num_heads(dim), qkv_bias=True)
+        if "MLP" in ops:
+            self.norm2 = nn.LayerNorm(dim, eps=eps)
+            act = QuickGELU if (repeats == 1 and cc.clip_quick_gelu) else nn.GELU
+            self.mlp = Mlp(dim, hidden_features=4 * dim, act_layer=act)
+        if "ROI_ADJ" in ops:
+            if cc.type_op_adjust == 1:
+                self.roi_adjust_module = nn.Sequential(
+                    nn.LayerNorm(dim, eps=eps), nn.Linear(dim, 2 * ndim, bias=False)
+                )
+            else:
+                self.roi_adjust_module = nn.Sequential(
+                    nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2 * ndim, bias=False)
+                )
+        if "PE_INJECT" in ops:
+            self.pe_transition = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim))
+        self.drop_paths = nn.ModuleList(DropPath(r) if r > 0 else nn.Identity() for r in drop_path_rates)
+
+    # ------------------------------------------------------------- the ops
+    def adjust_roi(self, x: Tensor, roi: Tensor, drop_path: nn.Module) -> Tensor:
+        """Move each RoI's centre by t[:n]*size and scale its size by exp(t[n:]), in float32."""
+        t = self.roi_adjust_module(x)
+        if self.type_op_adjust == 1:
+            t = drop_path(t)
+        t, roi = t.float(), roi.float()
+        n = self.ndim
+        centre, size = roi_centre_size(roi, n)
+        size = size.abs()
+        centre = centre + t[..., :n] * size
+        size = size * torch.exp(t[..., n:])
+        return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+
+    def sampling_points(self, x: Tensor, roi: Tensor) -> Tensor:
+        """Absolute sampling points [B, N, P, ndim] in normalised coordinates."""
+        B, N, _ = x.shape
+        offsets = self.roi_offset_module(x) + self.roi_offset_bias
+        offsets = offsets.float().reshape(B, N, self.num_points, self.ndim)
+        # Standardise each coordinate over the P points (unbiased std).
+        mean = offsets.mean(dim=2, keepdim=True)
+        std = offsets.std(dim=2, keepdim=True)
+        offsets = (offsets - mean) / (3 * (std + 1e-5))
+        centre, size = roi_centre_size(roi.float(), self.ndim)  # signed size
+        return centre[:, :, None] + offsets * size[:, :, None]
+
+    def sample(self, feat: Tensor, points: Tensor) -> Tensor:
+        """Bilinear samples of `feat` at `points` -> [B, N, P, C]."""
+        if self.restrict_grad_norm and points.requires_grad:
+            points = _ClampGrad.apply(points, 1.0 / feat.shape[-2])
+        grid = (points * 2 - 1).to(feat.dtype)
+        if self.ndim == 2:
+            out = F.grid_sample(feat, grid, **self.grid_sample_kwargs)  # [B, C, N, P]
+        else:
+            out = F.grid_sample(feat, grid[:, :, :, None], **self.grid_sample_kwargs)[..., 0]
+        return out.permute(0, 2, 3, 1)
+
+    def position_encoding(self, roi: Tensor) -> Tensor:
+        if self.ndim == 2:
+            return roi_position_encoding(roi, self.dim)
+        # Video: the RoI encoding is a zero vector (pe_transition still runs on it).
+        return roi.new_zeros(*roi.shape[:-1], self.dim)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: Tensor, roi: Tensor, feat: Tensor, trace: "SparseFormerTrace | None" = None):
+        for r in range(self.repeats):
+            if hasattr(self, "stage_embedding"):
+                x = x + self.stage_embedding.weight[r]
+            drop_path = self.drop_paths[r]
+            for op in self.ops:
+                if op == "ATTN":
+                    x = x + drop_path(self.attn(self.norm1(x)))
+                elif op == "MLP":
+                    x = x + drop_path(self.mlp(self.norm2(x)))
+                elif op == "ROI_ADJ":
+                    roi = self.adjust_roi(x, roi, drop_path)
+                elif op == "SAMPLING_M":
+                    points = self.sampling_points(x, roi)
+                    if trace is not None:
+                        trace.rois.append(roi.detach())
+                        trace.points.append(points.detach())
+                    sampled = self.sample(feat, points)
+                    x = x + drop_path(self.adaptive_mixing(x, sampled).to(x.dtype))
+                elif op == "PE_INJECT":
+                    pe = self.position_encoding(roi).to(x.dtype)
+                    x = x + self.pe_transition(pe)
+        return x, roi
+
+
+@dataclass
+class SparseFormerTrace:
+    """What happened inside one forward pass, for visualisation and token-level uses.
+
+    rois[k], points[k]: the RoIs [B, N, 2*ndim] and sampling points [B, N, P, ndim]
+    at the k-th sampling step, in normalised coordinates.
+    """
+
+    rois: list[Tensor] = field(default_factory=list)
+    points: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SparseFormerOutput:
+    output: Tensor  # [B, output_dim]: head output (what forward() returns)
+    pre_logits: Tensor  # [B, embed_dim]: pooled and normed, before `proj`
+    tokens: Tensor  # [B, L, embed_dim]: every final token after `norm` (L = N, or N+1 with a class token)
+    roi: Tensor  # [B, N, 2*ndim]: final RoIs, corner form
+    rois: list[Tensor]  # RoIs at every sampling step, then the final RoIs
+    points: list[Tensor]  # sampling points at every sampling step
+
+
+# --------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------
+class SparseFormer(nn.Module):
+    """SparseFormer for images `[B, 3, H, W]` (already normalised with the model's mean/std)."""
+
+    ndim = 2  # RoI coordinates: x, y
+
+    def __init__(self, config: SparseFormerConfig | Mapping[str, Any], replicates: int = 1):
+        super().__init__()
+        cfg = SparseFormerConfig.from_dict(config)
+        self.config = cfg
+        self.replicates = replicates
+        if not isinstance(replicates, int) or replicates < 1:
+            raise ValueError(f"replicates must be a positive integer, got {replicates!r}")
+        n_tokens = cfg.num_latent_tokens * replicates
+
+        self.feat_extractor = EarlyConvolution(cfg.conv_dim, self.ndim)
+        self.initial_roi = nn.Embedding(n_tokens, 2 * self.ndim)
+        self.initial_embedding = nn.Embedding(1 if cfg.same_token_embedding else n_tokens, cfg.width_configs[0])
+        if cfg.has_cls_token:
+            self.cls_embedding = nn.Embedding(1, cfg.embed_dim)
+
+        total = sum(cfg.repeats)
+        # Stochastic depth grows linearly over all repetitions of all units.
+        rates = [cfg.drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [0.0] * total
+        layers, self.unit_layer_index = [], []
+        prev, k = cfg.width_configs[0], 0
+        for width, ops, repeats in zip(cfg.width_configs, cfg.ops_list, cfg.repeats):
+            if width != prev:
+                ln = nn.LayerNorm(width, eps=cfg.compatible_config.ln_eps) if cfg.compatible_config.transition_ln \
+                    else nn.Identity()
+                layers.append(nn.Sequential(nn.Linear(prev, width), ln))
+            self.unit_layer_index.append(len(layers))
+            layers.append(SFUnit(width, ops, repeats, cfg, rates[k : k + repeats], self.ndim))
+            prev, k = width, k + repeats
+        self.layers = nn.ModuleList(layers)
+
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.compatible_config.ln_eps)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=cfg.proj_bias) if cfg.proj_dim else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------- builders
+    @classmethod
+    def from_config(cls, config: SparseFormerConfig | Mapping[str, Any], **extra) -> "SparseFormer":
+        return cls(config, **extra)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.initial_roi.num_embeddings
+
+    @property
+    def num_features(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.proj.out_features if isinstance(self.proj, nn.Linear) else 0
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm convention: `num_classes=0` makes `forward` return the pooled, normed features."""
+        if global_pool is not None and global_pool not in ("", "token", "cls", "avg"):
+            raise ValueError(f"SparseFormer pools by 'cls' or 'avg', not {global_pool!r}")
+        self.proj = nn.Linear(self.embed_dim, num_classes, bias=self.config.proj_bias) if num_classes else nn.Identity()
+        self.config.proj_dim = num_classes
+
+    # --------------------------------------------------------------- init
+    def init_weights(self) -> None:
+        """Initialisation for training from a fresh start (design note, section 6)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        trunc_normal_(self.initial_embedding.weight, std=1.0)
+        self._init_rois()
+        for layer in self.layers:
+            if not isinstance(layer, SFUnit):
+                continue
+            dim = layer.dim
+            if hasattr(layer, "roi_adjust_module"):
+                nn.init.zeros_(layer.roi_adjust_module[-1].weight)
+                nn.init.constant_(layer.roi_adjust_module[0].weight, 1 / math.sqrt(dim))
+            if hasattr(layer, "roi_offset_module"):
+                nn.init.zeros_(layer.roi_offset_module[-1].weight)
+                nn.init.constant_(layer.roi_offset_module[0].weight, 1 / math.sqrt(dim))
+                self._init_offset_bias(layer.roi_offset_bias, layer.num_points, layer.ndim)
+            if hasattr(layer, "adaptive_mixing"):
+                am = layer.adaptive_mixing
+                gen = am.parameter_generator[-1]
+                nn.init.zeros_(gen.weight)
+                c2 = am.conv_dim * am.conv_dim
+                with torch.no_grad():
+                    b_c = torch.empty(am.conv_dim, am.conv_dim)
+                    b_s = torch.empty(am.out_points, am.num_points)
+                    nn.init.xavier_uniform_(b_c)
+                    nn.init.xavier_uniform_(b_s)
+                    gen.bias[:c2].copy_(b_c.flatten())
+                    gen.bias[c2:].copy_(b_s.flatten())
+                nn.init.constant_(am.parameter_generator[0].weight, 1 / math.sqrt(dim))
+
+    def _grid_rois(self, n: int) -> Tensor:
+        """Whole-image RoIs, the first k*k of them a k x k grid of half-size boxes."""
+        roi = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(n, 1)
+        k = int(math.floor(math.sqrt(n)))
+        for i in range(k):
+            for j in range(k):
+                x1 = i / (k - 1) * 0.5 if k > 1 else 0.25
+                y1 = j / (k - 1) * 0.5 if k > 1 else 0.25
+                roi[i * k + j] = torch.tensor([x1, y1, x1 + 0.5, y1 + 0.5])
+        return roi
+
+    def _init_rois(self) -> None:
+        with torch.no_grad():
+            self.initial_roi.weight.copy_(self._grid_rois(self.num_tokens))
+
+    @staticmethod
+    def _offset_grid(num_points: int) -> Tensor:
+        k = int(round(math.sqrt(num_points)))
+        if k * k == num_points:
+            ticks = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5
+            yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
+            return torch.stack([xx.flatten(), yy.flatten()], dim=-1)
+        return torch.rand(num_points, 2) - 0.5
+
+    def _init_offset_bias(self, bias: Tensor, num_points: int, ndim: int) -> None:
+        with torch.no_grad():
+            bias.copy_(self._offset_grid(num_points).flatten())
+
+    # ------------------------------------------------------------ forward
+    def _check_input(self, images: Tensor) -> None:
+        expected = 4 if self.ndim == 2 else 5
+        layout = "[B, 3, H, W]" if self.ndim == 2 else "[B, 3, T, H, W]"
+        if not isinstance(images, Tensor) or images.dim() != expected:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{type(self).__name__} expects images {layout}, got {shape}")
+        if images.shape[1] != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects 3 image channels (RGB) in dim 1 of {layout}, "
+                f"got shape {tuple(images.shape)}"
+            )
+        h, w = images.shape[-2:]
+        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"images of {h}x{w} are smaller than the early convolution's {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
+                f"kernel (shape {tuple(images.shape)}); resize them to at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}"
+            )
+
+    def _initial_tokens(self, batch: int) -> tuple[Tensor, Tensor]:
+        x = self.initial_embedding.weight.expand(self.num_tokens, -1)
+        return x.unsqueeze(0).expand(batch, -1, -1), self.initial_roi.weight.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward_features(self, images: Tensor, trace: SparseFormerTrace | None = None) -> tuple[Tensor, Tensor]:
+        """Final tokens before `norm` [B, L, embed_dim], and final RoIs [B, N, 2*ndim]."""
+        self._check_input(images)
+        feat = self.feat_extractor(images)
+        x, roi = self._initial_tokens(images.shape[0])
+        unit = 0
+        for layer in self.layers:
+            if isinstance(layer, SFUnit):
+                if unit == self.config.cls_token_insert_layer and self.config.has_cls_token:
+                    cls = self.cls_embedding.weight.to(x.dtype).expand(x.shape[0], 1, -1)
+                    x = torch.cat([cls, x], dim=1)
+                x, roi = layer(x, roi, feat, trace)
+                unit += 1
+            else:  # width transition
+                x = layer(x)
+        return x, roi
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        return tokens[:, 0] if self.config.head_op == "cls" else tokens.mean(dim=1)
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, `norm`, then `proj` (skipped with pre_logits)."""
+        x = self.norm(self.pool(tokens))
+        return x if pre_logits else self.proj(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens, _ = self.forward_features(images)
+        return self.forward_head(tokens)
+
+    def forward_details(self, images: Tensor) -> SparseFormerOutput:
+        """Output plus final normed tokens and the RoIs/sampling points of every stage."""
+        trace = SparseFormerTrace()
+        tokens, roi = self.forward_features(images, trace)
+        pre = self.forward_head(tokens, pre_logits=True)
+        return SparseFormerOutput(
+            output=self.proj(pre),
+            pre_logits=pre,
+            tokens=self.norm(tokens),
+            roi=roi,
+            rois=trace.rois + [roi.detach()],
+            points=trace.points,
+        )
+
+
+class MediaSparseFormer(SparseFormer):
+    """SparseFormer for video `[B, 3, T, H, W]`: RoIs are tubes (x1, y1, t1, x2, y2, t2).
+
+    `replicates = r` multiplies the tokens block-wise: token `k*N + i` is copy k of image token i.
+    """
+
+    ndim = 3
+
+    def _init_rois(self) -> None:
+        n, r = self.config.num_latent_tokens, self.replicates
+        with torch.no_grad():
+            self.initial_roi.weight.copy_(_inflate_rois(self._grid_rois(n), r))
+
+    def _init_offset_bias(self, bias: Tensor, num_points: int, ndim: int) -> None:
+        with torch.no_grad():
+            grid = self._offset_grid(num_points)
+            bias.copy_(torch.cat([grid, torch.zeros(num_points, 1)], dim=1).flatten())
+
+    def load_2d_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
+        """Load the weights of an image SparseFormer, inflated to video (design note, section 7)."""
+        return self.load_state_dict(inflate_state_dict(state_dict, self.config, self.replicates), strict=strict)
+
+
+def _inflate_rois(roi2d: Tensor, replicates: int) -> Tensor:
+    """[N, 4] image RoIs -> [N*r, 6] tubes; copy k spans the k-th of r equal time segments."""
+    n = roi2d.shape[0]
+    out = []
+    for k in range(replicates):
+        t_centre = (k + 0.5) / replicates
+        t1 = torch.full((n, 1), t_centre - 0.5 / replicates, dtype=roi2d.dtype)
+        t2 = torch.full((n, 1), t_centre + 0.5 / replicates, dtype=roi2d.dtype)
+        out.append(torch.cat([roi2d[:, :2], t1, roi2d[:, 2:], t2], dim=1))
+    return torch.cat(out, dim=0)
+
+
+def _insert_zero_time(t: Tensor, num_points: int) -> Tensor:
+    """Rows/values laid out as (x, y) per point gain a zero t entry: (x, y, 0) per point."""
+    xy = t.reshape(num_points, 2, *t.shape[1:])
+    zeros = torch.zeros(num_points, 1, *t.shape[1:], dtype=t.dtype)
+    return torch.cat([xy, zeros], dim=1).reshape(num_points * 3, *t.shape[1:])
+
+
+def inflate_state_dict(state_dict: Mapping[str, Tensor], config: SparseFormerConfig, replicates: int) -> dict:
+    """Map an image SparseFormer state dict to its MediaSparseFormer equivalent."""
+    cfg = SparseFormerConfig.from_dict(config)
+    P = cfg.num_sampling_points
+    out = {}
+    for key, v in state_dict.items():
+        if key == "feat_extractor.conv1.weight":
+            v = v.unsqueeze(2)  # kernel gains a time axis of size 1
+        elif key == "initial_roi.weight":
+            v = _inflate_rois(v, replicates)
+        elif key == "initial_embedding.weight" and not cfg.same_token_embedding:
+            v = v.repeat(replicates, 1)
+        elif key.endswith(".roi_offset_bias"):
+            v = _insert_zero_time(v, P)
+        elif key.endswith("roi_offset_module.1.weight"):
+            v = _insert_zero_time(v, P)
+        elif ".roi_adjust_module." in key and key.endswith(".weight") and v.dim() == 2 and v.shape[0] == 4:
+            # (dx, dy, dw, dh) -> (dx, dy, 0, dw, dh, 0)
+            z = torch.zeros(1, v.shape[1], dtype=v.dtype)
+            v = torch.cat([v[:2], z, v[2:], z], dim=0)
+        out[key] = v
+    return out
