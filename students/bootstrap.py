@@ -1,0 +1,223 @@
+"""Build a SparseFormer student from a ViT teacher, inheriting most of its weights.
+
+The construction of the bootstrapping paper (`../shared/design/bootstrapping.md`):
+a teacher with N blocks gives its last 2N/3 blocks, its final norm and its
+head to the student; its first N/3 blocks are replaced by the early
+convolution and a focusing unit over a few latent tokens. Of the inherited
+blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
+
+    student units:  [focus (repeats 4)] [sample at teacher width] [cls] [inherited blocks ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import SparseFormerConfig
+from .registry import btsp_config
+from .sparseformer import SFUnit, SparseFormer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from teachers import Teacher
+
+# Unit index of the first inherited block (after the focusing and sampling units).
+FIRST_INHERITED_UNIT = 2
+
+
+@dataclass
+class BootstrapOptions:
+    """Everything about the construction a recipe may change. `None` means: derived from the teacher."""
+
+    tokens: int | None = None  # all tokens incl. the class token; default a quarter of the patch tokens
+    num_points: int = 16  # sampling points per token
+    focus_width: int | None = None  # default half the teacher width (384 for ViT-B, 512 for ViT-L)
+    focus_repeats: int = 4
+    conv_dim: int = 64
+    pg_inner_dim: int = 128  # width of the adaptive-mixing parameter generator
+    drop_blocks: int | None = None  # teacher blocks replaced by the new parts; default N // 3
+    finetune_blocks: int | None = None  # inherited blocks that train; default N // 3; the rest stay frozen
+    train_head: bool = False  # the inherited final norm and head stay frozen by default
+    drop_path_rate: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "BootstrapOptions":
+        import dataclasses
+        import difflib
+
+        d = dict(d or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                close = difflib.get_close_matches(k, names, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown student option '{k}'.{hint} Valid options: {', '.join(names)}")
+        return cls(**d)
+
+
+@dataclass
+class ParameterPolicy:
+    """Which student parameters train and which stay frozen."""
+
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    num_trainable: int = 0
+    num_frozen: int = 0
+
+    def apply(self, model: nn.Module) -> "ParameterPolicy":
+        frozen = set(self.frozen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return self
+
+    def summary(self) -> str:
+        total = self.num_trainable + self.num_frozen
+        return (
+            f"student parameters: {total / 1e6:.2f}M, trainable {self.num_trainable / 1e6:.2f}M "
+            f"({100 * self.num_trainable / max(total, 1):.1f}%), frozen {self.num_frozen / 1e6:.2f}M"
+        )
+
+    def to_dict(self) -> dict:
+        return {"num_trainable": self.num_trainable, "num_frozen": self.num_frozen,
+                "trainable": self.trainable, "frozen": self.frozen}
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """RoIs, embeddings, norms and biases are not decayed."""
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or "initial_roi" in name
+        or "embedding" in name
+        or "roi_offset_bias" in name
+    )
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters: decay on weight matrices only."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
+    n = teacher.depth
+    drop = n // 3 if opts.drop_blocks is None else opts.drop_blocks
+    if not 0 <= drop < n:
+        raise ValueError(f"drop_blocks={drop} must leave at least one of the teacher's {n} blocks to inherit")
+    inherited = n - drop
+    finetune = n // 3 if opts.finetune_blocks is None else opts.finetune_blocks
+    if not 0 <= finetune <= inherited:
+        raise ValueError(f"finetune_blocks={finetune} must be between 0 and the {inherited} inherited blocks")
+    tokens = max(2, round(teacher.num_patches / 4)) if opts.tokens is None else opts.tokens
+    if tokens < 2:
+        raise ValueError(f"tokens={tokens}: a student needs at least one latent token besides the class token")
+    head_dim = teacher.width // teacher.num_heads
+    focus_width = teacher.width // 2 if opts.focus_width is None else opts.focus_width
+    if focus_width % head_dim or focus_width % 8:
+        raise ValueError(
+            f"focus_width={focus_width} must be a multiple of the teacher's head width {head_dim} and of 8 "
+            f"(the RoI position encoding); e.g. {max(head_dim, 8) * max(1, focus_width // max(head_dim, 8))}"
+        )
+    if teacher.mlp_act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"teacher MLP activation {teacher.mlp_act!r} is not supported (gelu or quick_gelu)")
+    if teacher.mlp_hidden_dim != 4 * teacher.width:
+        raise ValueError(
+            f"the student's blocks have MLP width 4x{teacher.width}; the teacher's is {teacher.mlp_hidden_dim}"
+        )
+    return dict(drop=drop, inherited=inherited, finetune=finetune, tokens=tokens, head_dim=head_dim,
+                focus_width=focus_width)
+
+
+def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerConfig:
+    """The SparseFormer configuration for a teacher (released btsp configs for ViT-B/16 and ViT-L/14)."""
+    r = _resolve(teacher, opts)
+    head = teacher.head_state_dict()
+    cfg = btsp_config(
+        name=None,
+        tokens=r["tokens"] - 1,  # the class token is the last of `tokens`
+        focus_width=r["focus_width"],
+        width=teacher.width,
+        inherited_blocks=r["inherited"],
+        proj_dim=0 if head is None else head["weight"].shape[0],
+        proj_bias=head is not None and "bias" in head,
+        quick_gelu=teacher.mlp_act == "quick_gelu",
+        mean_std=(teacher.preprocess.mean, teacher.preprocess.std),
+        conv_dim=opts.conv_dim,
+        num_points=opts.num_points,
+        focus_repeats=opts.focus_repeats,
+        pg_inner_dim=opts.pg_inner_dim,
+    )
+    # The inherited blocks must compute what they computed in the teacher, so
+    # the student takes the teacher's LayerNorm eps (released AugReg students
+    # used 1e-5 throughout; timm ViTs use 1e-6).
+    cfg["compatible_config"]["ln_eps"] = teacher.norm_eps
+    if r["head_dim"] != 64:
+        cfg["compatible_config"]["head_dim"] = r["head_dim"]
+    cfg["drop_path_rate"] = opts.drop_path_rate
+    return SparseFormerConfig.from_dict(cfg)
+
+
+def inherited_units(student: SparseFormer) -> list[SFUnit]:
+    """The student's inherited blocks, in order."""
+    return [student.layers[i] for i in student.unit_layer_index[FIRST_INHERITED_UNIT:]]
+
+
+@torch.no_grad()
+def copy_teacher_weights(student: SparseFormer, teacher: "Teacher", drop_blocks: int) -> None:
+    """Copy the teacher's last blocks, final norm and head into the student (exact)."""
+    for j, unit in enumerate(inherited_units(student)):
+        sd = teacher.block_state_dict(drop_blocks + j)
+        missing, unexpected = unit.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"teacher block {drop_blocks + j} does not map onto the student block: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+    student.norm.load_state_dict(teacher.norm_state_dict())
+    head = teacher.head_state_dict()
+    if head is not None:
+        student.proj.load_state_dict(head)
+
+
+def parameter_policy(student: SparseFormer, finetune_blocks: int, train_head: bool = False) -> ParameterPolicy:
+    """New parts and the first `finetune_blocks` inherited blocks train; the rest is frozen."""
+    frozen_prefixes = [
+        f"layers.{i}." for i in student.unit_layer_index[FIRST_INHERITED_UNIT + finetune_blocks:]
+    ]
+    if not train_head:
+        frozen_prefixes += ["norm.", "proj."]
+    policy = ParameterPolicy()
+    for name, p in student.named_parameters():
+        if any(name.startswith(pre) for pre in frozen_prefixes):
+            policy.frozen.append(name)
+            policy.num_frozen += p.numel()
+        else:
+            policy.trainable.append(name)
+            policy.num_trainable += p.numel()
+    return policy
+
+
+def bootstrap_student(teacher: "Teacher", **options: Any) -> tuple[SparseFormer, ParameterPolicy]:
+    """A SparseFormer configured from `teacher`, with the teacher's last blocks, norm and head.
+
+    Options are the fields of `BootstrapOptions`. Returns the student (its
+    `pretrained_cfg` is the teacher's preprocessing) and the parameter policy,
+    already applied (frozen parameters have `requires_grad=False`).
+    """
+    opts = options.pop("options", None) or BootstrapOptions.from_dict(options)
+    r = _resolve(teacher, opts)
+    student = SparseFormer(student_config(teacher, opts))
+    copy_teacher_weights(student, teacher, r["drop"])
+    pp = teacher.preprocess
+    student.pretrained_cfg = dict(
+        input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
+        interpolation=pp.interpolation, crop_pct=pp.crop_pct,
+    )
+    policy = parameter_policy(student, r["finetune"], opts.train_head).apply(student)
+    return student, policy
