@@ -1,0 +1,357 @@
+"""The one teacher interface every kind of ViT teacher is wrapped in.
+
+A teacher is a frozen plain ViT (class token, pre-norm blocks, final norm, an
+optional linear head). The student needs three things from it, whatever
+library built it:
+
+* the alignment target, `embed(images) -> [B, embed_dim]`;
+* its architecture (depth, width, heads, patch grid, MLP activation, eps);
+* its weights in one layout, timm's ViT `Block` layout, so that the last
+  blocks, the final norm and the head can be copied into the student
+  (`block_state_dict`, `norm_state_dict`, `head_state_dict`).
+
+`run_block` and `pool_norm_head` run the teacher's *own* modules; tests use
+them to prove that the copied weights reproduce the teacher exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BLOCK_KEYS",
+    "Preprocess",
+    "RandomTeacherWarning",
+    "SUPPORTED_TEACHERS",
+    "Teacher",
+    "TeacherSpecError",
+    "TeacherWeightsError",
+    "UnsupportedTeacherError",
+    "closest",
+]
+
+# What the bootstrapping construction can inherit from. Quoted in every
+# "unsupported teacher" error so the user sees the alternatives at once.
+SUPPORTED_TEACHERS = """\
+Supported teachers are plain ViTs with class-token pooling:
+  kind 'openclip': open_clip models whose image tower is open_clip's own
+    VisionTransformer with pool_type 'tok', no attentional pooler and default
+    blocks: ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14,
+    ViT-bigG-14 and their -quickgelu variants (use -quickgelu for 'openai'
+    weights), or a model_cfg with an integer vision_cfg.layers;
+  kind 'timm': timm VisionTransformer with global_pool='token', standard
+    Block/Attention (fused qkv, no qk-norm)/Mlp and GELU or QuickGELU:
+    vit_* (AugReg, e.g. vit_large_patch16_384.augreg_in21k_ft_in1k), DeiT
+    without distillation, DINO (vit_*_patch16_224.dino), DINOv2 S/B/L
+    (vit_*_patch14_dinov2, vit_*_patch14_reg4_dinov2), timm's CLIP image
+    towers (vit_*_clip_*, as image-only teachers).
+Not supported: ResNet CLIPs (RN50, RN101, ...), CoCa and attention-pooled
+towers, open_clip towers built from timm (SigLIP, EVA, ViTamin, ...), hybrid
+CNN-ViTs (vit_*_r50_*, vit_tiny_r_s16_p8_*), average- or MAP-pooled ViTs,
+distilled DeiT, DINOv2 giant (SwiGLU), and blocks with qk-norm, SwiGLU,
+parallel or post-norm layout."""
+
+# Key layout of one block as returned by `Teacher.block_state_dict`: the layout
+# of `timm.models.vision_transformer.Block` with qkv and proj biases.
+BLOCK_KEYS = (
+    "norm1.weight", "norm1.bias",
+    "attn.qkv.weight", "attn.qkv.bias",
+    "attn.proj.weight", "attn.proj.bias",
+    "norm2.weight", "norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias",
+)
+
+
+class TeacherSpecError(ValueError):
+    """A teacher spec that does not say what to build (unknown kind/key, bad value)."""
+
+
+class UnsupportedTeacherError(ValueError):
+    """A model that exists but is not a plain class-token ViT the student can inherit from."""
+
+    def __init__(self, what: str, problems: Sequence[str] = ()):
+        detail = "".join(f"\n  - {p}" for p in problems)
+        super().__init__(f"{what} cannot be a teacher:{detail}\n{SUPPORTED_TEACHERS}")
+
+
+class TeacherWeightsError(RuntimeError):
+    """Pretrained weights that could not be obtained or loaded."""
+
+
+class RandomTeacherWarning(UserWarning):
+    """A teacher was built with random weights (`pretrained: false/null`)."""
+
+
+def closest(word: str, choices: Sequence[str]) -> str:
+    """' Did you mean X?' for the nearest choice (difflib), or ''."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for the teacher.
+
+    Eval: resize the shorter side to `size / crop_pct` and centre-crop `size`
+    (resize_mode 'shortest'), or resize straight to `size` (resize_mode
+    'squash', used by a few CLIP tags such as ViT-H-14 dfn5b); then scale to
+    [0, 1] and normalise with mean/std.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # 'bicubic' | 'bilinear'
+    crop_pct: float  # 1.0 for CLIP (resize shorter side to size, then centre crop)
+    resize_mode: str = "shortest"  # 'shortest' | 'squash'
+
+
+# Train-time augmentation keys understood by `Teacher.train_transform`.
+_AUG_KEYS = ("scale", "ratio", "hflip", "color_jitter")
+
+
+def _ln_affine(norm: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """weight/bias of a LayerNorm, with ones/zeros where it has none."""
+    bias = getattr(norm, "bias", None)
+    weight = norm.weight if norm.weight is not None else \
+        torch.ones(norm.normalized_shape, **({} if bias is None else dict(dtype=bias.dtype, device=bias.device)))
+    bias = bias if bias is not None else torch.zeros_like(weight)
+    return {f"{prefix}weight": weight, f"{prefix}bias": bias}
+
+
+def _linear(layer: nn.Linear, prefix: str, scale: Tensor | None = None) -> dict[str, Tensor]:
+    """weight/bias of a Linear (zeros for a missing bias), rows optionally scaled.
+
+    Scaling the output rows of weight and bias by `scale` is exactly
+    `scale * layer(x)`: this is how LayerScale is folded away.
+    """
+    weight = layer.weight
+    bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                                                 device=weight.device)
+    if scale is not None:
+        weight = weight * scale[:, None]
+        bias = bias * scale
+    return {f"{prefix}weight": weight, f"{prefix}bias": bias}
+
+
+def block_parts(norm1: nn.Module, qkv_weight: Tensor, qkv_bias: Tensor | None, proj: nn.Linear,
+                norm2: nn.Module, fc1: nn.Linear, fc2: nn.Linear,
+                gamma1: Tensor | None, gamma2: Tensor | None) -> dict[str, Tensor]:
+    """One block in timm `Block` layout, LayerScale gammas folded into attn.proj / mlp.fc2."""
+    if qkv_bias is None:  # e.g. timm ViTs built with qkv_bias=False: the student block has one
+        qkv_bias = torch.zeros(qkv_weight.shape[0], dtype=qkv_weight.dtype, device=qkv_weight.device)
+    out = {
+        **_ln_affine(norm1, "norm1."),
+        "attn.qkv.weight": qkv_weight,
+        "attn.qkv.bias": qkv_bias,
+        **_linear(proj, "attn.proj.", gamma1),
+        **_ln_affine(norm2, "norm2."),
+        **_linear(fc1, "mlp.fc1."),
+        **_linear(fc2, "mlp.fc2.", gamma2),
+    }
+    # Detached copies: the student may own and train them without touching the teacher.
+    return {k: out[k].detach().clone().contiguous() for k in BLOCK_KEYS}
+
+
+class Teacher(nn.Module):
+    """A frozen ViT teacher (base class; see `OpenClipTeacher`, `TimmTeacher`).
+
+    Attributes (set by the subclasses):
+        kind: 'openclip' | 'timm'.
+        name: the model name as given in the spec.
+        family: 'clip' | 'supervised' | 'dino' (what the target means).
+        spec: the resolved spec, to be saved with the run.
+        model: the wrapped open_clip CLIP / timm VisionTransformer.
+        preprocess: `Preprocess`.
+        depth, width, num_heads, patch_size, grid_size, num_patches,
+        num_prefix_tokens (class token + registers), mlp_hidden_dim,
+        mlp_act ('gelu' | 'quick_gelu'), layer_scale, norm_eps: architecture.
+        embed_dim: size of `embed()` output.
+        target: 'proj' (CLIP: after the projection) | 'norm' (pre-logits).
+        num_classes: classifier classes (timm with a head), else 0.
+        tokenizer, logit_scale: CLIP only (None otherwise).
+
+    Teachers never train: `train()` keeps eval mode and no parameter requires grad.
+    """
+
+    kind: str
+    name: str
+    family: str
+    target: str
+    default_train_aug: Mapping[str, Any] = {}
+
+    def __init__(self, *, kind: str, name: str, family: str, spec: Mapping[str, Any],
+                 model: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.kind = kind
+        self.name = name
+        self.family = family
+        self.spec = dict(spec)
+        self.model = model
+        self.preprocess = preprocess
+        self.logit_scale = None
+        model.requires_grad_(False)
+        self.train(False)
+
+    # ----------------------------------------------------------- mode / grads
+    def train(self, mode: bool = True) -> "Teacher":
+        """Teachers stay in eval mode (dropout, drop-path off) whatever is asked."""
+        return super().train(False)
+
+    # ------------------------------------------------------------- the target
+    def embed(self, images: Tensor) -> Tensor:
+        """Alignment target [B, embed_dim] for images already normalised with `preprocess`.
+
+        Runs under `torch.no_grad()` rather than `inference_mode()`: the target
+        is later saved for backward by the student's loss, which inference
+        tensors do not allow.
+        """
+        self._check_images(images)
+        with torch.no_grad():
+            return self._embed(images)
+
+    forward = embed
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(self.preprocess.size) or images.shape[1] != 3:
+            raise ValueError(
+                f"teacher {self.name} expects images [B, 3, {self.preprocess.size[0]}, {self.preprocess.size[1]}] "
+                f"(normalised with teacher.preprocess), got {tuple(images.shape)}; use teacher.eval_transform() "
+                f"or set image_size in the teacher spec")
+
+    def _embed(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- architecture
+    @property
+    def mlp_ratio(self) -> float:
+        """mlp_hidden_dim / width, for block constructors that take a ratio (mlp_hidden_dim is exact)."""
+        return self.mlp_hidden_dim / self.width
+
+    # --------------------------------------------------------------- weights
+    def block_state_dict(self, i: int) -> dict[str, Tensor]:
+        """Block i in timm `Block` layout (`BLOCK_KEYS`), LayerScale folded exactly.
+
+        Missing biases are zeros. Tensors are detached copies.
+        """
+        return self._block_state_dict(self._block_index(i))
+
+    def _block_index(self, i: int) -> int:
+        if not -self.depth <= i < self.depth:
+            raise IndexError(f"block index {i} out of range for a {self.depth}-block teacher")
+        return i % self.depth
+
+    def _block_state_dict(self, i: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def run_block(self, i: int, tokens: Tensor) -> Tensor:
+        """The teacher's own block i applied to tokens [B, L, width] (batch-first)."""
+        with torch.no_grad():
+            return self._run_block(self._block_index(i), tokens)
+
+    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def embed_tokens(self, images: Tensor) -> Tensor:
+        """The teacher's own token sequence entering block 0: [B, num_prefix_tokens + num_patches, width]."""
+        self._check_images(images)
+        with torch.no_grad():
+            return self._embed_tokens(images)
+
+    def _embed_tokens(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def norm_state_dict(self) -> dict[str, Tensor]:
+        """{'weight', 'bias'} of the final norm (applied to the pooled class token)."""
+        sd = _ln_affine(self._final_norm(), "")
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+    def _final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def head_state_dict(self) -> dict[str, Tensor] | None:
+        """{'weight': [out, width], optional 'bias'} of the output head, or None (no head)."""
+        raise NotImplementedError
+
+    def pool_norm_head(self, tokens: Tensor) -> Tensor:
+        """The teacher's own final path on tokens leaving the last block: class token, norm, head."""
+        with torch.no_grad():
+            return self._pool_norm_head(tokens)
+
+    def _pool_norm_head(self, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text
+    @property
+    def tokenizer(self):
+        """CLIP tokenizer; None for teachers without a text tower."""
+        return None
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """CLIP text embedding [B, embed_dim] (not normalised)."""
+        raise NotImplementedError(
+            f"teacher {self.kind}:{self.name} has no text tower; zero-shot needs a CLIP teacher "
+            f"(kind: openclip)")
+
+    # ------------------------------------------------------------ transforms
+    def eval_transform(self) -> Callable:
+        """torchvision transform PIL image -> normalised tensor [3, H, W], from `preprocess`.
+
+        Same steps as timm's eval transform (and open_clip's with crop_pct 1).
+        """
+        from torchvision import transforms as T
+
+        p = self.preprocess
+        interpolation = T.InterpolationMode(p.interpolation)
+        if p.resize_mode == "squash":
+            resize = [T.Resize(p.size, interpolation=interpolation)]
+        else:
+            scale = tuple(math.floor(s / p.crop_pct) for s in p.size)
+            # One int resizes the shorter side (keeps the aspect ratio), as timm/open_clip do.
+            resize = [T.Resize(scale[0] if scale[0] == scale[1] else scale, interpolation=interpolation),
+                      T.CenterCrop(p.size)]
+        return T.Compose([*resize, _to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
+
+    def train_transform(self, **aug_overrides: Any) -> Callable:
+        """torchvision train transform: random resized crop, flip, optional colour jitter, normalise.
+
+        Defaults follow the teacher's library (`default_train_aug`: open_clip
+        scale (0.9, 1) without flips; timm scale (0.08, 1) with flips).
+        Overrides: scale, ratio, hflip (probability), color_jitter (float or
+        tuple for torchvision ColorJitter; None for none).
+        """
+        from torchvision import transforms as T
+
+        for key in aug_overrides:
+            if key not in _AUG_KEYS:
+                raise TeacherSpecError(
+                    f"unknown augmentation '{key}'.{closest(key, _AUG_KEYS)} Valid: {', '.join(_AUG_KEYS)}")
+        aug = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None,
+               **self.default_train_aug, **aug_overrides}
+        p = self.preprocess
+        steps = [T.RandomResizedCrop(p.size, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
+                                     interpolation=T.InterpolationMode(p.interpolation))]
+        if aug["hflip"]:
+            steps.append(T.RandomHorizontalFlip(aug["hflip"]))
+        jitter = aug["color_jitter"]
+        if jitter:
+            steps.append(T.ColorJitter(*jitter) if isinstance(jitter, (tuple, list)) else
+                         T.ColorJitter(jitter, jitter, jitter))
+        return T.Compose([*steps, _to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "
+                f"depth={self.depth}, width={self.width}, heads={self.num_heads}, grid={self.grid_size}, "
+                f"embed_dim={self.embed_dim}")
+
+
+def _to_rgb(image):
+    """Grey-scale / RGBA / palette images to RGB (what both libraries' transforms assume)."""
+    return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image

@@ -1,0 +1,319 @@
+"""open_clip ViT teachers (target: the projected image embedding)."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import hub
+from .base import (
+    Preprocess,
+    RandomTeacherWarning,
+    Teacher,
+    TeacherSpecError,
+    TeacherWeightsError,
+    UnsupportedTeacherError,
+    block_parts,
+    closest,
+)
+
+__all__ = ["OpenClipTeacher", "create_openclip_teacher", "supported_openclip_models"]
+
+# vision_cfg switches that select open_clip's CustomResidualAttentionBlock; the
+# student's timm-layout block has none of them.
+_CUSTOM_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def config_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Why an open_clip model config is not a plain class-token ViT ([] when it is).
+
+    Read from the config so unsupported models fail before any download.
+    """
+    vision = cfg.get("vision_cfg", {})
+    problems = []
+    if "multimodal_cfg" in cfg:
+        problems.append("it is a CoCa model (multimodal decoder, attention-pooled image tower)")
+    if vision.get("timm_model_name"):
+        problems.append(f"its image tower is the timm model '{vision['timm_model_name']}' wrapped by open_clip "
+                        f"(for a timm ViT use kind: timm)")
+    if isinstance(vision.get("layers", 12), (list, tuple)):
+        problems.append("its image tower is a ModifiedResNet (vision_cfg.layers is a list)")
+    if vision.get("attentional_pool"):
+        problems.append("its image tower pools with an attentional pooler")
+    if vision.get("pool_type", "tok") != "tok":
+        problems.append(f"its image tower pools with pool_type '{vision['pool_type']}', not the class token ('tok')")
+    custom = [f for f in _CUSTOM_BLOCK_FLAGS if vision.get(f)]
+    if custom or vision.get("block_type") not in (None, "default"):
+        problems.append(f"its blocks are custom (block_type {vision.get('block_type')!r}, {', '.join(custom) or '-'})")
+    return problems
+
+
+def supported_openclip_models() -> list[str]:
+    """open_clip's built-in model names this package can use as teachers."""
+    import open_clip
+
+    return [n for n in open_clip.list_models() if not config_problems(open_clip.get_model_config(n))]
+
+
+# --------------------------------------------------------------------------- build
+_CFG_DIR: Path | None = None
+
+
+def _register_model_cfg(cfg: Mapping[str, Any]) -> str:
+    """Register a custom model config with open_clip under a content-hashed name.
+
+    `open_clip.add_model_config` is open_clip's own way to add architectures;
+    a hashed name keeps custom configs from shadowing built-in names, and lets
+    `open_clip.create_model` / `get_tokenizer` treat them like built-ins.
+    """
+    import open_clip
+
+    global _CFG_DIR
+    missing = [k for k in _MODEL_CFG_KEYS if k not in cfg]
+    if missing:
+        raise TeacherSpecError(f"model_cfg lacks {', '.join(missing)}: an open_clip model config has "
+                               f"{', '.join(_MODEL_CFG_KEYS)} (and optionally quick_gelu, custom_text)")
+    try:
+        text = json.dumps(cfg, sort_keys=True)
+    except TypeError as exc:
+        raise TeacherSpecError(f"model_cfg must be plain JSON data (numbers, strings, lists, mappings): {exc}") from exc
+    name = "teachers-model-cfg-" + hashlib.sha1(text.encode()).hexdigest()[:16]
+    if open_clip.get_model_config(name) is None:
+        if _CFG_DIR is None:
+            _CFG_DIR = Path(tempfile.mkdtemp(prefix="teachers-open_clip-cfg-"))
+            atexit.register(shutil.rmtree, _CFG_DIR, True)
+        path = _CFG_DIR / f"{name}.json"
+        path.write_text(text)
+        open_clip.add_model_config(path)
+    return name
+
+
+def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) -> "OpenClipTeacher":
+    """Build an open_clip teacher from a resolved spec.
+
+    Args:
+        spec: the validated spec (kind, model, pretrained, model_cfg, cache_dir, image_size).
+        weights: 'random' | 'tag' | 'file' | 'default' (pretrained: true).
+        source: the tag or the file path.
+    """
+    import open_clip
+
+    name = spec["model"]
+    if spec.get("model_cfg") is not None:
+        cfg = dict(spec["model_cfg"])
+        arch = _register_model_cfg(cfg)
+    else:
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise TeacherSpecError(
+                f"unknown open_clip model '{name}'.{closest(name, open_clip.list_models())} Supported: "
+                f"{', '.join(supported_openclip_models())}; or give a model_cfg mapping for a custom ViT")
+        arch = name
+    problems = config_problems(cfg)
+    if problems:
+        raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
+
+    # pretrained_text=False: a HF text tower must not fetch its own base weights; the CLIP
+    # checkpoint (tag or file) holds both towers, and random means random.
+    kwargs = dict(cache_dir=spec.get("cache_dir"), force_image_size=spec.get("image_size"), pretrained_text=False)
+    if weights == "random":
+        warnings.warn(f"teacher openclip:{name} has RANDOM weights (pretrained: {spec['pretrained']!r}); "
+                      f"only for tests and demos", RandomTeacherWarning, stacklevel=3)
+        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+    elif weights == "file":
+        try:
+            model = open_clip.create_model(arch, pretrained=str(source), **kwargs)
+        except Exception as exc:
+            raise TeacherWeightsError(
+                f"could not load open_clip '{name}' weights from {source}: {exc}\nThe file must hold the full "
+                f"CLIP state dict of this architecture (safetensors, or a torch file loadable with "
+                f"weights_only=True; convert a TorchScript OpenAI .pt with torch.jit.load(f).state_dict())") from exc
+    else:
+        model = _create_from_tag(name, cfg, source if weights == "tag" else None, spec, kwargs)
+    cfg = json.loads(json.dumps(cfg))  # a private copy in plain JSON types
+    if spec.get("image_size") is not None:
+        cfg["vision_cfg"]["image_size"] = spec["image_size"]
+    return OpenClipTeacher(model, name=name, spec=spec, tokenizer_name=arch, model_cfg=cfg)
+
+
+def _create_from_tag(name: str, cfg: Mapping[str, Any], tag: str | None, spec: Mapping[str, Any],
+                     kwargs: dict) -> nn.Module:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if spec.get("model_cfg") is not None:
+        raise TeacherSpecError(f"pretrained tag {tag!r} with a model_cfg: tags belong to built-in models; "
+                               f"give a local weights file (pretrained: /path/to/weights.safetensors) instead")
+    if tag is None or tag not in tags:
+        what = "pretrained: true does not name weights for open_clip" if tag is None else \
+            f"unknown pretrained tag '{tag}' for open_clip '{name}'.{closest(tag, tags)}"
+        raise TeacherSpecError(f"{what}; tags: {', '.join(tags) or 'none (give a local weights file)'}")
+    tag_quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    if tag_quick_gelu != bool(cfg.get("quick_gelu", False)):
+        # open_clip only warns; the features would be silently wrong for the student to learn.
+        fix = f"'{name}-quickgelu'" if tag_quick_gelu else f"'{name.removesuffix('-quickgelu')}'"
+        raise TeacherSpecError(
+            f"open_clip '{name}' with tag '{tag}': the weights were trained with "
+            f"{'QuickGELU' if tag_quick_gelu else 'GELU'} but the model uses "
+            f"{'GELU' if tag_quick_gelu else 'QuickGELU'}; use model {fix}")
+    cache = spec.get("cache_dir") or "the Hugging Face cache (HF_HUB_CACHE / HF_HOME)"
+    how = (f"To supply them: on a machine with network access run\n"
+           f"  python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}', "
+           f"cache_dir='DIR')\"\n"
+           f"then copy DIR here and set cache_dir: DIR in the teacher spec (currently: {cache}), "
+           f"or pass the weights file itself: pretrained: /path/to/open_clip_model.safetensors")
+    return hub.fetch(lambda: open_clip.create_model(name, pretrained=tag, **kwargs),
+                     f"open_clip '{name}' (tag '{tag}')", how)
+
+
+# ------------------------------------------------------------------------- teacher
+def _mlp_act(act: nn.Module) -> str | None:
+    from open_clip.transformer import QuickGELU
+
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    return None
+
+
+def structure_problems(model: nn.Module) -> list[str]:
+    """Why a built open_clip model is not a plain class-token ViT ([] when it is)."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        return [f"its image tower is {type(visual).__name__}, not open_clip's VisionTransformer"]
+    problems = []
+    if visual.attn_pool is not None:
+        problems.append("its image tower pools with an attentional pooler")
+    if visual.pool_type != "tok":
+        problems.append(f"its image tower pools with pool_type '{visual.pool_type}'")
+    if visual.proj is None:
+        problems.append("its image tower has no projection (proj)")
+    for i, blk in enumerate(visual.transformer.resblocks):
+        if type(blk) is not ResidualAttentionBlock or hasattr(blk, "ln_1_kv"):
+            problems.append(f"block {i} is {type(blk).__name__}, not a default ResidualAttentionBlock")
+            break
+        attn = blk.attn
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            problems.append(f"block {i} attention is not a fused-qkv MultiheadAttention")
+            break
+        if _mlp_act(blk.mlp.gelu) is None:
+            problems.append(f"block {i} MLP activation {blk.mlp.gelu!r} is neither GELU nor QuickGELU")
+            break
+        norms = (blk.ln_1, blk.ln_2)
+        if not all(isinstance(n, nn.LayerNorm) for n in norms):
+            problems.append(f"block {i} norms are not LayerNorm")
+            break
+    return problems
+
+
+class OpenClipTeacher(Teacher):
+    """An open_clip CLIP whose image tower is a plain ViT.
+
+    Target: `encode_image` (projected, not normalised). Head: `visual.proj`
+    transposed ([embed_dim, width], no bias). Text tower: `encode_text`,
+    `tokenizer` (built on first use), `logit_scale` (exp of the learned
+    parameter, 100 for OpenAI CLIP). `model_cfg`: the open_clip config it was
+    built from (with the spec's image_size applied).
+    """
+
+    kind = "openclip"
+    target = "proj"
+    # open_clip's training defaults: mild crops, no flips.
+    default_train_aug = {"scale": (0.9, 1.0), "hflip": 0.0}
+
+    def __init__(self, model: nn.Module, *, name: str, spec: Mapping[str, Any], tokenizer_name: str,
+                 model_cfg: Mapping[str, Any] | None = None):
+        problems = structure_problems(model)
+        if problems:
+            raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
+        visual = model.visual
+        pp = visual.preprocess_cfg
+        size = pp["size"]
+        super().__init__(
+            kind=self.kind, name=name, family="clip", spec=spec, model=model,
+            preprocess=Preprocess(
+                size=(size, size) if isinstance(size, int) else tuple(size),
+                mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp["interpolation"],
+                crop_pct=1.0, resize_mode=pp.get("resize_mode", "shortest")))
+        blocks = visual.transformer.resblocks
+        first = blocks[0]
+        self.depth = len(blocks)
+        self.width = visual.transformer.width
+        self.num_heads = first.attn.num_heads
+        self.patch_size = tuple(visual.patch_size)
+        self.grid_size = tuple(visual.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_prefix_tokens = 1
+        self.mlp_hidden_dim = first.mlp.c_fc.out_features
+        self.mlp_act = _mlp_act(first.mlp.gelu)
+        self.layer_scale = hasattr(first.ls_1, "gamma")
+        self.norm_eps = first.ln_1.eps
+        self.embed_dim = visual.proj.shape[1]
+        self.num_classes = 0
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        self._tokenizer_name = tokenizer_name
+        self._tokenizer = None
+        # The open_clip config the model was built from (image_size override applied), e.g. for exports.
+        self.model_cfg = dict(model_cfg) if model_cfg is not None else None
+
+    @property
+    def tokenizer(self):
+        """open_clip tokenizer (texts -> LongTensor [B, context_length]); built on first use
+        because some (HF) tokenizers download files that training does not need."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name, cache_dir=self.spec.get("cache_dir"))
+        return self._tokenizer
+
+    def _embed(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model.encode_text(tokens.to(self.model.logit_scale.device))
+
+    def _blocks(self):
+        return self.model.visual.transformer.resblocks
+
+    def _block_state_dict(self, i: int) -> dict[str, Tensor]:
+        blk = self._blocks()[i]
+        return block_parts(
+            blk.ln_1, blk.attn.in_proj_weight, blk.attn.in_proj_bias, blk.attn.out_proj,
+            blk.ln_2, blk.mlp.c_fc, blk.mlp.c_proj,
+            getattr(blk.ls_1, "gamma", None), getattr(blk.ls_2, "gamma", None))
+
+    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+        blk = self._blocks()[i]
+        if blk.attn.batch_first:
+            return blk(tokens)
+        return blk(tokens.transpose(0, 1)).transpose(0, 1)  # sequence-first MultiheadAttention
+
+    def _embed_tokens(self, images: Tensor) -> Tensor:
+        # VisionTransformer._embeds: conv1, class token, positional embedding, patch dropout, ln_pre.
+        return self.model.visual._embeds(images)
+
+    def _final_norm(self) -> nn.Module:
+        return self.model.visual.ln_post
+
+    def head_state_dict(self) -> dict[str, Tensor]:
+        # The tower computes pooled @ proj with proj [width, embed_dim]: a bias-free Linear with weight proj.T.
+        return {"weight": self.model.visual.proj.detach().t().contiguous()}
+
+    def _pool_norm_head(self, tokens: Tensor) -> Tensor:
+        visual = self.model.visual
+        pooled, _ = visual._pool(tokens)
+        return pooled @ visual.proj
