@@ -1,1 +1,12 @@
+"""Data for bootstrapping: WebDataset shards, the training stream, evaluation sets and the demo set.
 
+* ``data.shards``: ``make_shards`` (also ``python -m data.make_shards``), ``resolve_shards``,
+  ``shard_sample_counts``, shard reading.
+* ``data.stream``: ``build_train_loader`` — per-rank loader with equal batch counts on all ranks.
+* ``data.transforms``: ``train_transform`` / ``eval_transform``.
+* ``data.evalsets``: ``build_eval_loader``, ``FolderEvalSet``, ``ShardEvalSet`` (with class names).
+* ``data.demo``: ``make_demo_dataset`` (also ``python -m data.demo``), ``DEMO_CLASSNAMES``,
+  ``DEMO_TEMPLATES``.
+
+Submodules are imported on use, so ``import data`` stays light.
+"""

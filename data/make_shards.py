@@ -1,0 +1,54 @@
+"""Convert an image folder or a list of image paths into WebDataset shards.
+
+    python -m data.make_shards SRC OUT_DIR [--maxcount N] [--maxsize BYTES]
+
+SRC is a folder with one sub-folder per class (ImageNet layout), a flat folder of images, or
+a text file with one image path per line (optionally ``PATH<TAB>CLASS``). OUT_DIR receives
+``shard-000000.tar``, ... (image bytes as they are, ``cls`` when the class is known, ``json``
+with source path and class name) and ``dataset.json`` (samples per shard, class names).
+Unreadable files are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .shards import make_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.make_shards", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="image folder (class sub-folders or flat) or text file of image paths")
+    parser.add_argument("out_dir", help="output folder for shard-NNNNNN.tar and dataset.json")
+    parser.add_argument("--maxcount", type=int, default=10000, help="most samples per shard (default 10000)")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="most bytes per shard (default 1e9)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--classes", dest="classes", action="store_true", default=None,
+                        help="use the sub-folders of SRC as classes (default: detect)")
+    layout.add_argument("--no-classes", dest="classes", action="store_false",
+                        help="treat SRC as unlabelled, taking images from all sub-folders")
+    parser.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                        help="keep the source order (default: shuffle, so shards mix classes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
+    parser.add_argument("--verify", choices=("full", "header", "none"), default="full",
+                        help="decode every image (full, default), check headers only, or nothing")
+    parser.add_argument("--workers", type=int, default=0, help="processes reading images (default 0: this one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        info = make_shards(args.src, args.out_dir, args.maxcount, int(args.maxsize), classes=args.classes,
+                           shuffle=args.shuffle, seed=args.seed, verify=args.verify, workers=args.workers,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    except (OSError, ValueError) as exn:  # user errors: a message, not a traceback
+        print(f"make_shards: error: {exn}", file=sys.stderr)
+        return 2
+    classes = f", {info['num_classes']} classes" if info["classnames"] else ", no classes"
+    print(f"wrote {info['num_samples']} samples in {len(info['shards'])} shard(s){classes} to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
