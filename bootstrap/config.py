@@ -1,0 +1,352 @@
+"""The recipe of a bootstrapping run: a typed schema, YAML loading and `a.b=value` overrides.
+
+A recipe is a YAML file with the sections below (every key has a default except the
+teacher and the training data, which a recipe must give — or the `demo:` section makes them)::
+
+    teacher:  the teacher spec, passed as is to `teachers.create_teacher` (which validates it)
+    student:  the construction, `students.bootstrap.BootstrapOptions` (tokens, focus_width, ...)
+    data:     train / val shards, batch size per process, loader, augmentation
+    optim:    AdamW and its warm-up + cosine schedule, gradient clipping and accumulation
+    loss:     cosine | smooth_l1 | mse
+    run:      output folder, seed, mixed precision, logging, checkpoints, held-out checks, resume
+    eval:     the final report (zero-shot, linear probe, ...; keys of `eval.report`)
+    export:   the open_clip export at the end (CLIP teachers)
+    demo:     optional: make the demo data and train the demo teacher first (`bootstrap.demo_teacher`)
+
+`load_recipe(path, overrides)` reads the file, applies overrides such as
+``optim.lr=3e-4`` or ``data.train=[a.tar,b.tar]`` (the value is parsed as YAML), and checks
+every key and type: an unknown key or a wrong type is an error that names the key and, for
+a misspelt one, the nearest valid key. `Recipe.to_yaml()` is the resolved recipe saved with
+a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+
+from students.bootstrap import BootstrapOptions
+
+try:  # the final report's options (`eval.report`); a plain mapping where that package is missing
+    from eval.report import EvalConfig
+except ImportError:  # pragma: no cover
+    EvalConfig = None
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) that does not describe a run."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DataConfig:
+    train: Union[str, list[str], None] = None  # training shards: folder, brace pattern, glob, or a list
+    val: Union[str, list[str], None] = None  # held-out shards for the alignment check (none: no check)
+    batch_size: int = 128  # per process; the global batch is batch_size x processes x optim.grad_accum
+    num_workers: int = 4  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples shuffled in memory per worker
+    resampled: bool = False  # draw shards with replacement (endless streams) instead of exact passes
+    epoch_samples: Union[int, None] = None  # samples per epoch over all ranks (default: the dataset size)
+    shardshuffle: bool = True  # shuffle the shard order every epoch
+    augment: dict[str, Any] = field(default_factory=dict)  # teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
+    eval_batch_size: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak learning rate (for the global batch; no automatic scaling)
+    min_lr: float = 1e-6  # end of the cosine
+    weight_decay: float = 0.05  # on weight matrices only; RoIs, embeddings, norms and biases get none
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 500  # linear warm-up from 0 over this many optimizer steps
+    steps: int = 10000  # optimizer steps in all
+    grad_clip: Union[float, None] = 1.0  # max global gradient norm (null: no clipping)
+    grad_accum: int = 1  # batches per optimizer step
+
+
+@dataclass
+class LossConfig:
+    type: Literal["cosine", "smooth_l1", "mse"] = "cosine"
+    beta: float = 1.0  # smooth_l1 transition point
+    normalize: bool = False  # smooth_l1 / mse on L2-normalised embeddings instead of raw ones
+
+
+@dataclass
+class RunConfig:
+    output_dir: Union[str, None] = None  # default: runs/<recipe file stem>
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10  # metrics.jsonl / TensorBoard every N optimizer steps
+    checkpoint_every: int = 1000  # and at the end
+    keep_checkpoints: int = 3  # the last K complete checkpoints are kept
+    eval_every: int = 1000  # held-out alignment check every N steps, at the start and at the end
+    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | PATH of a checkpoint
+    stop_after: Union[int, None] = None  # stop with a checkpoint after this step (time-limited jobs); resume later
+    max_nonfinite: int = 20  # this many non-finite losses in a row stop the run (with a checkpoint)
+    progress: bool = True  # tqdm bar on the main process
+    log_sample_keys: bool = False  # write each rank's sample keys to sample_keys/rank-N.txt (debugging)
+    final_report: bool = True  # eval.report.evaluate_run at the end (when the eval package is there)
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # students.export.export_run at the end (CLIP teachers)
+
+
+@dataclass
+class DemoTeacherConfig:
+    """The demo's own small CLIP (see `bootstrap.demo_teacher`)."""
+
+    width: int = 128  # image tower
+    layers: int = 6
+    heads: int = 4
+    patch_size: int = 8
+    embed_dim: int = 64
+    text_width: int = 64  # the text tower stays locked at its random initialisation
+    text_layers: int = 2
+    text_heads: int = 2
+    seconds: float = 180.0  # training budget (wall clock), whichever of seconds/steps comes first
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    caption_weight: float = 0.5  # loss = class-prompt cross-entropy + caption_weight * caption contrastive
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig:
+    """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val`."""
+
+    cache_dir: Union[str, None] = None  # default ~/.cache/sparseformer-bootstrap (or $SPARSEFORMER_CACHE)
+    num_images: int = 2400
+    image_size: int = 64
+    val_fraction: float = 1 / 6
+    data_seed: int = 0
+    teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+
+
+@dataclass
+class Recipe:
+    teacher: dict[str, Any] = field(default_factory=dict)
+    student: BootstrapOptions = field(default_factory=BootstrapOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig if EvalConfig is not None else dict[str, Any] = field(  # type: ignore[valid-type]
+        default_factory=EvalConfig if EvalConfig is not None else dict)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    demo: Union[DemoConfig, None] = None
+    name: Union[str, None] = None  # a name for the run (default: the recipe file stem)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def validate(self) -> "Recipe":
+        """Cross-key checks a type check cannot make."""
+        o, r, d = self.optim, self.run, self.data
+        positive = {"optim.steps": o.steps, "optim.grad_accum": o.grad_accum, "data.batch_size": d.batch_size,
+                    "run.log_every": r.log_every, "run.checkpoint_every": r.checkpoint_every,
+                    "run.eval_every": r.eval_every, "run.keep_checkpoints": r.keep_checkpoints,
+                    "run.max_nonfinite": r.max_nonfinite, "data.eval_batch_size": d.eval_batch_size}
+        for key, value in positive.items():
+            if value < 1:
+                raise RecipeError(f"{key} must be at least 1, got {value}")
+        if o.warmup_steps < 0 or o.warmup_steps > o.steps:
+            raise RecipeError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and optim.steps={o.steps}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise RecipeError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={o.lr}, min_lr={o.min_lr})")
+        if d.num_workers < 0:
+            raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if self.demo is None:
+            if not self.teacher:
+                raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
+                                  "or a 'demo:' section")
+            if d.train is None:
+                raise RecipeError("the recipe has no training data: set data.train to the training shards "
+                                  "(e.g. data.train=/data/imagenet/train) or add a 'demo:' section")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping | None = None) -> Recipe:
+    """Read a recipe file (or start from `base`), apply `a.b=value` overrides, type-check, validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/, e.g. recipes/demo.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"{path} must hold a mapping of sections (teacher:, student:, data:, ...)")
+        data.update(loaded or {})
+    for item in overrides:
+        apply_override(data, item)
+    recipe = from_dict(Recipe, data, "")
+    if recipe.name is None and path is not None:
+        recipe.name = path.stem
+    if recipe.run.output_dir is None:
+        recipe.run.output_dir = str(Path("runs") / (recipe.name or "run"))
+    return recipe.validate()
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw recipe mapping (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls, data: Any, where: str):
+    """Build dataclass `cls` from a mapping, checking keys and types (`where` names the section)."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"'{where or 'recipe'}' must be a mapping of keys, got {type(data).__name__} {data!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    types_ = _field_types(cls)
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+            raise RecipeError(f"unknown recipe key '{_join(where, key)}'.{hint} "
+                              f"Valid keys{' of ' + where if where else ''}: {', '.join(names)}")
+    values = {key: _coerce(types_[key], value, _join(where, key)) for key, value in data.items()}
+    obj = cls(**values)
+    own_check = getattr(cls, "from_dict", None)
+    if own_check is not None:  # sections owned by other packages check their own values too
+        try:
+            own_check(dataclasses.asdict(obj))
+        except ValueError as exc:
+            raise RecipeError(f"recipe section '{where}': {exc}") from exc
+    return obj
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value: Any, where: str):
+    """Check `value` against type `tp` (int is accepted for float, lists for tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(option, value, where)
+            except RecipeError as exc:
+                errors.append(exc)
+        wanted = " or ".join(_type_name(a) for a in args)
+        raise RecipeError(f"recipe key '{where}' must be {wanted}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"recipe key '{where}' must be one of {', '.join(map(str, args))}, got {value!r}.{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(f"recipe key '{where}' must be null, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe key '{where}' must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"recipe key '{where}' must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe key '{where}' must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"recipe key '{where}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (list, tuple, dict):  # bare container types
+        origin, args = tp, ()
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key '{where}' must be a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RecipeError(f"recipe key '{where}' must be a list of {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    raise TypeError(f"recipe schema type {tp!r} of '{where}' is not supported")  # a bug in the schema
+
+
+def _plain(obj):
+    """Tuples to lists, recursively (YAML- and JSON-friendly)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,323 @@
+"""The demo's teacher: a small CLIP trained here, on the demo's images and captions, and cached.
+
+No pretrained weights can be downloaded for the demo, and a random-weight teacher gives
+nearly the same embedding for every image, so alignment, zero-shot and probe numbers would
+prove little. The demo therefore trains its own small open_clip CLIP first (a few minutes on
+a CPU) and caches it; later runs and other processes (evaluation, export) reuse the file.
+
+How it is trained (what made a tiny CLIP learn within minutes on a CPU): the text tower
+stays LOCKED at its random initialisation, and only the image tower (with the logit scale)
+learns to meet fixed text embeddings:
+
+* a cross-entropy over the demo classes, whose logits are the image embedding against the
+  zero-shot classifier (the class prompts of `data.demo.DEMO_TEMPLATES` through the text
+  tower, averaged per class, exactly what zero-shot evaluation builds), and
+* ``caption_weight`` x the CLIP contrastive loss between images and their captions
+  ("a photo of a small red star on stripes") within a batch, so that embeddings also tell
+  colour, size and background apart and differ from image to image, not only by class.
+
+The result is a folder in open_clip's local format, ``open_clip_config.json`` (model_cfg,
+preprocess_cfg) and ``open_clip_model.safetensors``, plus ``demo_teacher.json`` (how it was
+trained and its zero-shot accuracy on the demo's val split). Its folder name hashes the
+teacher settings and the data, so a change to either trains a new one. Cache root:
+``demo.cache_dir``, else ``$SPARSEFORMER_CACHE``, else ``~/.cache/sparseformer-bootstrap``.
+
+    python -m bootstrap.demo_teacher [recipes/demo.yaml] [key=value ...]   # prepare the cache only
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import DemoConfig, DemoTeacherConfig, Recipe
+
+CONFIG_JSON = "open_clip_config.json"
+WEIGHTS = "open_clip_model.safetensors"
+INFO_JSON = "demo_teacher.json"
+DEMO_MODEL_NAME = "demo-clip"
+
+
+def cache_root(demo: DemoConfig) -> Path:
+    root = demo.cache_dir or os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap"
+    return Path(root).expanduser()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (a file next to the cached folder): one process builds, others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _data_args(demo: DemoConfig) -> dict:
+    return {"num": demo.num_images, "seed": demo.data_seed, "size": demo.image_size,
+            "val_fraction": demo.val_fraction}
+
+
+def ensure_demo_data(demo: DemoConfig, verbose: bool = True) -> Path:
+    """The demo dataset folder (``train/``, ``val/``, ``demo.json``), generated once and cached."""
+    from data.demo import make_demo_dataset
+
+    args = _data_args(demo)
+    folder = cache_root(demo) / "demo-data" / _digest(args)
+    if (folder / "demo.json").is_file():
+        return folder
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if (folder / "demo.json").is_file():
+            return folder
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.time()
+        if verbose:
+            print(f"making the demo dataset ({args['num']} images of {args['size']} px) in {folder} ...", flush=True)
+        make_demo_dataset(tmp, **args)
+        # demo.json names the folder it was written to: rewrite it for its final place.
+        info = json.loads((tmp / "demo.json").read_text())
+        info["out_dir"] = str(folder)
+        (tmp / "demo.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, folder)
+        if verbose:
+            print(f"demo dataset ready in {time.time() - t0:.0f} s", flush=True)
+    return folder
+
+
+def model_cfg(cfg: DemoTeacherConfig, image_size: int) -> dict:
+    """The open_clip model config of the demo CLIP."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": cfg.layers, "width": cfg.width,
+                       "head_width": cfg.width // cfg.heads, "patch_size": cfg.patch_size},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": cfg.text_width,
+                     "heads": cfg.text_heads, "layers": cfg.text_layers},
+    }
+
+
+def teacher_spec(folder: Path) -> dict:
+    """The `teachers.create_teacher` spec of a cached demo teacher (usable from any process)."""
+    config = json.loads((folder / CONFIG_JSON).read_text())
+    return {"kind": "openclip", "model": DEMO_MODEL_NAME, "model_cfg": config["model_cfg"],
+            "pretrained": str(folder / WEIGHTS)}
+
+
+def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) -> Path:
+    """The cached demo teacher folder, trained first if it is not there."""
+    key = {"teacher": asdict(demo.teacher), "data": _data_args(demo), "version": 1}
+    folder = cache_root(demo) / "demo-teacher" / _digest(key)
+    if (folder / INFO_JSON).is_file():
+        return folder
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if (folder / INFO_JSON).is_file():
+            return folder
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        train_demo_teacher(demo, data_dir, tmp, verbose=verbose)
+        os.replace(tmp, folder)
+    return folder
+
+
+def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
+    """Make (or find) the demo data and teacher; fill `recipe.teacher` and `recipe.data.train/val`
+    where the recipe leaves them empty. Returns the recipe (changed in place)."""
+    demo = recipe.demo
+    data_dir = ensure_demo_data(demo, verbose)
+    if not recipe.teacher:
+        recipe.teacher = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
+    if recipe.data.train is None:
+        recipe.data.train = str(data_dir / "train")
+    if recipe.data.val is None:
+        recipe.data.val = str(data_dir / "val")
+    if "data" not in recipe.eval and "eval_data" not in recipe.eval:
+        recipe.eval.setdefault("demo_data", str(data_dir))
+    return recipe
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _load_split(folder: Path, transform) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images of a demo split as one tensor, with labels and captions (the demo is small)."""
+    from data.decode import decode_sample
+    from data.shards import iter_shard, resolve_shards
+
+    images, labels, captions = [], [], []
+    for url in resolve_shards(str(folder)):
+        for raw in iter_shard(url):
+            sample = decode_sample(raw)
+            images.append(transform(sample["image"]))
+            labels.append(sample["cls"])
+            captions.append(sample["txt"])
+    return torch.stack(images), torch.tensor(labels), captions
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random translation by up to `shift` pixels (edge padding), on a whole batch at once."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
+    return torch.stack([p[:, y:y + h, x:x + w] for p, x, y in zip(padded, dx.tolist(), dy.tolist())])
+
+
+@torch.no_grad()
+def _text_embeddings(teacher, texts: list[str], batch: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(texts), batch):
+        out.append(teacher.encode_text(teacher.tokenizer(texts[start:start + batch])))
+    return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_classifier(teacher, classnames, templates) -> torch.Tensor:
+    """[num_classes, embed_dim]: normalised mean of the normalised prompt embeddings per class
+    (open_clip's `build_zero_shot_classifier`, transposed)."""
+    import open_clip
+
+    return open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, classnames, templates,
+                                                device="cpu").T.float()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(encode, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+                       batch: int = 256) -> float:
+    correct = 0
+    for start in range(0, images.shape[0], batch):
+        feats = F.normalize(encode(images[start:start + batch]).float(), dim=-1)
+        correct += (feats @ classifier.T).argmax(-1).eq(labels[start:start + batch]).sum().item()
+    return correct / max(1, images.shape[0])
+
+
+def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: bool = True) -> dict:
+    """Train the demo CLIP's image tower against its locked text tower; write it to `out`."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from data.demo import DEMO_CLASSNAMES, DEMO_TEMPLATES
+    from teachers import create_teacher
+
+    cfg = demo.teacher
+    mcfg = model_cfg(cfg, demo.image_size)
+    torch.manual_seed(cfg.seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        teacher = create_teacher({"kind": "openclip", "model": DEMO_MODEL_NAME, "model_cfg": mcfg,
+                                  "pretrained": None})
+    clip = teacher.model
+    transform = teacher.eval_transform()
+    t0 = time.time()
+    train_x, train_y, captions = _load_split(data_dir / "train", transform)
+    val_x, val_y, _ = _load_split(data_dir / "val", transform)
+    classifier = zero_shot_classifier(teacher, DEMO_CLASSNAMES, DEMO_TEMPLATES)
+    caption_emb = _text_embeddings(teacher, captions)
+
+    # Only the image tower and the temperature learn; the text tower stays as initialised.
+    clip.requires_grad_(False)
+    params = list(clip.visual.parameters()) + [clip.logit_scale]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in clip.visual.parameters() if p.ndim >= 2]
+    no_decay = [p for p in clip.visual.parameters() if p.ndim < 2] + [clip.logit_scale]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    warmup = max(1, cfg.steps // 20)
+    n = train_x.shape[0]
+    encode = clip.encode_image
+    chance = 1 / len(DEMO_CLASSNAMES)
+    if verbose:
+        print(f"training the demo teacher (CLIP image tower width {cfg.width}, {cfg.layers} layers; locked "
+              f"text tower) on {n} images for up to {cfg.seconds:.0f} s / {cfg.steps} steps ...", flush=True)
+    bar = tqdm(total=cfg.steps, desc="demo teacher", unit="step", disable=not verbose, dynamic_ncols=True,
+               file=sys.stdout)
+    clip.visual.train()
+    step, perm, pos = 0, torch.randperm(n, generator=gen), 0
+    deadline = time.time() + cfg.seconds
+    while step < cfg.steps and time.time() < deadline:
+        if pos + cfg.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        # The schedule follows the time budget when that is what ends training.
+        progress = max(step / cfg.steps, 1 - (deadline - time.time()) / cfg.seconds)
+        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        feats = F.normalize(encode(_augment(train_x[idx], gen)), dim=-1)
+        scale = clip.logit_scale.exp().clamp(max=100)
+        loss = F.cross_entropy(scale * feats @ classifier.T, train_y[idx])
+        if cfg.caption_weight:
+            logits = scale * feats @ caption_emb[idx].T
+            target = torch.arange(len(idx))
+            loss = loss + cfg.caption_weight * 0.5 * (F.cross_entropy(logits, target)
+                                                     + F.cross_entropy(logits.T, target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    clip.requires_grad_(False)
+    clip.eval()
+    accuracy = zero_shot_accuracy(encode, val_x, val_y, classifier)
+    seconds = time.time() - t0
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / WEIGHTS))
+    pp = teacher.preprocess
+    (out / CONFIG_JSON).write_text(json.dumps({
+        "model_cfg": mcfg,
+        "preprocess_cfg": {"size": list(pp.size), "mean": list(pp.mean), "std": list(pp.std),
+                           "interpolation": pp.interpolation, "resize_mode": pp.resize_mode},
+    }, indent=1) + "\n")
+    info = {"zero_shot_top1_val": accuracy, "chance": chance, "steps": step, "seconds": round(seconds, 1),
+            "train_images": n, "val_images": int(val_x.shape[0]), "settings": asdict(cfg), "data": str(data_dir)}
+    (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
+    if verbose:
+        print(f"demo teacher trained: {step} steps in {seconds:.0f} s; zero-shot top-1 on the demo val split "
+              f"{100 * accuracy:.1f}% (chance {100 * chance:.0f}%)", flush=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import RecipeError, load_recipe
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = argv.pop(0) if argv and "=" not in argv[0] else str(Path(__file__).resolve().parents[1] / "recipes/demo.yaml")
+    try:
+        recipe = load_recipe(path, argv)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if recipe.demo is None:
+        print(f"error: {path} has no demo: section", file=sys.stderr)
+        return 2
+    prepare_demo(recipe)
+    print(f"demo teacher: {recipe.teacher['pretrained']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""The bootstrapping loop: a frozen teacher, a SparseFormer student learning its embeddings.
+
+One process per device (``accelerate launch``); accelerate handles the device, mixed
+precision and distribution (DDP, or FSDP through accelerate's own config). The teacher is
+moved to the device in eval mode without gradients and is never prepared (it is not
+trained, wrapped or checkpointed). Each rank builds its own training loader
+(`data.stream.build_train_loader` splits the samples between ranks and gives every rank the
+same number of batches); batches are moved to the device here, never through
+``accelerator.prepare``.
+
+Determinism and resuming: the sample order of an epoch is a function of (seed, epoch, rank)
+(see `data.stream`), and the augmentation of batch ``i`` of an epoch draws from a torch
+generator seeded with (seed, epoch, rank, i), isolated from the training RNG (`_Batches`).
+So a resumed run restarts the checkpoint's epoch, skips the batches already consumed
+(decoding them again: skipping costs I/O and decoding time, at most one epoch's worth) and
+sees the very batches an uninterrupted run would have seen; with the RNG states, optimizer
+and scheduler restored by accelerate, its final weights are bit-identical (on the same
+hardware and process count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import TrainState, read_state, resolve_resume, save_checkpoint
+from .config import Recipe
+from .loss import alignment_loss, batch_cosine
+
+# Test hook: the loss of these optimizer steps (comma-separated, 0-based) is made NaN.
+NONFINITE_ENV = "BOOTSTRAP_TEST_NONFINITE_STEPS"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+class AlignedStudent(nn.Module):
+    """The student's output that is compared with ``teacher.embed``.
+
+    CLIP teachers (target 'proj'): the projected embedding, ``student(x)``. Other teachers
+    (target 'norm'): the pre-logits feature, norm without the head. Prepared (wrapped for
+    DDP/FSDP) as one module so that the distributed wrapper sees the forward that trains.
+    """
+
+    def __init__(self, student: nn.Module, pre_logits: bool):
+        super().__init__()
+        self.student = student
+        self.pre_logits = pre_logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not self.pre_logits:
+            return self.student(images)
+        tokens, _ = self.student.forward_features(images)
+        return self.student.forward_head(tokens, pre_logits=True)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 0 over `warmup` steps, then cosine down to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class _Batches:
+    """The training batches of one rank, epoch after epoch, from the position in `state`.
+
+    Each batch is drawn with torch's global generator seeded by (seed, epoch, rank, index)
+    and restored afterwards: in-process augmentation (num_workers=0) is a function of the
+    position, and the DataLoader's worker seeds (drawn when the first batch is requested)
+    are a function of (seed, epoch, rank). The training RNG (drop-path) is untouched.
+    """
+
+    def __init__(self, loader, state: TrainState, seed: int, rank: int):
+        self.loader, self.state, self.seed, self.rank = loader, state, seed, rank
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict]]:
+        while True:
+            epoch, skip = self.state.epoch, self.state.batch_in_epoch
+            self.loader.set_epoch(epoch)
+            it = iter(self.loader)
+            for index in range(len(self.loader)):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed_of("batch", self.seed, epoch, self.rank, index))
+                    batch = next(it)
+                if index >= skip:
+                    yield batch
+            next(it, None)  # lets the loader finish its epoch (and check its batch count)
+
+    def consumed(self) -> None:
+        """Record one batch as consumed (the data position saved with checkpoints)."""
+        s = self.state
+        s.batch_in_epoch += 1
+        if s.batch_in_epoch >= len(self.loader):
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+
+def load_heldout(shards, transform, limit: int) -> tuple[Tensor, list[str]]:
+    """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set."""
+    from data.decode import decode_sample
+    from data.shards import iter_shard, resolve_shards
+
+    images, keys = [], []
+    for url in resolve_shards(shards):
+        for raw in iter_shard(url):
+            sample = decode_sample(raw)
+            images.append(transform(sample["image"]))
+            keys.append(f"{url}#{sample['__key__']}")
+            if len(images) >= limit:
+                return torch.stack(images), keys
+    if not images:
+        raise ValueError(f"the held-out shards {shards} hold no images")
+    return torch.stack(images), keys
+
+
+@torch.no_grad()
+def embed_all(fn, images: Tensor, batch_size: int, device, autocast) -> Tensor:
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        with autocast():
+            out.append(fn(images[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def fidelity(student_feats: Tensor, teacher_feats: Tensor) -> dict:
+    from eval.fidelity import fidelity as _fidelity
+
+    return _fidelity(student_feats, teacher_feats)
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard (through accelerate's tracker), main process only."""
+
+    def __init__(self, accelerator, path: Path, resume_step: int | None):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process:
+            if resume_step is None:
+                path.write_text("")
+            elif path.exists():  # drop what was logged after the checkpoint we resume from
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_alignment(history: list[dict], path: Path) -> None:
+    """alignment.png: held-out cosine, centred cosine and retrieval over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [h for h in history if "heldout/cosine" in h]
+    if not points:
+        return
+    steps = [p["step"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("heldout/cosine", "cosine"), ("heldout/centred_cosine", "centred cosine"),
+                       ("heldout/retrieval_top1", "retrieval top-1")):
+        ax.plot(steps, [p[key] for p in points], marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("student vs teacher (held-out)")
+    ax.set_ylim(min(0.0, *(p["heldout/centred_cosine"] for p in points)), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("held-out alignment")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _nonfinite_steps() -> set[int]:
+    text = os.environ.get(NONFINITE_ENV, "")
+    return {int(s) for s in text.split(",") if s.strip()}
+
+
+def _say(accelerator, text: str) -> None:
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a bootstrapping recipe to the end; returns the summary (also in train_summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from data.stream import build_train_loader
+    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from teachers import create_teacher, resolve_spec
+
+    t_start = time.time()
+    out = Path(recipe.run.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.run.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
+        step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps, stepped below
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    if recipe.demo is not None:
+        from .demo_teacher import prepare_demo
+
+        # The main process makes (or finds) the demo data and teacher; the others then find them cached.
+        with accelerator.main_process_first():
+            prepare_demo(recipe, verbose=accelerator.is_main_process)
+
+    # ------------------------------------------------------------------ models
+    set_seed(recipe.run.seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        teacher = create_teacher(recipe.teacher)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if resolve_spec(recipe.teacher)[1] == "random":
+            # recipe.yaml must rebuild this very teacher in a fresh process (evaluation, export).
+            recipe.teacher["pretrained"] = str(save_teacher_weights(teacher, out).resolve())
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    teacher.to(device).eval()
+    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
+    pre_logits = teacher.target != "proj"
+    if pre_logits and any(p.requires_grad for p in student.proj.parameters()):
+        # The aligned output stops before the head, so the head would get no gradient.
+        student.proj.requires_grad_(False)
+    _say(accelerator, f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, "
+                      f"{teacher.depth} blocks, width {teacher.width}); {policy.summary()}")
+    model = AlignedStudent(student, pre_logits)
+
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, o.steps, o.min_lr / o.lr))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    ckpt_root = out / "checkpoints"
+    resume_from = resolve_resume(recipe.run.resume, ckpt_root)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        _say(accelerator, f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, "
+                          f"batch {state.batch_in_epoch} of the epoch)")
+        if state.step != read_state(resume_from)["step"]:
+            raise RuntimeError(f"{resume_from}: state.json and the registered state disagree")
+    metrics = MetricsLog(accelerator, out / "metrics.jsonl", state.step if resume_from else None)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tb")
+
+    # -------------------------------------------------------------------- data
+    d = recipe.data
+    loader = build_train_loader(
+        d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
+        epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
+        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle)
+    batches = _Batches(loader, state, recipe.run.seed, rank)
+    batch_iter = iter(batches)
+    keys_file = None
+    if recipe.run.log_sample_keys:
+        (out / "sample_keys").mkdir(exist_ok=True)
+        keys_file = open(out / "sample_keys" / f"rank-{rank}.txt", "a" if resume_from else "w")
+
+    heldout = None
+    if d.val is not None:
+        images, _ = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+        heldout = (images, embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast))
+
+    def check_alignment(step: int) -> dict | None:
+        if heldout is None:
+            return None
+        model.eval()
+        # Every rank runs it (FSDP needs all ranks in a forward); the main process logs it.
+        feats = embed_all(model, heldout[0], d.eval_batch_size, device, accelerator.autocast)
+        model.train()
+        result = fidelity(feats, heldout[1])
+        metrics.log(step, {f"heldout/{k}": v for k, v in result.items()})
+        if accelerator.is_main_process:
+            plot_alignment(metrics.history(), out / "alignment.png")
+        return result
+
+    # -------------------------------------------------------------------- loop
+    r = recipe.run
+    ga = o.grad_accum
+    global_batch = d.batch_size * world * ga
+    inject = _nonfinite_steps()
+    first_check = check_alignment(state.step) if state.step == 0 else None
+    if first_check:
+        _say(accelerator, "held-out alignment at the start: " + _fmt(first_check))
+    bar = tqdm(total=o.steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
+               desc="bootstrapping", unit="step", dynamic_ncols=True, file=sys.stdout)
+    window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
+    last_check, grad_norm = first_check, float("nan")
+    model.train()
+    stop_at = o.steps if r.stop_after is None else min(o.steps, r.stop_after)
+    while state.step < stop_at:
+        t0 = time.perf_counter()
+        wait = 0.0
+        skipped = False
+        loss_sum = torch.zeros((), device=device)
+        cos_sum = torch.zeros((), device=device)
+        for micro in range(ga):
+            tw = time.perf_counter()
+            images, extras = next(batch_iter)
+            wait += time.perf_counter() - tw
+            if keys_file is not None:
+                keys_file.write("".join(f"{state.epoch}\t{state.step}\t{k}\n" for k in extras["__key__"]))
+            batches.consumed()
+            images = images.to(device, non_blocking=True)
+            with accelerator.autocast():
+                target = teacher.embed(images)
+            sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
+            with sync:
+                output = model(images)
+                loss = alignment_loss(output, target, recipe.loss.type, recipe.loss.beta, recipe.loss.normalize)
+                if state.step in inject:
+                    loss = loss * float("nan")
+                # Every rank must take the same decision, or DDP's gradient all-reduce would hang.
+                bad = torch.tensor(float(not torch.isfinite(loss)), device=device)
+                if world > 1:
+                    bad = accelerator.reduce(bad, "sum")
+                if bad.item() > 0:
+                    skipped = True
+                    break
+                accelerator.backward(loss / ga)
+            loss_sum += loss.detach()
+            cos_sum += batch_cosine(output.detach(), target)
+        if not skipped:
+            if o.grad_clip:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]))
+            grad_norm = float(grad_norm)
+            # With fp16 the gradient scaler skips steps with inf gradients itself (and lowers the scale).
+            if not math.isfinite(grad_norm) and r.mixed_precision != "fp16":
+                skipped = True
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # skipped steps count: the schedule is a function of the step number
+        state.step += 1
+        state.samples_seen += global_batch
+        if skipped:
+            state.nonfinite_total += 1
+            state.nonfinite_in_row += 1
+            _say(accelerator, f"step {state.step - 1}: non-finite loss or gradient, step skipped "
+                              f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in all)")
+            if state.nonfinite_in_row >= r.max_nonfinite:
+                path = save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints)
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient (run.max_nonfinite="
+                    f"{r.max_nonfinite}); stopped at step {state.step}, checkpoint {path}. Lower optim.lr, "
+                    f"raise optim.warmup_steps, set optim.grad_clip, or use mixed_precision bf16 instead of fp16; "
+                    f"then resume with run.resume={path}")
+        else:
+            state.nonfinite_in_row = 0
+            window["loss"] += loss_sum.item() / ga
+            window["cos"] += cos_sum.item() / ga
+            window["n"] += 1
+        window["time"] += time.perf_counter() - t0
+        window["wait"] += wait
+        window["images"] += global_batch
+        ips = window["images"] / max(window["time"], 1e-9)
+        bar.update(1)
+
+        if state.step % r.log_every == 0 or state.step == o.steps:
+            n = max(window["n"], 1)
+            stats = torch.tensor([window["loss"] / n, window["cos"] / n], device=device)
+            if world > 1:
+                stats = accelerator.reduce(stats, "mean")
+            values = {"train/loss": stats[0].item(), "train/cosine": stats[1].item(),
+                      "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": ips,
+                      "train/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
+                      "train/grad_norm": grad_norm, "train/epoch": state.epoch,
+                      "train/nonfinite_total": state.nonfinite_total}
+            metrics.log(state.step, values)
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", cos=f"{values['train/cosine']:.3f}",
+                            img_s=f"{ips:.0f}")
+            window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
+        if state.step % r.eval_every == 0 or state.step == o.steps:
+            last_check = check_alignment(state.step)
+            if last_check and accelerator.is_main_process:
+                bar.write(f"step {state.step}: held-out " + _fmt(last_check), file=sys.stdout)
+        if state.step % r.checkpoint_every == 0 or state.step == stop_at:
+            save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints)
+    bar.close()
+    if keys_file is not None:
+        keys_file.close()
+    if state.step < o.steps:  # run.stop_after
+        _say(accelerator, f"stopped after step {state.step} of {o.steps} (run.stop_after); the same command "
+                          f"with run.stop_after=null resumes from {ckpt_root}")
+        accelerator.end_training()
+        return {"finished": False, "steps": state.step}
+
+    # ------------------------------------------------------------------ outputs
+    full = accelerator.get_state_dict(model)  # collective (gathers FSDP shards)
+    checksums = rank_checksums(accelerator, model)
+    summary = {"finished": True}
+    if accelerator.is_main_process:
+        student_sd = {k.removeprefix("student."): v for k, v in full.items()}
+        save_student(accelerator.unwrap_model(model).student, student_sd, out)
+        summary = {
+            "finished": True, "steps": state.step, "samples_seen": state.samples_seen, "nonfinite_total": state.nonfinite_total,
+            "processes": world, "global_batch": global_batch, "seconds": round(time.time() - t_start, 1),
+            "heldout_start": first_check, "heldout_end": last_check, "resumed_from": str(resume_from or ""),
+            "parameters": {"trainable": policy.num_trainable, "frozen": policy.num_frozen},
+            "loader": {"skipped": loader.stats.skipped, "padded": loader.stats.padded},
+            "rank_checksums": checksums,
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if first_check and last_check:
+            print(f"held-out alignment: start {_fmt(first_check)}\n                    end   {_fmt(last_check)}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def rank_checksums(accelerator, model: nn.Module) -> list[str]:
+    """SHA-256 of the student's trainable parameters on every rank (collective).
+
+    Data-parallel ranks must hold identical weights; a difference means they diverged (a
+    desynchronised step), which the main process reports. Not meaningful with FSDP, where
+    each rank holds a shard.
+    """
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for name, p in accelerator.unwrap_model(model).named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    sums = gather_object([digest.hexdigest()]) if accelerator.num_processes > 1 else [digest.hexdigest()]
+    if accelerator.is_main_process and len(set(sums)) > 1 and accelerator.distributed_type.name != "FSDP":
+        warnings.warn(f"the ranks ended with different student weights (checksums {sums}): data-parallel "
+                      f"training desynchronised", RuntimeWarning)
+    return sums
+
+
+def _fmt(result: dict) -> str:
+    return (f"cosine {result['cosine']:.4f}, centred cosine {result['centred_cosine']:.4f}, "
+            f"retrieval top-1 {result['retrieval_top1']:.3f} (chance {result['retrieval_chance']:.3f})")
+
+
+def save_teacher_weights(teacher, out: Path) -> Path:
+    """A random-weight teacher's weights, saved so that the run's recipe.yaml names them."""
+    from safetensors.torch import save_file
+
+    path = out / "teacher_weights.safetensors"
+    if not path.exists():
+        tmp = out / "teacher_weights.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def save_student(student: nn.Module, state_dict: dict, out: Path) -> None:
+    """student.safetensors, student_config.json and pretrained_cfg.json (written atomically)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = out / "student.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "student.safetensors")
+    (out / "student_config.json").write_text(student.config.to_json())
+    (out / "pretrained_cfg.json").write_text(json.dumps(getattr(student, "pretrained_cfg", {}), indent=1) + "\n")

@@ -1,0 +1,273 @@
+"""The bootstrapping run end to end on a tiny teacher and the generated demo data.
+
+Runs are small (a 3-block random CLIP at 32 px, a 5-token student, 8 steps of 6 images) so
+that the whole file takes a minute or two on two busy CPU cores. Single-process runs go
+through `bootstrap.run.main` in this process (accelerate's state is reset in between); the
+two-process run and the killed run are subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bootstrap.checkpoint import KILL_ENV, list_checkpoints, read_state
+from bootstrap.train import NONFINITE_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = {
+    "teacher": {
+        "kind": "openclip", "model": "tiny-clip", "pretrained": None,
+        "model_cfg": {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+    },
+    "student": {"tokens": 5, "focus_width": 32, "conv_dim": 16, "num_points": 4, "pg_inner_dim": 16,
+                "focus_repeats": 2},
+    "data": {"batch_size": 6, "num_workers": 0, "shuffle_buffer": 10, "heldout_samples": 12,
+             "augment": {"scale": [0.5, 1.0], "hflip": 0.5}},
+    "optim": {"lr": 1e-3, "warmup_steps": 2, "steps": 8},
+    "run": {"log_every": 2, "eval_every": 4, "checkpoint_every": 4, "keep_checkpoints": 2, "progress": False,
+            "final_report": False},
+    "export": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from data.demo import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo")
+    # 60 train images: 10 batches of 6 per epoch on one rank, 5 per rank on two.
+    make_demo_dataset(out, num=72, size=32, val_fraction=1 / 6, shard_size=20)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe_file(demo_data, tmp_path_factory) -> Path:
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["data"]["train"] = str(demo_data / "train")
+    recipe["data"]["val"] = str(demo_data / "val")
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_here(recipe: Path, out: Path, *overrides: str) -> int:
+    """`python bootstrap/run.py RECIPE ...` in this process, with accelerate's singletons reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bootstrap.run import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        return main([str(recipe), f"run.output_dir={out}", *overrides])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    # The thread count of this process: bit-equal comparisons with in-process runs need the same kernels.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env_extra or {})}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "student.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight_run(recipe_file, tmp_path_factory) -> Path:
+    """8 steps without interruption: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert run_here(recipe_file, out) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_run_writes_its_outputs(straight_run):
+    from students import load_student
+    from teachers import create_teacher
+
+    names = {p.name for p in straight_run.iterdir()}
+    for name in ("student.safetensors", "student_config.json", "recipe.yaml", "pretrained_cfg.json",
+                 "metrics.jsonl", "tb", "checkpoints", "alignment.png", "train_summary.json"):
+        assert name in names, name
+    # The last keep_checkpoints=2 complete checkpoints (steps 4 and 8), nothing half-written.
+    assert [s for s, _ in list_checkpoints(straight_run / "checkpoints")] == [4, 8]
+    assert not list((straight_run / "checkpoints").glob(".tmp-*"))
+    state = read_state(straight_run / "checkpoints" / "step-0000008")
+    assert state["step"] == 8 and state["samples_seen"] == 48
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 8)  # 10 batches per epoch
+
+    records = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    for key in ("train/cosine", "train/lr", "train/img_per_s", "train/data_wait_frac", "train/grad_norm"):
+        assert all(key in r for r in train), key
+    held = [r for r in records if "heldout/cosine" in r]
+    assert [r["step"] for r in held] == [0, 4, 8]
+    assert held[-1]["heldout/cosine"] > held[0]["heldout/cosine"]  # it learns
+    assert all(r["heldout/num_images"] == 12 for r in held)
+
+    # The saved student is the trained one, loadable on its own; recipe.yaml rebuilds its teacher.
+    recipe = yaml.safe_load((straight_run / "recipe.yaml").read_text())
+    assert Path(recipe["teacher"]["pretrained"]).is_file()  # the random teacher's weights, saved
+    teacher = create_teacher(recipe["teacher"])
+    student = load_student(straight_run / "student_config.json", straight_run / "student.safetensors").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = student(images)
+    assert out.shape == (3, 32)
+    cos_teacher = torch.nn.functional.cosine_similarity(out, teacher.embed(images)).mean()
+    assert cos_teacher > 0.3
+    pcfg = json.loads((straight_run / "pretrained_cfg.json").read_text())
+    assert pcfg["input_size"] == [3, 32, 32]
+    summary = json.loads((straight_run / "train_summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 8 and summary["nonfinite_total"] == 0
+    assert summary["heldout_end"]["cosine"] == pytest.approx(held[-1]["heldout/cosine"])
+
+
+def test_frozen_parameters_stay_frozen(straight_run, recipe_file):
+    """The last third of the inherited blocks and the head are the teacher's, untouched."""
+    from teachers import create_teacher
+
+    recipe = yaml.safe_load((straight_run / "recipe.yaml").read_text())
+    teacher = create_teacher(recipe["teacher"])
+    w = weights(straight_run)
+    head = teacher.head_state_dict()["weight"]
+    assert torch.equal(w["proj.weight"], head)
+    assert torch.equal(w["norm.weight"], teacher.norm_state_dict()["weight"])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_stop_and_resume_gives_the_same_weights(straight_run, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    assert run_here(recipe_file, out, "run.stop_after=3") == 0
+    assert not (out / "student.safetensors").exists()
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert run_here(recipe_file, out) == 0  # run.resume=auto
+    assert_same_weights(weights(out), weights(straight_run))
+    # The metrics of the resumed run continue where the checkpoint left them.
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [2, 4, 6, 8]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-0000003")
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_last_good_one(straight_run, recipe_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}", "run.checkpoint_every=2"]
+    killed = run_subprocess(cmd, {KILL_ENV: "4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2]
+    assert (ckpts / ".tmp-step-0000004").is_dir()  # the half-written one, never taken for a checkpoint
+    assert not (ckpts / "step-0000004").exists()
+
+    resumed = run_subprocess(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step-0000002" in resumed.stdout
+    assert not list(ckpts.glob(".tmp-*"))
+    assert_same_weights(weights(out), weights(straight_run))
+
+
+def test_resume_from_a_named_checkpoint_and_bad_names(straight_run, recipe_file, tmp_path):
+    from bootstrap.checkpoint import resolve_resume
+
+    step4 = straight_run / "checkpoints" / "step-0000004"
+    assert resolve_resume(str(step4), tmp_path) == step4
+    assert resolve_resume(str(straight_run), tmp_path) == straight_run / "checkpoints" / "step-0000008"
+    assert resolve_resume("none", straight_run / "checkpoints") is None
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
+    broken = tmp_path / "step-0000009"
+    broken.mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        resolve_resume(str(broken), tmp_path)
+    # A run resumed from step 4 of another run's checkpoints ends where that run ended.
+    out = tmp_path / "run"
+    assert run_here(recipe_file, out, f"run.resume={step4}") == 0
+    assert_same_weights(weights(out), weights(straight_run))
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def test_nonfinite_steps_are_skipped_and_counted(recipe_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(NONFINITE_ENV, "2,3")
+    assert run_here(recipe_file, out, "run.max_nonfinite=3", "optim.steps=6", "run.eval_every=100") == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["finished"] and summary["nonfinite_total"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_total"] for r in records if "train/loss" in r] == [0, 2, 2]
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+def test_too_many_nonfinite_steps_stop_with_a_checkpoint(recipe_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv(NONFINITE_ENV, ",".join(str(i) for i in range(1, 8)))
+    assert run_here(recipe_file, out, "run.max_nonfinite=3") == 1
+    err = capsys.readouterr().err
+    assert "3 steps in a row had a non-finite loss" in err and "optim.lr" in err
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4]  # steps 1, 2, 3 skipped: stop at 4
+    assert read_state(out / "checkpoints" / "step-0000004")["nonfinite_in_row"] == 3
+    assert not (out / "student.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def test_two_processes_see_disjoint_samples_and_end_identical(recipe_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}", "run.log_sample_keys=true",
+           "optim.steps=6", "run.eval_every=3", "run.checkpoint_every=3"]
+    result = run_subprocess(cmd, {"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 12
+    sums = summary["rank_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # identical student weights on both ranks
+
+    seen = {}
+    for rank in (0, 1):
+        lines = (out / "sample_keys" / f"rank-{rank}.txt").read_text().split()
+        rows = [lines[i:i + 3] for i in range(0, len(lines), 3)]
+        assert len(rows) == 6 * 6  # 6 steps of 6 images
+        seen[rank] = {}
+        for epoch, _, key in rows:
+            seen[rank].setdefault(epoch, []).append(key)
+    # 60 images, 5 batches of 6 per rank and epoch: epoch 0 complete, epoch 1 started.
+    for epoch in seen[0]:
+        a, b = seen[0][epoch], seen[1][epoch]
+        assert len(set(a)) == len(a) and len(set(b)) == len(b)
+        assert not set(a) & set(b), f"ranks shared samples in epoch {epoch}"
+    assert len(set(seen[0]["0"]) | set(seen[1]["0"])) == 60  # the first epoch covered the data once
+    assert "rank 1" not in result.stdout  # one progress/log stream, from the main process
