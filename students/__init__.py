@@ -34,3 +34,4 @@ __all__ += [
     "load_state_dict_file",
     "load_student",
 ]
+from . import timm_models  # registers SparseFormer with timm (and open_clip's local-dir: loading)

@@ -1,0 +1,444 @@
+"""Export a student as a model folder that OpenCLIP or timm load with their own calls.
+
+OpenCLIP (`export_openclip`, for students of CLIP teachers)::
+
+    FOLDER/open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}
+    FOLDER/open_clip_model.safetensors  the full CLIP state dict
+    FOLDER/sparseformer_config.json     the student's SparseFormerConfig
+    FOLDER/README.md
+
+    import students, open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:FOLDER")
+    tokenizer = open_clip.get_tokenizer("local-dir:FOLDER")
+
+The image tower is open_clip's `TimmModel` around the student: `visual.trunk`
+is the SparseFormer without its projection (`forward` returns the pooled,
+normed features), `visual.head.proj` is the student's `proj`
+(`timm_pool: ''`, `timm_proj: 'linear'`). `model_cfg` is the teacher's own
+config with `vision_cfg` replaced, so the text tower, `embed_dim`,
+`quick_gelu`, `logit_scale` (and `logit_bias`) are the teacher's; the text
+weights are copied from it. `encode_image` equals `student(x)` and
+`encode_text` equals the teacher's. `vision_cfg.timm_model_name` is the
+student's timm name (`students.timm_models.timm_name`): a released name, or
+`sparseformer_cfg_<hash>`, which `import students` registers from
+`sparseformer_config.json` when open_clip opens the folder (see
+`students.timm_models`). `preprocess_cfg` is the student's input size,
+mean, std and interpolation.
+
+timm (`export_timm`, any student)::
+
+    FOLDER/config.json         architecture, num_classes, pretrained_cfg (+ model_args)
+    FOLDER/model.safetensors   the student's state dict
+
+    import students, timm
+    model = timm.create_model("local-dir:FOLDER", pretrained=True)
+
+`architecture` is the released name when the student has a released
+architecture, else `sparseformer` with the configuration in
+`model_args.config`.
+
+Both exports reload what they wrote, the way a user would, and compare its
+outputs with the student's (and the teacher's text tower) before returning.
+
+From a bootstrapping run's output folder (`export_run`, and the command
+line)::
+
+    python -m students.export RUN_DIR [--out DIR] [--format auto|openclip|timm] [--overwrite]
+
+The run folder holds `student.safetensors`, `student_config.json`,
+`recipe.yaml` (its `teacher:` spec) and optionally `pretrained_cfg.json`.
+`auto` exports to OpenCLIP when the teacher is an open_clip CLIP (its text
+tower is rebuilt with `teachers.create_teacher(spec)`), else to timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import timm_models
+from .registry import load_student
+from .sparseformer import SparseFormer
+
+__all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg"]
+
+OPENCLIP_CONFIG = "open_clip_config.json"
+OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "model.safetensors"
+FORMATS = ("auto", "openclip", "timm")
+# Tolerance of the reload check: the reloaded model runs the same float32 ops on the same weights.
+_ATOL = 1e-5
+_PROBE_TEXTS = ["a photo of a dog.", "a diagram of a sparse transformer."]
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written, or whose reload does not reproduce the model."""
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+def _prepare_dir(out_dir: str | Path, files: tuple[str, ...], overwrite: bool) -> Path:
+    out = Path(out_dir)
+    existing = [f for f in files if (out / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds an export ({', '.join(existing)}); "
+                              f"choose another folder or pass overwrite=True (--overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared or strided storage: write independent contiguous CPU copies.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path),
+              metadata=metadata)
+
+
+def _check_student(student: Any) -> None:
+    if not isinstance(student, SparseFormer) or student.ndim != 2:
+        raise TypeError(f"the export takes an image SparseFormer, got {type(student).__name__} (unwrap a "
+                        f"DDP/accelerate-wrapped model first: accelerator.unwrap_model(model))")
+
+
+def _student_pretrained_cfg(student: SparseFormer, pretrained_cfg: Mapping | None, fallback: Mapping | None) -> dict:
+    """input_size/mean/std/interpolation/crop_pct: explicit > the student's own > the teacher's (fallback)."""
+    for source in (pretrained_cfg, getattr(student, "pretrained_cfg", None), fallback):
+        if source:
+            return timm_models.pretrained_cfg_for(student.config, source)
+    raise ExportError("the student carries no pretrained_cfg (input size, mean, std): pass "
+                      "pretrained_cfg=dict(input_size=(3, H, W), mean=..., std=..., interpolation=..., crop_pct=...)")
+
+
+def _probe_images(pcfg: Mapping, device: torch.device, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *pcfg["input_size"], generator=g).to(device)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+class _eval_mode:
+    """Run a block with modules in eval mode, restoring their training flags afterwards."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = [m for m in modules if m is not None]
+
+    def __enter__(self):
+        self.flags = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in zip(self.modules, self.flags):
+            m.train(flag)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------
+# timm
+# --------------------------------------------------------------------------
+def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: Mapping | None = None,
+                overwrite: bool = False, verify: bool = True) -> Path:
+    """Write `student` as a timm model folder (`config.json` + `model.safetensors`).
+
+    `pretrained_cfg` (input_size, mean, std, interpolation, crop_pct) defaults
+    to `student.pretrained_cfg`. With `verify`, the folder is reloaded with
+    `timm.create_model("local-dir:...", pretrained=True)` and its output
+    compared with the student's.
+    """
+    _check_student(student)
+    pcfg = _student_pretrained_cfg(student, pretrained_cfg, None)
+    out = _prepare_dir(out_dir, (TIMM_CONFIG, TIMM_WEIGHTS), overwrite)
+    cfg = student.config
+    arch = timm_models.released_name(cfg)
+    config = {
+        "architecture": arch or timm_models.GENERIC_NAME,
+        "num_classes": cfg.proj_dim,
+        "num_features": cfg.embed_dim,
+        "global_pool": "token" if cfg.head_op == "cls" else "avg",
+    }
+    if arch is None:
+        # timm passes model_args to the entrypoint: `sparseformer(config=...)` rebuilds this architecture.
+        config["model_args"] = {"config": cfg.replace(drop_path_rate=0.0).to_dict()}
+    config["pretrained_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pcfg.items()}
+    (out / TIMM_CONFIG).write_text(json.dumps(config, indent=2))
+    _save_tensors(student.state_dict(), out / TIMM_WEIGHTS, {"format": "pt"})
+    if verify:
+        _verify_timm(student, out, pcfg)
+    return out
+
+
+def _verify_timm(student: SparseFormer, out: Path, pcfg: Mapping) -> None:
+    import timm
+
+    device = _device_of(student)
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).to(device).eval()
+    x = _probe_images(pcfg, device)
+    with torch.no_grad(), _eval_mode(student):
+        diff = _max_diff(reloaded(x), student(x))
+    if diff > _ATOL:
+        raise ExportError(f"the timm export in {out} does not reproduce the student (max |diff| {diff:.3g})")
+
+
+# --------------------------------------------------------------------------
+# OpenCLIP
+# --------------------------------------------------------------------------
+def _clip_and_cfg(teacher: Any, model_cfg: str | Mapping | None) -> tuple[nn.Module, dict]:
+    """The open_clip CLIP module of `teacher` and the open_clip config it was built from."""
+    import open_clip
+
+    clip = getattr(teacher, "model", teacher)  # a teachers.Teacher wraps the CLIP as .model
+    if not (hasattr(clip, "encode_text") and hasattr(clip, "logit_scale")):
+        raise TypeError(f"export_openclip needs a CLIP teacher (teachers.Teacher of family 'clip' or an open_clip "
+                        f"CLIP model with a text tower), got {type(clip).__name__}")
+    spec = getattr(teacher, "spec", None) or {}
+    if model_cfg is None:
+        model_cfg = spec.get("model_cfg") or spec.get("model")
+    if isinstance(model_cfg, str):
+        name = model_cfg
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ValueError(f"open_clip has no model config '{name}'; pass model_cfg= the config mapping the "
+                             f"teacher was built from")
+    if not isinstance(model_cfg, Mapping):
+        raise ValueError("cannot tell which open_clip config this CLIP was built from: pass model_cfg= its model "
+                         "name (e.g. 'ViT-B-16-quickgelu') or its config mapping")
+    return clip, copy.deepcopy(dict(model_cfg))
+
+
+def openclip_model_cfg(student: SparseFormer, teacher_cfg: Mapping, pretrained_cfg: Mapping) -> dict:
+    """The teacher's open_clip config with the student as a timm image tower."""
+    cfg = student.config
+    embed_dim = teacher_cfg["embed_dim"]
+    if cfg.proj_dim != embed_dim:
+        raise ExportError(
+            f"the student projects to {cfg.proj_dim or cfg.embed_dim} dims but the teacher's CLIP embedding has "
+            f"{embed_dim}: export_openclip needs a student bootstrapped from this CLIP teacher (with its projection)")
+    h, w = pretrained_cfg["input_size"][1:]
+    out = copy.deepcopy(dict(teacher_cfg))
+    out["vision_cfg"] = {
+        "image_size": h if h == w else [h, w],
+        "timm_model_name": timm_models.timm_name(cfg),
+        "timm_model_pretrained": False,
+        "timm_pool": "",  # the trunk pools itself (class token or mean)
+        "timm_proj": "linear",  # visual.head.proj = the student's proj
+        "timm_proj_bias": bool(cfg.proj_bias),
+    }
+    return out
+
+
+def _openclip_preprocess_cfg(pcfg: Mapping, resize_mode: str) -> dict:
+    h, w = pcfg["input_size"][1:]
+    if resize_mode == "shortest" and float(pcfg.get("crop_pct", 1.0)) != 1.0:
+        warnings.warn(f"crop_pct={pcfg['crop_pct']} is not expressible in open_clip's preprocessing (it resizes the "
+                      f"shorter side to the input size and centre-crops, i.e. crop_pct 1.0)", stacklevel=3)
+    return {"size": h if h == w else [h, w], "mode": "RGB", "mean": list(pcfg["mean"]), "std": list(pcfg["std"]),
+            "interpolation": pcfg["interpolation"], "resize_mode": resize_mode}
+
+
+def _openclip_state_dict(student: SparseFormer, clip: nn.Module) -> dict[str, torch.Tensor]:
+    """Teacher's state dict with its image tower replaced by the student (TimmModel layout)."""
+    sd = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    for k, v in student.state_dict().items():
+        if k.startswith("proj."):
+            sd["visual.head." + k] = v
+        else:
+            sd["visual.trunk." + k] = v
+    return sd
+
+
+def _save_hf_tokenizer(teacher: Any, out: Path) -> None:
+    """open_clip reads an HF tokenizer of a `local-dir:` model from the folder itself."""
+    tokenizer = getattr(teacher, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise ExportError("the teacher's text config names an HF tokenizer (hf_tokenizer_name), which "
+                          "open_clip loads from the export folder: export from a teachers.Teacher whose "
+                          "tokenizer has save_pretrained")
+    tokenizer.save_pretrained(str(out))
+
+
+def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
+                    model_cfg: str | Mapping | None = None, pretrained_cfg: Mapping | None = None,
+                    overwrite: bool = False, verify: bool = True) -> Path:
+    """Write a CLIP-bootstrapped student and its teacher's text tower as an OpenCLIP model folder.
+
+    Args:
+        student: the SparseFormer (its `proj` maps to the teacher's CLIP embedding).
+        teacher: a `teachers.Teacher` of family 'clip', or an open_clip CLIP model.
+        out_dir: the folder to write.
+        model_cfg: the open_clip config the teacher was built from (a model name or mapping);
+            read from `teacher.spec` when the teacher is a `teachers.Teacher`.
+        pretrained_cfg: the student's input_size/mean/std/interpolation/crop_pct; default
+            `student.pretrained_cfg`, else the teacher's preprocessing.
+        overwrite: replace an export already in `out_dir`.
+        verify: reload the folder with open_clip and check `encode_image` against the
+            student and `encode_text` against the teacher.
+    Returns:
+        `out_dir` as a Path; load it with `open_clip.create_model_and_transforms("local-dir:" + str(out))`.
+    """
+    _check_student(student)
+    clip, teacher_cfg = _clip_and_cfg(teacher, model_cfg)
+    teacher_pp = getattr(clip.visual, "preprocess_cfg", None) or {}
+    fallback = None
+    if teacher_pp:
+        size = teacher_pp.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        fallback = dict(input_size=(3, *size), mean=teacher_pp.get("mean"), std=teacher_pp.get("std"),
+                        interpolation=teacher_pp.get("interpolation", "bicubic"), crop_pct=1.0)
+    pcfg = _student_pretrained_cfg(student, pretrained_cfg, fallback)
+    resize_mode = (pretrained_cfg or {}).get("resize_mode") or teacher_pp.get("resize_mode") or "shortest"
+
+    out = _prepare_dir(out_dir, (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS, timm_models.CONFIG_FILE), overwrite)
+    oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
+    if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
+        _save_hf_tokenizer(teacher, out)
+    (out / timm_models.CONFIG_FILE).write_text(student.config.replace(drop_path_rate=0.0).to_json())
+    (out / OPENCLIP_CONFIG).write_text(json.dumps(
+        {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
+    _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
+    (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"]))
+    if verify:
+        _verify_openclip(student, clip, getattr(teacher, "tokenizer", None), out, pcfg)
+    return out
+
+
+_README = """\
+# SparseFormer student with its CLIP teacher's text tower (OpenCLIP format)
+
+The image tower is the SparseFormer `{name}` (timm model name), registered
+with timm by the `students` package of sparseformer-bootstrap:
+
+    import students, open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")
+    tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")
+
+`sparseformer_config.json` is the student's configuration (also readable by
+`students.load_student`).
+"""
+
+
+def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out: Path, pcfg: Mapping) -> None:
+    import open_clip
+
+    device = _device_of(student)
+    name = f"local-dir:{out}"
+    reloaded = open_clip.create_model(name, device=device).eval()
+    reloaded_tok = open_clip.get_tokenizer(name)
+    tokens = reloaded_tok(_PROBE_TEXTS)
+    if tokenizer is not None and not torch.equal(tokenizer(_PROBE_TEXTS), tokens):
+        raise ExportError(f"open_clip.get_tokenizer('{name}') does not tokenise like the teacher's tokenizer")
+    x = _probe_images(pcfg, device)
+    with torch.no_grad(), _eval_mode(student, clip):
+        image_diff = _max_diff(reloaded.encode_image(x), student(x))
+        text_diff = _max_diff(reloaded.encode_text(tokens.to(device)),
+                              clip.encode_text(tokens.to(_device_of(clip))).to(device))
+    if image_diff > _ATOL or text_diff > _ATOL:
+        raise ExportError(f"the OpenCLIP export in {out} does not reproduce its sources: max |diff| "
+                          f"{image_diff:.3g} for encode_image vs the student, {text_diff:.3g} for encode_text "
+                          f"vs the teacher")
+
+
+# --------------------------------------------------------------------------
+# A bootstrapping run's output folder
+# --------------------------------------------------------------------------
+RUN_FILES = ("student.safetensors", "student_config.json", "recipe.yaml")
+
+
+def _read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
+    import yaml
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished bootstrapping run: it lacks {', '.join(missing)} "
+                                f"(a run writes {', '.join(RUN_FILES)} at the end)")
+    student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    spec = recipe.get("teacher") if isinstance(recipe, Mapping) else None
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"{run_dir / 'recipe.yaml'} has no 'teacher:' spec (kind, model, pretrained, ...)")
+    pcfg_path = run_dir / "pretrained_cfg.json"
+    pcfg = json.loads(pcfg_path.read_text()) if pcfg_path.is_file() else None
+    return student, dict(spec), pcfg
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str = "auto", *,
+               overwrite: bool = False, verify: bool = True) -> Path:
+    """Export the student of a bootstrapping run folder; returns the export folder.
+
+    fmt 'auto': OpenCLIP when the teacher spec is an open_clip CLIP (kind
+    'openclip'), else timm. `out_dir` defaults to `RUN_DIR/export_openclip` or
+    `RUN_DIR/export_timm`. The OpenCLIP export rebuilds the teacher from the
+    recipe's spec (for its text tower); so does a timm export of a run without
+    `pretrained_cfg.json` (for its preprocessing).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    student, spec, pcfg = _read_run(run_dir)
+    if fmt == "auto":
+        fmt = "openclip" if spec.get("kind") == "openclip" else "timm"
+    if fmt == "openclip" and spec.get("kind") != "openclip":
+        raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
+                         f"and has no text tower; export it with --format timm")
+    out = Path(out_dir) if out_dir is not None else run_dir / f"export_{fmt}"
+    teacher = None
+    if fmt == "openclip" or pcfg is None:
+        from teachers import create_teacher
+
+        teacher = create_teacher(spec)
+        if pcfg is None:
+            pp = teacher.preprocess
+            pcfg = dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
+                        interpolation=pp.interpolation, crop_pct=pp.crop_pct, resize_mode=pp.resize_mode)
+    if fmt == "openclip":
+        return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+    return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m students.export",
+        description="Export the student of a bootstrapping run as an OpenCLIP or timm model folder.")
+    parser.add_argument("run_dir", help="the run's output folder (student.safetensors, student_config.json, "
+                                        "recipe.yaml, optionally pretrained_cfg.json)")
+    parser.add_argument("--out", default=None, help="export folder (default: RUN_DIR/export_<format>)")
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="openclip (CLIP teachers: student + teacher's text tower), timm, or auto (default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in the folder")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare outputs")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
+    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if (out / OPENCLIP_CONFIG).is_file():
+        how = (f"import students, open_clip\n"
+               f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out}')\n"
+               f"tokenizer = open_clip.get_tokenizer('local-dir:{out}')")
+    else:
+        how = f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
+    print(f"exported to {out}\nload it with:\n{how}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
