@@ -375,7 +375,8 @@ def _read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
     if not isinstance(spec, Mapping) or not spec:
         raise ValueError(f"{run_dir / 'recipe.yaml'} has no 'teacher:' spec (kind, model, pretrained, ...)")
     pcfg_path = run_dir / "pretrained_cfg.json"
-    pcfg = json.loads(pcfg_path.read_text()) if pcfg_path.is_file() else None
+    # An empty pretrained_cfg.json (a student that carried none) counts as missing.
+    pcfg = (json.loads(pcfg_path.read_text()) or None) if pcfg_path.is_file() else None
     return student, dict(spec), pcfg
 
 
