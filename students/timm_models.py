@@ -55,7 +55,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from timm.models import build_model_with_cfg, register_model
