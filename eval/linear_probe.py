@@ -1,0 +1,117 @@
+"""Linear probe on frozen features of teacher and student (CPU, scikit-learn).
+
+As in the CLIP paper: L2-normalised features, multinomial logistic regression (L-BFGS), the
+inverse regularisation strength ``C`` swept over a log grid and chosen by top-1 on a held-out
+part of the training split (seeded, stratified where every class allows it), then refitted on
+the whole training split and scored on the test split.
+
+Without a labelled training split, ``split_features`` divides the evaluation set's features
+into train and test parts (seeded, stratified); the report says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# 1e-2 ... 1e4: L2-normalised features have small components, so useful C values are large.
+DEFAULT_CS: tuple[float, ...] = tuple(10.0 ** k for k in range(-2, 5))
+
+
+def _normalised(x: Tensor) -> np.ndarray:
+    return F.normalize(x.float(), dim=1).numpy().astype(np.float64)
+
+
+def _stratify(labels: np.ndarray, test_size: float) -> np.ndarray | None:
+    """Stratify by label when each class has at least 2 samples and every class fits in both parts."""
+    _, counts = np.unique(labels, return_counts=True)
+    n_test = int(np.ceil(test_size * len(labels)))
+    if counts.min() < 2 or n_test < len(counts) or len(labels) - n_test < len(counts):
+        return None
+    return labels
+
+
+def _split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"a held-out fraction must be in (0, 1), got {fraction}")
+    idx = np.arange(len(labels))
+    a, b = train_test_split(idx, test_size=fraction, random_state=seed, stratify=_stratify(labels, fraction))
+    return np.sort(a), np.sort(b)
+
+
+def split_features(features: Mapping[str, Tensor], test_fraction: float = 0.5, seed: int = 0):
+    """Divide extracted features (with ``labels``) into ``(train, test)`` dicts, seeded and stratified."""
+    labels = features["labels"].numpy()
+    train_idx, test_idx = _split_indices(labels, test_fraction, seed)
+    take = lambda idx: {k: v[torch.from_numpy(idx)] for k, v in features.items()}  # noqa: E731
+    return take(train_idx), take(test_idx)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(x, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return clf, converged
+
+
+def _topk(clf, x: np.ndarray, y: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    scores = clf.decision_function(x)
+    if scores.ndim == 1:  # two classes: one score for classes_[1]
+        scores = np.stack([-scores, scores], axis=1)
+    order = clf.classes_[np.argsort(-scores, axis=1)]
+    return {f"top{k}": float((order[:, :k] == y[:, None]).any(axis=1).mean()) for k in ks
+            if k <= len(clf.classes_)}
+
+
+def fit_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+    Cs: Sequence[float] = DEFAULT_CS, val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000,
+) -> dict:
+    """Choose ``C`` on a held-out part of the train split, refit on all of it, score the test split.
+
+    Returns ``dict(top1, top5 (with >= 5 classes), C, val_top1 {C: top1}, converged, num_train,
+    num_test, num_classes)``.
+    """
+    if len(Cs) == 0:
+        raise ValueError("the linear probe needs at least one regularisation strength C")
+    x, y = _normalised(train_x), train_y.numpy()
+    xt, yt = _normalised(test_x), test_y.numpy()
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"the linear probe's training split has {len(np.unique(y))} class(es); it needs at least 2")
+    val_top1 = {}
+    if len(Cs) > 1:
+        fit_idx, val_idx = _split_indices(y, val_fraction, seed)
+        for C in Cs:
+            clf, _ = _fit(x[fit_idx], y[fit_idx], C, max_iter, seed)
+            val_top1[float(C)] = _topk(clf, x[val_idx], y[val_idx], ks=(1,))["top1"]
+        # The first best C in grid order (ties go to the stronger regularisation of an ascending grid).
+        best = max(val_top1, key=lambda c: val_top1[c])
+    else:
+        best = float(Cs[0])
+    clf, converged = _fit(x, y, best, max_iter, seed)
+    result = _topk(clf, xt, yt)
+    result.update(C=best, val_top1=val_top1, converged=converged, num_train=len(y), num_test=len(yt),
+                  num_classes=int(len(np.unique(np.concatenate([y, yt])))))
+    return result
+
+
+def linear_probe(train: Mapping[str, Tensor], test: Mapping[str, Tensor], models: Sequence[str] = ("teacher", "student"),
+                 **probe_args) -> dict:
+    """``fit_probe`` for each model's features (keys of ``train``/``test``; both hold ``labels``)."""
+    for name, part in (("train", train), ("test", test)):
+        if "labels" not in part:
+            raise ValueError(f"the linear probe's {name} features have no labels; the loader must yield (images, labels)")
+    out = {m: fit_probe(train[m], train["labels"], test[m], test["labels"], **probe_args) for m in models}
+    out["chance_top1"] = 1.0 / out[models[0]]["num_classes"]
+    return out
