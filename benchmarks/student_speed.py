@@ -1,0 +1,455 @@
+"""Inference speed of the released bootstrapped SparseFormers beside their ViT teachers.
+
+    python3 benchmarks/student_speed.py                       # the default table (CPU: ~15 min on 2 cores)
+    python3 benchmarks/student_speed.py --models clip_base --batch-sizes 8 --dtypes fp32
+    python3 benchmarks/student_speed.py --device cuda --all-batch-sizes
+
+One table, teacher and student side by side: parameters, GFLOPs per image,
+img/s per batch size, peak memory, in fp32 and bf16 autocast, the student's
+speed relative to its teacher, and bf16's speed and cosine relative to fp32.
+
+Pairs (random weights; nothing is downloaded):
+  clip_base     open_clip ViT-B-16-quickgelu (encode_image)  vs  sparseformer_btsp_openai_clip_base   at 224
+  clip_large    open_clip ViT-L-14-quickgelu (encode_image)  vs  sparseformer_btsp_openai_clip_large  at 224
+  augreg_base   timm vit_base_patch16_224                    vs  sparseformer_btsp_augreg_base        at 224
+  augreg_large  timm vit_large_patch16_384                   vs  sparseformer_btsp_augreg_large       at 384
+A student always runs at its teacher's resolution.
+
+How things are measured (also printed under the table):
+- img/s: teacher and student are timed *interleaved* (teacher, student,
+  student, teacher, ...) so that load from other processes on a shared
+  machine hits both alike; each figure is batch / median seconds per forward,
+  after `--warmup` untimed forwards, under `torch.inference_mode()` in eval mode.
+  A cell runs `--iters` timed forwards per model (at least 3), fewer at large
+  batches (iters * 8 / batch, at least 3), and stops early, after 3, once it
+  has spent `--cell-seconds`. `--clock cpu` times this process's CPU time
+  instead of elapsed time (for a machine shared with other jobs; use it with
+  `--threads 1`).
+- GFLOPs: counted with `torch.utils.flop_counter.FlopCounterMode` on one
+  224/384 image in fp32 (2 FLOPs per multiply-add; matmuls, convolutions and
+  attention only, as that counter does). Counted with grad enabled, because
+  open_clip's `nn.MultiheadAttention` fused inference path escapes the
+  counter, and with the CPU flash-attention kernel registered (the counter
+  does not know it). Teacher counts are checked against the analytic ViT count.
+- Peak memory: on CUDA, `torch.cuda.max_memory_allocated()` over one forward
+  minus what was allocated before. On CPU, the growth of the process's peak
+  resident set (Linux VmHWM, reset through /proc/self/clear_refs) over one
+  forward, with glibc's mmap threshold pinned at 1 MiB and the heap trimmed
+  first so that freed tensors go back to the OS rather than hiding the peak.
+  It includes allocator and library workspace, so read it as +-a few MiB.
+- bf16: `torch.autocast(device, torch.bfloat16)`; the cosine is the smallest
+  per-image cosine between the bf16 and fp32 outputs on the same batch.
+  On a CPU without native bf16 (AVX512-BF16 or AMX) autocast still runs, but
+  emulated and slow; the notes say so.
+- `--compile` adds rows for `torch.compile`d teacher and student (opt-in;
+  eager rows are always there, and the targets are eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import flop_counter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# --------------------------------------------------------------------------
+# The pairs
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    teacher_lib: str  # "open_clip" or "timm"
+    teacher: str
+    student: str
+    size: int
+    large: bool  # batch 64 is opt-in (--all-batch-sizes) for these on CPU
+
+
+PAIRS = [
+    Pair("clip_base", "open_clip", "ViT-B-16-quickgelu", "sparseformer_btsp_openai_clip_base", 224, False),
+    Pair("clip_large", "open_clip", "ViT-L-14-quickgelu", "sparseformer_btsp_openai_clip_large", 224, True),
+    Pair("augreg_base", "timm", "vit_base_patch16_224", "sparseformer_btsp_augreg_base", 224, False),
+    Pair("augreg_large", "timm", "vit_large_patch16_384", "sparseformer_btsp_augreg_large", 384, True),
+]
+
+
+class EncodeImage(nn.Module):
+    """open_clip's `encode_image` as a module (the CLIP model's image features, unnormalised)."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.visual = clip.visual  # encode_image(x) is visual(x); the text tower is not needed
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+def build_teacher(pair: Pair) -> nn.Module:
+    if pair.teacher_lib == "open_clip":
+        import logging
+
+        import open_clip
+
+        logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights loaded": intended
+        clip = open_clip.create_model(pair.teacher)
+        assert clip.visual.image_size[0] == pair.size
+        model = EncodeImage(clip)
+    else:
+        import timm
+
+        model = timm.create_model(pair.teacher)
+        assert model.patch_embed.img_size[0] == pair.size
+    return model.eval()
+
+
+def build_student(pair: Pair) -> nn.Module:
+    import students
+
+    return students.create_model(pair.student).eval()
+
+
+def analytic_vit_gflops(model: nn.Module, size: int) -> float:
+    """Matmul/conv FLOPs of a ViT (2 per multiply-add), for checking the counter."""
+    if isinstance(model, EncodeImage):
+        v = model.visual
+        patch, width = v.conv1.kernel_size[0], v.conv1.out_channels
+        depth, out = len(v.transformer.resblocks), v.proj.shape[1]
+        head = width * out
+    else:
+        patch, width = model.patch_embed.proj.kernel_size[0], model.embed_dim
+        depth, out = len(model.blocks), model.num_classes
+        head = width * out
+    n = (size // patch) ** 2
+    tokens = n + 1
+    macs = n * 3 * patch * patch * width  # patch embedding
+    macs += depth * (tokens * 12 * width * width + 2 * tokens * tokens * width)  # qkv, proj, mlp; QK^T and AV
+    macs += head
+    return 2 * macs / 1e9
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    shape = lambda t: getattr(t, "shape", t)  # the counter may already have turned tensors into shapes
+    return flop_counter.sdpa_flop_count(shape(query), shape(key), shape(value))
+
+
+def count_gflops(model: nn.Module, size: int) -> float:
+    """FLOPs of one image, fp32, grad enabled (see the module docstring)."""
+    x = torch.randn(1, 3, size, size)
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=extra)
+    with torch.enable_grad(), counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+# --------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------
+def cpu_supports_bf16() -> tuple[bool, str]:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX), and what was found."""
+    flags = set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    mkldnn = torch.backends.mkldnn.is_available()
+    with contextlib.suppress(Exception):
+        mkldnn = mkldnn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if native and mkldnn:
+        return True, f"native bf16 ({', '.join(native)})"
+    cap = torch.backends.cpu.get_cpu_capability()
+    return False, f"no native bf16 on this CPU (capability {cap}; no avx512_bf16/amx_bf16): bf16 is emulated"
+
+
+class PeakMemory:
+    """Peak memory growth over a block, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_ok = False
+        if device.type == "cpu" and sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
+                self.cpu_ok = os.access("/proc/self/clear_refs", os.W_OK)
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    @contextlib.contextmanager
+    def measure(self, result: list):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            result.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+        elif self.cpu_ok:
+            self.libc.malloc_trim(0)
+            before = self._status_kib("VmRSS:")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            yield
+            result.append((self._status_kib("VmHWM:") - before) / 1024)
+        else:
+            yield
+            result.append(float("nan"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
+
+
+@dataclass
+class Cell:
+    img_s: float = float("nan")
+    seconds: list = field(default_factory=list)
+    peak_mib: float = float("nan")
+
+
+def time_pair(models: dict, x: torch.Tensor, dtype: str, device: torch.device, warmup: int, iters: int,
+              cell_seconds: float, mem: PeakMemory, clock=time.perf_counter) -> dict[str, Cell]:
+    """Interleaved timing of the models in `models` (name -> callable) on batch `x`."""
+    names = list(models)
+    cells = {n: Cell() for n in names}
+    with torch.inference_mode(), autocast(device, dtype):
+        for n in names:
+            for i in range(warmup):
+                if i == warmup - 1:  # the last warm-up forward measures memory
+                    peak = []
+                    with mem.measure(peak):
+                        models[n](x)
+                    cells[n].peak_mib = peak[0]
+                else:
+                    models[n](x)
+            sync(device)
+        start = time.perf_counter()
+        for i in range(iters):
+            order = names if i % 2 == 0 else names[::-1]
+            for n in order:
+                sync(device)
+                t0 = clock()
+                models[n](x)
+                sync(device)
+                cells[n].seconds.append(clock() - t0)
+            if i + 1 >= 3 and time.perf_counter() - start > cell_seconds:
+                break
+    for n in names:
+        cells[n].img_s = x.shape[0] / statistics.median(cells[n].seconds)
+    return cells
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1).min().item()
+
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-sizes", default="8,64", help="comma-separated (default 8,64)")
+    p.add_argument("--models", default="all",
+                   help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large) or teacher/"
+                        "student names; a name selects its whole pair (default all)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards per model and cell (default 2)")
+    p.add_argument("--iters", type=int, default=10,
+                   help="timed forwards per model at batch <= 8 (default 10); larger batches run iters*8/batch; "
+                        "at least 3 always")
+    p.add_argument("--cell-seconds", type=float, default=60.0,
+                   help="stop a cell early (after 3 iterations) once it took this long (default 60)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default; what img/s means). cpu: this process's CPU time, for a machine "
+                        "shared with other jobs; use it with --threads 1, where it equals wall time on an idle "
+                        "machine (with more threads it also counts OpenMP spin-waiting)")
+    p.add_argument("--all-batch-sizes", action="store_true",
+                   help="also run batches above 8 for the large pairs on CPU (skipped by default: ViT-L/16 at 384, "
+                        "batch 64, takes minutes per forward on 2 cores)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd teacher and student (opt-in)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    return p.parse_args(argv)
+
+
+def select_pairs(spec: str) -> list[Pair]:
+    if spec == "all":
+        return list(PAIRS)
+    chosen = []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        match = [p for p in PAIRS if name in (p.key, p.teacher, p.student) or name + "-quickgelu" == p.teacher]
+        if not match:
+            known = ", ".join(f"{p.key} ({p.teacher} / {p.student})" for p in PAIRS)
+            raise SystemExit(f"--models: unknown model or pair '{name}'. Known pairs: {known}")
+        chosen += [p for p in match if p not in chosen]
+    return chosen
+
+
+def fmt(v: float, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            raise SystemExit(f"--dtypes: '{d}' is not fp32 or bf16")
+    pairs = select_pairs(args.models)
+    variants = ["eager"] + (["compiled"] if args.compile else [])
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu times CPU work only; use the default wall clock with --device cuda")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    mem = PeakMemory(device)
+    if device.type == "cpu":
+        bf16_native, bf16_note = cpu_supports_bf16()
+    else:
+        bf16_native = torch.cuda.is_bf16_supported()
+        bf16_note = "native bf16" if bf16_native else "this GPU lacks bf16"
+    notes: list[str] = []
+
+    rows = []  # one per (pair, model, variant, dtype)
+    for pair in pairs:
+        print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
+        teacher, student = build_teacher(pair), build_student(pair)
+        params = {m: sum(p.numel() for p in mod.parameters()) / 1e6 for m, mod in (("teacher", teacher),
+                                                                                   ("student", student))}
+        gflops = {"teacher": float("nan"), "student": float("nan")}
+        if not args.no_flops:
+            gflops = {"teacher": count_gflops(teacher, pair.size), "student": count_gflops(student, pair.size)}
+            expect = analytic_vit_gflops(teacher, pair.size)
+            if abs(gflops["teacher"] - expect) > 0.005 * expect:
+                notes.append(f"{pair.teacher}: counted {gflops['teacher']:.2f} GFLOPs but the analytic ViT count "
+                             f"is {expect:.2f}")
+        teacher, student = teacher.to(device), student.to(device)
+        models = {"teacher": teacher, "student": student}
+        for variant in variants:
+            runs = models if variant == "eager" else {k: torch.compile(m) for k, m in models.items()}
+            results = {}  # (dtype, bs) -> {name: Cell}
+            outputs = {}  # dtype -> {name: output on the batch-8 input}
+            for dtype in dtypes:
+                for bs in batch_sizes:
+                    if pair.large and bs > 8 and device.type == "cpu" and not args.all_batch_sizes:
+                        continue
+                    torch.manual_seed(0)
+                    x = torch.randn(bs, 3, pair.size, pair.size, device=device)
+                    iters = max(3, round(args.iters * 8 / bs)) if bs > 8 else max(3, args.iters)
+                    print(f"[{pair.key}] {variant} {dtype} batch {bs}: {iters} iters ...", file=sys.stderr,
+                          flush=True)
+                    results[(dtype, bs)] = time_pair(runs, x, dtype, device, max(1, args.warmup), iters,
+                                                     args.cell_seconds, mem, clock)
+                    with torch.inference_mode(), autocast(device, dtype):
+                        outputs[dtype] = {n: m(x[:8]).float() for n, m in runs.items()}
+                    for n, c in results[(dtype, bs)].items():
+                        print(f"    {n}: {c.img_s:.2f} img/s  ({len(c.seconds)} runs, "
+                              f"min {min(c.seconds):.3f}s, median {statistics.median(c.seconds):.3f}s, "
+                              f"max {max(c.seconds):.3f}s)", file=sys.stderr, flush=True)
+            for dtype in dtypes:
+                for role in ("teacher", "student"):
+                    name = pair.teacher if role == "teacher" else pair.student
+                    row = dict(pair=pair.key, role=role, name=name + (" [compiled]" if variant == "compiled" else ""),
+                               size=pair.size, params=params[role], gflops=gflops[role], dtype=dtype)
+                    for bs in batch_sizes:
+                        cell = results.get((dtype, bs), {}).get(role)
+                        row[f"img_s_{bs}"] = cell.img_s if cell else float("nan")
+                        row[f"mem_{bs}"] = cell.peak_mib if cell else float("nan")
+                        if role == "student" and cell:
+                            row[f"ratio_{bs}"] = cell.img_s / results[(dtype, bs)]["teacher"].img_s
+                        if dtype == "bf16" and "fp32" in dtypes and cell and ("fp32", bs) in results:
+                            row[f"bf16x_{bs}"] = cell.img_s / results[("fp32", bs)][role].img_s
+                    if role == "student":
+                        row["flop_ratio"] = gflops["teacher"] / gflops["student"]
+                    if dtype == "bf16" and "fp32" in outputs and "bf16" in outputs:
+                        row["cos"] = min_cosine(outputs["bf16"][role], outputs["fp32"][role])
+                    rows.append(row)
+        del teacher, student, models
+
+    # ------------------------------------------------------------------ table
+    head = ["pair", "model", "res", "params (M)", "GFLOPs/img", "dtype"]
+    head += [f"img/s b{bs}" for bs in batch_sizes]
+    head += [f"peak MiB b{bs}" for bs in batch_sizes]
+    head += [f"speed vs teacher b{bs}" for bs in batch_sizes] + ["FLOPs vs teacher"]
+    head += [f"bf16/fp32 b{bs}" for bs in batch_sizes] + ["cos(bf16, fp32)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["pair"], r["name"], str(r["size"]), fmt(r["params"], 1), fmt(r["gflops"], 2), r["dtype"]]
+        cells += [fmt(r[f"img_s_{bs}"], 2) for bs in batch_sizes]
+        cells += [fmt(r[f"mem_{bs}"], 0) for bs in batch_sizes]
+        cells += [fmt(r.get(f"ratio_{bs}", float("nan")), 2) + ("x" if f"ratio_{bs}" in r else "")
+                  for bs in batch_sizes]
+        cells += [fmt(r["flop_ratio"], 2) + "x" if "flop_ratio" in r else "-"]
+        cells += [fmt(r.get(f"bf16x_{bs}", float("nan")), 2) + ("x" if f"bf16x_{bs}" in r else "")
+                  for bs in batch_sizes]
+        cells += [fmt(r["cos"], 5) if "cos" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+    # ------------------------------------------------------------------ notes
+    print()
+    if device.type == "cpu":
+        cpu = platform.processor() or "cpu"
+        with contextlib.suppress(OSError):
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        print(f"- Machine: {cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+              f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}.")
+    else:
+        print(f"- Machine: {torch.cuda.get_device_name(device)}, torch {torch.__version__}.")
+    if "bf16" in dtypes:
+        print(f"- bf16: {bf16_note}." + ("" if bf16_native else " Its speed here says nothing about a bf16 CPU."))
+    if any(p.large for p in pairs) and device.type == "cpu" and not args.all_batch_sizes and max(batch_sizes) > 8:
+        print("- '-' at batch > 8 for the large pairs: skipped by default on CPU (--all-batch-sizes runs them).")
+    if any(p.size != 224 for p in pairs):
+        print("- augreg_large: the student runs at 384, its teacher's resolution.")
+    if args.clock == "cpu":
+        print("- Clock: process CPU time per forward (--clock cpu), not elapsed time: the machine was shared.")
+    print("- speed vs teacher: student img/s / teacher img/s, same dtype and batch, timed interleaved. "
+          "FLOPs vs teacher: teacher GFLOPs / student GFLOPs.")
+    print("- GFLOPs: FlopCounterMode, 2 per multiply-add, matmul/conv/attention only; peak MiB: "
+          + ("torch.cuda.max_memory_allocated growth." if device.type == "cuda" else
+             "growth of peak RSS (VmHWM) over one forward."))
+    for n in notes:
+        print(f"- WARNING: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
