@@ -50,10 +50,23 @@ class EarlyConvolution(nn.Module):
             self.pool = nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv1(_channels_last(x))))
         # LayerNorm over channels without affine: (x - mean) / sqrt(var + 1e-5).
         x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), eps=1e-5)
         return x.movedim(-1, 1)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """`x` stored channels-last (same values, NCHW shape).
+
+    Speed only: on CPU, oneDNN's channels-last 7x7 convolution and the
+    channels-last max-pool are several times faster than their NCHW versions
+    (the NCHW max-pool alone cost more than the convolution), the per-pixel
+    channel LayerNorm then reads contiguous rows instead of copying a
+    transposed map, and `grid_sample` gathers faster from a channels-last map.
+    """
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt)
 
 
 # --------------------------------------------------------------------------
