@@ -280,6 +280,8 @@ def _coerce(tp, value: Any, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
         errors = []
         for option in args:
             try:

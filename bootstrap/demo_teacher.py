@@ -149,8 +149,10 @@ def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
         recipe.data.train = str(data_dir / "train")
     if recipe.data.val is None:
         recipe.data.val = str(data_dir / "val")
-    if "data" not in recipe.eval and "eval_data" not in recipe.eval:
-        recipe.eval.setdefault("demo_data", str(data_dir))
+    if recipe.eval.data is None:  # the report's zero-shot and probe: val split, probe trained on train
+        recipe.eval.data = str(data_dir / "val")
+        if recipe.eval.train_data is None:
+            recipe.eval.train_data = str(data_dir / "train")
     return recipe
 
 

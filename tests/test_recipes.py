@@ -1,0 +1,110 @@
+"""The recipes in recipes/: they load, resolve, and build the students they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bootstrap.config import Recipe, RecipeError, load_recipe
+from students.bootstrap import BootstrapOptions, student_config
+from test_bootstrap_student import RELEASED, _stub_teacher
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PAPER = {
+    "clip_base": ("sparseformer_btsp_openai_clip_base", _stub_teacher(12, 768, 196, "quick_gelu", 1e-5, 512, False)),
+    "clip_large": ("sparseformer_btsp_openai_clip_large", _stub_teacher(24, 1024, 256, "quick_gelu", 1e-5, 768, False)),
+    "augreg_base": ("sparseformer_btsp_augreg_base", _stub_teacher(12, 768, 196, "gelu", 1e-6, 1000, True)),
+    "augreg_large": ("sparseformer_btsp_augreg_large", _stub_teacher(24, 1024, 576, "gelu", 1e-6, 1000, True)),
+}
+
+
+def test_every_recipe_is_there_and_loads():
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "dinov2_base"]
+    for name in names:
+        overrides = [] if name == "demo" else ["data.train=/data/train"]
+        recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
+        assert recipe.name == name and recipe.run.output_dir == f"runs/{name}"
+        # The resolved recipe reads back to the same recipe.
+        again = load_recipe(None, base=yaml.safe_load(recipe.to_yaml()))
+        assert again == recipe
+
+
+def test_real_recipes_need_training_data():
+    with pytest.raises(RecipeError, match="no training data: set data.train"):
+        load_recipe(RECIPES / "clip_large.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipes_build_the_released_students(name):
+    released, teacher = PAPER[name]
+    recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.train=/data/train"])
+    cfg = student_config(teacher, recipe.student).to_dict()
+    ref = RELEASED[released]["config"]
+    for key in ("num_latent_tokens", "width_configs", "repeats", "ops_list", "conv_dim", "num_sampling_points",
+                "proj_dim", "cls_token_insert_layer"):
+        assert cfg[key] == ref[key], key
+
+
+def test_dinov2_recipe_asks_for_a_224_teacher():
+    recipe = load_recipe(RECIPES / "dinov2_base.yaml", ["data.train=/data/train"])
+    assert recipe.teacher["image_size"] == 224 and recipe.student.tokens == 64
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+def test_overrides_parse_yaml_values_and_reach_every_section():
+    recipe = load_recipe(RECIPES / "clip_base.yaml", [
+        "data.train=['/a/{000..009}.tar', /b/x.tar]", "data.val=/v/{0..3}.tar", "optim.lr=1e-3", "optim.betas=[0.9, 0.95]",
+        "student.tokens=33", "run.mixed_precision=fp16", "loss.type=smooth_l1", "eval.templates=simple",
+        "teacher.pretrained=/weights/vit.safetensors", "run.resume=none",
+    ])
+    assert recipe.data.train == ["/a/{000..009}.tar", "/b/x.tar"] and recipe.data.val == "/v/{0..3}.tar"
+    assert recipe.optim.lr == 1e-3 and recipe.optim.betas == (0.9, 0.95)
+    assert isinstance(recipe.student, BootstrapOptions) and recipe.student.tokens == 33
+    assert recipe.run.mixed_precision == "fp16" and recipe.loss.type == "smooth_l1"
+    assert recipe.eval.templates == "simple" and recipe.run.resume == "none"
+    assert recipe.teacher["pretrained"] == "/weights/vit.safetensors"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1e-3", r"unknown recipe key 'optim.lrr'. Did you mean 'optim.lr'\?"),
+    ("student.tokns=49", r"unknown recipe key 'student.tokns'. Did you mean 'student.tokens'\?"),
+    ("eval.tempaltes=demo", r"unknown recipe key 'eval.tempaltes'. Did you mean 'eval.templates'\?"),
+    ("optimm.lr=1", r"unknown recipe key 'optimm'. Did you mean 'optim'\?"),
+    ("optim.lr=fast", r"recipe key 'optim.lr' must be a number, got str 'fast'"),
+    ("optim.steps=1.5", r"recipe key 'optim.steps' must be an integer, got float 1.5"),
+    ("data.batch_size=true", r"recipe key 'data.batch_size' must be an integer, got bool"),
+    ("run.progress=yes please", r"recipe key 'run.progress' must be true or false"),
+    ("optim.betas=[0.9]", r"recipe key 'optim.betas' must be a list of 2 values"),
+    ("loss.type=cosin", r"recipe key 'loss.type' must be one of cosine, smooth_l1, mse, got 'cosin'. Did you mean 'cosine'\?"),
+    ("run.mixed_precision=bf32", r"must be one of no, bf16, fp16"),
+    ("optim=3", r"'optim' must be a mapping"),
+    ("optim.warmup_steps=99999", r"optim.warmup_steps=99999 must be between 0 and optim.steps"),
+    ("eval.precision=fp8", r"recipe section 'eval': eval precision 'fp8'"),
+    ("novalue", r"override 'novalue' must look like section.key=value"),
+])
+def test_bad_keys_and_types_are_errors_that_name_them(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "clip_base.yaml", ["data.train=/data/train", override])
+
+
+def test_a_recipe_needs_a_teacher_or_the_demo(tmp_path):
+    with pytest.raises(RecipeError, match="no teacher"):
+        load_recipe(None, ["data.train=/x"])
+    path = tmp_path / "r.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="must hold a mapping of sections"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_defaults_are_a_valid_recipe_with_teacher_and_data():
+    recipe = load_recipe(None, ["teacher.kind=openclip", "data.train=/x"])
+    assert recipe.run.output_dir == "runs/run" and recipe.loss.type == "cosine"
+    assert recipe.student == BootstrapOptions() and recipe.demo is None
+    assert Recipe().to_dict().keys() == recipe.to_dict().keys()
