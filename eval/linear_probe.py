@@ -3,7 +3,9 @@
 As in the CLIP paper: L2-normalised features, multinomial logistic regression (L-BFGS), the
 inverse regularisation strength ``C`` swept over a log grid and chosen by top-1 on a held-out
 part of the training split (seeded, stratified where every class allows it), then refitted on
-the whole training split and scored on the test split.
+the whole training split and scored on the test split. The sweep runs from strong to weak
+regularisation, each fit warm-started from the previous one, and the refit from the chosen
+one (the same optimum, reached in far fewer iterations).
 
 Without a labelled training split, ``split_features`` divides the evaluation set's features
 into train and test parts (seeded, stratified); the report says so.
@@ -54,13 +56,19 @@ def split_features(features: Mapping[str, Tensor], test_fraction: float = 0.5, s
     return take(train_idx), take(test_idx)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int):
+def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int, start=None):
+    """Fit at strength ``C``; ``start`` (a fitted classifier) gives the starting point (warm start)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    if start is not None and not np.array_equal(start.classes_, np.unique(y)):
+        start = None  # a class missing from the held-out split's fit part: start from scratch
+    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, warm_start=start is not None)
+    if start is not None:
+        clf.coef_, clf.intercept_ = start.coef_.copy(), start.intercept_.copy()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(x, y)
+        clf.fit(x, y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return clf, converged
 
@@ -89,17 +97,21 @@ def fit_probe(
     xt, yt = _normalised(test_x), test_y.numpy()
     if len(np.unique(y)) < 2:
         raise ValueError(f"the linear probe's training split has {len(np.unique(y))} class(es); it needs at least 2")
-    val_top1 = {}
+    val_top1, fitted = {}, {}
     if len(Cs) > 1:
         fit_idx, val_idx = _split_indices(y, val_fraction, seed)
-        for C in Cs:
-            clf, _ = _fit(x[fit_idx], y[fit_idx], C, max_iter, seed)
-            val_top1[float(C)] = _topk(clf, x[val_idx], y[val_idx], ks=(1,))["top1"]
-        # The first best C in grid order (ties go to the stronger regularisation of an ascending grid).
+        previous = None
+        # Ascending C, each fit starting from the previous solution: the weaker the
+        # regularisation, the longer L-BFGS takes from scratch.
+        for C in sorted(float(c) for c in Cs):
+            previous, _ = _fit(x[fit_idx], y[fit_idx], C, max_iter, seed, start=previous)
+            fitted[C] = previous
+            val_top1[C] = _topk(previous, x[val_idx], y[val_idx], ks=(1,))["top1"]
+        # The first best C in ascending order: ties go to the stronger regularisation.
         best = max(val_top1, key=lambda c: val_top1[c])
     else:
         best = float(Cs[0])
-    clf, converged = _fit(x, y, best, max_iter, seed)
+    clf, converged = _fit(x, y, best, max_iter, seed, start=fitted.get(best))
     result = _topk(clf, xt, yt)
     result.update(C=best, val_top1=val_top1, converged=converged, num_train=len(y), num_test=len(yt),
                   num_classes=int(len(np.unique(np.concatenate([y, yt])))))

@@ -23,7 +23,8 @@ the recipe's ``eval:`` mapping, whose keys are the fields of ``EvalConfig``:
                               # (none: the eval set is split in two, seeded and stratified)
       classnames: null        # zero-shot class names: null (the eval set's; ImageNet-1k's for
                               # an ImageNet folder of WordNet ids or no eval set), imagenet, or a list
-      templates: openai       # zero-shot prompts: openai (80) | simple (7) | demo | list of "{}" strings
+      templates: null         # zero-shot prompts: openai (80) | simple (7) | demo | list of "{}" strings;
+                              # null: the eval set's own (its dataset.json's, e.g. the demo's), else openai
       batch_size: 64
       num_workers: 2
       max_samples: null       # cap on evaluation images (null: all)
@@ -64,7 +65,7 @@ from .features import aligned_output, extract, student_outputs, teacher_student_
 from .fidelity import fidelity
 from .linear_probe import DEFAULT_CS, linear_probe, split_features
 from .rois import draw_rois
-from .zeroshot import resolve_classnames, zero_shot
+from .zeroshot import dataset_templates, resolve_classnames, zero_shot
 
 SECTIONS = {
     "clip": ("zero_shot", "linear_probe", "fidelity", "cost", "rois"),
@@ -81,7 +82,7 @@ class EvalConfig:
     data: Union[str, list, None] = None
     train_data: Union[str, list, None] = None
     classnames: Union[str, list, None] = None
-    templates: Union[str, list] = "openai"
+    templates: Union[str, list, None] = None
     batch_size: int = 64
     num_workers: int = 2
     max_samples: Union[int, None] = None
@@ -194,7 +195,6 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
     teacher.to(device)
     try:
         transform = teacher.eval_transform()
-        features = None
         if cfg.data is not None:
             loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
             want_logits = "classification" in sections
@@ -210,26 +210,29 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
 
             if "zero_shot" in sections:
                 names = resolve_classnames(cfg.classnames, dataset_classnames)
-                report["zero_shot"] = zero_shot(features, teacher, names, cfg.templates, device)
+                templates = cfg.templates
+                if templates is None and dataset_templates(cfg.data) is not None:
+                    templates = dataset_templates(cfg.data)
+                report["zero_shot"] = zero_shot(features, teacher, names, templates, device)
+                if templates is not cfg.templates:
+                    report["zero_shot"]["templates"] = "the evaluation set's"
             if want_logits:
                 report["classification"] = classification_eval(features)
             report["fidelity"] = fidelity(features["student"], features["teacher"])
             if cfg.probe:
                 report["linear_probe"] = _probe(cfg, features, teacher, student, transform, device,
                                                 autocast_dtype, progress)
-            if cfg.rois and hasattr(student, "forward_details"):
-                images = _first_images(loader, cfg.roi_images)
-                if out_dir is not None:
-                    pic = draw_rois(student, images, out_dir / "rois.png", teacher.preprocess.mean,
-                                    teacher.preprocess.std)
-                    report["rois"] = Path(pic["path"]).name
+            if cfg.rois and out_dir is not None and hasattr(student, "forward_details"):
+                pic = draw_rois(student, _first_images(loader, cfg.roi_images), out_dir / "rois.png",
+                                teacher.preprocess.mean, teacher.preprocess.std)
+                report["rois"] = Path(pic["path"]).name
         else:
             notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and RoI pictures skipped")
         if cfg.cost:
+            models = {"teacher": (teacher.embed, _image_tower(teacher)),
+                      "student": (_student_fn(student, teacher.target), student)}
             report["cost"] = compare_cost(
-                {"teacher": (teacher.embed, _image_tower(teacher)), "student": (_student_fn(student, teacher.target),
-                                                                                student)},
-                teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device, iters=cfg.cost_iters,
+                models, teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device, iters=cfg.cost_iters,
                 warmup=min(3, cfg.cost_iters), autocast_dtype=autocast_dtype)
     finally:
         student.train(student_was_training)

@@ -7,13 +7,15 @@ normalised again). A bootstrapped CLIP student speaks in the teacher's embedding
 ``logits = 100 * normalize(image_embedding) @ classifier``.
 
 Templates: ``"openai"`` (the 80 prompts of the CLIP paper), ``"simple"`` (7), ``"demo"`` (the
-demo data set's), or a list of ``"{}"`` format strings. Class names: ImageNet-1k's (open_clip's
+demo data set's), or a list of ``"{}"`` format strings; by default (None) the evaluation set's
+own (``templates`` in its shards' ``dataset.json``, as the demo data has) or else ``"openai"``. Class names: ImageNet-1k's (open_clip's
 ``IMAGENET_CLASSNAMES``) by default or where an eval set's classes are WordNet ids, else the
 eval set's own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping, Sequence
 
@@ -59,7 +61,17 @@ def template_set_name(templates) -> str:
     """How to name the templates in a report."""
     if templates is None or isinstance(templates, str):
         return templates or "openai"
-    return f"custom ({len(list(templates))})"
+    return "custom"
+
+
+def dataset_templates(source) -> list[str] | None:
+    """The prompt templates an evaluation set's ``dataset.json`` lists (shard folders), or None."""
+    from data.shards import read_dataset_info
+
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return None
+    templates = (read_dataset_info(source) or {}).get("templates")
+    return list(templates) if templates else None
 
 
 def resolve_classnames(classnames: str | Sequence[str] | None, dataset_classnames: Sequence[str] | None) -> list[str]:

@@ -331,9 +331,12 @@ def write_run(run_dir, teacher, student, eval_options):
 def test_evaluate_run_and_cli(clip_pair, clip_report, demo, tmp_path):
     teacher, student = clip_pair
     run = tmp_path / "run"
-    write_run(run, teacher, student, {"data": str(demo / "val"), "templates": "demo", "probe": False,
-                                      "cost": False, "num_workers": 0, "roi_images": 1})
+    write_run(run, teacher, student, {"data": str(demo / "val"), "probe": False, "cost": False, "num_workers": 0,
+                                      "roi_images": 1})
     report = evaluate_run(run, progress=False)
+    # No templates given: the demo shards' own (DEMO_TEMPLATES, what 'demo' names).
+    assert report["zero_shot"]["templates"] == "the evaluation set's"
+    assert report["zero_shot"]["num_templates"] == 5
     # The rebuilt teacher and the reloaded student give the numbers of the live models.
     direct, _ = clip_report
     assert report["fidelity"] == pytest.approx(direct["fidelity"], abs=1e-6)
