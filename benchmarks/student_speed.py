@@ -1,8 +1,9 @@
 """Inference speed of the released bootstrapped SparseFormers beside their ViT teachers.
 
-    python3 benchmarks/student_speed.py                       # the default table (CPU: ~15 min on 2 cores)
+    python3 benchmarks/student_speed.py                       # the default table (~10 min on 2 idle cores)
     python3 benchmarks/student_speed.py --models clip_base --batch-sizes 8 --dtypes fp32
-    python3 benchmarks/student_speed.py --device cuda --all-batch-sizes
+    python3 benchmarks/student_speed.py --device cuda
+    python3 benchmarks/student_speed.py --threads 1 --clock cpu          # on a machine shared with other jobs
 
 One table, teacher and student side by side: parameters, GFLOPs per image,
 img/s per batch size, peak memory, in fp32 and bf16 autocast, the student's
@@ -33,10 +34,10 @@ How things are measured (also printed under the table):
   does not know it). Teacher counts are checked against the analytic ViT count.
 - Peak memory: on CUDA, `torch.cuda.max_memory_allocated()` over one forward
   minus what was allocated before. On CPU, the growth of the process's peak
-  resident set (Linux VmHWM, reset through /proc/self/clear_refs) over one
-  forward, with glibc's mmap threshold pinned at 1 MiB and the heap trimmed
-  first so that freed tensors go back to the OS rather than hiding the peak.
-  It includes allocator and library workspace, so read it as +-a few MiB.
+  resident set (Linux VmHWM, reset through /proc/self/clear_refs) over the
+  last warm-up forward, with the heap trimmed first (malloc_trim) so that
+  freed tensors go back to the OS rather than hiding the peak. It includes
+  allocator and library workspace, so read it as +-a few MiB.
 - bf16: `torch.autocast(device, torch.bfloat16)`; the cosine is the smallest
   per-image cosine between the bf16 and fp32 outputs on the same batch.
   On a CPU without native bf16 (AVX512-BF16 or AMX) autocast still runs, but
@@ -187,7 +188,7 @@ class PeakMemory:
         if device.type == "cpu" and sys.platform.startswith("linux"):
             with contextlib.suppress(OSError, AttributeError):
                 self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
+                self.libc.malloc_trim  # noqa: B018  (glibc only)
                 self.cpu_ok = os.access("/proc/self/clear_refs", os.W_OK)
 
     @staticmethod
@@ -207,6 +208,9 @@ class PeakMemory:
             torch.cuda.synchronize()
             result.append((torch.cuda.max_memory_allocated() - before) / 2**20)
         elif self.cpu_ok:
+            # Hand freed heap memory back to the OS first, so that the forward's allocations show up as
+            # RSS growth instead of reusing pages the process already holds. (Not mallopt: pinning the
+            # mmap threshold would change how fast every later forward allocates.)
             self.libc.malloc_trim(0)
             before = self._status_kib("VmRSS:")
             with open("/proc/self/clear_refs", "w") as f:
@@ -294,9 +298,11 @@ def parse_args(argv=None):
                    help="wall: elapsed time (default; what img/s means). cpu: this process's CPU time, for a machine "
                         "shared with other jobs; use it with --threads 1, where it equals wall time on an idle "
                         "machine (with more threads it also counts OpenMP spin-waiting)")
-    p.add_argument("--all-batch-sizes", action="store_true",
-                   help="also run batches above 8 for the large pairs on CPU (skipped by default: ViT-L/16 at 384, "
-                        "batch 64, takes minutes per forward on 2 cores)")
+    p.add_argument("--full", action="store_true",
+                   help="on CPU, also run the cells skipped by default for time: batches above 8 for the large pairs "
+                        "(ViT-L/16 at 384, batch 64, takes minutes per forward on 2 cores) and, where the CPU has "
+                        "no native bf16, bf16 for the large pairs and bf16 above batch 8 (emulated bf16 runs 3-6x "
+                        "slower than fp32)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd teacher and student (opt-in)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     return p.parse_args(argv)
@@ -344,6 +350,13 @@ def main(argv=None) -> int:
         bf16_note = "native bf16" if bf16_native else "this GPU lacks bf16"
     notes: list[str] = []
 
+    def skipped(pair: Pair, dtype: str, bs: int) -> bool:
+        """Cells left out of a default CPU run because they take many minutes (see --full)."""
+        if device.type != "cpu" or args.full:
+            return False
+        slow_bf16 = dtype == "bf16" and not bf16_native and (pair.large or bs > 8)
+        return (pair.large and bs > 8) or slow_bf16
+
     rows = []  # one per (pair, model, variant, dtype)
     for pair in pairs:
         print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
@@ -365,7 +378,7 @@ def main(argv=None) -> int:
             outputs = {}  # dtype -> {name: output on the batch-8 input}
             for dtype in dtypes:
                 for bs in batch_sizes:
-                    if pair.large and bs > 8 and device.type == "cpu" and not args.all_batch_sizes:
+                    if skipped(pair, dtype, bs):
                         continue
                     torch.manual_seed(0)
                     x = torch.randn(bs, 3, pair.size, pair.size, device=device)
@@ -435,8 +448,9 @@ def main(argv=None) -> int:
         print(f"- Machine: {torch.cuda.get_device_name(device)}, torch {torch.__version__}.")
     if "bf16" in dtypes:
         print(f"- bf16: {bf16_note}." + ("" if bf16_native else " Its speed here says nothing about a bf16 CPU."))
-    if any(p.large for p in pairs) and device.type == "cpu" and not args.all_batch_sizes and max(batch_sizes) > 8:
-        print("- '-' at batch > 8 for the large pairs: skipped by default on CPU (--all-batch-sizes runs them).")
+    if any(skipped(p, d, bs) for p in pairs for d in dtypes for bs in batch_sizes):
+        print("- '-': cells skipped by default on CPU for time (--full runs them): batch > 8 for the large pairs"
+              + ("" if bf16_native else "; bf16 (emulated here) for the large pairs and above batch 8") + ".")
     if any(p.size != 224 for p in pairs):
         print("- augreg_large: the student runs at 384, its teacher's resolution.")
     if args.clock == "cpu":
