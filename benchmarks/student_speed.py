@@ -435,7 +435,7 @@ def main(argv=None) -> int:
         cells += [fmt(r[f"mem_{bs}"], 0) for bs in batch_sizes]
         cells += [fmt(r.get(f"ratio_{bs}", float("nan")), 2) + ("x" if f"ratio_{bs}" in r else "")
                   for bs in batch_sizes]
-        cells += [fmt(r["flop_ratio"], 2) + "x" if "flop_ratio" in r else "-"]
+        cells += [fmt(r["flop_ratio"], 2) + "x" if not math.isnan(r.get("flop_ratio", math.nan)) else "-"]
         cells += [fmt(r.get(f"bf16x_{bs}", float("nan")), 2) + ("x" if f"bf16x_{bs}" in r else "")
                   for bs in batch_sizes]
         cells += [fmt(r["cos"], 5) if "cos" in r else "-"]
