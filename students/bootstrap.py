@@ -11,13 +11,14 @@ blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .config import SparseFormerConfig
+from .config import SparseFormerConfig, unknown_key_error
 from .registry import btsp_config
 from .sparseformer import SFUnit, SparseFormer
 
@@ -45,16 +46,11 @@ class BootstrapOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BootstrapOptions":
-        import dataclasses
-        import difflib
-
         d = dict(d or {})
         names = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in names:
-                close = difflib.get_close_matches(k, names, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"unknown student option '{k}'.{hint} Valid options: {', '.join(names)}")
+                raise unknown_key_error("student options", k, names)
         return cls(**d)
 
 

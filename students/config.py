@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A SparseFormer configuration that cannot describe a model."""
 
 
-def _unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError:
+def unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
@@ -75,7 +75,7 @@ class CompatibleConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in names:
-                raise _unknown_key_error("compatible_config", k, names)
+                raise unknown_key_error("compatible_config", k, names)
         gs = d.pop("grid_sample_config", None)
         if isinstance(gs, GridSampleConfig):
             grid = gs
@@ -84,7 +84,7 @@ class CompatibleConfig:
             gnames = [f.name for f in dataclasses.fields(GridSampleConfig)]
             for k in gs:
                 if k not in gnames:
-                    raise _unknown_key_error("compatible_config.grid_sample_config", k, gnames)
+                    raise unknown_key_error("compatible_config.grid_sample_config", k, gnames)
             grid = GridSampleConfig(**gs)
         return cls(grid_sample_config=grid, **d)
 
@@ -125,7 +125,7 @@ class SparseFormerConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for k in d:
             if k not in names:
-                raise _unknown_key_error("SparseFormer config", k, names)
+                raise unknown_key_error("SparseFormer config", k, names)
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]

@@ -172,5 +172,5 @@ def test_defaults_reproduce_the_released_btsp_configurations(name, teacher):
 
 
 def test_unknown_option_names_the_nearest():
-    with pytest.raises(ValueError, match="unknown student option 'token'.*'tokens'"):
+    with pytest.raises(ValueError, match="unknown key 'token' in student options.*'tokens'"):
         BootstrapOptions.from_dict({"token": 49})
