@@ -116,12 +116,13 @@ class DemoTeacherConfig:
     text_width: int = 64  # the text tower stays locked at its random initialisation
     text_layers: int = 2
     text_heads: int = 2
-    seconds: float = 180.0  # training budget (wall clock), whichever of seconds/steps comes first
-    steps: int = 3000
-    batch_size: int = 128
+    steps: int = 300
+    seconds: float = 600.0  # a cap on the training time (a slow machine gets a less trained teacher)
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    caption_weight: float = 0.5  # loss = class-prompt cross-entropy + caption_weight * caption contrastive
+    caption_weight: float = 0.5  # + caption_weight x image-caption contrastive loss
+    uniformity_weight: float = 1.0  # + uniformity_weight x uniformity of the image embeddings
     seed: int = 0
 
 

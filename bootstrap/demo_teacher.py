@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -175,12 +176,21 @@ def _load_split(folder: Path, transform) -> tuple[torch.Tensor, torch.Tensor, li
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Random translation by up to `shift` pixels (edge padding), on a whole batch at once."""
+    """Random translation by up to `shift` pixels (edge padding) and horizontal flips, per image."""
     b, _, h, w = images.shape
     padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
-    dx = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * shift + 1, (b,), generator=gen)
-    return torch.stack([p[:, y:y + h, x:x + w] for p, x, y in zip(padded, dx.tolist(), dy.tolist())])
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=gen).tolist()
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=gen).tolist()
+    out = torch.stack([p[:, y:y + h, x:x + w] for p, x, y in zip(padded, dx, dy)])
+    flip = torch.rand(b, 1, 1, 1, generator=gen) < 0.5
+    return torch.where(flip, out.flip(3), out)
+
+
+def uniformity(feats: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log mean exp(-t |f_i - f_j|^2) over pairs of a batch (Wang & Isola, 2020): lower is more spread out."""
+    d2 = torch.cdist(feats, feats).pow(2)
+    off = ~torch.eye(len(feats), dtype=torch.bool, device=feats.device)
+    return torch.log(torch.exp(-t * d2[off]).mean())
 
 
 @torch.no_grad()
@@ -234,13 +244,16 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
     classifier = zero_shot_classifier(teacher, DEMO_CLASSNAMES, DEMO_TEMPLATES)
     caption_emb = _text_embeddings(teacher, captions)
 
-    # Only the image tower and the temperature learn; the text tower stays as initialised.
+    # Only the image tower learns; the text tower stays as initialised. The temperature is
+    # fixed at CLIP's largest, 100: the locked text embeddings lie close together, and a smaller
+    # scale would leave the class logits too flat to learn from.
     clip.requires_grad_(False)
-    params = list(clip.visual.parameters()) + [clip.logit_scale]
-    for p in params:
-        p.requires_grad_(True)
+    clip.visual.requires_grad_(True)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(100.0))
+    scale = 100.0
     decay = [p for p in clip.visual.parameters() if p.ndim >= 2]
-    no_decay = [p for p in clip.visual.parameters() if p.ndim < 2] + [clip.logit_scale]
+    no_decay = [p for p in clip.visual.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -249,8 +262,8 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
     encode = clip.encode_image
     chance = 1 / len(DEMO_CLASSNAMES)
     if verbose:
-        print(f"training the demo teacher (CLIP image tower width {cfg.width}, {cfg.layers} layers; locked "
-              f"text tower) on {n} images for up to {cfg.seconds:.0f} s / {cfg.steps} steps ...", flush=True)
+        print(f"training the demo teacher (CLIP image tower width {cfg.width}, {cfg.layers} layers, locked random "
+              f"text tower) on {n} images: {cfg.steps} steps of {cfg.batch_size} ...", flush=True)
     bar = tqdm(total=cfg.steps, desc="demo teacher", unit="step", disable=not verbose, dynamic_ncols=True,
                file=sys.stdout)
     clip.visual.train()
@@ -261,28 +274,33 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        # The schedule follows the time budget when that is what ends training.
-        progress = max(step / cfg.steps, 1 - (deadline - time.time()) / cfg.seconds)
-        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
+        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         feats = F.normalize(encode(_augment(train_x[idx], gen)), dim=-1)
-        scale = clip.logit_scale.exp().clamp(max=100)
+        # The zero-shot classifier as a fixed head: what zero-shot evaluation will compute.
         loss = F.cross_entropy(scale * feats @ classifier.T, train_y[idx])
         if cfg.caption_weight:
             logits = scale * feats @ caption_emb[idx].T
             target = torch.arange(len(idx))
             loss = loss + cfg.caption_weight * 0.5 * (F.cross_entropy(logits, target)
                                                      + F.cross_entropy(logits.T, target))
+        if cfg.uniformity_weight:
+            # Spread the embeddings of different images apart: a student can then be told
+            # from a constant (held-out retrieval), and the embedding says more than the class.
+            loss = loss + cfg.uniformity_weight * uniformity(feats)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(clip.visual.parameters(), 1.0)
         optimizer.step()
         step += 1
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    if step < cfg.steps and verbose:
+        print(f"demo teacher: stopped at step {step} of {cfg.steps} by the time cap demo.teacher.seconds="
+              f"{cfg.seconds:.0f}", flush=True)
     clip.requires_grad_(False)
     clip.eval()
     accuracy = zero_shot_accuracy(encode, val_x, val_y, classifier)
@@ -295,6 +313,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
                            "interpolation": pp.interpolation, "resize_mode": pp.resize_mode},
     }, indent=1) + "\n")
     info = {"zero_shot_top1_val": accuracy, "chance": chance, "steps": step, "seconds": round(seconds, 1),
+            "finished": step == cfg.steps,
             "train_images": n, "val_images": int(val_x.shape[0]), "settings": asdict(cfg), "data": str(data_dir)}
     (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
     if verbose:

@@ -167,6 +167,9 @@ class MetricsLog:
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
     def history(self) -> list[dict]:
+        # A run resumed from another folder's checkpoint starts with no log of its own.
+        if not self.path.exists():
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
@@ -315,7 +318,12 @@ def train(recipe: Recipe) -> dict:
     ga = o.grad_accum
     global_batch = d.batch_size * world * ga
     inject = _nonfinite_steps()
-    first_check = check_alignment(state.step) if state.step == 0 else None
+    if state.step == 0:
+        first_check = check_alignment(0)
+    else:  # resumed: the start is in the log
+        logged = [h for h in metrics.history() if "heldout/cosine" in h] if accelerator.is_main_process else []
+        first_check = {k.removeprefix("heldout/"): v for k, v in logged[0].items()
+                       if k.startswith("heldout/")} if logged else None
     if first_check:
         _say(accelerator, "held-out alignment at the start: " + _fmt(first_check))
     bar = tqdm(total=o.steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),

@@ -1,0 +1,190 @@
+"""Training throughput of the bootstrapping step: teacher forward + student step, fed by the real loader.
+
+    python3 benchmarks/train_speed.py                                   # CPU: clip_base and clip_large, small batches
+    python3 benchmarks/train_speed.py --device cuda --batch-size 128 --precision bf16 --steps 30
+    python3 benchmarks/train_speed.py --models clip_base --num-workers 8 --json out.json
+
+For each construction (the teacher and student of recipes/clip_base.yaml and
+recipes/clip_large.yaml, random weights, nothing downloaded) it runs the training step of
+`bootstrap.train` on one device:
+
+    images = next(loader)                       data: decode + augment (WebDataset shards, DataLoader workers)
+    target = teacher.embed(images)              teacher: frozen forward, no grad
+    loss = alignment_loss(student(images), target); backward; clip; AdamW step
+                                                student: forward, backward and optimizer step
+
+and reports training img/s (end to end, per device) and the share of the step spent in
+each of the three parts. The data part is the time the step waits for the loader (workers
+decode ahead, so it is near 0 when they keep up). Times are medians over `--steps` timed
+steps after `--warmup` untimed ones, with the device synchronised between parts; "compute
+img/s" leaves the data wait out (what faster loading could reach).
+
+The shards are synthetic JPEGs (smooth random images, ~`--image-size` px, written once into
+a temporary folder), decoded and augmented with the teacher's own training transform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {"clip_base": ROOT / "recipes" / "clip_base.yaml", "clip_large": ROOT / "recipes" / "clip_large.yaml"}
+
+
+def make_shards(out: Path, num: int, size: int, seed: int = 0) -> Path:
+    """`num` smooth random JPEGs of about `size` px in WebDataset shards (with dataset.json)."""
+    from PIL import Image
+
+    from data.shards import ShardSink, write_dataset_json
+
+    rng = np.random.default_rng(seed)
+    with ShardSink(out, maxcount=256) as sink:
+        for i in range(num):
+            low = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
+            w, h = int(size * rng.uniform(1.0, 1.4)), int(size * rng.uniform(1.0, 1.2))
+            image = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue()})
+        shards = sink.close()
+    write_dataset_json(out, {"format": "webdataset", "created_by": "benchmarks/train_speed.py", "num_samples": num,
+                             "shards": shards, "classnames": None})
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
+    from bootstrap.config import load_recipe
+    from bootstrap.loss import alignment_loss
+    from bootstrap.train import AlignedStudent
+    from data.stream import build_train_loader
+    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from teachers import create_teacher
+
+    recipe = load_recipe(MODELS[name], [f"data.train={shards}"])
+    spec = {**recipe.teacher, "pretrained": False}
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher(spec).to(device).eval()
+    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
+    model = AlignedStudent(student, teacher.target != "proj").to(device).train()
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    loader = build_train_loader(str(shards), teacher.train_transform(**recipe.data.augment), args.batch_size,
+                                args.num_workers, epoch_samples=args.batch_size * (args.steps + args.warmup + 1),
+                                shuffle_buffer=100, seed=0, rank=0, world_size=1)
+    it = iter(loader)
+    parts = {"data": [], "teacher": [], "student": []}
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        images, _ = next(it)
+        images = images.to(device, non_blocking=True)
+        sync(device)
+        t1 = time.perf_counter()
+        with autocast():
+            target = teacher.embed(images)
+        sync(device)
+        t2 = time.perf_counter()
+        with autocast():
+            output = model(images)
+        loss = alignment_loss(output, target, recipe.loss.type)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            for key, dt in (("data", t1 - t0), ("teacher", t2 - t1), ("student", t3 - t2)):
+                parts[key].append(dt)
+        print(f"  {name} step {step + 1}/{args.warmup + args.steps}: {args.batch_size / (t3 - t0):.1f} img/s",
+              file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    total = sum(med.values())
+    return {
+        "model": name, "teacher": recipe.teacher["model"], "student_tokens": student.num_tokens,
+        "image_size": list(teacher.preprocess.size), "batch_size": args.batch_size, "precision": args.precision,
+        "device": str(device), "num_workers": args.num_workers,
+        "trainable_params_M": round(policy.num_trainable / 1e6, 1), "frozen_params_M": round(policy.num_frozen / 1e6, 1),
+        "img_per_s": args.batch_size / total, "compute_img_per_s": args.batch_size / (med["teacher"] + med["student"]),
+        "seconds_per_step": med,
+        "share": {k: v / total for k, v in med.items()},
+    }
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="clip_base,clip_large", help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16" if cuda else "fp32")
+    p.add_argument("--batch-size", type=int, default=128 if cuda else 4, help="per device")
+    p.add_argument("--steps", type=int, default=20 if cuda else 3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    p.add_argument("--num-workers", type=int, default=8 if cuda else 2)
+    p.add_argument("--image-size", type=int, default=320, help="side of the synthetic source JPEGs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        print(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    results = []
+    with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
+        n = max(256, args.batch_size * 4)
+        shards = make_shards(Path(tmp) / "shards", n, args.image_size)
+        for name in names:
+            results.append(bench_model(name, shards, args, device))
+    env = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
+    print(f"\ntraining step, {env}, {args.precision}, batch {args.batch_size}, {args.num_workers} loader workers, "
+          f"median of {args.steps} steps\n")
+    print("| construction | teacher | student tokens | img/s | compute img/s | teacher | student | data |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        s = r["share"]
+        print(f"| {r['model']} | {r['teacher']} {r['image_size'][0]} px | {r['student_tokens']} | {r['img_per_s']:.1f} | "
+              f"{r['compute_img_per_s']:.1f} | {100 * s['teacher']:.0f}% | {100 * s['student']:.0f}% | "
+              f"{100 * s['data']:.0f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
