@@ -124,19 +124,20 @@ class AdaptiveMixing(nn.Module):
         self.out_proj = nn.Linear(self.out_points * conv_dim, dim)
 
     def forward(self, x: Tensor, sampled: Tensor) -> Tensor:
-        """x: [B, N, dim]; sampled: [B, N, P, C] -> [B, N, dim]."""
-        B, N, P, C = sampled.shape
-        params = self.parameter_generator(x).reshape(B * N, -1)
-        channel_mix = params[:, : C * C].reshape(B * N, C, C)  # [C_in, C_out]
-        point_mix = params[:, C * C :].reshape(B * N, self.out_points, P)  # [P_out, P]
-        h = torch.bmm(sampled.reshape(B * N, P, C).to(channel_mix.dtype), channel_mix)
+        """x: [B, N, dim] (or [1, 1 or N, dim], shared by every image); sampled: [B, N, P, C] -> [B, N, dim]."""
+        P, C = sampled.shape[-2:]
+        params = self.parameter_generator(x)
+        channel_mix = params[..., : C * C].unflatten(-1, (C, C))  # [.., C_in, C_out]
+        point_mix = params[..., C * C :].unflatten(-1, (self.out_points, P))  # [.., P_out, P]
+        # matmul broadcasts mixing matrices generated once for all images (see SFUnit.forward).
+        h = torch.matmul(sampled.to(channel_mix.dtype), channel_mix)
         if self.mixing_bias:
             h = F.gelu(h + self.m_beta)
-            h = torch.bmm(point_mix, h) + self.s_beta[:, None]
+            h = torch.matmul(point_mix, h) + self.s_beta[:, None]
         else:
-            h = torch.bmm(point_mix, h)  # no GELU between the two mixings
+            h = torch.matmul(point_mix, h)  # no GELU between the two mixings
         h = F.gelu(h)
-        return self.out_proj(h.reshape(B, N, self.out_points * C))
+        return self.out_proj(h.flatten(-2))
 
 
 # --------------------------------------------------------------------------
@@ -212,16 +213,15 @@ class SFUnit(nn.Module):
         return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
 
     def sampling_points(self, x: Tensor, roi: Tensor) -> Tensor:
-        """Absolute sampling points [B, N, P, ndim] in normalised coordinates."""
-        B, N, _ = x.shape
+        """Absolute sampling points [B, N, P, ndim] in normalised coordinates (broadcast over shared x, roi)."""
         offsets = self.roi_offset_module(x) + self.roi_offset_bias
-        offsets = offsets.float().reshape(B, N, self.num_points, self.ndim)
+        offsets = offsets.float().unflatten(-1, (self.num_points, self.ndim))
         # Standardise each coordinate over the P points (unbiased std).
-        mean = offsets.mean(dim=2, keepdim=True)
-        std = offsets.std(dim=2, keepdim=True)
+        mean = offsets.mean(dim=-2, keepdim=True)
+        std = offsets.std(dim=-2, keepdim=True)
         offsets = (offsets - mean) / (3 * (std + 1e-5))
         centre, size = roi_centre_size(roi.float(), self.ndim)  # signed size
-        return centre[:, :, None] + offsets * size[:, :, None]
+        return centre[..., None, :] + offsets * size[..., None, :]
 
     def sample(self, feat: Tensor, points: Tensor) -> Tensor:
         """Bilinear samples of `feat` at `points` -> [B, N, P, C]."""
@@ -242,28 +242,46 @@ class SFUnit(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, x: Tensor, roi: Tensor, feat: Tensor, trace: "SparseFormerTrace | None" = None):
+        """x: [B, N, dim] tokens, roi: [B, N, 2*ndim] -> both updated.
+
+        The model's first unit receives the learned initial tokens and RoIs with a batch dimension
+        of 1 (x: [1, 1 or N, dim], roi: [1, N, 2*ndim]): they are the same for every image. The ops
+        that read only the tokens or RoIs and act on each token alone (stage embedding, sampling
+        offsets, mixing parameters, RoI encoding) then run once and broadcast, which computes the
+        same values; the first op that needs per-image tokens expands them. Speed only.
+        """
+        B = x.shape[0] if feat is None else feat.shape[0]
+        N = x.shape[1] if roi is None else roi.shape[1]
+
+        def per_image(x: Tensor, roi: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            # A class token, when present, makes x one longer than roi; shared tokens have length 1 or N.
+            return x.expand(B, max(x.shape[1], N), -1), None if roi is None else roi.expand(B, N, -1)
+
         for r in range(self.repeats):
             if hasattr(self, "stage_embedding"):
                 x = x + self.stage_embedding.weight[r]
             drop_path = self.drop_paths[r]
             for op in self.ops:
+                if op == "SAMPLING_M":
+                    points = self.sampling_points(x, roi).expand(B, N, -1, -1)
+                    if trace is not None:
+                        trace.rois.append(roi.detach().expand(B, N, -1))
+                        trace.points.append(points.detach())
+                    sampled = self.sample(feat, points)
+                    x = x + drop_path(self.adaptive_mixing(x, sampled).to(x.dtype))
+                    continue
+                if op == "PE_INJECT":
+                    pe = self.position_encoding(roi).to(x.dtype)
+                    x = x + self.pe_transition(pe)
+                    continue
+                x, roi = per_image(x, roi)
                 if op == "ATTN":
                     x = x + drop_path(self.attn(self.norm1(x)))
                 elif op == "MLP":
                     x = x + drop_path(self.mlp(self.norm2(x)))
                 elif op == "ROI_ADJ":
                     roi = self.adjust_roi(x, roi, drop_path)
-                elif op == "SAMPLING_M":
-                    points = self.sampling_points(x, roi)
-                    if trace is not None:
-                        trace.rois.append(roi.detach())
-                        trace.points.append(points.detach())
-                    sampled = self.sample(feat, points)
-                    x = x + drop_path(self.adaptive_mixing(x, sampled).to(x.dtype))
-                elif op == "PE_INJECT":
-                    pe = self.position_encoding(roi).to(x.dtype)
-                    x = x + self.pe_transition(pe)
-        return x, roi
+        return per_image(x, roi)
 
 
 @dataclass
@@ -443,19 +461,25 @@ class SparseFormer(nn.Module):
                 f"kernel (shape {tuple(images.shape)}); resize them to at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}"
             )
 
-    def _initial_tokens(self, batch: int) -> tuple[Tensor, Tensor]:
-        x = self.initial_embedding.weight.expand(self.num_tokens, -1)
-        return x.unsqueeze(0).expand(batch, -1, -1), self.initial_roi.weight.unsqueeze(0).expand(batch, -1, -1)
+    def _initial_tokens(self) -> tuple[Tensor, Tensor]:
+        """The learned initial tokens [1, 1 or N, dim] and RoIs [1, N, 2*ndim], shared by every image."""
+        return self.initial_embedding.weight[None], self.initial_roi.weight[None]
 
     def forward_features(self, images: Tensor, trace: SparseFormerTrace | None = None) -> tuple[Tensor, Tensor]:
         """Final tokens before `norm` [B, L, embed_dim], and final RoIs [B, N, 2*ndim]."""
         self._check_input(images)
         feat = self.feat_extractor(images)
-        x, roi = self._initial_tokens(images.shape[0])
+        x, roi = self._initial_tokens()
+        if torch.is_grad_enabled():
+            # With gradients, per-image copies from the start: the gradients of the shared first pass
+            # would otherwise be summed in another order, and the golden train-mode gradients of the
+            # RoI-adjust head (a sum of many cancelling terms) agree only to ~1e-5 as it is.
+            x, roi = x.expand(images.shape[0], roi.shape[1], -1), roi.expand(images.shape[0], -1, -1)
         unit = 0
         for layer in self.layers:
             if isinstance(layer, SFUnit):
                 if unit == self.config.cls_token_insert_layer and self.config.has_cls_token:
+                    x = x.expand(images.shape[0], roi.shape[1], -1)
                     cls = self.cls_embedding.weight.to(x.dtype).expand(x.shape[0], 1, -1)
                     x = torch.cat([cls, x], dim=1)
                 x, roi = layer(x, roi, feat, trace)
