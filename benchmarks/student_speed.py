@@ -26,14 +26,16 @@ How things are measured (also printed under the table):
   has spent `--cell-seconds`. `--clock cpu` times this process's CPU time
   instead of elapsed time (for a machine shared with other jobs; use it with
   `--threads 1`).
-- GFLOPs: counted with `torch.utils.flop_counter.FlopCounterMode` on one
-  224/384 image in fp32 (2 FLOPs per multiply-add; matmuls, convolutions and
-  attention only, as that counter does). Counted with grad enabled, because
-  open_clip's `nn.MultiheadAttention` fused inference path escapes the
-  counter, and with the CPU flash-attention kernel registered (the counter
-  does not know it). Teacher counts are checked against the analytic ViT count.
-- Peak memory: on CUDA, `torch.cuda.max_memory_allocated()` over one forward
-  minus what was allocated before. On CPU, the growth of the process's peak
+- GFLOPs: `eval.cost.count_flops` (`torch.utils.flop_counter.FlopCounterMode`)
+  on one 224/384 image in fp32 (2 FLOPs per multiply-add; matmuls,
+  convolutions and attention only, as that counter does). Counted with grad
+  enabled and the `nn.MultiheadAttention` fast path off, because open_clip's
+  fused inference path escapes the counter, and with the CPU flash-attention
+  kernel registered (the counter does not know it). Teacher counts are checked
+  against the analytic ViT count.
+- Peak memory: `eval.cost.peak_memory`. On CUDA,
+  `torch.cuda.max_memory_allocated()` over one forward minus what was
+  allocated before. On CPU, the growth of the process's peak
   resident set (Linux VmHWM, reset through /proc/self/clear_refs) over the
   last warm-up forward, with the heap trimmed first (malloc_trim) so that
   freed tensors go back to the OS rather than hiding the peak. It includes
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import math
 import os
 import platform
@@ -63,9 +64,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.cost import count_flops, peak_memory  # noqa: E402  (after the sys.path line above)
+from eval.features import autocast_context  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -143,21 +146,6 @@ def analytic_vit_gflops(model: nn.Module, size: int) -> float:
     return 2 * macs / 1e9
 
 
-def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    shape = lambda t: getattr(t, "shape", t)  # the counter may already have turned tensors into shapes
-    return flop_counter.sdpa_flop_count(shape(query), shape(key), shape(value))
-
-
-def count_gflops(model: nn.Module, size: int) -> float:
-    """FLOPs of one image, fp32, grad enabled (see the module docstring)."""
-    x = torch.randn(1, 3, size, size)
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=extra)
-    with torch.enable_grad(), counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
-
-
 # --------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------
@@ -179,56 +167,16 @@ def cpu_supports_bf16() -> tuple[bool, str]:
     return False, f"no native bf16 on this CPU (capability {cap}; no avx512_bf16/amx_bf16): bf16 is emulated"
 
 
-class PeakMemory:
-    """Peak memory growth over a block, in MiB (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu_ok = False
-        if device.type == "cpu" and sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.malloc_trim  # noqa: B018  (glibc only)
-                self.cpu_ok = os.access("/proc/self/clear_refs", os.W_OK)
-
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1])
-        raise KeyError(key)
-
-    @contextlib.contextmanager
-    def measure(self, result: list):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            yield
-            torch.cuda.synchronize()
-            result.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-        elif self.cpu_ok:
-            # Hand freed heap memory back to the OS first, so that the forward's allocations show up as
-            # RSS growth instead of reusing pages the process already holds. (Not mallopt: pinning the
-            # mmap threshold would change how fast every later forward allocates.)
-            self.libc.malloc_trim(0)
-            before = self._status_kib("VmRSS:")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            yield
-            result.append((self._status_kib("VmHWM:") - before) / 1024)
-        else:
-            yield
-            result.append(float("nan"))
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}  # --dtypes name -> autocast dtype (None: no autocast)
+
+
 def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
+    return autocast_context(device, AUTOCAST[dtype])
 
 
 @dataclass
@@ -239,7 +187,7 @@ class Cell:
 
 
 def time_pair(models: dict, x: torch.Tensor, dtype: str, device: torch.device, warmup: int, iters: int,
-              cell_seconds: float, mem: PeakMemory, clock=time.perf_counter) -> dict[str, Cell]:
+              cell_seconds: float, clock=time.perf_counter) -> dict[str, Cell]:
     """Interleaved timing of the models in `models` (name -> callable) on batch `x`."""
     names = list(models)
     cells = {n: Cell() for n in names}
@@ -247,10 +195,8 @@ def time_pair(models: dict, x: torch.Tensor, dtype: str, device: torch.device, w
         for n in names:
             for i in range(warmup):
                 if i == warmup - 1:  # the last warm-up forward measures memory
-                    peak = []
-                    with mem.measure(peak):
-                        models[n](x)
-                    cells[n].peak_mib = peak[0]
+                    peak = peak_memory(models[n], x, AUTOCAST[dtype])
+                    cells[n].peak_mib = float("nan") if peak is None else peak / 2**20
                 else:
                     models[n](x)
             sync(device)
@@ -342,7 +288,6 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and device.type != "cpu":
         raise SystemExit("--clock cpu times CPU work only; use the default wall clock with --device cuda")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    mem = PeakMemory(device)
     if device.type == "cpu":
         bf16_native, bf16_note = cpu_supports_bf16()
     else:
@@ -365,7 +310,8 @@ def main(argv=None) -> int:
                                                                                    ("student", student))}
         gflops = {"teacher": float("nan"), "student": float("nan")}
         if not args.no_flops:
-            gflops = {"teacher": count_gflops(teacher, pair.size), "student": count_gflops(student, pair.size)}
+            one = torch.randn(1, 3, pair.size, pair.size)  # one image, fp32, on the CPU
+            gflops = {"teacher": count_flops(teacher, one) / 1e9, "student": count_flops(student, one) / 1e9}
             expect = analytic_vit_gflops(teacher, pair.size)
             if abs(gflops["teacher"] - expect) > 0.005 * expect:
                 notes.append(f"{pair.teacher}: counted {gflops['teacher']:.2f} GFLOPs but the analytic ViT count "
@@ -386,7 +332,7 @@ def main(argv=None) -> int:
                     print(f"[{pair.key}] {variant} {dtype} batch {bs}: {iters} iters ...", file=sys.stderr,
                           flush=True)
                     results[(dtype, bs)] = time_pair(runs, x, dtype, device, max(1, args.warmup), iters,
-                                                     args.cell_seconds, mem, clock)
+                                                     args.cell_seconds, clock)
                     for n, c in results[(dtype, bs)].items():
                         print(f"    {n}: {c.img_s:.2f} img/s  ({len(c.seconds)} runs, "
                               f"min {min(c.seconds):.3f}s, median {statistics.median(c.seconds):.3f}s, "

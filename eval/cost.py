@@ -124,6 +124,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _trim_heap() -> None:
+    # Hand freed heap memory back to the OS, so that the next call's allocations show up as RSS growth
+    # instead of reusing pages the process already holds. (Not mallopt: pinning the mmap threshold would
+    # change how fast every later call allocates.)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
