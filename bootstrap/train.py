@@ -61,10 +61,7 @@ class AlignedStudent(nn.Module):
         self.pre_logits = pre_logits
 
     def forward(self, images: Tensor) -> Tensor:
-        if not self.pre_logits:
-            return self.student(images)
-        tokens, _ = self.student.forward_features(images)
-        return self.student.forward_head(tokens, pre_logits=True)
+        return self.student(images, pre_logits=self.pre_logits)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from students.sparseformer import SparseFormer
+
 Step = Callable[[Tensor], Mapping[str, Tensor]]
 
 
@@ -29,7 +31,9 @@ def student_outputs(student: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]
     function (both are ``student(images)``), e.g. a teacher standing in for a perfect student.
     """
     if hasattr(student, "forward_features") and hasattr(student, "forward_head") and hasattr(student, "proj"):
-        tokens = student.forward_features(images)[0]
+        # A SparseFormer's head reads only the class token (if it has one): skip the rest of the last block.
+        only = {"class_token_only": True} if isinstance(student, SparseFormer) else {}
+        tokens = student.forward_features(images, **only)[0]
         pre = student.forward_head(tokens, pre_logits=True)
         return pre, student.proj(pre)
     out = student(images)

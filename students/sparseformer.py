@@ -89,6 +89,20 @@ def roi_position_encoding(roi: Tensor, dim: int) -> Tensor:
     return x.flatten(-2)
 
 
+def class_token_attention(attn: Attention, x: Tensor) -> Tensor:
+    """`attn(x)[:, :1]` computed for the class token alone: its query against every token's key and
+    value. (timm's `Attention` as SFUnit builds it: no qk-norm, no gate.)"""
+    B, L, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], w[: h * d], None if b is None else b[: h * d])
+    kv = F.linear(x, w[h * d :], None if b is None else b[h * d :])
+    q = q.reshape(B, 1, h, d).transpose(1, 2)
+    k, v = kv.reshape(B, L, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, h * d))))
+
+
 class _ClampGrad(torch.autograd.Function):
     """Identity whose gradient is clamped to [-bound, bound] (`restrict_grad_norm`)."""
 
@@ -284,6 +298,18 @@ class SFUnit(nn.Module):
         return per_image(x, roi)
 
 
+    @property
+    def is_block(self) -> bool:
+        """A plain transformer block (ATTN, MLP, once): the inherited teacher blocks are such units."""
+        return self.ops == ["ATTN", "MLP"] and self.repeats == 1
+
+    def forward_class_token(self, x: Tensor) -> Tensor:
+        """`self(x)[0][:, :1]` for a block unit: the class token's update only (it still attends to all)."""
+        drop_path = self.drop_paths[0]
+        cls = x[:, :1] + drop_path(class_token_attention(self.attn, self.norm1(x)))
+        return cls + drop_path(self.mlp(self.norm2(cls)))
+
+
 @dataclass
 class SparseFormerTrace:
     """What happened inside one forward pass, for visualisation and token-level uses.
@@ -465,8 +491,14 @@ class SparseFormer(nn.Module):
         """The learned initial tokens [1, 1 or N, dim] and RoIs [1, N, 2*ndim], shared by every image."""
         return self.initial_embedding.weight[None], self.initial_roi.weight[None]
 
-    def forward_features(self, images: Tensor, trace: SparseFormerTrace | None = None) -> tuple[Tensor, Tensor]:
-        """Final tokens before `norm` [B, L, embed_dim], and final RoIs [B, N, 2*ndim]."""
+    def forward_features(self, images: Tensor, trace: SparseFormerTrace | None = None,
+                         class_token_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Final tokens before `norm` [B, L, embed_dim], and final RoIs [B, N, 2*ndim].
+
+        `class_token_only`: when the head reads only the class token and the last unit is a plain
+        block, that block updates only the class token (the same value; ~9/12 of a block's work
+        saved) and the tokens returned are [B, 1, embed_dim]. The final RoIs are unaffected.
+        """
         self._check_input(images)
         feat = self.feat_extractor(images)
         x, roi = self._initial_tokens()
@@ -475,6 +507,8 @@ class SparseFormer(nn.Module):
             # would otherwise be summed in another order, and the golden train-mode gradients of the
             # RoI-adjust head (a sum of many cancelling terms) agree only to ~1e-5 as it is.
             x, roi = x.expand(images.shape[0], roi.shape[1], -1), roi.expand(images.shape[0], -1, -1)
+        last = self.layers[-1]
+        class_token_only = class_token_only and self.config.head_op == "cls" and last.is_block
         unit = 0
         for layer in self.layers:
             if isinstance(layer, SFUnit):
@@ -482,7 +516,10 @@ class SparseFormer(nn.Module):
                     x = x.expand(images.shape[0], roi.shape[1], -1)
                     cls = self.cls_embedding.weight.to(x.dtype).expand(x.shape[0], 1, -1)
                     x = torch.cat([cls, x], dim=1)
-                x, roi = layer(x, roi, feat, trace)
+                if layer is last and class_token_only:
+                    x = layer.forward_class_token(x)
+                else:
+                    x, roi = layer(x, roi, feat, trace)
                 unit += 1
             else:  # width transition
                 x = layer(x)
@@ -496,9 +533,10 @@ class SparseFormer(nn.Module):
         x = self.norm(self.pool(tokens))
         return x if pre_logits else self.proj(x)
 
-    def forward(self, images: Tensor) -> Tensor:
-        tokens, _ = self.forward_features(images)
-        return self.forward_head(tokens)
+    def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head output [B, proj_dim] (with pre_logits: the pooled, normed feature [B, embed_dim])."""
+        tokens, _ = self.forward_features(images, class_token_only=True)
+        return self.forward_head(tokens, pre_logits=pre_logits)
 
     def forward_details(self, images: Tensor) -> SparseFormerOutput:
         """Output plus final normed tokens and the RoIs/sampling points of every stage."""

@@ -54,9 +54,12 @@ def test_eval_output_rois_and_tokens_match_golden(case):
     assert rel_err(out.output, io["output"]) < 1e-5
     assert rel_err(out.roi, io["token_roi"]) < 1e-5
     assert rel_err(out.tokens, io["token_embedding"]) < 1e-5
-    # forward() is the same computation as forward_details().output
+    # forward() computes the same output; with a class-token head its last block updates the
+    # class token alone, so only rounding may differ from forward_details().output.
     with torch.no_grad():
-        assert torch.equal(model(io["input"]), out.output)
+        fast = model(io["input"])
+    assert rel_err(fast, io["output"]) < 1e-5
+    assert rel_err(fast, out.output) < 1e-6
 
 
 @pytest.mark.parametrize("case", CASES)
