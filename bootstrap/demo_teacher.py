@@ -202,22 +202,15 @@ def _text_embeddings(teacher, texts: list[str], batch: int = 256) -> torch.Tenso
 
 
 @torch.no_grad()
-def zero_shot_classifier(teacher, classnames, templates) -> torch.Tensor:
-    """[num_classes, embed_dim]: normalised mean of the normalised prompt embeddings per class
-    (open_clip's `build_zero_shot_classifier`, transposed)."""
-    import open_clip
-
-    return open_clip.build_zero_shot_classifier(teacher.model, teacher.tokenizer, classnames, templates,
-                                                device="cpu").T.float()
-
-
-@torch.no_grad()
 def zero_shot_accuracy(encode, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
                        batch: int = 256) -> float:
+    """Top-1 of `eval.zeroshot`'s logits for the images encoded in batches."""
+    from eval.zeroshot import zero_shot_logits
+
     correct = 0
     for start in range(0, images.shape[0], batch):
-        feats = F.normalize(encode(images[start:start + batch]).float(), dim=-1)
-        correct += (feats @ classifier.T).argmax(-1).eq(labels[start:start + batch]).sum().item()
+        logits = zero_shot_logits(encode(images[start:start + batch]), classifier)
+        correct += logits.argmax(-1).eq(labels[start:start + batch]).sum().item()
     return correct / max(1, images.shape[0])
 
 
@@ -226,7 +219,8 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from data.demo import DEMO_CLASSNAMES, DEMO_TEMPLATES
+    from data.demo import DEMO_CLASSNAMES
+    from eval.zeroshot import zero_shot_classifier
     from teachers import create_teacher
 
     cfg = demo.teacher
@@ -241,7 +235,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
     t0 = time.time()
     train_x, train_y, captions = _load_split(data_dir / "train", transform)
     val_x, val_y, _ = _load_split(data_dir / "val", transform)
-    classifier = zero_shot_classifier(teacher, DEMO_CLASSNAMES, DEMO_TEMPLATES)
+    classifier = zero_shot_classifier(teacher, DEMO_CLASSNAMES, "demo")  # [embed_dim, classes]
     caption_emb = _text_embeddings(teacher, captions)
 
     # Only the image tower learns; the text tower stays as initialised. The temperature is
@@ -279,7 +273,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
             group["lr"] = lr
         feats = F.normalize(encode(_augment(train_x[idx], gen)), dim=-1)
         # The zero-shot classifier as a fixed head: what zero-shot evaluation will compute.
-        loss = F.cross_entropy(scale * feats @ classifier.T, train_y[idx])
+        loss = F.cross_entropy(scale * feats @ classifier, train_y[idx])
         if cfg.caption_weight:
             logits = scale * feats @ caption_emb[idx].T
             target = torch.arange(len(idx))
