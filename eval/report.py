@@ -210,9 +210,8 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
 
             if "zero_shot" in sections:
                 names = resolve_classnames(cfg.classnames, dataset_classnames)
-                templates = cfg.templates
-                if templates is None and dataset_templates(cfg.data) is not None:
-                    templates = dataset_templates(cfg.data)
+                # None: the evaluation set's own templates if its dataset.json lists some, else openai.
+                templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
                 report["zero_shot"] = zero_shot(features, teacher, names, templates, device)
                 if templates is not cfg.templates:
                     report["zero_shot"]["templates"] = "the evaluation set's"

@@ -297,7 +297,6 @@ class SFUnit(nn.Module):
                     roi = self.adjust_roi(x, roi, drop_path)
         return per_image(x, roi)
 
-
     @property
     def is_block(self) -> bool:
         """A plain transformer block (ATTN, MLP, once): the inherited teacher blocks are such units."""
