@@ -97,6 +97,10 @@ class RunConfig:
     progress: bool = True  # tqdm bar on the main process
     log_sample_keys: bool = False  # write each rank's sample keys to sample_keys/rank-N.txt (debugging)
     final_report: bool = True  # eval.report.evaluate_run at the end (when the eval package is there)
+    # Threads per process on a CPU. auto: the physical cores shared among the local processes,
+    # unless OMP_NUM_THREADS says otherwise (but not the 1 that `accelerate launch` sets on a
+    # machine without GPU when --cpu is not given, which would leave the other cores idle).
+    cpu_threads: Union[int, Literal["auto"]] = "auto"
 
 
 @dataclass
@@ -172,6 +176,8 @@ class Recipe:
             raise RecipeError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and optim.steps={o.steps}")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise RecipeError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={o.lr}, min_lr={o.min_lr})")
+        if r.cpu_threads != "auto" and r.cpu_threads < 1:
+            raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if self.demo is None:

@@ -203,6 +203,31 @@ def _nonfinite_steps() -> set[int]:
     return {int(s) for s in text.split(",") if s.strip()}
 
 
+def cpu_threads(setting: int | str, local_processes: int, env: dict | None = None,
+                cores: int | None = None) -> int:
+    """Threads per process for a CPU run (`run.cpu_threads`).
+
+    A number is used as it is. "auto" keeps an OMP_NUM_THREADS that the user set, and otherwise
+    shares the physical cores among the local processes. `accelerate launch` without ``--cpu``
+    sets OMP_NUM_THREADS=1 on a machine without a GPU (it only picks a thread count itself for
+    ``--cpu``), which would run the demo on one core of many; that 1 is not taken as the user's.
+    """
+    if setting != "auto":
+        return int(setting)
+    env = os.environ if env is None else env
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env  # set by `accelerate launch` only
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1 and not (launched_by_accelerate and given == "1"):
+        return int(given)
+    if cores is None:
+        import psutil  # an accelerate dependency
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+            cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores // max(1, local_processes))
+
+
 def _say(accelerator, text: str) -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
@@ -228,6 +253,11 @@ def train(recipe: Recipe) -> dict:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(cpu_threads(recipe.run.cpu_threads, local))
+        _say(accelerator, f"CPU run: {torch.get_num_threads()} threads per process (run.cpu_threads="
+                          f"{recipe.run.cpu_threads}; a number pins it)")
 
     if recipe.demo is not None:
         from .demo_teacher import prepare_demo

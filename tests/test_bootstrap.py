@@ -216,6 +216,25 @@ def test_resume_from_a_named_checkpoint_and_bad_names(straight_run, recipe_file,
     assert_same_weights(weights(out), weights(straight_run))
 
 
+# ----------------------------------------------------------------------------- CPU threads
+
+
+def test_cpu_threads_share_the_cores_unless_the_user_says_otherwise():
+    from bootstrap.train import cpu_threads
+
+    launcher = {"ACCELERATE_MIXED_PRECISION": "no"}  # what `accelerate launch` puts in the environment
+    assert cpu_threads(3, local_processes=2, env={}, cores=8) == 3  # a number is used as it is
+    assert cpu_threads("auto", local_processes=1, env={}, cores=8) == 8
+    assert cpu_threads("auto", local_processes=2, env={}, cores=8) == 4
+    assert cpu_threads("auto", local_processes=4, env={}, cores=2) == 1
+    assert cpu_threads("auto", 1, env={"OMP_NUM_THREADS": "3"}, cores=8) == 3  # the user's setting
+    assert cpu_threads("auto", 1, env={"OMP_NUM_THREADS": "1"}, cores=8) == 1
+    assert cpu_threads("auto", 2, env={**launcher, "OMP_NUM_THREADS": "3"}, cores=8) == 3
+    # accelerate launch without --cpu on a machine without GPU: OMP_NUM_THREADS=1 is its default, not the user's
+    assert cpu_threads("auto", 1, env={**launcher, "OMP_NUM_THREADS": "1"}, cores=8) == 8
+    assert cpu_threads("auto", 2, env={"OMP_NUM_THREADS": "lots"}, cores=8) == 4
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 
 
