@@ -127,6 +127,8 @@ class DemoTeacherConfig:
     weight_decay: float = 0.05
     caption_weight: float = 0.5  # + caption_weight x image-caption contrastive loss
     uniformity_weight: float = 1.0  # + uniformity_weight x uniformity of the image embeddings
+    consistency_weight: float = 0.0  # + this x (1 - cosine) between two differently shifted views of an image
+    consistency_images: Union[int, None] = None  # images of each batch that get the second view (null: all)
     seed: int = 0
 
 
@@ -180,6 +182,10 @@ class Recipe:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if self.demo is not None and self.demo.teacher.consistency_images is not None \
+                and self.demo.teacher.consistency_images < 1:
+            raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
+                              f"got {self.demo.teacher.consistency_images}")
         if self.demo is None:
             if not self.teacher:
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
@@ -279,6 +285,8 @@ def _type_name(tp) -> str:
         return "null"
     if isinstance(tp, type):
         return tp.__name__
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "")
 
 

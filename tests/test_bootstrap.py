@@ -216,6 +216,58 @@ def test_resume_from_a_named_checkpoint_and_bad_names(straight_run, recipe_file,
     assert_same_weights(weights(out), weights(straight_run))
 
 
+# ----------------------------------------------------------------------------- the demo
+
+
+def test_the_demo_trains_its_teacher_once_and_bootstraps_from_it(tmp_path, capsys):
+    """recipes/demo.yaml's path in miniature: data and teacher are made, cached, then reused."""
+    cache = tmp_path / "cache"
+    tiny = ["demo.num_images=48", "demo.image_size=32", f"demo.cache_dir={cache}",
+            "demo.teacher={width: 32, layers: 2, heads: 2, patch_size: 8, embed_dim: 16, text_width: 16, "
+            "text_layers: 1, text_heads: 1, steps: 6, batch_size: 8, consistency_weight: 1.0, consistency_images: 4}",
+            "student={tokens: 5, drop_blocks: 1, finetune_blocks: 1, focus_width: 16, focus_repeats: 1, "
+            "num_points: 4, pg_inner_dim: 16, conv_dim: 8}",
+            "data.batch_size=8", "data.num_workers=0", "data.heldout_samples=8", "data.augment={scale: [0.8, 1.0]}",
+            "optim.steps=2", "optim.warmup_steps=1", "run.progress=false", "run.final_report=false",
+            "export.enabled=false", "run.eval_every=2"]
+    recipe = ROOT / "recipes" / "demo.yaml"
+    assert run_here(recipe, tmp_path / "a", *tiny) == 0
+    first = capsys.readouterr().out
+    assert "training the demo teacher" in first and "demo teacher trained: 6 steps" in first
+    (teacher_dir,) = [p for p in (cache / "demo-teacher").iterdir() if p.is_dir()]
+    info = json.loads((teacher_dir / "demo_teacher.json").read_text())
+    assert info["steps"] == 6 and info["finished"] and info["settings"]["consistency_weight"] == 1.0
+    assert 0.0 <= info["zero_shot_top1_val"] <= 1.0 and info["val_images"] == 8
+    recipe_a = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert recipe_a["teacher"]["pretrained"] == str(teacher_dir / "open_clip_model.safetensors")
+    assert recipe_a["data"]["train"] == str(Path(info["data"]) / "train")
+
+    # A second run finds both in the cache and learns from the very same teacher.
+    assert run_here(recipe, tmp_path / "b", *tiny) == 0
+    second = capsys.readouterr().out
+    assert "training the demo teacher" not in second and "making the demo dataset" not in second
+    assert yaml.safe_load((tmp_path / "b" / "recipe.yaml").read_text())["teacher"] == recipe_a["teacher"]
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+    # Another teacher setting is another cached teacher, never a stale one.
+    assert run_here(recipe, tmp_path / "c", *tiny, "demo.teacher.consistency_weight=0.0") == 0
+    assert "training the demo teacher" in capsys.readouterr().out
+    assert len([p for p in (cache / "demo-teacher").iterdir() if p.is_dir()]) == 2
+
+
+def test_demo_teacher_views_share_their_flips():
+    from bootstrap.demo_teacher import _augment
+
+    images = torch.rand(16, 3, 32, 32)
+    first, flip = _augment(images, torch.Generator().manual_seed(0))
+    second, flip2 = _augment(images, torch.Generator().manual_seed(1), flip=flip)
+    assert torch.equal(flip, flip2) and 0 < flip.sum() < 16
+    assert not torch.equal(first, second)  # other shifts
+    # Flipped images stay flipped: compare with the same shifts undone by flipping back.
+    same_shift, _ = _augment(images, torch.Generator().manual_seed(0), flip=torch.zeros_like(flip))
+    assert torch.equal(torch.where(flip, same_shift.flip(3), same_shift), first)
+
+
 # ----------------------------------------------------------------------------- CPU threads
 
 

@@ -86,8 +86,9 @@ def test_overrides_parse_yaml_values_and_reach_every_section():
     ("optim.warmup_steps=99999", r"optim.warmup_steps=99999 must be between 0 and optim.steps"),
     ("eval.precision=fp8", r"recipe section 'eval': eval precision 'fp8'"),
     ("novalue", r"override 'novalue' must look like section.key=value"),
+    ("demo.teacher.consistency_images=0", r"demo.teacher.consistency_images must be at least 1 or null"),
     ("run.cpu_threads=0", r"run.cpu_threads must be 'auto' or at least 1, got 0"),
-    ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or Literal\['auto'\]"),
+    ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or 'auto', got str 'all'"),
 ])
 def test_bad_keys_and_types_are_errors_that_name_them(override, message):
     with pytest.raises(RecipeError, match=message):
