@@ -49,9 +49,10 @@ def make_shards(out: Path, num: int, size: int, seed: int = 0) -> Path:
     """`num` smooth random JPEGs of about `size` px in WebDataset shards (with dataset.json)."""
     from PIL import Image
 
-    from data.shards import ShardSink, write_dataset_json
+    from data.shards import ShardSink, prepare_out_dir, write_dataset_json
 
     rng = np.random.default_rng(seed)
+    out = prepare_out_dir(out, overwrite=True)  # ShardSink writes into an existing folder
     with ShardSink(out, maxcount=256) as sink:
         for i in range(num):
             low = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
