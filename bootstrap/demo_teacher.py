@@ -294,11 +294,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
             target = torch.arange(len(idx))
             loss = loss + cfg.caption_weight * 0.5 * (F.cross_entropy(logits, target)
                                                      + F.cross_entropy(logits.T, target))
-        if pairs:
-            # A small ViT trained on a few thousand images aliases on its patch grid: shifting an
-            # image by a pixel or two moves its embedding about as far as its nearest neighbour
-            # lies. No student can follow that (a SparseFormer samples the image continuously),
-            # so the demo teacher learns to give both shifted views the same embedding.
+        if pairs:  # shifted views agree: against aliasing on the patch grid (see the module doc)
             loss = loss + cfg.consistency_weight * (1 - (feats[:pairs] * second).sum(-1)).mean()
         if cfg.uniformity_weight:
             # Spread the embeddings of different images apart: a student can then be told

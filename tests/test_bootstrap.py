@@ -263,7 +263,7 @@ def test_demo_teacher_views_share_their_flips():
     second, flip2 = _augment(images, torch.Generator().manual_seed(1), flip=flip)
     assert torch.equal(flip, flip2) and 0 < flip.sum() < 16
     assert not torch.equal(first, second)  # other shifts
-    # Flipped images stay flipped: compare with the same shifts undone by flipping back.
+    # The same generator without flips draws the same shifts; flipping those where `flip` says gives `first`.
     same_shift, _ = _augment(images, torch.Generator().manual_seed(0), flip=torch.zeros_like(flip))
     assert torch.equal(torch.where(flip, same_shift.flip(3), same_shift), first)
 
