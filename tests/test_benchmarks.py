@@ -1,0 +1,63 @@
+"""The benchmark scripts run (smallest settings, one model each) and report what they claim.
+
+They are timed by hand, not in CI, so without these a benchmark could break unnoticed
+(train_speed.py once crashed writing its shards). Each runs as a user runs it, in its own
+process: the scripts set torch's thread count, which must not leak into the other tests.
+Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The data rows of the first Markdown table in ``text``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+    return rows[2:]
+
+
+def test_student_speed_counts_the_flops_of_the_clip_base_construction():
+    out = run_script("student_speed.py", "--models", "clip_base", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, student = rows["open_clip:ViT-B-16-quickgelu"], rows["sparseformer_btsp_openai_clip_base"]
+    # ViT-B/16 at 224 px: 35.1 GFLOPs (2 per multiply-add); the script checks its count against
+    # the analytic one and says so when they differ.
+    assert float(teacher[4]) == 35.13 and "analytic ViT count" not in out
+    assert float(student[4]) < float(teacher[4]) / 4  # 49 tokens instead of 197
+    assert float(teacher[3]) == 86.2 and float(student[3]) < float(teacher[3])
+    assert float(student[6]) > 0 and float(teacher[6]) > 0
+
+
+def test_train_speed_times_teacher_student_and_data(tmp_path):
+    results = tmp_path / "train_speed.json"
+    out = run_script("train_speed.py", "--models", "clip_base", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                     "--num-workers", "0", "--image-size", "240", "--threads", "1", "--json", str(results))
+    [r] = json.loads(results.read_text())
+    assert r["model"] == "clip_base" and r["student_tokens"] == 49 and r["image_size"] == [224, 224]
+    assert abs(sum(r["share"].values()) - 1) < 1e-6 and r["img_per_s"] > 0
+    assert r["compute_img_per_s"] >= r["img_per_s"]
+    [row] = table_rows(out)
+    assert row[0] == "clip_base" and row[2] == "49"
+
+
+def test_data_speed_reads_every_generated_image():
+    out = run_script("data_speed.py", "--images", "24", "--workers", "0", "1", "--batch-size", "8", "--size", "64")
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\d+$", line)]
+    # The first batch warms up untimed: 24 images in batches of 8 leave 16 timed.
+    assert [(r[0], r[3]) for r in rows] == [("0", "16"), ("1", "16")]
