@@ -126,8 +126,9 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
               file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in parts.items()}
     total = sum(med.values())
+    # Tokens as the recipes count them: the latent tokens and the class token.
     return {
-        "model": name, "teacher": recipe.teacher["model"], "student_tokens": student.num_tokens + 1,  # latent + class token, as recipes count
+        "model": name, "teacher": recipe.teacher["model"], "student_tokens": student.num_tokens + 1,
         "image_size": list(teacher.preprocess.size), "batch_size": args.batch_size, "precision": args.precision,
         "device": str(device), "num_workers": args.num_workers,
         "trainable_params_M": round(policy.num_trainable / 1e6, 1), "frozen_params_M": round(policy.num_frozen / 1e6, 1),
