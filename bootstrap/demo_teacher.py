@@ -286,8 +286,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
         if pairs:  # a second view of the first `pairs` images, shifted differently
             views = torch.cat([views, _augment(train_x[idx[:pairs]], gen, flip=flip[:pairs])[0]])
         feats = F.normalize(encode(views), dim=-1)
-        if pairs:
-            feats, second = feats[:len(idx)], feats[len(idx):]
+        feats, second = feats[:len(idx)], feats[len(idx):]  # `second`: empty without pairs
         # The zero-shot classifier as a fixed head: what zero-shot evaluation will compute.
         loss = F.cross_entropy(scale * feats @ classifier, train_y[idx])
         if cfg.caption_weight:
