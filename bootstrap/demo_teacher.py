@@ -84,12 +84,19 @@ def _data_args(demo: DemoConfig) -> dict:
             "val_fraction": demo.val_fraction}
 
 
+def _data_key(demo: DemoConfig) -> dict:
+    """What the cached data depends on: the arguments and how data.demo renders them."""
+    from data.demo import DEMO_DATA_VERSION
+
+    return {**_data_args(demo), "version": DEMO_DATA_VERSION}
+
+
 def ensure_demo_data(demo: DemoConfig, verbose: bool = True) -> Path:
     """The demo dataset folder (``train/``, ``val/``, ``demo.json``), generated once and cached."""
     from data.demo import make_demo_dataset
 
     args = _data_args(demo)
-    folder = cache_root(demo) / "demo-data" / _digest(args)
+    folder = cache_root(demo) / "demo-data" / _digest(_data_key(demo))
     if (folder / "demo.json").is_file():
         return folder
     with _locked(folder.with_name(folder.name + ".lock")):
@@ -129,10 +136,14 @@ def teacher_spec(folder: Path) -> dict:
             "pretrained": str(folder / WEIGHTS)}
 
 
+def _teacher_key(demo: DemoConfig) -> dict:
+    """What a cached teacher depends on: its settings and the data it learnt from."""
+    return {"teacher": asdict(demo.teacher), "data": _data_key(demo), "version": 1}
+
+
 def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) -> Path:
     """The cached demo teacher folder, trained first if it is not there."""
-    key = {"teacher": asdict(demo.teacher), "data": _data_args(demo), "version": 1}
-    folder = cache_root(demo) / "demo-teacher" / _digest(key)
+    folder = cache_root(demo) / "demo-teacher" / _digest(_teacher_key(demo))
     if (folder / INFO_JSON).is_file():
         return folder
     with _locked(folder.with_name(folder.name + ".lock")):

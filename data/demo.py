@@ -65,6 +65,9 @@ DEMO_BACKGROUNDS = {
     "noise": "on noise",
 }
 
+#: Bumped whenever the same arguments would render different images (the demo cache keys on it).
+DEMO_DATA_VERSION = 1
+
 _CAPTION_PREFIXES = ("a photo of", "a picture of", "an image of")
 # Shapes are drawn at 4x and backgrounds at 2x, then box-downsampled: anti-aliased edges at
 # little cost, and deterministic.
@@ -249,7 +252,7 @@ def make_demo_dataset(out_dir, num: int = 2400, seed: int = 0, size: int = 64, v
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
     splits = {"val": range(0, n_val), "train": range(n_val, num)}
-    result = {"format": "data.demo", "version": 1, "classnames": list(DEMO_CLASSNAMES),
+    result = {"format": "data.demo", "version": DEMO_DATA_VERSION, "classnames": list(DEMO_CLASSNAMES),
               "templates": list(DEMO_TEMPLATES), "num": num, "seed": seed, "size": size,
               "val_fraction": val_fraction, "out_dir": str(out)}
     for split, indices in splits.items():

@@ -255,6 +255,22 @@ def test_the_demo_trains_its_teacher_once_and_bootstraps_from_it(tmp_path, capsy
     assert len([p for p in (cache / "demo-teacher").iterdir() if p.is_dir()]) == 2
 
 
+def test_a_new_rendering_of_the_demo_data_is_new_data_and_a_new_teacher(tmp_path, monkeypatch):
+    """The cache keys on data.demo's DEMO_DATA_VERSION: after an upgrade that draws the images
+    differently, the demo never reuses the old images or a teacher trained on them."""
+    import data.demo
+    from bootstrap.config import load_recipe
+    from bootstrap.demo_teacher import _teacher_key, ensure_demo_data
+
+    demo = load_recipe(ROOT / "recipes" / "demo.yaml", ["demo.num_images=12", f"demo.cache_dir={tmp_path}"]).demo
+    old_folder, old_key = ensure_demo_data(demo, verbose=False), _teacher_key(demo)
+    monkeypatch.setattr(data.demo, "DEMO_DATA_VERSION", data.demo.DEMO_DATA_VERSION + 1)
+    new_folder = ensure_demo_data(demo, verbose=False)
+    assert new_folder != old_folder and _teacher_key(demo) != old_key
+    assert json.loads((new_folder / "demo.json").read_text())["version"] == data.demo.DEMO_DATA_VERSION
+    assert ensure_demo_data(demo, verbose=False) == new_folder  # and it is cached in turn
+
+
 def test_demo_teacher_views_share_their_flips():
     from bootstrap.demo_teacher import _augment
 
