@@ -170,6 +170,11 @@ def demo_teacher():
     """The demo recipe's trained teacher: its image tower from tests/fixtures/demo_teacher (made by
     make_demo_teacher.py, float16), its text tower random (the probe does not use it)."""
     info = json.loads((DEMO_TEACHER / "demo_teacher.json").read_text())
+    from data.demo import DEMO_DATA_VERSION
+
+    assert info.get("data_version") == DEMO_DATA_VERSION, (
+        f"tests/fixtures/demo_teacher learnt from demo data version {info.get('data_version', 1)}, but data.demo "
+        f"now renders version {DEMO_DATA_VERSION}: run python tests/fixtures/make_demo_teacher.py")
     torch.manual_seed(0)
     teacher = random_teacher({"kind": "openclip", "model": "demo-clip", "model_cfg": info["model_cfg"],
                               "pretrained": None})
