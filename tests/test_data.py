@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.demo import DEMO_BACKGROUNDS, DEMO_CLASSNAMES, DEMO_COLOURS, DEMO_SIZES, DEMO_TEMPLATES, make_demo_dataset
+from data.demo import (DEMO_BACKGROUNDS, DEMO_CLASSNAMES, DEMO_COLOURS, DEMO_SIZES, DEMO_TEMPLATES, DEMO_TINTS,
+                       make_demo_dataset)
 from data.evalsets import FolderEvalSet, build_eval_loader
 from data.make_shards import main as make_shards_main
 from data.shards import ShardError, ShardSink, iter_shard, make_shards, resolve_shards, shard_sample_counts
@@ -391,7 +392,13 @@ def test_demo_dataset_is_deterministic_labelled_and_split(tmp_path):
                 assert image.size == (64, 64) and image.mode == "RGB"
                 size, colour, shape, background = pattern.match(sample["txt"].decode()).groups()[1:]
                 assert shape == DEMO_CLASSNAMES[int(sample["cls"])]
-                assert size in DEMO_SIZES and colour in DEMO_COLOURS and background in DEMO_BACKGROUNDS.values()
+                assert size in DEMO_SIZES and colour in DEMO_COLOURS
+                attrs = json.loads(sample["json"])
+                # A plain background has one tint, a pattern two different ones; the caption names them.
+                tints = attrs["tints"]
+                assert set(tints) <= set(DEMO_TINTS) and len(set(tints)) == len(tints)
+                assert len(tints) == (1 if attrs["background"] == "plain" else 2)
+                assert background == DEMO_BACKGROUNDS[attrs["background"]].format(" and ".join(tints))
                 keys[split].add((sample["__key__"], int(sample["cls"])))
     assert not {k for k, _ in keys["train"]} & {k for k, _ in keys["val"]}
     assert {c for _, c in keys["val"]} == set(range(10))  # the val split holds every class
