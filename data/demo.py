@@ -14,10 +14,9 @@ The tints are there for the demo's held-out retrieval (does a student's embeddin
 image's teacher embedding among 400?): with the shape colour alone, about 50 of 400 images
 share the attribute a tiny teacher encodes most strongly, and a student confused them; two
 named tints split those groups into images that a student, which samples colours easily,
-tells apart (demo retrieval 0.665 -> 0.825). The two-tint patterns are stronger clutter: with
-the demo teacher's first settings they cost it shape accuracy (zero-shot 55% -> 41%); the demo
-recipe halves the teacher's uniformity weight (``demo.teacher.uniformity_weight: 0.5``), which
-gives it back (58%).
+tells apart (demo retrieval 0.665 -> 0.825). The two-tint patterns are stronger clutter, for
+which the demo recipe tunes its teacher (``demo.teacher.uniformity_weight``; see
+``bootstrap.demo_teacher``).
 
 Writes ``OUT_DIR/train/shard-*.tar`` and ``OUT_DIR/val/shard-*.tar`` (keys ``png``, ``cls``,
 ``txt``, ``json``), each folder with its ``dataset.json``, and ``OUT_DIR/demo.json`` with both.
