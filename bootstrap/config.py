@@ -121,7 +121,7 @@ class DemoTeacherConfig:
     text_layers: int = 2
     text_heads: int = 2
     steps: int = 300
-    seconds: float = 600.0  # a cap on the training time (a slow machine gets a less trained teacher)
+    seconds: float = 600.0  # a cap on the training time: a slower machine ends the schedule by the clock
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -182,6 +182,9 @@ class Recipe:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if self.demo is not None and (self.demo.teacher.steps < 1 or self.demo.teacher.seconds <= 0):
+            raise RecipeError(f"demo.teacher.steps must be at least 1 and demo.teacher.seconds above 0, got "
+                              f"steps={self.demo.teacher.steps}, seconds={self.demo.teacher.seconds}")
         if self.demo is not None and self.demo.teacher.consistency_images is not None \
                 and self.demo.teacher.consistency_images < 1:
             raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "

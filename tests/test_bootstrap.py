@@ -284,6 +284,36 @@ def test_demo_teacher_views_share_their_flips():
     assert torch.equal(torch.where(flip, same_shift.flip(3), same_shift), first)
 
 
+def test_a_slow_machine_ends_the_demo_teachers_schedule_by_the_clock(tmp_path, monkeypatch, capsys):
+    """The time cap does not cut the teacher off at a high learning rate: where the clock would
+    run out before the steps, the schedule follows the clock and ends (progress 1) at the cap."""
+    from types import SimpleNamespace
+
+    import bootstrap.demo_teacher as dt
+    from bootstrap.config import load_recipe
+
+    assert dt.schedule_progress(150, 600, elapsed=60.0, seconds=480.0) == 0.25  # fast machine: the steps decide
+    assert dt.schedule_progress(150, 600, elapsed=240.0, seconds=480.0) == 0.5  # slow machine: the clock decides
+
+    demo = load_recipe(ROOT / "recipes" / "demo.yaml", [
+        "demo.num_images=24", "demo.image_size=32", f"demo.cache_dir={tmp_path}",
+        "demo.teacher={width: 32, layers: 1, heads: 2, patch_size: 8, embed_dim: 16, text_width: 16, "
+        "text_layers: 1, text_heads: 1, steps: 40, seconds: 10, batch_size: 8, consistency_images: 4}"]).demo
+    data_dir = dt.ensure_demo_data(demo, verbose=False)
+    clock = iter(range(10**6))  # a slow machine: every step takes one second of the ten
+    monkeypatch.setattr(dt, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    progress = []
+    real = dt.schedule_progress
+    monkeypatch.setattr(dt, "schedule_progress", lambda *a: progress.append(real(*a)) or progress[-1])
+
+    (tmp_path / "teacher").mkdir()
+    info = dt.train_demo_teacher(demo, data_dir, tmp_path / "teacher", verbose=True)
+    assert "demo.teacher.seconds=10 ended its schedule at step" in capsys.readouterr().out
+    assert not info["finished"] and 5 <= info["steps"] < 40
+    assert progress[-1] >= 1 > progress[-2] and progress == sorted(progress)
+    assert progress[-2] > info["steps"] / 40  # the clock, not the step count, set the learning rate
+
+
 # ----------------------------------------------------------------------------- CPU threads
 
 
