@@ -27,11 +27,11 @@ learns to meet fixed text embeddings:
   stride-4 feature map) cannot follow. With it that teacher was also better (zero-shot 55%
   instead of 49.5%).
 
-What the teacher learns is bounded by its steps more than its depth: in about the same time, 4 layers
-for 1000 steps reach 80% zero-shot where 6 layers for 600 steps reach 58%, and the better
-teacher is also the easier one to retrieve (the demo recipe's choice). On a machine too slow
-for the steps within ``seconds``, the learning-rate schedule follows the clock instead
-(`schedule_progress`), so the teacher still ends annealed.
+What the teacher learns is bounded by its steps more than its depth: in about the same time,
+4 layers for 1000 steps reach 80% zero-shot where 6 layers for 600 steps reach 58%, and the
+better teacher is also the easier one for a student to match image by image (the demo
+recipe's choice). On a machine too slow for the steps within ``seconds``, the learning-rate
+schedule follows the clock instead (`schedule_progress`), so the teacher still ends annealed.
 
 The result is a folder in open_clip's local format, ``open_clip_config.json`` (model_cfg,
 preprocess_cfg) and ``open_clip_model.safetensors``, plus ``demo_teacher.json`` (how it was
