@@ -171,6 +171,8 @@ class Recipe:
                     "run.log_every": r.log_every, "run.checkpoint_every": r.checkpoint_every,
                     "run.eval_every": r.eval_every, "run.keep_checkpoints": r.keep_checkpoints,
                     "run.max_nonfinite": r.max_nonfinite, "data.eval_batch_size": d.eval_batch_size}
+        if self.demo is not None:
+            positive["demo.teacher.steps"] = self.demo.teacher.steps
         for key, value in positive.items():
             if value < 1:
                 raise RecipeError(f"{key} must be at least 1, got {value}")
@@ -182,14 +184,14 @@ class Recipe:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
-        if self.demo is not None and (self.demo.teacher.steps < 1 or self.demo.teacher.seconds <= 0):
-            raise RecipeError(f"demo.teacher.steps must be at least 1 and demo.teacher.seconds above 0, got "
-                              f"steps={self.demo.teacher.steps}, seconds={self.demo.teacher.seconds}")
-        if self.demo is not None and self.demo.teacher.consistency_images is not None \
-                and self.demo.teacher.consistency_images < 1:
-            raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
-                              f"got {self.demo.teacher.consistency_images}")
-        if self.demo is None:
+        if self.demo is not None:
+            teacher = self.demo.teacher
+            if teacher.seconds <= 0:
+                raise RecipeError(f"demo.teacher.seconds (the teacher's time cap) must be above 0, got {teacher.seconds}")
+            if teacher.consistency_images is not None and teacher.consistency_images < 1:
+                raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
+                                  f"got {teacher.consistency_images}")
+        else:
             if not self.teacher:
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
                                   "or a 'demo:' section")

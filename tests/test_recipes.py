@@ -87,8 +87,8 @@ def test_overrides_parse_yaml_values_and_reach_every_section():
     ("eval.precision=fp8", r"recipe section 'eval': eval precision 'fp8'"),
     ("novalue", r"override 'novalue' must look like section.key=value"),
     ("demo.teacher.consistency_images=0", r"demo.teacher.consistency_images must be at least 1 or null"),
-    ("demo.teacher.seconds=0", r"demo.teacher.steps must be at least 1 and demo.teacher.seconds above 0"),
-    ("demo.teacher.steps=0", r"demo.teacher.steps must be at least 1 and demo.teacher.seconds above 0"),
+    ("demo.teacher.seconds=0", r"demo.teacher.seconds \(the teacher's time cap\) must be above 0, got 0"),
+    ("demo.teacher.steps=0", r"demo.teacher.steps must be at least 1, got 0"),
     ("run.cpu_threads=0", r"run.cpu_threads must be 'auto' or at least 1, got 0"),
     ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or 'auto', got str 'all'"),
 ])
