@@ -269,6 +269,8 @@ def train(recipe: Recipe) -> dict:
         with accelerator.main_process_first():
             prepare_demo(recipe, verbose=accelerator.is_main_process)
 
+    check_data(recipe)
+
     # ------------------------------------------------- what this folder already holds
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(recipe.run.resume, ckpt_root)
@@ -586,6 +588,16 @@ def check_process_count(processes: int, env: dict | None = None, parent_cmdline:
             f"use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
 
 
+def check_data(recipe: Recipe) -> None:
+    """The training and held-out shards exist and look whole (a few reads per shard), before the
+    teacher is built; a shard that turns bad later is skipped and counted by the loader."""
+    from data.shards import check_shards, resolve_shards
+
+    check_shards(resolve_shards(recipe.data.train))
+    if recipe.data.val is not None:
+        check_shards(resolve_shards(recipe.data.val))
+
+
 def check_output_dir(out: Path, rank: int = 0) -> None:
     """`run.output_dir` must be a folder this process can create and write, before any work is done."""
     try:
@@ -631,7 +643,10 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path, out: Path) -> None:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{saved_path} is not valid YAML ({exc}); it describes the checkpoint being resumed") from None
-    diffs = recipe_differences(saved, recipe.to_dict())
+    now = recipe.to_dict()
+    if _same_saved_teacher(saved.get("teacher", {}).get("pretrained"), now.get("teacher", {}).get("pretrained")):
+        saved["teacher"]["pretrained"] = now["teacher"]["pretrained"]  # a copied run folder names its own copy
+    diffs = recipe_differences(saved, now)
     if diffs and checkpoint.parent.parent.resolve() != out.resolve():
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:8])
         raise RecipeError(f"run.resume={checkpoint} is a checkpoint of another recipe ({saved_path}): {shown}. Resume "
@@ -643,6 +658,18 @@ def check_same_recipe(recipe: Recipe, checkpoint: Path, out: Path) -> None:
             f"{out} holds a run of another recipe, so it cannot be resumed with this one: {shown}{more}. Use another "
             f"run.output_dir for the new recipe, or run.resume=none to start {out} anew (its checkpoints are "
             f"kept aside), or resume with the saved recipe: accelerate launch bootstrap/run.py {saved_path}")
+
+
+def _same_saved_teacher(saved: Any, now: Any) -> bool:
+    """Both name a run's saved random teacher (teacher_weights.safetensors), the same one or a copy."""
+    import filecmp
+
+    if not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    a, b = Path(saved), Path(now)
+    if a.name != "teacher_weights.safetensors" or b.name != a.name or not b.is_file():
+        return False
+    return not a.is_file() or filecmp.cmp(a, b, shallow=False)
 
 
 def finished_summary(out: Path, checkpoint_step: int, steps: int) -> dict | None:
