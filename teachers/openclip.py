@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -33,6 +35,23 @@ __all__ = ["OpenClipTeacher", "create_openclip_teacher", "supported_openclip_mod
 _CUSTOM_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 _MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_notice():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger
+    for pretrained=None; a random teacher is asked for explicitly (and the demo trains it next)."""
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 def config_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Why an open_clip model config is not a plain class-token ViT ([] when it is).
@@ -129,7 +148,8 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
     if weights == "random":
         warnings.warn(f"teacher openclip:{name} has RANDOM weights (pretrained: {spec['pretrained']!r}); "
                       f"only for tests and demos", RandomTeacherWarning, stacklevel=3)
-        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        with _without_random_init_notice():  # the warning above says it, once and with the spec
+            model = open_clip.create_model(arch, pretrained=None, **kwargs)
     elif weights == "file":
         try:
             model = open_clip.create_model(arch, pretrained=str(source), **kwargs)
