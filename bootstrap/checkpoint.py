@@ -84,6 +84,7 @@ class TrainState:
     samples_seen: int = 0  # over all ranks
     nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient
     nonfinite_in_row: int = 0
+    phase: int = 0  # index of the training phase (the optimizer in the checkpoint is this phase's)
 
     def state_dict(self) -> dict:
         return asdict(self)

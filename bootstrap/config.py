@@ -145,10 +145,31 @@ class DemoConfig:
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
 
 
+def student_options(value: Any, where: str = "student"):
+    """The `student:` section: `kind` (default sparseformer) picks the family, whose options class
+    (`students.phases.Training.options`) checks the other keys."""
+    from students.phases import DEFAULT_KIND, TRAININGS, training_for
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"'{where}' must be a mapping of keys, got {type(value).__name__} {value!r}")
+    mapping = dict(value)
+    kind = mapping.pop("kind", DEFAULT_KIND)
+    try:
+        training = training_for(kind)
+    except ValueError as exc:
+        raise RecipeError(f"recipe key '{where}.kind': {exc}") from None
+    return from_dict(training.options, mapping, where)
+
+
 @dataclass
 class Recipe:
     teacher: dict[str, Any] = field(default_factory=dict)
-    student: BootstrapOptions = field(default_factory=BootstrapOptions)
+    # The student family's options (`kind: sparseformer` -> BootstrapOptions, `kind: sparsifiner` -> SparsifyOptions).
+    student: Any = field(default_factory=BootstrapOptions, metadata={"coerce": student_options})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -160,7 +181,11 @@ class Recipe:
     name: Union[str, None] = None  # a name for the run (default: the recipe file stem)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        from students.phases import training_of
+
+        d = _plain(dataclasses.asdict(self))
+        d["student"] = {"kind": training_of(self.student).family, **d["student"]}
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -317,7 +342,9 @@ def from_dict(cls, data: Any, where: str):
             hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
             raise RecipeError(f"unknown recipe key '{_join(where, key)}'.{hint} "
                               f"Valid keys{' of ' + where if where else ''}: {', '.join(names)}")
-    values = {key: _coerce(types_[key], value, _join(where, key)) for key, value in data.items()}
+    coerce = {f.name: f.metadata.get("coerce") for f in dataclasses.fields(cls)}
+    values = {key: (coerce[key] or (lambda v, w, tp=types_[key]: _coerce(tp, v, w)))(value, _join(where, key))
+              for key, value in data.items()}
     obj = cls(**values)
     own_check = getattr(cls, "from_dict", None)
     if own_check is not None:  # sections owned by other packages check their own values too

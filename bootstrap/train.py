@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, TrainState, list_checkpoints, load_checkpoint, read_manifest,
-                         resolve_resume, save_checkpoint)
+                         read_state, resolve_resume, save_checkpoint)
 from .config import Recipe, RecipeError
 from .loss import alignment_loss, batch_cosine
 
@@ -48,21 +48,28 @@ class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
 
-class AlignedStudent(nn.Module):
-    """The student's output that is compared with ``teacher.embed``.
+class TrainingForward(nn.Module):
+    """The student's training forward of one phase: a dict of what the phase's loss terms read.
 
-    CLIP teachers (target 'proj'): the projected embedding, ``student(x)``. Other teachers
-    (target 'norm'): the pre-logits feature, norm without the head. Prepared (wrapped for
-    DDP/FSDP) as one module so that the distributed wrapper sees the forward that trains.
+    ``embedding`` is what is compared with the teacher's embedding: for CLIP teachers (target
+    'proj') the projected embedding, for others (target 'norm') the pre-logits feature. The
+    family's `Training.forward` computes it (and ``tokens``, ``approx_attn``, ... where the phase
+    asks). Prepared (wrapped for DDP) as one module so that the distributed wrapper sees the
+    forward that trains.
     """
 
-    def __init__(self, student: nn.Module, pre_logits: bool):
+    def __init__(self, student: nn.Module, forward, outputs: tuple[str, ...], pre_logits: bool):
         super().__init__()
         self.student = student
-        self.pre_logits = pre_logits
+        self._forward, self.outputs, self.pre_logits = forward, outputs, pre_logits
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.student(images, pre_logits=self.pre_logits)
+    def forward(self, images: Tensor) -> dict:
+        return self._forward(self.student, images, self.outputs, self.pre_logits)
+
+
+def new_window() -> dict:
+    """The running sums of the steps since the last log line."""
+    return {"sums": {}, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -241,8 +248,11 @@ def train(recipe: Recipe) -> dict:
     from tqdm.auto import tqdm
 
     from data.stream import build_train_loader
-    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from students.bootstrap import optimizer_param_groups
+    from students.phases import PhaseContext, training_of
     from teachers import create_teacher, resolve_spec
+
+    from students.phases import training_of
 
     t_start = time.time()
     out = Path(recipe.run.output_dir)
@@ -280,9 +290,10 @@ def train(recipe: Recipe) -> dict:
     if resume_from is not None:
         manifest = read_manifest(resume_from)
         check_same_recipe(recipe, resume_from, out)
-        done = finished_summary(out, manifest["train_state"]["step"], recipe.optim.steps)
+        steps = training_of(recipe.student).steps(recipe.student, recipe.optim)
+        done = finished_summary(out, manifest["train_state"]["step"], steps)
         if done is not None:
-            _say(accelerator, f"{out} is a finished run (step {done['steps']} of {recipe.optim.steps}); nothing was "
+            _say(accelerator, f"{out} is a finished run (step {done['steps']} of {steps}); nothing was "
                               f"changed. Evaluate it again with python -m eval {out}; to train anew, use another "
                               f"run.output_dir or run.resume=none")
             return {**done, "already_finished": True}
@@ -302,26 +313,38 @@ def train(recipe: Recipe) -> dict:
         _atomic_write(out / "recipe.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
     teacher.to(device).eval()
-    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
+    training = training_of(recipe.student)
+    student, policy = training.build(teacher, recipe.student)
     pre_logits = teacher.target != "proj"
-    if pre_logits and any(p.requires_grad for p in student.proj.parameters()):
-        # The aligned output stops before the head, so the head would get no gradient.
-        student.proj.requires_grad_(False)
+    phases = training.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
+    total_steps = sum(p.steps for p in phases)
     _say(accelerator, f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, "
-                      f"{teacher.depth} blocks, width {teacher.width}); {policy.summary()}")
-    model = AlignedStudent(student, pre_logits)
-
+                      f"{teacher.depth} blocks, width {teacher.width}); {training.family} student, "
+                      f"{policy.summary()}; phases: " + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases))
     o = recipe.optim
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, o.steps, o.min_lr / o.lr))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def start_phase(index: int):
+        """The phase's trainable parameters, a fresh optimizer and schedule, and the module that trains
+        (wrapped anew, so that DDP sees exactly the parameters this phase trains)."""
+        phase = phases[index]
+        training.enter(student, policy, phase)
+        module = TrainingForward(student, training.forward, phase.outputs, pre_logits)
+        opt = torch.optim.AdamW(optimizer_param_groups(module, o.weight_decay), lr=phase.lr, betas=tuple(o.betas),
+                                eps=o.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, phase.warmup_steps, phase.steps, phase.min_lr / phase.lr))
+        return accelerator.prepare(module, opt, sched)
+
     state = TrainState()
     if resume_from is not None:
+        state.phase = read_state(resume_from).get("phase", 0)
+    else:  # the first phase that has steps
+        state.phase = next((i for i, p in enumerate(phases) if p.steps > 0), len(phases) - 1)
+    model, optimizer, scheduler = start_phase(state.phase)
+    if resume_from is not None:
         load_checkpoint(accelerator, resume_from, state, model, optimizer, scheduler)
-        _say(accelerator, f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, "
-                          f"batch {state.batch_in_epoch} of the epoch)")
+        _say(accelerator, f"resumed from {resume_from} (step {state.step}, phase {phases[state.phase].name}, "
+                          f"epoch {state.epoch}, batch {state.batch_in_epoch} of the epoch)")
     metrics = MetricsLog(accelerator, out / "metrics.jsonl", state.step if resume_from else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("tb")
@@ -347,10 +370,11 @@ def train(recipe: Recipe) -> dict:
     def check_alignment(step: int) -> dict | None:
         if heldout is None:
             return None
-        model.eval()
-        # Every rank runs it (FSDP needs all ranks in a forward); the main process logs it.
-        feats = embed_all(model, heldout[0], d.eval_batch_size, device, accelerator.autocast)
-        model.train()
+        student.eval()
+        # Every rank runs it (each holds the whole student); the main process logs it.
+        feats = embed_all(lambda x: student(x, pre_logits=pre_logits), heldout[0], d.eval_batch_size, device,
+                          accelerator.autocast)
+        student.train()
         result = fidelity(feats, heldout[1])
         metrics.log(step, {f"heldout/{k}": v for k, v in result.items()})
         if accelerator.is_main_process:
@@ -370,18 +394,27 @@ def train(recipe: Recipe) -> dict:
         first_check, last_check = (_heldout(logged[0]), _heldout(logged[-1])) if logged else (None, None)
     if first_check:
         _say(accelerator, "held-out alignment at the start: " + _fmt(first_check))
-    bar = tqdm(total=o.steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
                desc="bootstrapping", unit="step", dynamic_ncols=True, file=sys.stdout)
-    window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
+    window = new_window()
     last_check, grad_norm = last_check or first_check, float("nan")
     model.train()
-    stop_at = o.steps if r.stop_after is None else min(o.steps, r.stop_after)
+    stop_at = total_steps if r.stop_after is None else min(total_steps, r.stop_after)
+    phase_end = sum(p.steps for p in phases[:state.phase + 1])
     while state.step < stop_at:
+        while state.step >= phase_end and state.phase + 1 < len(phases):  # this phase is over: the next one
+            state.phase += 1
+            phase_end += phases[state.phase].steps
+            if phases[state.phase].steps:
+                model, optimizer, scheduler = start_phase(state.phase)
+                model.train()
+                _say(accelerator, f"step {state.step}: phase {phases[state.phase].name} "
+                                  f"({phases[state.phase].steps} steps)")
+        phase = phases[state.phase]
         t0 = time.perf_counter()
         wait = 0.0
         skipped = False
-        loss_sum = torch.zeros((), device=device)
-        cos_sum = torch.zeros((), device=device)
+        sums = {name: torch.zeros((), device=device) for name in ("loss", "cos", *(t.name for t in phase.terms))}
         for micro in range(ga):
             tw = time.perf_counter()
             images, extras = next(batch_iter)
@@ -390,12 +423,13 @@ def train(recipe: Recipe) -> dict:
                 keys_file.write("".join(f"{state.epoch}\t{state.step}\t{k}\n" for k in extras["__key__"]))
             batches.consumed()
             images = images.to(device, non_blocking=True)
-            with accelerator.autocast():
-                target = teacher.embed(images)
+            with accelerator.autocast(), torch.no_grad():
+                target = teacher.targets(images, phase.needs)
             sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)
-                loss = alignment_loss(output, target, recipe.loss.type, recipe.loss.beta, recipe.loss.normalize)
+                terms = {t.name: t.fn(output, target) for t in phase.terms}
+                loss = sum(t.weight * terms[t.name] for t in phase.terms)
                 if state.step in inject:
                     loss = loss * float("nan")
                 # Every rank must take the same decision, or DDP's gradient all-reduce would hang.
@@ -406,8 +440,11 @@ def train(recipe: Recipe) -> dict:
                     skipped = True
                     break
                 accelerator.backward(loss / ga)
-            loss_sum += loss.detach()
-            cos_sum += batch_cosine(output.detach(), target)
+            sums["loss"] += loss.detach()
+            for name, value in terms.items():
+                sums[name] += value.detach()
+            if "embedding" in output and "embedding" in target:
+                sums["cos"] += batch_cosine(output["embedding"].detach(), target["embedding"])
         if not skipped:
             if o.grad_clip is not None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -438,8 +475,8 @@ def train(recipe: Recipe) -> dict:
                     f"then resume with run.resume={path}")
         else:
             state.nonfinite_in_row = 0
-            window["loss"] += loss_sum.item() / ga
-            window["cos"] += cos_sum.item() / ga
+            for name, value in sums.items():
+                window["sums"][name] = window["sums"].get(name, 0.0) + value.item() / ga
             window["n"] += 1
         window["time"] += time.perf_counter() - t0
         window["wait"] += wait
@@ -447,21 +484,27 @@ def train(recipe: Recipe) -> dict:
         ips = window["images"] / max(window["time"], 1e-9)
         bar.update(1)
 
-        if state.step % r.log_every == 0 or state.step == o.steps:
+        if state.step % r.log_every == 0 or state.step == total_steps:
             n = max(window["n"], 1)
-            stats = torch.tensor([window["loss"] / n, window["cos"] / n], device=device)
+            # Every phase's log line has the same keys; a window of skipped steps only logs NaN losses.
+            names = ["loss", "cos", *(t.name for t in phase.terms)]
+            stats = torch.tensor([window["sums"][k] / n if k in window["sums"] else float("nan") for k in names],
+                                 device=device)
             if world > 1:
                 stats = accelerator.reduce(stats, "mean")
-            values = {"train/loss": stats[0].item(), "train/cosine": stats[1].item(),
-                      "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": ips,
-                      "train/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-                      "train/grad_norm": grad_norm, "train/epoch": state.epoch,
-                      "train/nonfinite_total": state.nonfinite_total}
+            values = {("train/cosine" if k == "cos" else f"train/{k}"): stats[i].item() for i, k in enumerate(names)
+                      if k != "cos" or "embedding" in phase.needs}
+            values.update({"train/lr": scheduler.get_last_lr()[0], "train/img_per_s": ips,
+                           "train/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
+                           "train/grad_norm": grad_norm, "train/epoch": state.epoch, "train/phase": state.phase,
+                           "train/nonfinite_total": state.nonfinite_total})
             metrics.log(state.step, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", cos=f"{values['train/cosine']:.3f}",
-                            img_s=f"{ips:.0f}")
-            window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
-        if state.step % r.eval_every == 0 or state.step == o.steps:
+            postfix = {"loss": f"{values.get('train/loss', float('nan')):.4f}", "img_s": f"{ips:.0f}"}
+            if "train/cosine" in values:
+                postfix["cos"] = f"{values['train/cosine']:.3f}"
+            bar.set_postfix(postfix)
+            window = new_window()
+        if state.step % r.eval_every == 0 or state.step == total_steps:
             last_check = check_alignment(state.step)
             if last_check and accelerator.is_main_process:
                 bar.write(f"step {state.step}: held-out " + _fmt(last_check), file=sys.stdout)
@@ -470,8 +513,8 @@ def train(recipe: Recipe) -> dict:
     bar.close()
     if keys_file is not None:
         keys_file.close()
-    if state.step < o.steps:  # run.stop_after
-        _say(accelerator, f"stopped after step {state.step} of {o.steps} (run.stop_after); the same command "
+    if state.step < total_steps:  # run.stop_after
+        _say(accelerator, f"stopped after step {state.step} of {total_steps} (run.stop_after); the same command "
                           f"with run.stop_after=null resumes from {ckpt_root}")
         accelerator.end_training()
         return {"finished": False, "steps": state.step}

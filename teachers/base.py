@@ -219,6 +219,22 @@ class Teacher(nn.Module):
 
     forward = embed
 
+    def targets(self, images: Tensor, needs: Sequence[str]) -> dict[str, Any]:
+        """What a training phase's loss terms read from the teacher (`students.phases`), by name:
+        ``embedding`` (`embed`), ``tokens`` (`final_tokens`: every final-normed token) and
+        ``attention`` (`attention_maps`: each block's dense map)."""
+        unknown = [n for n in needs if n not in ("embedding", "tokens", "attention")]
+        if unknown:
+            raise ValueError(f"unknown teacher targets {unknown}; the targets are embedding, tokens, attention")
+        out: dict[str, Any] = {}
+        if "embedding" in needs:
+            out["embedding"] = self.embed(images)
+        if "tokens" in needs:
+            out["tokens"] = self.final_tokens(images)
+        if "attention" in needs:
+            out["attention"] = self.attention_maps(images)
+        return out
+
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(self.preprocess.size) or images.shape[1] != 3:
             raise ValueError(
