@@ -2,6 +2,7 @@
 
 from .config import CompatibleConfig, ConfigError, GridSampleConfig, SparseFormerConfig
 from .sparseformer import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace
+from .sparsifiner import Sparsifiner, SparsifinerConfig, SparsifinerOutput
 
 __all__ = [
     "CompatibleConfig",
@@ -12,6 +13,9 @@ __all__ = [
     "SparseFormerConfig",
     "SparseFormerOutput",
     "SparseFormerTrace",
+    "Sparsifiner",
+    "SparsifinerConfig",
+    "SparsifinerOutput",
 ]
 from .registry import (
     CheckpointMismatchError,
