@@ -38,4 +38,7 @@ __all__ += [
     "load_state_dict_file",
     "load_student",
 ]
+from .sparsify import PhasedParameterPolicy, SparsifyOptions, sparsify
+
+__all__ += ["PhasedParameterPolicy", "SparsifyOptions", "sparsify"]
 from . import timm_models  # registers SparseFormer with timm (and open_clip's local-dir: loading)

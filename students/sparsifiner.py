@@ -36,7 +36,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .config import ConfigError, unknown_key_error
+from .config import ConfigError, read_json, unknown_key_error
 
 __all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "SparsifinerConfig", "SparsifinerOutput",
            "MaskPredictor"]
@@ -108,11 +108,7 @@ class SparsifinerConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str) -> "SparsifinerConfig":
-        text = path_or_text
-        if not path_or_text.lstrip().startswith("{"):
-            with open(path_or_text) as f:
-                text = f.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(path_or_text))
 
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -439,6 +435,11 @@ class Sparsifiner(VisionTransformer):
     @property
     def budgets(self) -> list[int]:
         return [blk.attn.budget for blk in self.blocks]
+
+    @property
+    def sparse_blocks(self) -> list[int]:
+        """The blocks whose attention is masked (keep rate below 1); the others attend densely."""
+        return [i for i, blk in enumerate(self.blocks) if blk.attn.is_sparse]
 
     @property
     def num_tokens(self) -> int:
