@@ -24,6 +24,7 @@ from .base import (
     TeacherSpecError,
     TeacherWeightsError,
     UnsupportedTeacherError,
+    _ln_affine,
     block_parts,
     closest,
 )
@@ -325,6 +326,20 @@ class OpenClipTeacher(Teacher):
     def _embed_tokens(self, images: Tensor) -> Tensor:
         # VisionTransformer._embeds: conv1, class token, positional embedding, patch dropout, ln_pre.
         return self.model.visual._embeds(images)
+
+    def _stem_state_dict(self) -> dict[str, Tensor]:
+        # open_clip's conv1 (no bias), class_embedding [C], positional_embedding [N, C], ln_pre in timm's names.
+        visual = self.model.visual
+        sd = {"patch_embed.proj.weight": visual.conv1.weight,
+              "cls_token": visual.class_embedding.reshape(1, 1, -1),
+              "pos_embed": visual.positional_embedding.unsqueeze(0)}
+        if not isinstance(visual.ln_pre, nn.Identity):
+            sd.update({"norm_pre." + k: v for k, v in _ln_affine(visual.ln_pre, "").items()})
+        return sd
+
+    def _attention_params(self, i: int):
+        blk = self._blocks()[i]
+        return blk.ln_1, blk.attn.in_proj_weight, blk.attn.in_proj_bias
 
     def _final_norm(self) -> nn.Module:
         return self.model.visual.ln_post
