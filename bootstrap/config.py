@@ -345,7 +345,10 @@ def from_dict(cls, data: Any, where: str):
     coerce = {f.name: f.metadata.get("coerce") for f in dataclasses.fields(cls)}
     values = {key: (coerce[key] or (lambda v, w, tp=types_[key]: _coerce(tp, v, w)))(value, _join(where, key))
               for key, value in data.items()}
-    obj = cls(**values)
+    try:
+        obj = cls(**values)
+    except ValueError as exc:  # a section's own checks (__post_init__)
+        raise RecipeError(f"recipe section '{where}': {exc}") from None
     own_check = getattr(cls, "from_dict", None)
     if own_check is not None:  # sections owned by other packages check their own values too
         try:

@@ -314,7 +314,10 @@ def train(recipe: Recipe) -> dict:
     accelerator.wait_for_everyone()
     teacher.to(device).eval()
     training = training_of(recipe.student)
-    student, policy = training.build(teacher, recipe.student)
+    try:
+        student, policy = training.build(teacher, recipe.student)
+    except ValueError as exc:  # options that do not fit this teacher (e.g. a per-block list of the wrong length)
+        raise RecipeError(f"the student section does not fit teacher {teacher.kind}:{teacher.name}: {exc}") from None
     pre_logits = teacher.target != "proj"
     phases = training.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
     total_steps = sum(p.steps for p in phases)
@@ -531,7 +534,7 @@ def train(recipe: Recipe) -> dict:
             "finished": True, "steps": state.step, "samples_seen": state.samples_seen, "nonfinite_total": state.nonfinite_total,
             "processes": world, "global_batch": global_batch, "seconds": round(time.time() - t_start, 1),
             "heldout_start": first_check, "heldout_end": last_check, "resumed_from": str(resume_from or ""),
-            "parameters": {"trainable": policy.num_trainable, "frozen": policy.num_frozen},
+            "parameters": policy.counts(),
             "loader": skipped,
             "rank_checksums": checksums,
         }

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bootstrap import BootstrapOptions
+from .sparsify import SparsifyOptions
+
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
@@ -102,6 +105,8 @@ def alignment_term(loss_cfg, weight: float = 1.0) -> LossTerm:
 # ----------------------------------------------------------------------------- SparseFormer
 
 
+
+
 def _sparseformer_build(teacher: "Teacher", options) -> tuple[nn.Module, Any]:
     from .bootstrap import bootstrap_student
 
@@ -129,19 +134,111 @@ def _embedding_forward(student: nn.Module, images: Tensor, outputs: tuple[str, .
     return {"embedding": student(images, pre_logits=pre_logits)}
 
 
+# ----------------------------------------------------------------------------- Sparsifiner
+
+
+@dataclass
+class SparsifinerOptions(SparsifyOptions):
+    """A recipe's `student:` section for `kind: sparsifiner`: the construction (`SparsifyOptions`)
+    and the two phases. `optim.*` is the sparse phase's; the reconstruct phase has its own steps,
+    learning rate and warm-up (the authors': 5 of 50 epochs at 3e-4, then 45 at 8e-5)."""
+
+    reconstruct_steps: int = 1000  # only the predictors train, on the teacher's attention maps
+    reconstruct_lr: float = 3e-4
+    reconstruct_warmup_steps: int = 100
+    reconstruct_weight: float = 0.01  # x sum over batch, heads, rows, keys; mean over blocks (the authors')
+    token_weight: float = 0.5  # sparse phase: + this x MSE of the final-normed patch tokens
+    kl_weight: float = 0.5  # sparse phase, supervised teachers: + this x KL(student logits || teacher logits)
+    kl_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.reconstruct_steps < 0 or self.reconstruct_warmup_steps < 0:
+            raise ValueError(f"student.reconstruct_steps and reconstruct_warmup_steps must be >= 0, got "
+                             f"{self.reconstruct_steps} and {self.reconstruct_warmup_steps}")
+        if self.reconstruct_warmup_steps > self.reconstruct_steps:
+            raise ValueError(f"student.reconstruct_warmup_steps={self.reconstruct_warmup_steps} must not exceed "
+                             f"student.reconstruct_steps={self.reconstruct_steps}")
+        if not self.reconstruct_lr > 0 or self.kl_temperature <= 0:
+            raise ValueError("student.reconstruct_lr and kl_temperature must be above 0")
+        for key in ("reconstruct_weight", "token_weight", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"student.{key} must be >= 0, got {getattr(self, key)}")
+
+    def construction(self) -> dict:
+        """The `sparsify` options alone."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SparsifyOptions)}
+
+
+def _sparsifiner_build(teacher: "Teacher", options) -> tuple[nn.Module, Any]:
+    from .sparsify import sparsify
+
+    return sparsify(teacher, **options.construction())
+
+
+def _sparsifiner_phases(ctx: PhaseContext) -> list[Phase]:
+    from bootstrap.loss import attention_reconstruction_loss, token_loss
+
+    opts, student, teacher, o = ctx.options, ctx.student, ctx.teacher, ctx.optim
+    sparse_blocks = list(student.sparse_blocks)
+    prefix = student.num_prefix_tokens
+
+    def reconstruct(out, target):
+        return attention_reconstruction_loss([out["approx_attn"][i] for i in sparse_blocks],
+                                             [target["attention"][i] for i in sparse_blocks], weight=1.0)
+
+    def tokens(out, target):  # the patch tokens: the prefix tokens (class token, registers) are aligned above
+        return token_loss(out["tokens"][:, prefix:], target["tokens"][:, prefix:])
+
+    sparse_terms = [alignment_term(ctx.loss)]
+    if opts.token_weight > 0:
+        sparse_terms.append(LossTerm("tokens", opts.token_weight, ("tokens",), tokens))
+    head = teacher.head_state_dict() if teacher.family == "supervised" else None
+    if head is not None and opts.kl_weight > 0:
+        weight = head["weight"].detach().clone()
+        bias = head.get("bias")
+        bias = None if bias is None else bias.detach().clone()
+        temp = opts.kl_temperature
+
+        def kl(out, target):
+            t_logits = F.linear(target["embedding"].float(), weight.to(target["embedding"].device),
+                                None if bias is None else bias.to(target["embedding"].device))
+            s_log = F.log_softmax(out["logits"].float() / temp, dim=-1)
+            return F.kl_div(s_log, F.log_softmax(t_logits / temp, dim=-1), log_target=True,
+                            reduction="batchmean") * temp ** 2
+
+        sparse_terms.append(LossTerm("kl", opts.kl_weight, ("embedding",), kl))
+    sparse_outputs = ("embedding", "tokens", "logits") if len(sparse_terms) > 1 else ("embedding",)
+    return [
+        Phase("reconstruct", opts.reconstruct_steps, opts.reconstruct_lr, o.min_lr, opts.reconstruct_warmup_steps,
+              ("approx_attn",), (LossTerm("reconstruct", opts.reconstruct_weight, ("attention",), reconstruct),)),
+        Phase("sparse", o.steps, o.lr, o.min_lr, o.warmup_steps, sparse_outputs, tuple(sparse_terms)),
+    ]
+
+
+def _sparsifiner_enter(student: nn.Module, policy, phase: Phase):
+    return policy.apply(student, phase.name)  # requires_grad and student.set_phase
+
+
+def _sparsifiner_forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
+    if outputs == ("embedding",):
+        return {"embedding": student(images, pre_logits=pre_logits)}
+    details = student.forward_details(images, attention=False)
+    return {"embedding": details.pre_logits if pre_logits else details.output, "logits": details.output,
+            "tokens": details.tokens, "approx_attn": details.approx_attn}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
-def _sparseformer_options():
-    from .bootstrap import BootstrapOptions
-
-    return BootstrapOptions
 
 
 TRAININGS: dict[str, Callable[[], Training]] = {
-    "sparseformer": lambda: Training("sparseformer", _sparseformer_options(), _sparseformer_build,
+    "sparseformer": lambda: Training("sparseformer", BootstrapOptions, _sparseformer_build,
                                      _sparseformer_phases, _sparseformer_enter, _embedding_forward,
                                      lambda options, optim: optim.steps),
+    "sparsifiner": lambda: Training("sparsifiner", SparsifinerOptions, _sparsifiner_build,
+                                    _sparsifiner_phases, _sparsifiner_enter, _sparsifiner_forward,
+                                    lambda options, optim: options.reconstruct_steps + optim.steps),
 }
 DEFAULT_KIND = "sparseformer"
 

@@ -91,6 +91,9 @@ class PhasedParameterPolicy:
     def summary(self) -> str:
         return "; ".join(f"{name}: {p.summary()}" for name, p in self.phases.items())
 
+    def counts(self) -> dict:
+        return {name: p.counts() for name, p in self.phases.items()}
+
     def to_dict(self) -> dict:
         return {name: p.to_dict() for name, p in self.phases.items()}
 

@@ -226,13 +226,18 @@ class Teacher(nn.Module):
         unknown = [n for n in needs if n not in ("embedding", "tokens", "attention")]
         if unknown:
             raise ValueError(f"unknown teacher targets {unknown}; the targets are embedding, tokens, attention")
+        if not any(n in needs for n in ("tokens", "attention")):
+            return {"embedding": self.embed(images)} if "embedding" in needs else {}
+        # One pass through the tower gives all of them.
+        x, maps = self._tower_pass(images, attention="attention" in needs)
         out: dict[str, Any] = {}
-        if "embedding" in needs:
-            out["embedding"] = self.embed(images)
-        if "tokens" in needs:
-            out["tokens"] = self.final_tokens(images)
+        with torch.no_grad():
+            if "embedding" in needs:
+                out["embedding"] = self._pool_norm_head(x)
+            if "tokens" in needs:
+                out["tokens"] = self._final_norm()(x)
         if "attention" in needs:
-            out["attention"] = self.attention_maps(images)
+            out["attention"] = maps
         return out
 
     def _check_images(self, images: Tensor) -> None:
@@ -319,29 +324,32 @@ class Teacher(nn.Module):
         """Block i's pre-attention norm and fused qkv weight [3C, C] and bias."""
         raise NotImplementedError
 
-    def attention_maps(self, images: Tensor) -> list[Tensor]:
-        """Every block's dense attention probabilities [B, H, N, N]: softmax(q kᵀ / sqrt(d)), recomputed
-        from the block's own q and k (fused attention kernels never form them), then the block runs."""
+    def _tower_pass(self, images: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
+        """Tokens leaving the last block, and (with `attention`) every block's dense attention
+        probabilities [B, H, N, N]: softmax(q kᵀ / sqrt(d)), recomputed from the block's own q and k
+        (fused attention kernels never form them) before the block runs."""
         self._check_images(images)
         maps = []
         with torch.no_grad():
             x = self._embed_tokens(images)
             for i in range(self.depth):
-                norm, weight, bias = self._attention_params(i)
-                b, n, c = x.shape
-                qk = torch.nn.functional.linear(norm(x), weight[: 2 * c], None if bias is None else bias[: 2 * c])
-                q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-                maps.append(((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1))
+                if attention:
+                    norm, weight, bias = self._attention_params(i)
+                    b, n, c = x.shape
+                    qk = torch.nn.functional.linear(norm(x), weight[: 2 * c], None if bias is None else bias[: 2 * c])
+                    q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+                    maps.append(((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1))
                 x = self._run_block(i, x)
-        return maps
+        return x, maps
+
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
+        """Every block's dense attention probabilities [B, H, N, N] (see `_tower_pass`)."""
+        return self._tower_pass(images, attention=True)[1]
 
     def final_tokens(self, images: Tensor) -> Tensor:
         """Every token leaving the last block, after the final norm: [B, N, width], class token first."""
-        self._check_images(images)
+        x, _ = self._tower_pass(images, attention=False)
         with torch.no_grad():
-            x = self._embed_tokens(images)
-            for i in range(self.depth):
-                x = self._run_block(i, x)
             return self._final_norm()(x)
 
     # ------------------------------------------------------------------ text
