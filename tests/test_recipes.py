@@ -22,14 +22,43 @@ PAPER = {
 
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "dinov2_base"]
+    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
+                     "dinov2_base", "sparsifiner_clip_base", "sparsifiner_deit_small"]
     for name in names:
-        overrides = [] if name == "demo" else ["data.train=/data/train"]
+        overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
         assert recipe.name == name and recipe.run.output_dir == f"runs/{name}"
         # The resolved recipe reads back to the same recipe.
         again = load_recipe(None, base=yaml.safe_load(recipe.to_yaml()))
         assert again == recipe
+
+
+def test_the_sparsifiner_demo_shares_the_demos_data_and_teacher():
+    from bootstrap.demo_teacher import _data_key, _teacher_key
+
+    demo, sparse = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / "demo_sparsifiner.yaml")
+    assert _data_key(sparse.demo) == _data_key(demo.demo) and _teacher_key(sparse.demo) == _teacher_key(demo.demo)
+    assert type(sparse.student).__name__ == "SparsifinerOptions"
+
+
+@pytest.mark.parametrize("name,budget,basis,reduced", [("sparsifiner_deit_small", 50, 32, 32),
+                                                      ("sparsifiner_clip_base", 50, 32, 32)])
+def test_sparsifiner_recipes_build_the_papers_student(name, budget, basis, reduced):
+    """The paper's DeiT-S setting (and the CLIP one): 50 of 197 keys, K = 32, c = 32, every block sparse."""
+    import warnings
+
+    from students.phases import training_of
+    from teachers import create_teacher
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.train=/data/train"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher({**recipe.teacher, "pretrained": False})
+    student, policy = training_of(recipe.student).build(teacher, recipe.student)
+    cfg = student.config
+    assert student.budgets == [budget] * 12 and student.sparse_blocks == list(range(12))
+    assert (cfg.num_basis, cfg.reduced_dim) == (basis, reduced)
+    assert set(policy.phases) == {"reconstruct", "sparse"}
 
 
 def test_real_recipes_need_training_data():
