@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .classify import classification_eval, head_applies
 from .cost import compare_cost
@@ -145,12 +145,60 @@ def _describe_teacher(teacher) -> dict:
 
 def _describe_student(student: nn.Module) -> dict:
     cfg = getattr(student, "config", None)
-    out = dict(type=type(student).__name__)
+    out = dict(type=type(student).__name__, family=_family_name(student))
     if cfg is not None:
-        out.update(latent_tokens=getattr(student, "num_tokens", None), cls_token=cfg.has_cls_token,
+        out.update(latent_tokens=getattr(student, "num_tokens", None), cls_token=getattr(cfg, "has_cls_token", True),
                    embed_dim=cfg.embed_dim,
                    output_dim=cfg.output_dim, model_type=getattr(cfg, "model_type", None))
     return out
+
+
+def _family_name(student: nn.Module) -> str | None:
+    from students.families import family_of
+
+    try:
+        return family_of(student).name
+    except TypeError:  # e.g. a teacher standing in for a perfect student
+        return None
+
+
+# ----------------------------------------------------------------------------- what each family adds
+
+
+def _rois_picture(student, images: Tensor, path: Path, teacher) -> None:
+    draw_rois(student, images, path, teacher.preprocess.mean, teacher.preprocess.std)
+
+
+def _kept_keys_picture(student, images: Tensor, path: Path, teacher) -> None:
+    from .attention_maps import kept_keys_figure
+
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    mean = torch.tensor(teacher.preprocess.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.preprocess.std, device=images.device).view(1, 3, 1, 1)
+    block = student.sparse_blocks[-1] if student.sparse_blocks else -1
+    kept_keys_figure(images * std + mean, masks, path, block=block, num_prefix=student.num_prefix_tokens)
+
+
+def _attention_cost(student, images: Tensor) -> dict:
+    """Attention counted as executed and under the mask (the paper's accounting), with each block's density."""
+    from .attention_cost import attention_cost
+
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    return attention_cost(student, masks).to_dict()
+
+
+# family -> (report key, picture file, draw(student, images, path, teacher), section title, caption)
+PICTURES = {
+    "sparseformer": ("rois", "rois.png", _rois_picture, "Where the student looks",
+                     "Each token's RoI and sampling points at every sampling stage, then the final RoIs."),
+    "sparsifiner": ("kept_keys", "kept_keys.png", _kept_keys_picture, "What the student attends to",
+                    "For a few query patches (red squares) of a few images, the keys each keeps in the last sparse "
+                    "block (head 0), lit; the rest dimmed."),
+}
+# family -> a section of its own cost, measured on the evaluation images
+EXTRA_COST = {"sparsifiner": _attention_cost}
 
 
 def _jsonable(obj):
@@ -221,10 +269,14 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
             if cfg.probe:
                 report["linear_probe"] = _probe(cfg, features, teacher, student, transform, device,
                                                 autocast_dtype, progress)
-            if cfg.rois and out_dir is not None and hasattr(student, "forward_details"):
-                pic = draw_rois(student, _first_images(loader, cfg.roi_images), out_dir / "rois.png",
-                                teacher.preprocess.mean, teacher.preprocess.std)
-                report["rois"] = Path(pic["path"]).name
+            picture = PICTURES.get(_family_name(student))
+            if cfg.rois and out_dir is not None and picture is not None:
+                key, name, draw = picture[:3]
+                draw(student, _first_images(loader, cfg.roi_images).to(device), out_dir / name, teacher)
+                report[key] = name
+            extra = EXTRA_COST.get(_family_name(student))
+            if extra is not None and cfg.cost:
+                report["attention_cost"] = extra(student, _first_images(loader, cfg.cost_batch_size).to(device))
         else:
             notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and RoI pictures skipped")
         if cfg.cost:
@@ -312,10 +364,11 @@ def _accuracy_table(section: Mapping[str, Any]) -> list[str]:
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: one table per section, teacher and student side by side."""
     t = report["teacher"]
-    lines = [f"# Evaluation: SparseFormer student of {t['kind']}:{t['name']} ({t['family']})", ""]
     st = report.get("student", {})
+    lines = [f"# Evaluation: {st.get('type', 'SparseFormer')} student of {t['kind']}:{t['name']} ({t['family']})", ""]
     cls = " + a class token" if st.get("cls_token") else ""
-    lines.append(f"Student: {st.get('type', '?')} with {st.get('latent_tokens', '?')} latent tokens{cls}; teacher: "
+    tokens = "latent tokens" if st.get("family", "sparseformer") == "sparseformer" else "tokens"
+    lines.append(f"Student: {st.get('type', '?')} with {st.get('latent_tokens', '?')} {tokens}{cls}; teacher: "
                  f"{t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
                  f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report.get('device', '?')}.")
     if "eval_set" in report:
@@ -366,10 +419,19 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             ("peak memory (MB, weights + activations)", lambda x: _num(x, 1), ct.get("peak_mb"), cs.get("peak_mb")),
         ])
         lines += ["", "FLOPs counted with torch's FlopCounterMode (matrix products, convolutions, attention).", ""]
-    if "rois" in report:
-        lines += ["## Where the student looks", "",
-                  "Each token's RoI and sampling points at every sampling stage, then the final RoIs.", "",
-                  f"![RoIs]({report['rois']})", ""]
+    if "attention_cost" in report:
+        a = report["attention_cost"]
+        lines += ["## Attention (multiply-adds per image of QKᵀ, AV and the connectivity predictor)", "",
+                  "| block | kept keys (density) | executed GMACs | under the mask GMACs |", "|---:|---:|---:|---:|"]
+        lines += [f"| {b['block']} | {_pct(b['density'])} | {b['executed_gmacs']:.4f} | {b['masked_gmacs']:.4f} |"
+                  for b in a["blocks"]]
+        lines += [f"| all | | {a['executed_gmacs']:.4f} | {a['masked_gmacs']:.4f} |", "",
+                  f"Dense attention (QKᵀ and AV, no predictor): {a['dense_gmacs']:.4f} GMACs. Executed: what this "
+                  f"code runs; under the mask: the paper's accounting (only the kept pairs, predictor included).", ""]
+    for key, name, _, title, caption in PICTURES.values():
+        if key in report:
+            label = "RoIs" if key == "rois" else title
+            lines += [f"## {title}", "", caption, "", f"![{label}]({report[key]})", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
