@@ -84,6 +84,12 @@ def resolve_classnames(classnames: str | Sequence[str] | None, dataset_classname
     import open_clip
 
     if classnames == "imagenet":
+        if dataset_classnames is not None and len(dataset_classnames) != len(open_clip.IMAGENET_CLASSNAMES):
+            # Labels index the eval set's own classes: ImageNet-1k's names would score against the wrong ones.
+            raise ValueError(
+                f"classnames 'imagenet' names ImageNet-1k's {len(open_clip.IMAGENET_CLASSNAMES)} classes, but the "
+                f"evaluation set has {len(dataset_classnames)} ({', '.join(list(dataset_classnames)[:5])}"
+                f"{', ...' if len(dataset_classnames) > 5 else ''}); give its class names in label order instead")
         return list(open_clip.IMAGENET_CLASSNAMES)
     if isinstance(classnames, str):
         raise ValueError(f"classnames {classnames!r}: give 'imagenet' or a list of names in label order")

@@ -190,6 +190,18 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose keys or shapes do not fit the model."""
 
 
+def _torch_load_reason(e: Exception) -> str:
+    """What a failed ``torch.load(weights_only=True)`` refused (e.g. a global), without its advice."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"  # torch's long explanation ends with the specific reason
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        return rest.splitlines()[0].split(". ")[0].rstrip(".") if rest else text.splitlines()[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (specific or lines or [type(e).__name__])[0]
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from `.safetensors` or `.pth/.pt/.bin` (safely: weights_only=True).
 
@@ -200,15 +212,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except SafetensorError as e:  # truncated, or not safetensors at all
+            raise CheckpointMismatchError(f"cannot read {path} as a .safetensors file ({e}): is it complete, "
+                                          f"and a safetensors file?") from e
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with arbitrary objects, or not a torch file
             raise CheckpointMismatchError(
-                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: {_torch_load_reason(e)}). "
                 f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
             ) from e
         sd = obj
