@@ -206,6 +206,21 @@ class EvalLoader(DataLoader):
         return [{"name": name, "error": error} for name, error in self.skipped.items()]
 
 
+def eval_dataset(source, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+    """The ``FolderEvalSet`` or ``ShardEvalSet`` of ``source`` (see ``build_eval_loader``)."""
+    check_eval_source(source)
+    if _is_shard_source(source):
+        return ShardEvalSet(source, transform, classnames)
+    return FolderEvalSet(source, transform, classnames)
+
+
+def iter_eval_samples(dataset) -> Iterator:
+    """Every sample of an evaluation set in order, in this process: ``(image, label)`` or ``SkippedSample``."""
+    if isinstance(dataset, IterableDataset):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
+
+
 def build_eval_loader(source, transform: Callable, batch_size: int = 256, num_workers: int = 4,
                       classnames: Sequence[str] | None = None, pin_memory: bool = False):
     """Loader over an evaluation set; returns ``(loader, classnames)``.
@@ -215,13 +230,9 @@ def build_eval_loader(source, transform: Callable, batch_size: int = 256, num_wo
     labels [B])``; the last batch may be smaller, and so may one that held samples that do not
     decode (``loader.skipped`` names them).
     """
-    check_eval_source(source)
-    if _is_shard_source(source):
-        dataset = ShardEvalSet(source, transform, classnames)
-        # More workers than shards would only idle.
-        num_workers = min(num_workers, len(dataset.urls))
-    else:
-        dataset = FolderEvalSet(source, transform, classnames)
+    dataset = eval_dataset(source, transform, classnames)
+    if isinstance(dataset, ShardEvalSet):
+        num_workers = min(num_workers, len(dataset.urls))  # more workers than shards would only idle
     loader = EvalLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=False)
     return loader, dataset.classnames

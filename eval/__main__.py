@@ -18,17 +18,6 @@ import sys
 from pathlib import Path
 
 
-def _list_or_name(value: str | None):
-    """A name, or a file with one entry per line (``#`` comments), for templates and class names."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        return [ln for ln in lines if ln and not ln.startswith("#")]
-    return value
-
-
 def _teacher_spec(value: str) -> dict:
     import yaml
 
@@ -116,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args) -> int:
     from .report import EvalConfig, evaluate, evaluate_run, prepare_out_dir
+    from .zeroshot import name_or_list_file
 
-    options = dict(train_data=args.train_data, classnames=_list_or_name(args.classnames),
-                   templates=_list_or_name(args.templates), batch_size=args.batch_size,
+    options = dict(train_data=args.train_data, classnames=name_or_list_file(args.classnames),
+                   templates=name_or_list_file(args.templates), batch_size=args.batch_size,
                    num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
                    precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
                    cost=args.cost, rois=args.rois)
