@@ -138,7 +138,8 @@ class EvalConfig:
         if self.probe_cs is not None and (
                 not isinstance(self.probe_cs, (list, tuple)) or not self.probe_cs
                 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.probe_cs)):
-            raise ValueError(f"eval probe_cs must be a non-empty list of positive numbers or null, got {self.probe_cs!r}")
+            raise ValueError(f"eval probe_cs must be a non-empty list of positive numbers or null, "
+                             f"got {self.probe_cs!r}")
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from PIL import Image
 
 from conftest import ROOT
 from data.demo import DEMO_CLASSNAMES, make_demo_dataset, render_sample
@@ -25,7 +23,7 @@ from eval.linear_probe import fit_probe, train_labels_of
 from eval.zeroshot import resolve_classnames
 from students.bootstrap import bootstrap_student
 from students.export import main as export_main
-from test_eval import STUDENT, _one_thread, clip_pair, demo, demo_teacher, write_run  # noqa: F401 (fixtures)
+from test_eval import _one_thread, clip_pair, demo, demo_teacher, write_run  # noqa: F401 (fixtures)
 
 QUICK = dict(cost=False, rois=False, num_workers=0, progress=False, probe_cs=[1.0, 100.0])
 
