@@ -190,18 +190,6 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose keys or shapes do not fit the model."""
 
 
-def _torch_load_reason(e: Exception) -> str:
-    """What a failed ``torch.load(weights_only=True)`` refused (e.g. a global), without its advice."""
-    text = str(e)
-    marker = "WeightsUnpickler error:"  # torch's long explanation ends with the specific reason
-    if marker in text:
-        rest = text.split(marker, 1)[1].strip()
-        return rest.splitlines()[0].split(". ")[0].rstrip(".") if rest else text.splitlines()[0]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
-    return (specific or lines or [type(e).__name__])[0]
-
-
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from `.safetensors` or `.pth/.pt/.bin` (safely: weights_only=True).
 
@@ -224,8 +212,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with arbitrary objects, or not a torch file
+            from teachers.base import weights_load_reason
+
             raise CheckpointMismatchError(
-                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: {_torch_load_reason(e)}). "
+                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: "
+                f"{weights_load_reason(e)}). "
                 f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
             ) from e
         sd = obj

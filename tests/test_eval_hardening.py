@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT
 from data.demo import DEMO_CLASSNAMES, make_demo_dataset, render_sample
@@ -175,6 +176,13 @@ def bad_inputs(clip_pair, demo, tmp_path_factory):  # noqa: F811
 
     torch.save({"w": Payload()}, root / "evil.pth")
     (root / "cut.safetensors").write_bytes((run / "student.safetensors").read_bytes()[:100])
+    evil_teacher = root / "evil_teacher"
+    evil_teacher.mkdir()
+    for f in ("student_config.json", "student.safetensors"):
+        (evil_teacher / f).write_bytes((run / f).read_bytes())
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["teacher"]["pretrained"] = str(root / "evil.pth")
+    (evil_teacher / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     bad_yaml = root / "bad_yaml"
     bad_yaml.mkdir()
     for f in ("student_config.json", "student.safetensors"):
@@ -196,6 +204,8 @@ EVAL_CASES = {
     "unsafe weights": (["--student", "{r}/run/student_config.json", "--weights", "{r}/evil.pth", "--teacher",
                         "{r}/run/recipe.yaml"], "cannot read {r}/evil.pth as a weights-only torch checkpoint "
                                                 "(UnpicklingError: Unsupported global: GLOBAL getattr"),
+    "unsafe teacher weights": (["{r}/evil_teacher"], "could not load open_clip 'tiny-eval-clip' weights from "
+                                                     "{r}/evil.pth: Unsupported global: GLOBAL getattr"),
     "cut safetensors": (["--student", "{r}/run/student_config.json", "--weights", "{r}/cut.safetensors",
                          "--teacher", "{r}/run/recipe.yaml"], "cannot read {r}/cut.safetensors as a .safetensors"),
     "missing weights": (["--student", "{r}/run/student_config.json", "--weights", "{r}/no.pth", "--teacher",
@@ -230,6 +240,7 @@ EXPORT_CASES = {
     "not a run": (["{r}/empty"], "is not a finished bootstrapping run"),
     "bad recipe YAML": (["{r}/bad_yaml"], "recipe.yaml is not valid YAML"),
     "out is a file": (["{r}/run", "--out", "{r}/afile"], "the export folder {r}/afile is a file"),
+    "unsafe teacher weights": (["{r}/evil_teacher"], "weights from {r}/evil.pth: Unsupported global"),
 }
 
 
