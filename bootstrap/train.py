@@ -630,8 +630,8 @@ def check_process_count(processes: int, env: dict | None = None, parent_cmdline:
             asked = arg.split("=", 1)[1]
     if processes == 1 and "launch" in args and asked and asked.isdigit() and int(asked) > 1:
         raise ProcessCountError(
-            f"accelerate launch --cpu --num_processes {asked} starts one process only; for {asked} processes on a CPU "
-            f"use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
+            f"accelerate launch --num_processes {asked} started one process only (it does so without GPUs, --cpu or "
+            f"not); for {asked} processes on a CPU use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
 
 
 def check_data(recipe: Recipe) -> None:

@@ -547,7 +547,7 @@ def test_launches_whose_processes_do_not_join_are_stopped():
     with pytest.raises(ProcessCountError, match="torchrun needs ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 "
                                                 "torchrun --standalone --nproc_per_node 2"):
         check_process_count(1, {"WORLD_SIZE": "2"})
-    with pytest.raises(ProcessCountError, match="--num_processes 3 starts one process only"):
+    with pytest.raises(ProcessCountError, match="--num_processes 3 started one process only"):
         check_process_count(1, {"ACCELERATE_USE_CPU": "True"},
                             parent_cmdline=["accelerate", "launch", "--cpu", "--num_processes", "3", "x.py"])
 
