@@ -58,6 +58,9 @@ class DataConfig:
     epoch_samples: Union[int, None] = None  # samples per epoch over all ranks (default: the dataset size)
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict)  # teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
+    # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
+    targets: Union[str, None] = None
     heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
     eval_batch_size: int = 256
 
@@ -184,6 +187,8 @@ class Recipe:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.targets is not None and not d.targets.strip():
+            raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         if self.demo is not None:
             teacher = self.demo.teacher
             if teacher.seconds <= 0:

@@ -79,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from bootstrap.train import NonFiniteLossError
     from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
+    from data.targets import TargetsError
 
     t0 = time.time()
     try:
         summary = train(recipe)
     except (NonFiniteLossError, TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError,
-            FileNotFoundError) as exc:
+            TargetsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     if not PartialState().is_main_process or not summary.get("finished"):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .checkpoint import TrainState, read_state, resolve_resume, save_checkpoint
 from .config import Recipe
 from .loss import alignment_loss, batch_cosine
+from .target_source import target_source
 
 # Test hook: the loss of these optimizer steps (comma-separated, 0-based) is made NaN.
 NONFINITE_ENV = "BOOTSTRAP_TEST_NONFINITE_STEPS"
@@ -278,7 +279,10 @@ def train(recipe: Recipe) -> dict:
             recipe.teacher["pretrained"] = str(save_teacher_weights(teacher, out).resolve())
         (out / "recipe.yaml").write_text(recipe.to_yaml())
     accelerator.wait_for_everyone()
-    teacher.to(device).eval()
+    # Online (default): the teacher goes to the device and embeds every batch. Cached (data.targets):
+    # it stays on the CPU (the student inherits its weights) and never runs in the loop.
+    targets = target_source(recipe, teacher, teacher.train_transform(**recipe.data.augment), accelerator,
+                            say=lambda text: _say(accelerator, text))
     student, policy = bootstrap_student(teacher, **asdict(recipe.student))
     pre_logits = teacher.target != "proj"
     if pre_logits and any(p.requires_grad for p in student.proj.parameters()):
@@ -314,7 +318,7 @@ def train(recipe: Recipe) -> dict:
     loader = build_train_loader(
         d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
-        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle)
+        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle, targets=targets.store)
     batches = _Batches(loader, state, recipe.run.seed, rank)
     batch_iter = iter(batches)
     keys_file = None
@@ -324,8 +328,9 @@ def train(recipe: Recipe) -> dict:
 
     heldout = None
     if d.val is not None:
-        images, _ = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
-        heldout = (images, embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast))
+        images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+        heldout = (images, targets.heldout(
+            keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, accelerator.autocast)))
 
     def check_alignment(step: int) -> dict | None:
         if heldout is None:
@@ -374,7 +379,7 @@ def train(recipe: Recipe) -> dict:
             batches.consumed()
             images = images.to(device, non_blocking=True)
             with accelerator.autocast():
-                target = teacher.embed(images)
+                target = targets.embed(images, extras)
             sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)

@@ -27,7 +27,7 @@ import warnings
 import zlib
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import webdataset as wds
@@ -232,13 +232,16 @@ def iter_shard(url: str) -> Iterator[dict]:
             ) from exn
 
 
-def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]]) -> Iterator[dict]:
+def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]],
+                  reader: Callable[[str], Iterator[dict]] | None = None) -> Iterator[dict]:
     """Yield samples ``start:stop`` of shard ``urls[i]`` for each ``(i, start, stop)`` segment.
 
-    Skipped leading samples are read but not decoded, so skipping costs only I/O.
+    Skipped leading samples are read but not decoded, so skipping costs only I/O. ``reader``
+    reads one shard (default ``iter_shard``; cached targets read image and target shard together).
     """
+    reader = reader or iter_shard
     for index, start, stop in segments:
-        for n, sample in enumerate(iter_shard(urls[index])):
+        for n, sample in enumerate(reader(urls[index])):
             if n >= stop:
                 break
             if n >= start:
