@@ -159,13 +159,13 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision)
         if accelerator.device.type == "cpu":  # as the training run does (run.cpu_threads)
-            from .train import cpu_threads
+            from bootstrap.train import cpu_threads
 
             local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
             torch.set_num_threads(cpu_threads(recipe.run.cpu_threads, local))
     main = accelerator.is_main_process
     if recipe.demo is not None and teacher is None:
-        from .demo_teacher import prepare_demo
+        from bootstrap.demo_teacher import prepare_demo
 
         with accelerator.main_process_first():
             prepare_demo(recipe, verbose=main)
@@ -223,7 +223,8 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
         i = chunk["shard"]
         if i not in writers:
             tmp = out / (TARGET_SHARD % i + f".{rank}.tmp")
-            writers[i] = (wds.TarWriter(str(tmp), mtime=0.0, encoder=False), tmp, [0])
+            # mtime an int: a float one costs a 1 KB PAX header per member.
+            writers[i] = (wds.TarWriter(str(tmp), mtime=0, encoder=False), tmp, [0])
         writer, tmp, written = writers[i]
         embed = toks = None
         if chunk["images"] is not None:
@@ -294,7 +295,7 @@ def _embed(teacher, images: torch.Tensor, batch: int, device, accelerator, token
 
 
 def _cache_heldout(recipe: Recipe, teacher, out: Path, device, accelerator) -> None:
-    from .train import embed_all, load_heldout
+    from bootstrap.train import embed_all, load_heldout
 
     d = recipe.data
     images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)

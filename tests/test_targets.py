@@ -7,7 +7,7 @@ K = 3 views: caching it takes a few seconds.
 from __future__ import annotations
 
 import json
-import os
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from data.targets import (MANIFEST, TARGET_SHARD, TargetsError, first_difference, view_generator, view_index)
-from test_bootstrap import TINY_RECIPE, assert_same_weights, run_here, weights
+from test_bootstrap import TINY_RECIPE, assert_same_weights, run_here, run_subprocess, weights
 
 K = 3
 
@@ -40,6 +40,14 @@ def cache_here(recipe: Path, out: Path, *args: str) -> int:
         return main([str(recipe), *args, "--out", str(out), "--no-progress"])
     finally:
         _reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Runs here pin one thread (run.cpu_threads=1); other test files keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +422,15 @@ def test_targets_auto_caches_on_first_use(recipe_file, tmp_path, monkeypatch):
     assert run_here(recipe_file, tmp_path / "b", "data.targets=auto") == 0
     assert (folders[0] / MANIFEST).stat().st_mtime_ns == mtime  # found, not made again
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_two_processes_cache_what_one_does(cache16, recipe_file, tmp_path):
+    """Under a 2-process launch every rank caches its own image shards; the folder is the one-process one."""
+    out = tmp_path / "targets"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/cache_targets.py", str(recipe_file), "--views", str(K), "--out", str(out), "--no-progress"]
+    result = run_subprocess(cmd, {"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(3):
+        assert (out / (TARGET_SHARD % i)).read_bytes() == (cache16 / (TARGET_SHARD % i)).read_bytes()
+    assert json.loads((out / MANIFEST).read_text())["complete"]
