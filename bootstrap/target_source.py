@@ -90,8 +90,11 @@ def run_epochs(recipe, world_size: int) -> int:
     return max(1, math.ceil(recipe.optim.steps * recipe.optim.grad_accum / per_epoch))
 
 
-def auto_dir(recipe, views: int) -> Path:
-    """The cache folder of ``data.targets=auto``: named by what the targets depend on."""
+def auto_dir(recipe, teacher, views: int) -> Path:
+    """The cache folder of ``data.targets=auto``: named by what the targets depend on (the same on
+    every rank: the teacher by its spec without the weights' location, and its weights hash)."""
+    from data.targets import teacher_identity, weights_sha256
+
     from .demo_teacher import cache_root
 
     if recipe.demo is not None:
@@ -99,8 +102,7 @@ def auto_dir(recipe, views: int) -> Path:
     else:
         root = Path(os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap").expanduser()
     d = recipe.data
-    # The demo teacher's spec names its own cache folder, which hashes its settings and data.
-    key = {"teacher": recipe.teacher, "train": d.train, "augment": d.augment, "val": d.val,
+    key = {"teacher": teacher_identity(recipe.teacher), "weights": weights_sha256(teacher), "train": d.train, "augment": d.augment, "val": d.val,
            "heldout": d.heldout_samples, "views": views, "seed": recipe.run.seed,
            "precision": recipe.run.mixed_precision, "version": 1}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -121,7 +123,7 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     folder = Path(d.targets).expanduser()
     epochs = run_epochs(recipe, accelerator.num_processes)
     if d.targets == "auto":
-        folder = auto_dir(recipe, epochs)
+        folder = auto_dir(recipe, teacher, epochs)
         if not (read_manifest(folder) or {}).get("complete"):
             from .cache_targets import cache_targets
 
