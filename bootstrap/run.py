@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from bootstrap.train import train
 
     from bootstrap.train import NonFiniteLossError
-    from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
     from data.targets import TargetsError
+    from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
 
     t0 = time.time()
     try:

@@ -434,3 +434,13 @@ def test_two_processes_cache_what_one_does(cache16, recipe_file, tmp_path):
     for i in range(3):
         assert (out / (TARGET_SHARD % i)).read_bytes() == (cache16 / (TARGET_SHARD % i)).read_bytes()
     assert json.loads((out / MANIFEST).read_text())["complete"]
+
+
+def test_bad_targets_stop_the_run_with_one_line(recipe_file, tmp_path, capsys):
+    from bootstrap.config import RecipeError, load_recipe
+
+    assert run_here(recipe_file, tmp_path / "run", f"data.targets={tmp_path}") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.targets=") and "holds no targets.json" in err[-1]
+    with pytest.raises(RecipeError, match="data.targets must be a targets folder"):
+        load_recipe(recipe_file, ["data.targets=' '"])
