@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         for row in (r, r["cached"]):
             s = row["share"]
             print(f"| {row['model']} | {row['teacher']} {row['image_size'][0]} px | {row['student_tokens']} | "
-                  f"{row['targets']} | {row['img_per_s']:.1f} | {row['compute_img_per_s']:.1f} | "
+                  f"{row['targets']} | {row['img_per_s']:.2f} | {row['compute_img_per_s']:.2f} | "
                   f"{100 * s['teacher']:.0f}% | {100 * s['student']:.0f}% | {100 * s['data']:.0f}% |")
     print()
     for r in results:
@@ -270,8 +270,8 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         c = r["caching"]
-        print(f"| {r['model']} | {c['img_per_s']:.1f} | {c['teacher_img_per_s']:.1f} | "
-              f"{c['teacher_inference_img_per_s']:.1f} | {c['img_per_s'] / c['teacher_inference_img_per_s']:.2f}x | "
+        print(f"| {r['model']} | {c['img_per_s']:.2f} | {c['teacher_img_per_s']:.2f} | "
+              f"{c['teacher_inference_img_per_s']:.2f} | {c['img_per_s'] / c['teacher_inference_img_per_s']:.2f}x | "
               f"{c['bytes_per_view']:.0f} |")
     print(f"\nstorage: {storage['bytes_per_view']:.0f} bytes per image per view (K={storage['views']} views of a "
           f"{storage['dim']}-d float16 target, view parameters and tar headers included); ImageNet-1k "

@@ -184,6 +184,13 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     urls = resolve_shards(d.train)
     counts = [s["num_samples"] for s in manifest["train_shards"]]
 
+    def done(i: int) -> bool:
+        path = out / (TARGET_SHARD % i)
+        try:
+            return path.is_file() and count_tar_samples(str(path)) == counts[i]
+        except Exception:  # noqa: BLE001 - an unreadable leftover is rewritten
+            return False
+
     old = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -195,18 +202,12 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
                                    f"or delete {out}")
         for stale in out.glob("*.tmp"):  # what a killed run was writing
             stale.unlink()
-        if old is None or not old.get("complete"):
+        # Incomplete until this pass ends, also where a shard of a complete folder went missing.
+        if old is None or not old.get("complete") or not all(done(i) for i in range(len(urls))):
             write_manifest(out, manifest)
     accelerator.wait_for_everyone()
     if not main and read_manifest(out) is None:
         raise TargetsError(f"{out} has no manifest on this process: the folder must be shared by all processes")
-
-    def done(i: int) -> bool:
-        path = out / (TARGET_SHARD % i)
-        try:
-            return path.is_file() and count_tar_samples(str(path)) == counts[i]
-        except Exception:  # noqa: BLE001 - an unreadable leftover is rewritten
-            return False
 
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [i for i in range(rank, len(urls), world) if not done(i)]

@@ -25,9 +25,14 @@ def run_script(name: str, *args: str) -> str:
 
 def table_rows(text: str) -> list[list[str]]:
     """The data rows of the first Markdown table in ``text``."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("|")]
-    return rows[2:]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break  # the end of the first table
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return table[2:]
 
 
 def test_student_speed_counts_the_flops_of_the_clip_base_construction():
