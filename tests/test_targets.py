@@ -346,9 +346,14 @@ def test_a_corrupt_target_shard_is_named(cache16, recipe_file, demo_data, tmp_pa
         _first_batches(source.store, demo_data, teacher)
 
 
-def test_a_folder_without_targets_is_refused(recipe_file, tmp_path):
+def test_a_folder_without_targets_is_refused(cache16, recipe_file, tmp_path):
     with pytest.raises(TargetsError, match="holds no targets.json: make the targets with"):
         store_of(tmp_path, recipe_file)
+    out = _copy(cache16, tmp_path)
+    (out / (TARGET_SHARD % 1)).unlink()
+    with pytest.raises(TargetsError, match=r"target shard .*targets-000001.tar \(for image shard shard-000001.tar\) "
+                                           r"is missing"):
+        store_of(out, recipe_file)
 
 
 def test_more_epochs_than_views_warns_once(cache16, recipe_file):
