@@ -18,13 +18,18 @@ each of the three parts, twice: online (as above) and cached, where the targets 
 `bootstrap.cache_targets` (one view per image, float16) with the batch and the teacher does
 not run (`data.targets`); the line `cached/online speed (CONSTRUCTION): X.XXx` compares the two.
 The caching pass (over the same images) is reported beside the teacher's inference speed
-(inference_mode, one batch, median of 3 forwards, as student_speed.py times it). The data part is the time the step waits for the loader (workers
-decode ahead, so it is near 0 when they keep up). Times are medians over `--steps` timed
+(inference_mode, one batch, median of 3 forwards, as student_speed.py times it), and the
+storage cost of a target shard (bytes per image per view, ImageNet-1k with K = 10).
+
+The data part is the time the step waits for the loader (workers decode ahead, so it is
+near 0 when they keep up). Times are medians over `--steps` timed
 steps after `--warmup` untimed ones, with the device synchronised between parts; "compute
 img/s" leaves the data wait out (what faster loading could reach).
 
 The shards are synthetic JPEGs (smooth random images, ~`--image-size` px, written once into
-a temporary folder), decoded and augmented with the teacher's own training transform.
+a temporary folder; exactly the images the timed steps read, so the caching pass embeds each
+once), decoded and augmented with the teacher's own training transform. `--device cuda
+--precision bf16` runs the caching pass and the steps on the GPU under bf16 autocast.
 """
 
 from __future__ import annotations
