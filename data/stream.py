@@ -29,6 +29,11 @@ A sample that does not decode is skipped, counted and named in a warning. So tha
 still produces its full count of batches, a worker that comes up short re-uses recently
 decoded samples of its own (with fresh augmentation) to fill its last batches;
 ``loader.stats`` reports how many samples were skipped and how many were filled in.
+
+Cached teacher targets (``targets=``, a ``data.targets.TargetStore``): every image shard is
+read side by side with its target shard (so a rank or worker reads only the target shards
+of its own image shards), each image becomes the stored view of this epoch (``(epoch +
+offset) % K``, rendered with ``transform.apply``) and its target rides in the batch.
 """
 
 from __future__ import annotations
