@@ -219,8 +219,8 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
                 report["classification"] = classification_eval(features)
             report["fidelity"] = fidelity(features["student"], features["teacher"])
             if cfg.probe:
-                report["linear_probe"] = _probe(cfg, features, teacher, student, transform, device,
-                                                autocast_dtype, progress)
+                report["linear_probe"] = _probe(cfg, features, teacher_student_step(teacher, student), transform,
+                                                device, autocast_dtype, progress)
             if cfg.rois and out_dir is not None and hasattr(student, "forward_details"):
                 pic = draw_rois(student, _first_images(loader, cfg.roi_images), out_dir / "rois.png",
                                 teacher.preprocess.mean, teacher.preprocess.std)
@@ -241,21 +241,23 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
     return report
 
 
-def _probe(cfg: EvalConfig, test_features, teacher, student, transform, device, autocast_dtype, progress) -> dict:
+def _probe(cfg: EvalConfig, test_features, step, transform, device, autocast_dtype, progress,
+           models: Sequence[str] = ("teacher", "student")) -> dict:
+    """Linear probe of each of ``models`` (keys of ``step``'s output) on the train split or half the eval set."""
     from data.evalsets import build_eval_loader
 
     probe_args = dict(Cs=cfg.probe_cs or DEFAULT_CS, val_fraction=cfg.probe_val_fraction, seed=cfg.seed)
-    embeddings = ("teacher", "student", "labels")
+    embeddings = (*models, "labels")
     test = {k: test_features[k] for k in embeddings}
     if cfg.train_data is not None:
         loader, _ = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
-        train = extract(loader, teacher_student_step(teacher, student), device, cfg.train_max_samples,
+        train = extract(loader, step, device, cfg.train_max_samples,
                         autocast_dtype, desc="probe train features", progress=progress)
         split = f"train: {_jsonable(cfg.train_data)}"
     else:
         train, test = split_features(test, cfg.probe_test_fraction, cfg.seed)
         split = f"the evaluation set split {1 - cfg.probe_test_fraction:.0%} train / {cfg.probe_test_fraction:.0%} test"
-    result = linear_probe(train, test, **probe_args)
+    result = linear_probe(train, test, models=models, **probe_args)
     result["split"] = split
     return result
 
@@ -370,6 +372,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Where the student looks", "",
                   "Each token's RoI and sampling points at every sampling stage, then the final RoIs.", "",
                   f"![RoIs]({report['rois']})", ""]
+    if report.get("compare"):  # written by eval.compare into the reports of the runs it compared
+        lines += ["## Compared", "", f"Beside the teacher's other students and training-free baselines: "
+                  f"[{report['compare']}]({report['compare']}).", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
@@ -388,10 +393,23 @@ def _resolve_path(value, run_dir: Path):
 
 def load_run(run_dir: str | os.PathLike):
     """``(student, teacher, recipe)`` of a bootstrapping run's output folder."""
-    import yaml
-
-    from students import load_student
     from teachers import create_teacher
+
+    recipe = read_run(run_dir)
+    return load_run_student(run_dir), create_teacher(dict(recipe["teacher"])), recipe
+
+
+def load_run_student(run_dir: str | os.PathLike) -> nn.Module:
+    """The student a finished bootstrapping run saved."""
+    from students import load_student
+
+    run_dir = Path(run_dir)
+    return load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
+
+
+def read_run(run_dir: str | os.PathLike) -> dict:
+    """The recipe of a finished bootstrapping run, checked: its files are there and its teacher can be rebuilt."""
+    import yaml
 
     run_dir = Path(run_dir)
     needed = [run_dir / n for n in ("student_config.json", "student.safetensors", "recipe.yaml")]
@@ -413,9 +431,7 @@ def load_run(run_dir: str | os.PathLike):
             "teacher.pretrained to that file in recipe.yaml, or call eval.evaluate(student, teacher, ...) with the "
             "teacher object itself"
         )
-    teacher = create_teacher(dict(spec))
-    student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
-    return student, teacher, recipe
+    return recipe
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os.PathLike | None = None,
