@@ -84,9 +84,9 @@ def _step(teacher, models: Mapping[str, nn.Module], logits: bool):
     return step
 
 
-def _pairs(features, name: str, key: str = "") -> dict:
+def _pairs(features, name: str) -> dict:
     """The teacher's and one model's features under the names the teacher-vs-student functions take."""
-    pair = {"teacher": features[TEACHER + key], "student": features[name + key]}
+    pair = {"teacher": features[TEACHER], "student": features[name]}
     if "labels" in features:
         pair["labels"] = features["labels"]
     return pair
@@ -102,11 +102,12 @@ def _per_model(result_of_pair, names: Sequence[str]) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- compare
 def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
             out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
-            sources: Mapping[str, str] | None = None, progress: bool = True, **options) -> dict:
+            sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
+            **options) -> dict:
     """Compare ``teacher``, its students ``models`` (name -> module with ``forward(images, pre_logits=...)``)
     and ToMe at each ``r`` in ``tome`` (an int per block or a list per block), on the same images.
 
-    ``sources``: where each model came from (run folders), for the report. Returns the report;
+    ``sources``: where each model came from (run folders), ``notes``: lines for the report. Returns the report;
     with ``out_dir`` writes ``compare.md``, ``compare.json`` and ``pareto.png`` there.
     """
     from data.evalsets import build_eval_loader
@@ -122,10 +123,10 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     everything = {**models, **tomes}
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast_dtype = _PRECISIONS[cfg.precision]
-    notes: list[str] = []
+    notes = list(notes)
     report: dict[str, Any] = dict(
         teacher=_describe_teacher(teacher), device=str(device), config=_jsonable(cfg.to_dict()), notes=notes,
-        models={TEACHER: dict(kind="teacher", tokens=f"{teacher.num_prefix_tokens}+{teacher.num_patches}")})
+        models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
     for name, model in models.items():
         report["models"][name] = dict(kind="student", source=(sources or {}).get(name), **_describe_student(model))
     for name, m in tomes.items():
@@ -332,8 +333,6 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
                     label="Pareto front")
             for x, y, r in pts:
                 ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            if xkey == "gflops":
-                ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -430,11 +429,12 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out
     cfg = EvalConfig.from_dict(recipes[first].get("eval") or {})
     cfg = cfg.replace(data=_resolve_path(cfg.data, run0), train_data=_resolve_path(cfg.train_data, run0))
     out_dir = Path(out_dir) if out_dir is not None else run0.parent / "compare"
+    notes = []
+    if any((recipes[n].get("eval") or {}) != (recipes[first].get("eval") or {}) for n in names):
+        notes.append(f"the runs' eval: options differ; those of {first} were used")
     report = compare(students, teacher, eval_source if eval_source is not None else cfg.data, tome=tome,
-                     out_dir=out_dir, config=cfg, sources={n: n for n in names}, progress=progress, **options)
-    if len(names) > 1 and any((recipes[n].get("eval") or {}) != (recipes[first].get("eval") or {}) for n in names):
-        report["notes"].append(f"the runs' eval: options differ; those of {first} were used")
-        write_compare(report, out_dir)
+                     out_dir=out_dir, config=cfg, sources={n: n for n in names}, notes=notes, progress=progress,
+                     **options)
     if link:
         link_reports(names, out_dir / "compare.md")
     return report

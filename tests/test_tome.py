@@ -9,6 +9,7 @@ from eval.baselines.tome import (
     ToMe,
     ToMeError,
     bipartite_soft_matching,
+    fraction_schedule,
     max_r,
     merge_weighted,
     plan,
@@ -169,6 +170,9 @@ def test_merging_cuts_the_counted_flops(teacher):
 def test_schedules_and_bad_r(teacher):
     assert schedule(4, 8) == [8, 8, 8, 8]
     assert schedule(4, 8, inflect=-0.5) == [12, 9, 6, 4] and sum(schedule(4, 8, -0.5)) <= 32
+    assert fraction_schedule(16, 3, 0.5) == [8, 4, 2] and fraction_schedule(196, 12, 0.27)[:3] == [53, 39, 28]
+    with pytest.raises(ToMeError, match="at most half"):
+        fraction_schedule(16, 3, 0.6)
     assert max_r(64, 4) == 15 and max_r(196, 12) == 16 and max_r(256, 24) == 10
     # The demo teacher (64 patches, 4 blocks): r = 12 leaves 16 patch tokens, 15 caps the last block.
     assert plan(12, 64, 4) == ([12, 12, 12, 12], [53, 41, 29, 17])

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Matching", "ToMe", "ToMeError", "bipartite_soft_matching", "max_r", "merge_weighted", "plan",
+__all__ = ["Matching", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r", "merge_weighted", "plan",
            "schedule", "tome_block"]
 
 R = Union[int, Sequence[int]]
@@ -60,6 +60,19 @@ def schedule(depth: int, r: int, inflect: float = 0.0) -> list[int]:
     last = 2 * r - first
     step = (last - first) / (depth - 1) if depth > 1 else 0.0
     return [int(first + step * i) for i in range(depth)]
+
+
+def fraction_schedule(num_patches: int, depth: int, fraction: float) -> list[int]:
+    """Merge the same ``fraction`` (at most 0.5) of the patch tokens each block receives: front-loaded,
+    for reductions ToMe's linear schedules cannot reach (their total stays below the patch count)."""
+    if not 0 <= fraction <= 0.5:
+        raise ToMeError(f"a block merges at most half of its patch tokens: fraction must be in [0, 0.5], got {fraction}")
+    rs, patches = [], num_patches
+    for _ in range(depth):
+        r = min(int(fraction * patches + 0.5), patches // 2)  # never the last patch token
+        rs.append(r)
+        patches -= r
+    return rs
 
 
 def max_r(num_patches: int, depth: int) -> int:
@@ -144,9 +157,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Matc
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, |A|, |B|] cosine similarities
-        positions = torch.arange(t, device=metric.device)
-        scores[:, positions[::2] < num_prefix, :] = -math.inf  # prefix tokens of A do not merge
-        scores[:, :, positions[1::2] < num_prefix] = -math.inf  # nothing merges into prefix tokens of B
+        scores[:, :(num_prefix + 1) // 2, :] = -math.inf  # prefix tokens of A (even positions) do not merge
+        scores[:, :, :num_prefix // 2] = -math.inf  # nothing merges into prefix tokens of B (odd positions)
         best, partner = scores.max(dim=-1)
         # Stable: equal similarities merge in token order, so a result never depends on the sort kernel.
         order = best.argsort(dim=-1, descending=True, stable=True)[..., None]
@@ -159,8 +171,11 @@ def merge_weighted(matching: Matching, x: Tensor, size: Tensor | None) -> tuple[
     """Size-weighted merge: ``(sum of s * x) / (sum of s)`` over each merged group, and the summed sizes."""
     if size is None:
         size = torch.ones_like(x[..., :1])
-    x = matching.merge(x * size, mode="sum")
-    size = matching.merge(size, mode="sum")
+        weighted = torch.cat([x, size], dim=-1)
+    else:
+        weighted = torch.cat([x * size, size], dim=-1)
+    merged = matching.merge(weighted, mode="sum")  # sizes ride along as one more channel: one gather/scatter
+    x, size = merged[..., :-1], merged[..., -1:]
     return x / size, size
 
 
