@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         teacher, student = build_teacher(pair), build_student(pair)
         tower = teacher.model.visual
         models = {"teacher": (teacher.embed, tower, "-", f"{teacher.num_prefix_tokens + teacher.num_patches}"),
-                  pair.student: (student, student, "-", f"{student.num_tokens} latent")}
+                  pair.student: (student, student, "-",
+                                 f"{student.num_tokens} latent" + (" + cls" if student.config.has_cls_token else ""))}
         tomes = []
         for target, what, rs in choose_schedules(teacher, targets):
             tome = ToMe(teacher, rs)

@@ -415,7 +415,12 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out
     names = [str(d) for d in run_dirs]
     if len(set(map(os.path.realpath, names))) != len(names):
         raise CompareError(f"a run folder is given twice: {' '.join(names)}")
-    recipes = {name: read_run(name) for name in names}
+    recipes = {}
+    for name in names:
+        try:
+            recipes[name] = read_run(name)
+        except ValueError as exc:  # e.g. a random teacher, which cannot be rebuilt
+            raise CompareError(str(exc)) from exc
     first = names[0]
     for name in names[1:]:
         if _teacher_identity(recipes[name]["teacher"]) != _teacher_identity(recipes[first]["teacher"]):

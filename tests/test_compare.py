@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from eval import evaluate_run
 from eval.compare import CompareError, compare, compare_runs, main
@@ -89,6 +90,11 @@ def test_runs_of_different_teachers_are_refused(runs, tmp_path):
         main([str(runs[0]), str(run), "--out", str(tmp_path / "cmp"), "--no-progress"])
     with pytest.raises(CompareError, match="given twice"):
         compare_runs([runs[0], runs[0]])
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["teacher"]["pretrained"] = None  # a random teacher cannot be rebuilt
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit, match="random weights"):
+        main([str(run), "--out", str(tmp_path / "cmp"), "--no-progress"])
 
 
 def test_too_large_an_r_names_the_largest_valid_one(runs, tmp_path):
