@@ -1,9 +1,11 @@
 """Token Merging (eval.baselines.tome) on tiny random teachers of both libraries."""
 
+import json
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from eval.baselines.tome import (
     ToMe,
@@ -18,6 +20,8 @@ from eval.baselines.tome import (
 )
 from eval.cost import count_flops
 from teachers import create_teacher
+
+from conftest import FIXTURES
 
 TIMM_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 64, "num_heads": 2}  # 16 patches
 TINY_CLIP = {
@@ -187,3 +191,17 @@ def test_schedules_and_bad_r(teacher):
         ToMe(teacher, -1)
     with pytest.raises(ToMeError, match="must be an int"):
         ToMe(teacher, "8")
+
+
+def test_agrees_with_the_authors_code():
+    """Logits of facebookresearch/ToMe's own timm patch on a tiny ViT (tests/fixtures/tome_reference, made by
+    make_tome_reference.py), capped schedule included."""
+    folder = FIXTURES / "tome_reference"
+    info = json.loads((folder / "reference.json").read_text())
+    teacher = create_teacher({**info["spec"], "pretrained": str(folder / "model.safetensors")})
+    io = load_file(str(folder / "io.safetensors"))
+    for r in info["schedules"]:
+        tome = ToMe(teacher, r)
+        with torch.no_grad():
+            torch.testing.assert_close(tome(io["images"]), io[f"r={r}"], rtol=0, atol=1e-5)
+    assert ToMe(teacher, [8, 6, 1]).schedule == [8, 4, 1]

@@ -24,7 +24,9 @@ every patch token is refused, with the largest valid constant ``r`` for the mode
     emb = tome.embed(images)                       # what teacher.embed(images) is, merged
 
 ``ToMe`` wraps the teacher and runs its own modules (``Teacher.block_modules``): no weight is
-copied, changed or patched, and at ``r = 0`` it computes what the teacher computes.
+copied, changed or patched, and at ``r = 0`` it computes what the teacher computes. On a timm
+ViT its logits agree with the authors' ``tome.patch.timm`` to 1e-7 (capped schedules too;
+``tests/fixtures/tome_reference``).
 """
 
 from __future__ import annotations
