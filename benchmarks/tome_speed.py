@@ -80,8 +80,9 @@ def choose_schedules(teacher, targets: list[float]) -> list[tuple[float, str, li
                 break
             family.append((f"r={r}" if inflect == 0.0 else f"r={r}, inflect {inflect:g}", rs))
         families.append(family)
-    families.append([(f"{f:.2f} of the patch tokens per block", fraction_schedule(teacher.num_patches, teacher.depth, f))
-                     for f in (i / 100 for i in range(1, 51))])
+    fractions = [i / 100 for i in range(1, 51)]
+    families.append([(f"{f:.2f} of the patch tokens per block",
+                      fraction_schedule(teacher.num_patches, teacher.depth, f)) for f in fractions])
     families = [[(what, rs, base / estimated_macs(teacher, rs)) for what, rs in family] for family in families]
     chosen = []
     for target in targets:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Matching", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r", "merge_weighted", "plan",
-           "schedule", "tome_block"]
+__all__ = ["Matching", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
+           "merge_weighted", "plan", "schedule", "tome_block"]
 
 R = Union[int, Sequence[int]]
 
@@ -68,7 +68,8 @@ def fraction_schedule(num_patches: int, depth: int, fraction: float) -> list[int
     """Merge the same ``fraction`` (at most 0.5) of the patch tokens each block receives: front-loaded,
     for reductions ToMe's linear schedules cannot reach (their total stays below the patch count)."""
     if not 0 <= fraction <= 0.5:
-        raise ToMeError(f"a block merges at most half of its patch tokens: fraction must be in [0, 0.5], got {fraction}")
+        raise ToMeError(f"a block merges at most half of its patch tokens: fraction must be in [0, 0.5], "
+                        f"got {fraction}")
     rs, patches = [], num_patches
     for _ in range(depth):
         r = min(int(fraction * patches + 0.5), patches // 2)  # never the last patch token
