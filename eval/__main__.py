@@ -71,11 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="student config JSON (with --weights) or a released model name")
     p.add_argument("--weights", help="student weights (.safetensors or .pth)")
     p.add_argument("--teacher", help="teacher spec: YAML/JSON file or inline mapping")
+    p.add_argument("--out", help="report folder (default: the run folder, or ./eval_report)")
+    add_eval_options(p)
+    p.add_argument("--no-rois", dest="rois", action="store_const", const=False)
+    return p
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """The options that override a recipe's ``eval:`` keys (shared with ``python -m eval.compare``)."""
     p.add_argument("--data", help="labelled evaluation set: ImageFolder root or labelled shards")
     p.add_argument("--train-data", help="labelled train split for the linear probe (default: split --data)")
     p.add_argument("--classnames", help="zero-shot class names: 'imagenet' or a file with one name per line")
     p.add_argument("--templates", help="zero-shot templates: openai | simple | demo | file with one '{}' template per line")
-    p.add_argument("--out", help="report folder (default: the run folder, or ./eval_report)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--max-samples", type=int, help="evaluate on the first N images only")
@@ -84,9 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-batch-size", type=int)
     p.add_argument("--no-probe", dest="probe", action="store_const", const=False)
     p.add_argument("--no-cost", dest="cost", action="store_const", const=False)
-    p.add_argument("--no-rois", dest="rois", action="store_const", const=False)
     p.add_argument("--no-progress", action="store_true")
-    return p
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    """The ``EvalConfig`` overrides given on the command line (see ``add_eval_options``)."""
+    from .zeroshot import name_or_list_file
+
+    options = dict(train_data=args.train_data, classnames=name_or_list_file(args.classnames),
+                   templates=name_or_list_file(args.templates), batch_size=args.batch_size,
+                   num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
+                   precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
+                   cost=args.cost, rois=getattr(args, "rois", None))
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,14 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args) -> int:
     from .report import EvalConfig, evaluate, evaluate_run, prepare_out_dir
-    from .zeroshot import name_or_list_file
 
-    options = dict(train_data=args.train_data, classnames=name_or_list_file(args.classnames),
-                   templates=name_or_list_file(args.templates), batch_size=args.batch_size,
-                   num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
-                   precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
-                   cost=args.cost, rois=args.rois)
-    options = {k: v for k, v in options.items() if v is not None}
+    options = eval_options(args)
     progress = not args.no_progress
     if args.run_dir:
         report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress, **options)

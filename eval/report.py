@@ -278,12 +278,7 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
             # Class names are checked before any feature is computed: the prompts' and the probe's.
             if "zero_shot" in sections:
                 zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames)
-            probe_train = None
-            if cfg.probe and cfg.train_data is not None:  # the two sets' labels are matched by class name
-                train_loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size,
-                                                                   cfg.num_workers)
-                probe_train = train_loader, train_classnames, train_labels_of(
-                    dataset_classnames, train_classnames, _jsonable(cfg.data), _jsonable(cfg.train_data))
+            probe_train = probe_train_split(cfg, transform, dataset_classnames)
             want_logits = "classification" in sections
             if want_logits:
                 why = head_applies(teacher, len(dataset_classnames))
@@ -306,8 +301,8 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
                 report["classification"] = classification_eval(features)
             report["fidelity"] = fidelity(features["student"], features["teacher"])
             if cfg.probe:
-                report["linear_probe"] = _probe(cfg, features, probe_train, teacher, student, device,
-                                                autocast_dtype, progress)
+                report["linear_probe"] = _probe(cfg, features, probe_train, teacher_student_step(teacher, student),
+                                                device, autocast_dtype, progress)
             picture = PICTURES.get(_family_name(student))
             if cfg.rois and out_dir is not None and picture is not None:
                 key, name, draw = picture[:3]
@@ -338,16 +333,29 @@ def _skips(loader) -> dict:
     return dict(num_skipped=len(skipped), skipped=skipped)
 
 
-def _probe(cfg: EvalConfig, test_features, probe_train, teacher, student, device, autocast_dtype,
-           progress) -> dict:
-    """The linear probe; ``probe_train`` is ``(loader, classnames, train label of each eval class)`` or None."""
+def probe_train_split(cfg: EvalConfig, transform, dataset_classnames):
+    """The probe's train split, ``(loader, classnames, train label of each eval class)``, or None (no
+    `train_data`, or no probe). The two sets' labels are matched by class name (refused where a class is missing)."""
+    from data.evalsets import build_eval_loader
+
+    if not cfg.probe or cfg.train_data is None:
+        return None
+    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
+    return loader, train_classnames, train_labels_of(dataset_classnames, train_classnames, _jsonable(cfg.data),
+                                                     _jsonable(cfg.train_data))
+
+
+def _probe(cfg: EvalConfig, test_features, probe_train, step, device, autocast_dtype, progress,
+           models: Sequence[str] = ("teacher", "student")) -> dict:
+    """Linear probe of each of ``models`` (keys of ``step``'s output) on the train split or half the eval set;
+    ``probe_train`` is ``(loader, classnames, train label of each eval class)`` or None."""
     probe_args = dict(Cs=cfg.probe_cs or DEFAULT_CS, val_fraction=cfg.probe_val_fraction, seed=cfg.seed)
-    embeddings = ("teacher", "student", "labels")
+    embeddings = (*models, "labels")
     test = {k: test_features[k] for k in embeddings}
     extra = {}
     if probe_train is not None:
         loader, train_classnames, train_label = probe_train
-        train = extract(loader, teacher_student_step(teacher, student), device, cfg.train_max_samples,
+        train = extract(loader, step, device, cfg.train_max_samples,
                         autocast_dtype, desc="probe train features", progress=progress)
         test["labels"] = train_label[test["labels"]]  # the evaluation set's labels in the train split's terms
         split = f"train: {_jsonable(cfg.train_data)}"
@@ -358,7 +366,7 @@ def _probe(cfg: EvalConfig, test_features, probe_train, teacher, student, device
     else:
         train, test = split_features(test, cfg.probe_test_fraction, cfg.seed)
         split = f"the evaluation set split {1 - cfg.probe_test_fraction:.0%} train / {cfg.probe_test_fraction:.0%} test"
-    result = linear_probe(train, test, **probe_args)
+    result = linear_probe(train, test, models=models, **probe_args)
     result["split"] = split
     result.update(extra)
     return result
@@ -510,6 +518,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         if key in report:
             label = "RoIs" if key == "rois" else title
             lines += [f"## {title}", "", caption, "", f"![{label}]({report[key]})", ""]
+    if report.get("compare"):  # written by eval.compare into the reports of the runs it compared
+        lines += ["## Compared", "", f"Beside the teacher's other students and training-free baselines: "
+                  f"[{report['compare']}]({report['compare']}).", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
@@ -534,10 +545,11 @@ def yaml_problem(exn: Exception) -> str:
     return " ".join(str(exn).split())
 
 
-def _read_recipe(run_dir: Path) -> dict:
-    """The run folder's ``recipe.yaml``, after checking that the folder is a finished run (cheap)."""
+def read_run(run_dir: str | os.PathLike) -> dict:
+    """The recipe of a finished bootstrapping run, checked (cheap): its files are there and its teacher can be rebuilt."""
     import yaml
 
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist" if not run_dir.exists() else
                                 f"{run_dir} is a file, not a run folder")
@@ -570,14 +582,18 @@ def _read_recipe(run_dir: Path) -> dict:
 
 def load_run(run_dir: str | os.PathLike, recipe: Mapping | None = None):
     """``(student, teacher, recipe)`` of a bootstrapping run's output folder."""
-    from students import load_student
     from teachers import create_teacher
 
+    recipe = read_run(run_dir) if recipe is None else recipe
+    return load_run_student(run_dir), create_teacher(dict(recipe["teacher"])), recipe
+
+
+def load_run_student(run_dir: str | os.PathLike) -> nn.Module:
+    """The student a finished bootstrapping run saved."""
+    from students import load_student
+
     run_dir = Path(run_dir)
-    recipe = _read_recipe(run_dir) if recipe is None else recipe
-    teacher = create_teacher(dict(recipe["teacher"]))
-    student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
-    return student, teacher, recipe
+    return load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os.PathLike | None = None,
@@ -589,7 +605,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os
     from data.evalsets import check_eval_source
 
     run_dir = Path(run_dir)
-    recipe = _read_recipe(run_dir)
+    recipe = read_run(run_dir)
     cfg = EvalConfig.from_dict(recipe.get("eval") or {})
     cfg = cfg.replace(data=_resolve_path(cfg.data, run_dir), train_data=_resolve_path(cfg.train_data, run_dir))
     source = eval_source if eval_source is not None else cfg.data

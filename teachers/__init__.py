@@ -11,6 +11,7 @@ See `teachers.factory` for the spec keys and `teachers.base.Teacher` for the int
 
 from .base import (
     BLOCK_KEYS,
+    BlockModules,
     SUPPORTED_TEACHERS,
     Preprocess,
     RandomTeacherWarning,
@@ -23,6 +24,7 @@ from .factory import KINDS, SPEC_KEYS, create_teacher, resolve_spec
 
 __all__ = [
     "BLOCK_KEYS",
+    "BlockModules",
     "KINDS",
     "Preprocess",
     "RandomTeacherWarning",

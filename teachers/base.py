@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BLOCK_KEYS",
+    "BlockModules",
     "Preprocess",
     "RandomTeacherWarning",
     "SUPPORTED_TEACHERS",
@@ -127,6 +128,28 @@ class Preprocess:
     interpolation: str  # 'bicubic' | 'bilinear'
     crop_pct: float  # 1.0 for CLIP (resize shorter side to size, then centre crop)
     resize_mode: str = "shortest"  # 'shortest' | 'squash'
+
+
+@dataclass(frozen=True)
+class BlockModules:
+    """The teacher's own modules of one pre-norm block, in timm `Block` terms (no copies).
+
+    The block computes `x + ls1(proj(attention(norm1(x))))`, then `x + ls2(mlp(norm2(x)))`,
+    with the attention's fused input projection `qkv_weight` [3 * width, width] / `qkv_bias`
+    (q, k, v stacked) over `num_heads` heads and the default 1/sqrt(head_dim) scale. For code
+    that needs the inside of a block (its keys, a bias on the attention logits), e.g. token
+    merging (`eval.baselines.tome`), without patching the teacher.
+    """
+
+    norm1: nn.Module
+    qkv_weight: Tensor
+    qkv_bias: Tensor | None
+    num_heads: int
+    proj: nn.Module
+    ls1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
 
 
 # Train-time augmentation keys understood by `Teacher.train_transform`.
@@ -294,6 +317,13 @@ class Teacher(nn.Module):
             return self._run_block(self._block_index(i), tokens)
 
     def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def block_modules(self, i: int) -> BlockModules:
+        """Block i's own modules and attention weights (`BlockModules`), shared with the teacher, not copied."""
+        return self._block_modules(self._block_index(i))
+
+    def _block_modules(self, i: int) -> BlockModules:
         raise NotImplementedError
 
     def embed_tokens(self, images: Tensor) -> Tensor:

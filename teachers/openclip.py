@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import hub
 from .base import (
+    BlockModules,
     Preprocess,
     RandomTeacherWarning,
     Teacher,
@@ -324,6 +325,12 @@ class OpenClipTeacher(Teacher):
         if blk.attn.batch_first:
             return blk(tokens)
         return blk(tokens.transpose(0, 1)).transpose(0, 1)  # sequence-first MultiheadAttention
+
+    def _block_modules(self, i: int) -> BlockModules:
+        blk = self._blocks()[i]
+        return BlockModules(norm1=blk.ln_1, qkv_weight=blk.attn.in_proj_weight, qkv_bias=blk.attn.in_proj_bias,
+                            num_heads=blk.attn.num_heads, proj=blk.attn.out_proj, ls1=blk.ls_1, norm2=blk.ln_2,
+                            mlp=blk.mlp, ls2=blk.ls_2)
 
     def _embed_tokens(self, images: Tensor) -> Tensor:
         # VisionTransformer._embeds: conv1, class token, positional embedding, patch dropout, ln_pre.

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import hub
 from .base import (
+    BlockModules,
     Preprocess,
     RandomTeacherWarning,
     Teacher,
@@ -257,6 +258,12 @@ class TimmTeacher(Teacher):
 
     def _run_block(self, i: int, tokens: Tensor) -> Tensor:
         return self.model.blocks[i](tokens)
+
+    def _block_modules(self, i: int) -> BlockModules:
+        blk = self.model.blocks[i]
+        return BlockModules(norm1=blk.norm1, qkv_weight=blk.attn.qkv.weight, qkv_bias=blk.attn.qkv.bias,
+                            num_heads=blk.attn.num_heads, proj=blk.attn.proj, ls1=blk.ls1, norm2=blk.norm2,
+                            mlp=blk.mlp, ls2=blk.ls2)
 
     def _embed_tokens(self, images: Tensor) -> Tensor:
         # The steps of VisionTransformer.forward_features before the blocks.

@@ -69,3 +69,17 @@ def test_data_speed_reads_every_generated_image():
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\d+$", line)]
     # The first batch warms up untimed: 24 images in batches of 8 leave 16 timed.
     assert [(r[0], r[3]) for r in rows] == [("0", "16"), ("1", "16")]
+
+
+def test_tome_speed_puts_tome_at_2x_and_4x_fewer_flops_beside_the_student():
+    out = run_script("tome_speed.py", "--models", "clip_base", "--batch-sizes", "1", "--warmup", "0", "--iters", "3",
+                     "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, student = rows["teacher"], rows["sparseformer_btsp_openai_clip_base"]
+    two, four = rows["ToMe ~2x fewer FLOPs"], rows["ToMe ~4x fewer FLOPs"]
+    assert float(teacher[5]) == 35.13 and teacher[3] == "197"
+    # r = 16 per block, the paper's ViT-B setting; 4x needs a front-loaded schedule.
+    assert two[2].startswith("r=16: 16,16,") and "of the patch tokens per block" in four[2]
+    assert 1.8 <= float(two[6].rstrip("x")) <= 2.2 and 3.6 <= float(four[6].rstrip("x")) <= 4.4
+    assert float(two[4]) == float(teacher[4])  # ToMe runs the teacher's own weights
+    assert float(student[6].rstrip("x")) > 4 and all(float(r[7]) > 0 for r in rows.values())

@@ -1,0 +1,492 @@
+"""One report of the trade-off: a teacher, its bootstrapped students and Token Merging, side by side.
+
+    python -m eval.compare RUN_DIR [RUN_DIR ...] [--tome R,R,...] [--out DIR] [eval options]
+
+The runs must share their teacher (a run folder as ``python -m eval`` reads it: student, recipe
+with the teacher spec and ``eval:`` options; the first run's ``eval:`` options apply, the
+command line overrides them as for ``python -m eval``). Every model sees the same images, in
+one process, in one pass: the teacher, each run's student and the teacher with ToMe
+(``eval.baselines.tome``) at each ``r``. For each: held-out fidelity to the teacher (cosine,
+centred cosine, retrieval), zero-shot (CLIP teachers) or classification through the head
+(supervised teachers), linear probe, counted GFLOPs, measured img/s and peak memory.
+
+Writes into ``--out`` (default: ``compare`` beside the first run folder) ``compare.md`` (the
+table, the picture, notes), ``compare.json`` (every section per model) and ``pareto.png``
+(fidelity and accuracy against GFLOPs and against img/s); each run's own ``report.md`` gets
+a link to it.
+
+Python: ``compare(models, teacher, eval_source, tome=[4, 8])`` for live models,
+``compare_runs([run_dir, ...], tome=[4, 8])`` for run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .baselines.tome import ToMe
+from .classify import classification_eval, head_applies
+from .cost import compare_cost
+from .features import aligned_output, extract, student_outputs, teacher_classifier
+from .fidelity import fidelity
+from .report import (
+    _PRECISIONS,
+    EvalConfig,
+    _describe_student,
+    _describe_teacher,
+    _image_tower,
+    _jsonable,
+    _num,
+    _pct,
+    _probe,
+    probe_train_split,
+    _resolve_path,
+    _student_fn,
+    load_run_student,
+    read_run,
+    write_report,
+)
+from .zeroshot import dataset_templates, resolve_classnames, resolve_templates, template_set_name, zero_shot_classifier
+from .zeroshot import zero_shot_eval
+
+TEACHER = "teacher"
+
+
+class CompareError(ValueError):
+    """Runs or options that cannot be compared in one report."""
+
+
+# ----------------------------------------------------------------------------- features
+def _step(teacher, models: Mapping[str, nn.Module], logits: bool):
+    """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (and
+    ``NAME:logits``, the head outputs, with ``logits``), from one batch."""
+    head = teacher_classifier(teacher) if logits else None
+
+    def step(images):
+        t = teacher.embed(images)
+        out = {TEACHER: t}
+        if logits:
+            out[f"{TEACHER}:logits"] = head(t)
+        for name, model in models.items():
+            pre, o = student_outputs(model, images)
+            out[name] = aligned_output(teacher.target, pre, o)
+            if logits:
+                out[f"{name}:logits"] = o
+        return out
+
+    return step
+
+
+def _pairs(features, name: str) -> dict:
+    """The teacher's and one model's features under the names the teacher-vs-student functions take."""
+    pair = {"teacher": features[TEACHER], "student": features[name]}
+    if "labels" in features:
+        pair["labels"] = features["labels"]
+    return pair
+
+
+def _per_model(result_of_pair, names: Sequence[str]) -> tuple[dict, dict]:
+    """Run a teacher-vs-student function for every model: ``(teacher's result, {name: model's result})``."""
+    results = {name: result_of_pair(name) for name in names}
+    teacher = next(iter(results.values()))["teacher"] if results else None
+    return teacher, results
+
+
+# ----------------------------------------------------------------------------- compare
+def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
+            out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
+            sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
+            **options) -> dict:
+    """Compare ``teacher``, its students ``models`` (name -> module with ``forward(images, pre_logits=...)``)
+    and ToMe at each ``r`` in ``tome`` (an int per block or a list per block), on the same images.
+
+    ``sources``: where each model came from (run folders), ``notes``: lines for the report. Returns the report;
+    with ``out_dir`` writes ``compare.md``, ``compare.json`` and ``pareto.png`` there.
+    """
+    from data.evalsets import build_eval_loader
+
+    cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+    cfg = cfg.replace(data=eval_source, **options)
+    if TEACHER in models:
+        raise CompareError(f"a student cannot be named '{TEACHER}'")
+    tomes = {}
+    for r in tome:
+        m = ToMe(teacher, r)  # a bad r fails here, before any work
+        tomes[m.name] = m
+    everything = {**models, **tomes}
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast_dtype = _PRECISIONS[cfg.precision]
+    notes = list(notes)
+    report: dict[str, Any] = dict(
+        teacher=_describe_teacher(teacher), device=str(device), config=_jsonable(cfg.to_dict()), notes=notes,
+        models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
+    for name, model in models.items():
+        report["models"][name] = dict(kind="student", source=(sources or {}).get(name), **_describe_student(model))
+    for name, m in tomes.items():
+        report["models"][name] = dict(kind="tome", r=m.requested, schedule=m.schedule, token_counts=m.token_counts,
+                                      tokens=f"{teacher.num_prefix_tokens + teacher.num_patches} -> "
+                                             f"{m.token_counts[-1]}")
+        if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
+            notes.append(f"{name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
+                         f"so it merges {m.schedule} per block")
+
+    training = {name: model.training for name, model in everything.items()}
+    teacher.to(device)
+    for model in everything.values():
+        model.eval().to(device)
+    try:
+        if cfg.data is not None:
+            transform = teacher.eval_transform()
+            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+            want_logits = teacher.family == "supervised"
+            if want_logits:
+                why = head_applies(teacher, len(dataset_classnames))
+                if why:
+                    notes.append(f"classification skipped: {why}")
+                    want_logits = False
+            features = extract(loader, _step(teacher, everything, want_logits), device, cfg.max_samples,
+                               autocast_dtype, desc="eval features", progress=progress)
+            report["eval_set"] = dict(source=_jsonable(cfg.data), num_images=int(features[TEACHER].shape[0]),
+                                      num_classes=len(dataset_classnames))
+            names = list(everything)
+            if teacher.family == "clip":
+                classnames = resolve_classnames(cfg.classnames, dataset_classnames)
+                templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
+                classifier = zero_shot_classifier(teacher, classnames, templates, device)
+                t, per = _per_model(lambda n: zero_shot_eval(_pairs(features, n), classifier), names)
+                report["zero_shot"] = _accuracy_section(t, per, templates=(
+                    "the evaluation set's" if templates is not cfg.templates else template_set_name(templates)),
+                    num_templates=len(resolve_templates(templates)))
+            if want_logits:
+                t, per = _per_model(lambda n: classification_eval(
+                    {"teacher_logits": features[f"{TEACHER}:logits"], "student_logits": features[f"{n}:logits"],
+                     "labels": features["labels"]}), names)
+                report["classification"] = _accuracy_section(t, per)
+            report["fidelity"] = {n: fidelity(features[n], features[TEACHER]) for n in [TEACHER, *names]}
+            if cfg.probe:
+                probe = _probe(cfg, features, probe_train_split(cfg, transform, dataset_classnames),
+                               _step(teacher, everything, False), device, autocast_dtype, progress,
+                               models=[TEACHER, *names])
+                report["linear_probe"] = probe
+        else:
+            notes.append("no evaluation set (eval.data / --data): accuracy and fidelity skipped, cost only")
+        if cfg.cost:
+            fns = {TEACHER: (teacher.embed, _image_tower(teacher))}
+            fns.update({n: (_student_fn(m, teacher.target), m) for n, m in models.items()})
+            fns.update({n: (m.embed, _image_tower(teacher)) for n, m in tomes.items()})
+            report["cost"] = compare_cost(fns, teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device,
+                                          iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
+                                          autocast_dtype=autocast_dtype)
+    finally:
+        for name, model in everything.items():
+            model.train(training[name])
+    report["table"] = _table(report)
+    report = _jsonable(report)
+    if out_dir is not None:
+        write_compare(report, out_dir)
+    return report
+
+
+def _accuracy_section(teacher: dict, per: Mapping[str, dict], **extra) -> dict:
+    """{teacher: {top1, top5}, NAME: {top1, top5, agreement}, chance_top1, num_images, num_classes}."""
+    any_result = next(iter(per.values()))
+    section = {TEACHER: dict(teacher)}
+    section.update({n: dict(r["student"], agreement=r["agreement"]) for n, r in per.items()})
+    return dict(models=section, chance_top1=any_result["chance_top1"], num_images=any_result["num_images"],
+                num_classes=any_result["num_classes"], **extra)
+
+
+def _table(report: Mapping[str, Any]) -> list[dict]:
+    """One row per model: the numbers of the markdown table and the picture."""
+    accuracy = report.get("zero_shot") or report.get("classification")
+    probe, fid, cost = report.get("linear_probe"), report.get("fidelity", {}), report.get("cost", {})
+    teacher_cost = cost.get(TEACHER, {})
+    rows = []
+    short = [Path(name).name if info["kind"] == "student" else name for name, info in report["models"].items()]
+    for (name, info), label in zip(report["models"].items(), short):
+        latent = info.get("latent_tokens")
+        tokens = info.get("tokens") or (f"{latent} latent" + (" + cls" if info.get("cls_token") else "") if latent
+                                        else None)
+        row = dict(model=name, label=label if short.count(label) == 1 else name, kind=info["kind"], tokens=tokens)
+        if accuracy:
+            row["top1"] = accuracy["models"][name].get("top1")
+            row["agreement"] = accuracy["models"][name].get("agreement", 1.0 if name == TEACHER else None)
+        if probe:
+            row["probe_top1"] = probe[name]["top1"]
+        if name in fid:
+            row.update({k: fid[name][k] for k in ("cosine", "centred_cosine", "retrieval_top1")})
+        c = cost.get(name)
+        if c:
+            row.update(params_m=c["params"] / 1e6, gflops=c["gflops"], images_per_s=c.get("images_per_s"),
+                       peak_mb=c.get("peak_mb"))
+            row["flops_vs_teacher"] = teacher_cost["gflops"] / c["gflops"] if c["gflops"] else None
+            if c.get("images_per_s") and teacher_cost.get("images_per_s"):
+                row["speed_vs_teacher"] = c["images_per_s"] / teacher_cost["images_per_s"]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- writing
+def _accuracy_axis(report: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(row key, label) of the accuracy the picture shows: zero-shot, head, else linear-probe top-1."""
+    if "zero_shot" in report:
+        return "top1", "zero-shot top-1"
+    if "classification" in report:
+        return "top1", "head top-1"
+    return ("probe_top1", "linear-probe top-1") if "linear_probe" in report else None
+
+
+def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
+    t = report["teacher"]
+    lines = [f"# Comparison on {t['kind']}:{t['name']} ({t['family']})", "",
+             f"Teacher: {t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
+             f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report['device']}. Every model saw the same "
+             f"images in one process."]
+    if "eval_set" in report:
+        e = report["eval_set"]
+        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes.")
+    lines.append("")
+    cols = [("model", "model", str), ("tokens", "tokens", lambda v: "–" if v is None else str(v))]
+    acc = "zero-shot top-1" if "zero_shot" in report else "head top-1" if "classification" in report else None
+    if acc:
+        cols += [("top1", acc, _pct), ("agreement", "same top-1 as teacher", _pct)]
+    if "linear_probe" in report:
+        cols.append(("probe_top1", "linear probe top-1", _pct))
+    if "fidelity" in report:
+        cols += [("cosine", "cosine", lambda v: _num(v, 4)), ("centred_cosine", "centred cosine", lambda v: _num(v, 4)),
+                 ("retrieval_top1", "retrieval top-1", _pct)]
+    if "cost" in report:
+        cols += [("gflops", "GFLOPs", _num), ("flops_vs_teacher", "FLOPs ÷", lambda v: _num(v) + "x" if v else "–"),
+                 ("images_per_s", "img/s", lambda v: _num(v, 1)),
+                 ("speed_vs_teacher", "speed ×", lambda v: _num(v) + "x" if v else "–"),
+                 ("peak_mb", "peak MB", lambda v: _num(v, 1)), ("params_m", "params (M)", _num)]
+    lines += ["| " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    for row in report["table"]:
+        lines.append("| " + " | ".join(fmt(row.get(key)) for key, _, fmt in cols) + " |")
+    lines.append("")
+    if "cost" in report:
+        c = report["cost"][TEACHER]
+        lines.append(f"Cost: batch {c['batch_size']} at {c['image_size'][0]}x{c['image_size'][1]} on {c['device']}; "
+                     f"GFLOPs per image counted with torch's FlopCounterMode (2 per multiply-add); FLOPs ÷: the "
+                     f"teacher's GFLOPs over the model's; speed ×: img/s over the teacher's; peak MB: weights + "
+                     f"activations.")
+    if "fidelity" in report:
+        lines.append("Fidelity: each model's embedding against the teacher's on the same image (centred: teacher "
+                     "mean removed; retrieval: the image's own teacher embedding is the nearest of the set's).")
+    if "zero_shot" in report:
+        z = report["zero_shot"]
+        lines.append(f"Zero-shot: the teacher's text tower, {z['templates']} templates ({z['num_templates']} prompts "
+                     f"per class); chance {_pct(z['chance_top1'])}.")
+    if "linear_probe" in report:
+        p = report["linear_probe"]
+        lines.append(f"Linear probe: {p['split']}; chance {_pct(p['chance_top1'])}.")
+    if any(info["kind"] == "tome" for info in report["models"].values()):
+        lines.append("ToMe: Token Merging (Bolya et al., ICLR 2023) on the teacher, training-free: r tokens merged "
+                     "per block (bipartite soft matching on the keys, size-weighted, proportional attention); "
+                     "tokens: entering the first block -> leaving the last.")
+    lines.append("")
+    if picture:
+        lines += [f"![fidelity and accuracy against cost]({picture})", ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | None:
+    """pareto.png: fidelity (centred cosine) and accuracy against GFLOPs and against img/s; the
+    models no other beats on both axes are joined. None where there is nothing to plot."""
+    rows = [r for r in report["table"] if r.get("gflops") is not None and r.get("centred_cosine") is not None]
+    if not rows:
+        return None
+    metric_rows = [("centred_cosine", "fidelity: centred cosine")]
+    if _accuracy_axis(report):
+        metric_rows.append(_accuracy_axis(report))
+    from matplotlib.figure import Figure
+
+    x_axes = [("gflops", "GFLOPs per image (lower is cheaper)", False)]
+    if all(r.get("images_per_s") for r in rows):
+        x_axes.append(("images_per_s", "images / s (higher is faster)", True))
+    fig = Figure(figsize=(5.2 * len(x_axes), 4.2 * len(metric_rows)), dpi=110)
+    style = {"teacher": dict(marker="*", s=180, color="black"), "student": dict(marker="o", s=60, color="tab:blue"),
+             "tome": dict(marker="s", s=45, color="tab:orange")}
+    for i, (ykey, ylabel) in enumerate(metric_rows):
+        for j, (xkey, xlabel, higher_better) in enumerate(x_axes):
+            ax = fig.add_subplot(len(metric_rows), len(x_axes), i * len(x_axes) + j + 1)
+            pts = [(r[xkey], r[ykey], r) for r in rows if r.get(ykey) is not None]
+            for kind, kw in style.items():
+                sel = [p for p in pts if p[2]["kind"] == kind]
+                if sel:
+                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=kind if kind != "tome" else "ToMe",
+                               zorder=3, **kw)
+            tome = sorted((p for p in pts if p[2]["kind"] == "tome" or p[2]["kind"] == "teacher"),
+                          key=lambda p: p[0])
+            if len(tome) > 1:
+                ax.plot([p[0] for p in tome], [p[1] for p in tome], color="tab:orange", alpha=0.4, zorder=2)
+            front = _frontier(pts, higher_better)
+            ax.plot([p[0] for p in front], [p[1] for p in front], ls="--", color="grey", zorder=1,
+                    label="Pareto front")
+            for x, y, r in pts:
+                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, loc="lower right")
+    t = report["teacher"]
+    fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and ToMe on the same images", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return str(path)
+
+
+def _frontier(points, higher_x_better: bool):
+    """The points no other point beats on both axes (y: higher is better), in x order."""
+    key = (lambda p: (-p[0], -p[1])) if higher_x_better else (lambda p: (p[0], -p[1]))
+    front, best = [], -float("inf")
+    for p in sorted(points, key=key):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return sorted(front, key=lambda p: p[0])
+
+
+def write_compare(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """compare.json, compare.md and pareto.png into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = dict(json=out_dir / "compare.json", markdown=out_dir / "compare.md")
+    picture = draw_pareto(report, out_dir / "pareto.png")
+    if picture:
+        paths["picture"] = Path(picture)
+    paths["json"].write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    paths["markdown"].write_text(to_markdown(report, "pareto.png" if picture else None))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def link_reports(run_dirs: Sequence[str | os.PathLike], compare_md: str | os.PathLike) -> list[str]:
+    """Point each run's own report (report.json / report.md, where there is one) to the comparison."""
+    linked = []
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "report.json"
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        report["compare"] = os.path.relpath(compare_md, run_dir)
+        write_report(report, run_dir)
+        linked.append(str(run_dir / "report.md"))
+    return linked
+
+
+# ----------------------------------------------------------------------------- runs
+def _teacher_identity(spec: Mapping[str, Any]) -> dict:
+    """What makes two teacher specs the same teacher: not the cache folder; of a weights file, its contents
+    (a run of a random teacher saves the teacher's weights in its own folder)."""
+    spec = {k: v for k, v in spec.items() if k != "cache_dir"}
+    pretrained = spec.get("pretrained")
+    if isinstance(pretrained, str) and os.path.isfile(pretrained):
+        spec["pretrained"] = _file_digest(os.path.realpath(pretrained))
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
+                 eval_source=None, progress: bool = True, link: bool = True, **options) -> dict:
+    """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring)."""
+    from teachers import create_teacher
+
+    if not run_dirs:
+        raise CompareError("give at least one run folder")
+    names = [str(d) for d in run_dirs]
+    if len(set(map(os.path.realpath, names))) != len(names):
+        raise CompareError(f"a run folder is given twice: {' '.join(names)}")
+    recipes = {}
+    for name in names:
+        try:
+            recipes[name] = read_run(name)
+        except ValueError as exc:  # e.g. a random teacher, which cannot be rebuilt
+            raise CompareError(str(exc)) from exc
+    first = names[0]
+    for name in names[1:]:
+        if _teacher_identity(recipes[name]["teacher"]) != _teacher_identity(recipes[first]["teacher"]):
+            raise CompareError(
+                f"{first} and {name} have different teachers: {json.dumps(recipes[first]['teacher'], default=str)} "
+                f"vs {json.dumps(recipes[name]['teacher'], default=str)}; eval.compare compares the students of one "
+                f"teacher (compare each group of runs on its own)")
+    teacher = create_teacher(dict(recipes[first]["teacher"]))
+    students = {name: load_run_student(name) for name in names}
+    run0 = Path(first)
+    cfg = EvalConfig.from_dict(recipes[first].get("eval") or {})
+    cfg = cfg.replace(data=_resolve_path(cfg.data, run0), train_data=_resolve_path(cfg.train_data, run0))
+    out_dir = Path(out_dir) if out_dir is not None else run0.parent / "compare"
+    notes = []
+    if any((recipes[n].get("eval") or {}) != (recipes[first].get("eval") or {}) for n in names):
+        notes.append(f"the runs' eval: options differ; those of {first} were used")
+    report = compare(students, teacher, eval_source if eval_source is not None else cfg.data, tome=tome,
+                     out_dir=out_dir, config=cfg, sources={n: n for n in names}, notes=notes, progress=progress,
+                     **options)
+    if link:
+        link_reports(names, out_dir / "compare.md")
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+def _tome_list(value: str) -> list[int]:
+    try:
+        rs = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tome takes comma-separated ints (tokens merged per block), got {value!r}")
+    if not rs:
+        raise argparse.ArgumentTypeError("--tome needs at least one r, e.g. --tome 4,8,12")
+    return rs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .__main__ import add_eval_options
+
+    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="bootstrapping run folders sharing a teacher")
+    p.add_argument("--tome", type=_tome_list, default=[],
+                   help="Token Merging on the teacher at each r (tokens merged per block), e.g. 4,8,12")
+    p.add_argument("--out", help="report folder (default: 'compare' beside the first run folder)")
+    add_eval_options(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .__main__ import eval_options
+    from .baselines.tome import ToMeError
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
+    try:
+        report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
+                              progress=not args.no_progress, **eval_options(args))
+    except (CompareError, ToMeError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(to_markdown(report, None))
+    print(f"comparison written to {out / 'compare.md'}, {out / 'compare.json'}"
+          + (f" and {out / 'pareto.png'}" if (out / "pareto.png").is_file() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
