@@ -60,3 +60,19 @@ def test_data_speed_reads_every_generated_image():
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\d+$", line)]
     # The first batch warms up untimed: 24 images in batches of 8 leave 16 timed.
     assert [(r[0], r[3]) for r in rows] == [("0", "16"), ("1", "16")]
+
+
+def test_mllm_tokens_counts_what_fewer_image_tokens_save_a_llava_7b():
+    out = run_script("mllm_tokens.py", "--clip-model", "ViT-B-32-quickgelu", "--students", "17",
+                     "--prompt-tokens", "8", "--threads", "1")
+    clip, student = table_rows(out)
+    assert clip[0] == "CLIP ViT-B-32-quickgelu" and student[0].startswith("student of it, 17 tokens")
+    assert (clip[1], clip[2], student[1], student[2]) == ("49", "57", "17", "25")  # 7x7 patches; + 8 prompt tokens
+    # ViT-B/32 at 224 px: 4.4 GMACs, 8.8 GFLOPs; the script checks its count against the analytic one.
+    assert float(clip[3]) == 8.8 and "analytic ViT count" not in out
+    assert 0 < float(student[3]) < float(clip[3])
+    # Llama-2-7B prefill is ~2 FLOPs per weight per token: 32 layers x (4*4096^2 + 3*4096*11008) weights.
+    weights = 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    for row in (clip, student):
+        assert abs(float(row[5]) - 2 * weights * int(row[2]) / 1e9) < 2
+        assert float(row[9]) == int(row[2]) / 2  # fp16 K and V: 2 * 32 layers * 4096 * 2 bytes = 0.5 MiB a token
