@@ -183,8 +183,9 @@ class StudentVisionConfig(PretrainedConfig):
     Saved: `family`, `student_config` (the student's own config), `preprocess_cfg` (the student's
     `pretrained_cfg`: input_size, mean, std, interpolation, crop_pct, optional resize_mode; not named
     `pretrained_cfg`, which would make transformers take the folder for a timm checkpoint) and
-    `teacher` (the teacher spec it was bootstrapped from, or None). Derived from them on every load: `hidden_size`,
-    `num_hidden_layers` (blocks), `image_size`, `num_latent_tokens`, `class_token`, `projection_dim`.
+    `teacher` (the teacher spec it was bootstrapped from, or None). Derived from them on every load:
+    `hidden_size`, `num_hidden_layers` (blocks), `image_size`, `num_latent_tokens`, `class_token`,
+    `projection_dim`.
     """
 
     model_type = MODEL_TYPE

@@ -73,6 +73,12 @@ def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def _projected(llava, pixel_values, **selection):
+    """The projected image features of the first image (an output object in transformers 5, a tensor before)."""
+    out = llava.model.get_image_features(pixel_values=pixel_values, **selection)
+    return out.pooler_output[0] if hasattr(out, "pooler_output") else out[0]
+
+
 def _prompt(n_image_tokens):
     return torch.tensor([[1, 5] + [IMAGE_TOKEN] * n_image_tokens + [7, 8, 9]])
 
@@ -92,6 +98,8 @@ def test_vision_model_returns_the_students_tokens_pooled_feature_and_embedding(s
             if layer != -1:
                 assert torch.equal(out.hidden_states[layer], student.forward_tokens(images, layer=layer))
         assert torch.equal(out.last_hidden_state, student.forward_tokens(images))
+        # As for CLIP, hidden_states[-1] (LLaVA's vision_feature_layer=-1) is the last block's raw output.
+        assert torch.equal(out.hidden_states[-1], student.forward_tokens(images, layer=cfg.num_hidden_layers))
         torch.testing.assert_close(out.pooler_output, student(images, pre_logits=True), rtol=0, atol=1e-6)
         torch.testing.assert_close(out.image_embeds, student(images), rtol=0, atol=1e-6)
         assert vision(images).hidden_states is None
@@ -120,8 +128,7 @@ def test_llava_on_the_student_projects_its_tokens_and_generates(student, vision,
     assert llava.config.image_seq_length == n
     image = images[:1]
     with torch.no_grad():
-        features = llava.model.get_image_features(pixel_values=image, vision_feature_layer=-2,
-                                                  vision_feature_select_strategy=strategy).pooler_output[0]
+        features = _projected(llava, image, vision_feature_layer=-2, vision_feature_select_strategy=strategy)
         tokens = student.forward_tokens(image, layer=-2, class_token=class_token)
         assert torch.equal(features, llava.model.multi_modal_projector(tokens)[0])
         logits = llava(input_ids=_prompt(n), pixel_values=image).logits
@@ -138,7 +145,7 @@ def test_auto_image_text_model_builds_on_the_student_config(student, vision, ima
     assert isinstance(llava.model.vision_tower, stm.StudentVisionModel)
     llava.model.vision_tower.load_state_dict(vision.state_dict())
     with torch.no_grad():  # several layers: concatenated along the channels, as for CLIP
-        features = llava.model.get_image_features(pixel_values=images[:1]).pooler_output[0]
+        features = _projected(llava, images[:1])
         tokens = torch.cat([student.forward_tokens(images[:1], layer=k, class_token=False) for k in (0, -2)], -1)
         assert torch.equal(features, llava.model.multi_modal_projector(tokens)[0])
 
@@ -154,7 +161,8 @@ def test_llava_selection_errors_name_the_fix(vision):
         input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
     with pytest.raises(ValueError, match="has none .* use 'full'"):
         stm.llava_config(v1_vision.config, text_config())
-    assert stm.llava_config(v1_vision.config, text_config(), vision_feature_select_strategy="full").image_seq_length == 9
+    full = stm.llava_config(v1_vision.config, text_config(), vision_feature_select_strategy="full")
+    assert full.image_seq_length == 9
 
 
 def test_without_llava_the_error_names_the_version_and_fix(vision, monkeypatch):
@@ -174,7 +182,7 @@ def test_attach_to_llava_keeps_the_projector_and_needs_a_clip_student(student, v
     assert stm.attach_to_llava(llava, fresh) is llava and llava.model.vision_tower is fresh
     assert all(torch.equal(v, llava.model.multi_modal_projector.state_dict()[k]) for k, v in projector.items())
     with torch.no_grad():
-        features = llava.model.get_image_features(pixel_values=images[:1]).pooler_output[0]
+        features = _projected(llava, images[:1])
         tokens = student.forward_tokens(images[:1], layer=-2, class_token=False)
         assert torch.equal(features, llava.model.multi_modal_projector(tokens)[0])
 
