@@ -75,7 +75,6 @@ def sync(device: torch.device) -> None:
 def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
     from bootstrap.config import load_recipe
     from bootstrap.loss import alignment_loss
-    from bootstrap.train import AlignedStudent
     from data.stream import build_train_loader
     from students.bootstrap import bootstrap_student, optimizer_param_groups
     from teachers import create_teacher
@@ -87,9 +86,10 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
         warnings.simplefilter("ignore")
         teacher = create_teacher(spec).to(device).eval()
     student, policy = bootstrap_student(teacher, **asdict(recipe.student))
-    model = AlignedStudent(student, teacher.target != "proj").to(device).train()
+    student.to(device).train()
+    pre_logits = teacher.target != "proj"
     o = recipe.optim
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    optimizer = torch.optim.AdamW(optimizer_param_groups(student, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
     def autocast():
@@ -111,10 +111,10 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
         sync(device)
         t2 = time.perf_counter()
         with autocast():
-            output = model(images)
+            output = student(images, pre_logits=pre_logits)
         loss = alignment_loss(output, target, recipe.loss.type)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float("inf"))
+        torch.nn.utils.clip_grad_norm_(student.parameters(), o.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)

@@ -91,7 +91,8 @@ class RunConfig:
     checkpoint_every: int = 1000  # and at the end
     keep_checkpoints: int = 3  # the last K complete checkpoints are kept
     eval_every: int = 1000  # held-out alignment check every N steps, at the start and at the end
-    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | PATH of a checkpoint
+    # auto (latest complete checkpoint, if any) | none | PATH of a checkpoint or run folder
+    resume: Union[Literal["auto", "none"], str] = "auto"
     stop_after: Union[int, None] = None  # stop with a checkpoint after this step (time-limited jobs); resume later
     max_nonfinite: int = 20  # this many non-finite losses in a row stop the run (with a checkpoint)
     progress: bool = True  # tqdm bar on the main process
@@ -144,10 +145,31 @@ class DemoConfig:
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
 
 
+def student_options(value: Any, where: str = "student"):
+    """The `student:` section: `kind` (default sparseformer) picks the family, whose options class
+    (`students.phases.Training.options`) checks the other keys."""
+    from students.phases import DEFAULT_KIND, TRAININGS, training_for
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"'{where}' must be a mapping of keys, got {type(value).__name__} {value!r}")
+    mapping = dict(value)
+    kind = mapping.pop("kind", DEFAULT_KIND)
+    try:
+        training = training_for(kind)
+    except ValueError as exc:
+        raise RecipeError(f"recipe key '{where}.kind': {exc}") from None
+    return from_dict(training.options, mapping, where)
+
+
 @dataclass
 class Recipe:
     teacher: dict[str, Any] = field(default_factory=dict)
-    student: BootstrapOptions = field(default_factory=BootstrapOptions)
+    # The student family's options (`kind: sparseformer` -> BootstrapOptions, `kind: sparsifiner` -> SparsifyOptions).
+    student: Any = field(default_factory=BootstrapOptions, metadata={"coerce": student_options})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -159,7 +181,11 @@ class Recipe:
     name: Union[str, None] = None  # a name for the run (default: the recipe file stem)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        from students.phases import training_of
+
+        d = _plain(dataclasses.asdict(self))
+        d["student"] = {"kind": training_of(self.student).family, **d["student"]}
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -184,6 +210,20 @@ class Recipe:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
             raise RecipeError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.shuffle_buffer < 0:
+            raise RecipeError(f"data.shuffle_buffer must be >= 0 (0 or 1: no shuffling), got {d.shuffle_buffer}")
+        if d.heldout_samples < 2:
+            # One image would retrieve itself among one: "retrieval 1.000, chance 1.000" says nothing.
+            raise RecipeError(f"data.heldout_samples must be at least 2 (retrieval needs several images), "
+                              f"got {d.heldout_samples}; set data.val=null for no held-out check")
+        if d.epoch_samples is not None and d.epoch_samples < 1:
+            raise RecipeError(f"data.epoch_samples must be at least 1 or null (the dataset size), got {d.epoch_samples}")
+        if r.stop_after is not None and r.stop_after < 1:
+            raise RecipeError(f"run.stop_after must be at least 1 or null (run to optim.steps), got {r.stop_after}")
+        if o.grad_clip is not None and not o.grad_clip > 0:
+            # A negative max norm flips every gradient (the student would train away from the teacher).
+            raise RecipeError(f"optim.grad_clip must be above 0 or null (no clipping), got {o.grad_clip}")
+        check_augment(d.augment)
         if self.demo is not None:
             teacher = self.demo.teacher
             if teacher.seconds <= 0:
@@ -199,6 +239,38 @@ class Recipe:
                 raise RecipeError("the recipe has no training data: set data.train to the training shards "
                                   "(e.g. data.train=/data/imagenet/train) or add a 'demo:' section")
         return self
+
+
+def check_augment(augment: Mapping[str, Any]) -> None:
+    """`data.augment`: the keys `Teacher.train_transform` takes, with values it can use."""
+    from teachers.base import _AUG_KEYS, closest
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def pair(key: str, low: float, high: float | None) -> None:
+        v = augment[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(number(x) for x in v)
+                and low < v[0] <= v[1] and (high is None or v[1] <= high)):
+            bound = f"0 < min <= max <= {high}" if high is not None else "0 < min <= max"
+            raise RecipeError(f"data.augment.{key} must be [min, max] with {bound}, got {v!r}")
+
+    for key in augment:
+        if key not in _AUG_KEYS:
+            raise RecipeError(f"unknown recipe key 'data.augment.{key}'.{closest(str(key), _AUG_KEYS)} "
+                              f"Valid keys of data.augment: {', '.join(_AUG_KEYS)}")
+    if "scale" in augment:
+        pair("scale", 0.0, 1.0)
+    if "ratio" in augment:
+        pair("ratio", 0.0, None)
+    flip = augment.get("hflip", 0.0)
+    if not (isinstance(flip, bool) or (number(flip) and 0 <= flip <= 1)):
+        raise RecipeError(f"data.augment.hflip must be a probability between 0 and 1, got {flip!r}")
+    jitter = augment.get("color_jitter")
+    values = jitter if isinstance(jitter, (list, tuple)) else [] if jitter is None else [jitter]
+    if (isinstance(jitter, (list, tuple)) and len(jitter) not in (3, 4)) or not all(number(v) and v >= 0 for v in values):
+        raise RecipeError(f"data.augment.color_jitter must be null, a number >= 0 or [brightness, contrast, "
+                          f"saturation(, hue)] of numbers >= 0, got {jitter!r}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -270,8 +342,13 @@ def from_dict(cls, data: Any, where: str):
             hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
             raise RecipeError(f"unknown recipe key '{_join(where, key)}'.{hint} "
                               f"Valid keys{' of ' + where if where else ''}: {', '.join(names)}")
-    values = {key: _coerce(types_[key], value, _join(where, key)) for key, value in data.items()}
-    obj = cls(**values)
+    coerce = {f.name: f.metadata.get("coerce") for f in dataclasses.fields(cls)}
+    values = {key: (coerce[key] or (lambda v, w, tp=types_[key]: _coerce(tp, v, w)))(value, _join(where, key))
+              for key, value in data.items()}
+    try:
+        obj = cls(**values)
+    except ValueError as exc:  # a section's own checks (__post_init__)
+        raise RecipeError(f"recipe section '{where}': {exc}") from None
     own_check = getattr(cls, "from_dict", None)
     if own_check is not None:  # sections owned by other packages check their own values too
         try:
@@ -307,10 +384,17 @@ def _coerce(tp, value: Any, where: str):
             try:
                 return _coerce(option, value, where)
             except RecipeError as exc:
+                if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
+                    raise  # a section with a bad key inside: name that key, not the section's type
                 errors.append(exc)
         wanted = " or ".join(_type_name(a) for a in args)
         raise RecipeError(f"recipe key '{where}' must be {wanted}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads no/off/false (yes/on/true) as booleans: `run.mixed_precision=no` means "no".
+            spelled = [a for a in args if isinstance(a, str) and a in (_YAML_BOOL_WORDS[value])]
+            if spelled:
+                return spelled[0]
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -343,6 +427,9 @@ def _coerce(tp, value: Any, where: str):
             raise RecipeError(f"recipe key '{where}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise RecipeError(f"recipe key '{where}' must be a string, got the boolean {value}: YAML reads "
+                              f"yes/no/on/off/true/false as booleans; quote the value, e.g. {where}='no'")
         if not isinstance(value, str):
             raise RecipeError(f"recipe key '{where}' must be a string, got {type(value).__name__} {value!r}")
         return value
@@ -363,6 +450,10 @@ def _coerce(tp, value: Any, where: str):
             raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     raise TypeError(f"recipe schema type {tp!r} of '{where}' is not supported")  # a bug in the schema
+
+
+# The words YAML 1.1 (PyYAML) reads as False / True; a string choice spelled as one of them is meant.
+_YAML_BOOL_WORDS = {False: ("no", "none", "off", "false"), True: ("yes", "on", "true")}
 
 
 def _plain(obj):

@@ -39,3 +39,37 @@ def alignment_loss(student: Tensor, teacher: Tensor, type: str = "cosine", beta:
 def batch_cosine(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean cosine similarity student <-> teacher over a batch (a logged metric)."""
     return F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
+
+
+# --------------------------------------------------------------------------
+# Sparsifiner's two phases (design note `sparsifiner.md`)
+# --------------------------------------------------------------------------
+def attention_reconstruction_loss(approx: list[Tensor], teacher_attention: list[Tensor],
+                                  weight: float = 0.01) -> Tensor:
+    """The reconstruct phase: ``weight · mean over blocks of Σ (approx − teacher_attention[:, :, P:])²``.
+
+    ``approx[i]`` is block i's low-rank approximation ``[B, H, N−P, N]`` (`Sparsifiner.forward_details`),
+    ``teacher_attention[i]`` the teacher's dense post-softmax map ``[B, H, N, N]``
+    (`Teacher.attention_maps`). The P prefix query rows (class token, registers), which always attend
+    densely, are left out: P is read from the shapes. The sum runs over batch, heads, rows and keys, as
+    the authors' loss (so it grows with the batch size).
+    """
+    if len(approx) != len(teacher_attention) or not approx:
+        raise ValueError(f"{len(approx)} approximations for {len(teacher_attention)} teacher attention maps: "
+                         f"give one teacher map per student block")
+    total = 0.0
+    for i, (a, t) in enumerate(zip(approx, teacher_attention)):
+        b, h, rows, n = a.shape
+        if t.shape[:2] != (b, h) or t.shape[-2:] != (n, n) or rows > n:
+            raise ValueError(f"block {i}: approximation {tuple(a.shape)} does not fit the teacher's attention "
+                             f"{tuple(t.shape)} (expected [B, H, N, N] with N = {n})")
+        total = total + (a.float() - t[:, :, n - rows:].float()).square().sum()
+    return weight * total / len(approx)
+
+
+def token_loss(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
+    """The sparse phase's token-level term: MSE of the final-normed patch tokens ``[B, N, C]``."""
+    if student_tokens.shape != teacher_tokens.shape:
+        raise ValueError(f"student tokens {tuple(student_tokens.shape)} and teacher tokens "
+                         f"{tuple(teacher_tokens.shape)} differ: compare the same tokens (patches, final-normed)")
+    return F.mse_loss(student_tokens.float(), teacher_tokens.float())

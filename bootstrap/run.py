@@ -75,19 +75,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import PartialState
 
-    from bootstrap.train import train
-
-    from bootstrap.train import NonFiniteLossError
+    from bootstrap.checkpoint import CheckpointError, CheckpointWriteError
+    from bootstrap.train import NonFiniteLossError, ProcessCountError, train
+    from data.shards import ShardError
     from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
 
     t0 = time.time()
     try:
         summary = train(recipe)
-    except (NonFiniteLossError, TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError,
-            FileNotFoundError) as exc:
+    except RecipeError as exc:  # found once the run could look at its folder (run.output_dir, a resumed recipe)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except (NonFiniteLossError, TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError, CheckpointError,
+            CheckpointWriteError, ProcessCountError, ShardError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    if not PartialState().is_main_process or not summary.get("finished"):
+    if not PartialState().is_main_process or not summary.get("finished") or summary.get("already_finished"):
         return 0
     ok = finish_run(recipe, Path(recipe.run.output_dir))
     print(f"done in {time.time() - t0:.0f} s: {recipe.run.output_dir}", flush=True)

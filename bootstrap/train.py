@@ -35,8 +35,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import TrainState, read_state, resolve_resume, save_checkpoint
-from .config import Recipe
+from .checkpoint import (CheckpointError, TrainState, list_checkpoints, load_checkpoint, read_manifest,
+                         read_state, resolve_resume, save_checkpoint)
+from .config import Recipe, RecipeError
 from .loss import alignment_loss, batch_cosine
 
 # Test hook: the loss of these optimizer steps (comma-separated, 0-based) is made NaN.
@@ -47,21 +48,28 @@ class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
 
-class AlignedStudent(nn.Module):
-    """The student's output that is compared with ``teacher.embed``.
+class TrainingForward(nn.Module):
+    """The student's training forward of one phase: a dict of what the phase's loss terms read.
 
-    CLIP teachers (target 'proj'): the projected embedding, ``student(x)``. Other teachers
-    (target 'norm'): the pre-logits feature, norm without the head. Prepared (wrapped for
-    DDP/FSDP) as one module so that the distributed wrapper sees the forward that trains.
+    ``embedding`` is what is compared with the teacher's embedding: for CLIP teachers (target
+    'proj') the projected embedding, for others (target 'norm') the pre-logits feature. The
+    family's `Training.forward` computes it (and ``tokens``, ``approx_attn``, ... where the phase
+    asks). Prepared (wrapped for DDP) as one module so that the distributed wrapper sees the
+    forward that trains.
     """
 
-    def __init__(self, student: nn.Module, pre_logits: bool):
+    def __init__(self, student: nn.Module, forward, outputs: tuple[str, ...], pre_logits: bool):
         super().__init__()
         self.student = student
-        self.pre_logits = pre_logits
+        self._forward, self.outputs, self.pre_logits = forward, outputs, pre_logits
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.student(images, pre_logits=self.pre_logits)
+    def forward(self, images: Tensor) -> dict:
+        return self._forward(self.student, images, self.outputs, self.pre_logits)
+
+
+def new_window() -> dict:
+    """The running sums of the steps since the last log line."""
+    return {"sums": {}, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -240,8 +248,11 @@ def train(recipe: Recipe) -> dict:
     from tqdm.auto import tqdm
 
     from data.stream import build_train_loader
-    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from students.bootstrap import optimizer_param_groups
+    from students.phases import PhaseContext, training_of
     from teachers import create_teacher, resolve_spec
+
+    from students.phases import training_of
 
     t_start = time.time()
     out = Path(recipe.run.output_dir)
@@ -252,6 +263,7 @@ def train(recipe: Recipe) -> dict:
         step_scheduler_with_optimizer=False,  # the schedule is in optimizer steps, stepped below
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_process_count(world)
     device = accelerator.device
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -259,6 +271,7 @@ def train(recipe: Recipe) -> dict:
         _say(accelerator, f"CPU run: {torch.get_num_threads()} threads per process (run.cpu_threads="
                           f"{recipe.run.cpu_threads}; a number pins it)")
 
+    check_output_dir(out, rank)  # before any expensive work (the demo teacher, the teacher's weights)
     if recipe.demo is not None:
         from .demo_teacher import prepare_demo
 
@@ -266,45 +279,75 @@ def train(recipe: Recipe) -> dict:
         with accelerator.main_process_first():
             prepare_demo(recipe, verbose=accelerator.is_main_process)
 
+    check_data(recipe)
+
+    # ------------------------------------------------- what this folder already holds
+    ckpt_root = out / "checkpoints"
+    resume_from = resolve_resume(recipe.run.resume, ckpt_root)
+    saved_teacher = resume_from.parent.parent / "teacher_weights.safetensors" if resume_from else None
+    if resume_from is not None and resolve_spec(recipe.teacher)[1] == "random" and saved_teacher.is_file():
+        recipe.teacher["pretrained"] = str(saved_teacher.resolve())  # the very teacher the run started with
+    if resume_from is not None:
+        manifest = read_manifest(resume_from)
+        check_same_recipe(recipe, resume_from, out)
+        steps = training_of(recipe.student).steps(recipe.student, recipe.optim)
+        done = finished_summary(out, manifest["train_state"]["step"], steps)
+        if done is not None:
+            _say(accelerator, f"{out} is a finished run (step {done['steps']} of {steps}); nothing was "
+                              f"changed. Evaluate it again with python -m eval {out}; to train anew, use another "
+                              f"run.output_dir or run.resume=none")
+            return {**done, "already_finished": True}
+    elif accelerator.is_main_process:
+        set_aside_old_checkpoints(ckpt_root, accelerator)
+    accelerator.wait_for_everyone()
+
     # ------------------------------------------------------------------ models
     set_seed(recipe.run.seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         teacher = create_teacher(recipe.teacher)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         if resolve_spec(recipe.teacher)[1] == "random":
             # recipe.yaml must rebuild this very teacher in a fresh process (evaluation, export).
             recipe.teacher["pretrained"] = str(save_teacher_weights(teacher, out).resolve())
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        _atomic_write(out / "recipe.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
     teacher.to(device).eval()
-    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
+    training = training_of(recipe.student)
+    try:
+        student, policy = training.build(teacher, recipe.student)
+    except ValueError as exc:  # options that do not fit this teacher (e.g. a per-block list of the wrong length)
+        raise RecipeError(f"the student section does not fit teacher {teacher.kind}:{teacher.name}: {exc}") from None
     pre_logits = teacher.target != "proj"
-    if pre_logits and any(p.requires_grad for p in student.proj.parameters()):
-        # The aligned output stops before the head, so the head would get no gradient.
-        student.proj.requires_grad_(False)
+    phases = training.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
+    total_steps = sum(p.steps for p in phases)
     _say(accelerator, f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, "
-                      f"{teacher.depth} blocks, width {teacher.width}); {policy.summary()}")
-    model = AlignedStudent(student, pre_logits)
-
+                      f"{teacher.depth} blocks, width {teacher.width}); {training.family} student, "
+                      f"{policy.summary()}; phases: " + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases))
     o = recipe.optim
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, o.steps, o.min_lr / o.lr))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
 
-    ckpt_root = out / "checkpoints"
-    resume_from = resolve_resume(recipe.run.resume, ckpt_root)
+    def start_phase(index: int):
+        """The phase's trainable parameters, a fresh optimizer and schedule, and the module that trains
+        (wrapped anew, so that DDP sees exactly the parameters this phase trains)."""
+        phase = phases[index]
+        training.enter(student, policy, phase)
+        module = TrainingForward(student, training.forward, phase.outputs, pre_logits)
+        opt = torch.optim.AdamW(optimizer_param_groups(module, o.weight_decay), lr=phase.lr, betas=tuple(o.betas),
+                                eps=o.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, phase.warmup_steps, phase.steps, phase.min_lr / phase.lr))
+        return accelerator.prepare(module, opt, sched)
+
+    state = TrainState()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        _say(accelerator, f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, "
-                          f"batch {state.batch_in_epoch} of the epoch)")
-        if state.step != read_state(resume_from)["step"]:
-            raise RuntimeError(f"{resume_from}: state.json and the registered state disagree")
+        state.phase = read_state(resume_from).get("phase", 0)
+    else:  # the first phase that has steps
+        state.phase = next((i for i, p in enumerate(phases) if p.steps > 0), len(phases) - 1)
+    model, optimizer, scheduler = start_phase(state.phase)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, state, model, optimizer, scheduler)
+        _say(accelerator, f"resumed from {resume_from} (step {state.step}, phase {phases[state.phase].name}, "
+                          f"epoch {state.epoch}, batch {state.batch_in_epoch} of the epoch)")
     metrics = MetricsLog(accelerator, out / "metrics.jsonl", state.step if resume_from else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("tb")
@@ -330,10 +373,11 @@ def train(recipe: Recipe) -> dict:
     def check_alignment(step: int) -> dict | None:
         if heldout is None:
             return None
-        model.eval()
-        # Every rank runs it (FSDP needs all ranks in a forward); the main process logs it.
-        feats = embed_all(model, heldout[0], d.eval_batch_size, device, accelerator.autocast)
-        model.train()
+        student.eval()
+        # Every rank runs it (each holds the whole student); the main process logs it.
+        feats = embed_all(lambda x: student(x, pre_logits=pre_logits), heldout[0], d.eval_batch_size, device,
+                          accelerator.autocast)
+        student.train()
         result = fidelity(feats, heldout[1])
         metrics.log(step, {f"heldout/{k}": v for k, v in result.items()})
         if accelerator.is_main_process:
@@ -345,26 +389,35 @@ def train(recipe: Recipe) -> dict:
     ga = o.grad_accum
     global_batch = d.batch_size * world * ga
     inject = _nonfinite_steps()
+    last_check = None
     if state.step == 0:
         first_check = check_alignment(0)
-    else:  # resumed: the start is in the log
+    else:  # resumed: the start (and the latest check) are in the log
         logged = [h for h in metrics.history() if "heldout/cosine" in h] if accelerator.is_main_process else []
-        first_check = {k.removeprefix("heldout/"): v for k, v in logged[0].items()
-                       if k.startswith("heldout/")} if logged else None
+        first_check, last_check = (_heldout(logged[0]), _heldout(logged[-1])) if logged else (None, None)
     if first_check:
         _say(accelerator, "held-out alignment at the start: " + _fmt(first_check))
-    bar = tqdm(total=o.steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
                desc="bootstrapping", unit="step", dynamic_ncols=True, file=sys.stdout)
-    window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
-    last_check, grad_norm = first_check, float("nan")
+    window = new_window()
+    last_check, grad_norm = last_check or first_check, float("nan")
     model.train()
-    stop_at = o.steps if r.stop_after is None else min(o.steps, r.stop_after)
+    stop_at = total_steps if r.stop_after is None else min(total_steps, r.stop_after)
+    phase_end = sum(p.steps for p in phases[:state.phase + 1])
     while state.step < stop_at:
+        while state.step >= phase_end and state.phase + 1 < len(phases):  # this phase is over: the next one
+            state.phase += 1
+            phase_end += phases[state.phase].steps
+            if phases[state.phase].steps:
+                model, optimizer, scheduler = start_phase(state.phase)
+                model.train()
+                _say(accelerator, f"step {state.step}: phase {phases[state.phase].name} "
+                                  f"({phases[state.phase].steps} steps)")
+        phase = phases[state.phase]
         t0 = time.perf_counter()
         wait = 0.0
         skipped = False
-        loss_sum = torch.zeros((), device=device)
-        cos_sum = torch.zeros((), device=device)
+        sums = {name: torch.zeros((), device=device) for name in ("loss", "cos", *(t.name for t in phase.terms))}
         for micro in range(ga):
             tw = time.perf_counter()
             images, extras = next(batch_iter)
@@ -373,12 +426,13 @@ def train(recipe: Recipe) -> dict:
                 keys_file.write("".join(f"{state.epoch}\t{state.step}\t{k}\n" for k in extras["__key__"]))
             batches.consumed()
             images = images.to(device, non_blocking=True)
-            with accelerator.autocast():
-                target = teacher.embed(images)
+            with accelerator.autocast(), torch.no_grad():
+                target = teacher.targets(images, phase.needs)
             sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)
-                loss = alignment_loss(output, target, recipe.loss.type, recipe.loss.beta, recipe.loss.normalize)
+                terms = {t.name: t.fn(output, target) for t in phase.terms}
+                loss = sum(t.weight * terms[t.name] for t in phase.terms)
                 if state.step in inject:
                     loss = loss * float("nan")
                 # Every rank must take the same decision, or DDP's gradient all-reduce would hang.
@@ -389,10 +443,13 @@ def train(recipe: Recipe) -> dict:
                     skipped = True
                     break
                 accelerator.backward(loss / ga)
-            loss_sum += loss.detach()
-            cos_sum += batch_cosine(output.detach(), target)
+            sums["loss"] += loss.detach()
+            for name, value in terms.items():
+                sums[name] += value.detach()
+            if "embedding" in output and "embedding" in target:
+                sums["cos"] += batch_cosine(output["embedding"].detach(), target["embedding"])
         if not skipped:
-            if o.grad_clip:
+            if o.grad_clip is not None:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack(
@@ -413,7 +470,7 @@ def train(recipe: Recipe) -> dict:
             _say(accelerator, f"step {state.step - 1}: non-finite loss or gradient, step skipped "
                               f"({state.nonfinite_in_row} in a row, {state.nonfinite_total} in all)")
             if state.nonfinite_in_row >= r.max_nonfinite:
-                path = save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints)
+                path = save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints, model, optimizer, scheduler)
                 raise NonFiniteLossError(
                     f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient (run.max_nonfinite="
                     f"{r.max_nonfinite}); stopped at step {state.step}, checkpoint {path}. Lower optim.lr, "
@@ -421,8 +478,8 @@ def train(recipe: Recipe) -> dict:
                     f"then resume with run.resume={path}")
         else:
             state.nonfinite_in_row = 0
-            window["loss"] += loss_sum.item() / ga
-            window["cos"] += cos_sum.item() / ga
+            for name, value in sums.items():
+                window["sums"][name] = window["sums"].get(name, 0.0) + value.item() / ga
             window["n"] += 1
         window["time"] += time.perf_counter() - t0
         window["wait"] += wait
@@ -430,31 +487,37 @@ def train(recipe: Recipe) -> dict:
         ips = window["images"] / max(window["time"], 1e-9)
         bar.update(1)
 
-        if state.step % r.log_every == 0 or state.step == o.steps:
+        if state.step % r.log_every == 0 or state.step == total_steps:
             n = max(window["n"], 1)
-            stats = torch.tensor([window["loss"] / n, window["cos"] / n], device=device)
+            # Every phase's log line has the same keys; a window of skipped steps only logs NaN losses.
+            names = ["loss", "cos", *(t.name for t in phase.terms)]
+            stats = torch.tensor([window["sums"][k] / n if k in window["sums"] else float("nan") for k in names],
+                                 device=device)
             if world > 1:
                 stats = accelerator.reduce(stats, "mean")
-            values = {"train/loss": stats[0].item(), "train/cosine": stats[1].item(),
-                      "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": ips,
-                      "train/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-                      "train/grad_norm": grad_norm, "train/epoch": state.epoch,
-                      "train/nonfinite_total": state.nonfinite_total}
+            values = {("train/cosine" if k == "cos" else f"train/{k}"): stats[i].item() for i, k in enumerate(names)
+                      if k != "cos" or "embedding" in phase.needs}
+            values.update({"train/lr": scheduler.get_last_lr()[0], "train/img_per_s": ips,
+                           "train/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
+                           "train/grad_norm": grad_norm, "train/epoch": state.epoch, "train/phase": state.phase,
+                           "train/nonfinite_total": state.nonfinite_total})
             metrics.log(state.step, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", cos=f"{values['train/cosine']:.3f}",
-                            img_s=f"{ips:.0f}")
-            window = {"loss": 0.0, "cos": 0.0, "n": 0, "time": 0.0, "wait": 0.0, "images": 0}
-        if state.step % r.eval_every == 0 or state.step == o.steps:
+            postfix = {"loss": f"{values.get('train/loss', float('nan')):.4f}", "img_s": f"{ips:.0f}"}
+            if "train/cosine" in values:
+                postfix["cos"] = f"{values['train/cosine']:.3f}"
+            bar.set_postfix(postfix)
+            window = new_window()
+        if state.step % r.eval_every == 0 or state.step == total_steps:
             last_check = check_alignment(state.step)
             if last_check and accelerator.is_main_process:
                 bar.write(f"step {state.step}: held-out " + _fmt(last_check), file=sys.stdout)
         if state.step % r.checkpoint_every == 0 or state.step == stop_at:
-            save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints)
+            save_checkpoint(accelerator, ckpt_root, state, r.keep_checkpoints, model, optimizer, scheduler)
     bar.close()
     if keys_file is not None:
         keys_file.close()
-    if state.step < o.steps:  # run.stop_after
-        _say(accelerator, f"stopped after step {state.step} of {o.steps} (run.stop_after); the same command "
+    if state.step < total_steps:  # run.stop_after
+        _say(accelerator, f"stopped after step {state.step} of {total_steps} (run.stop_after); the same command "
                           f"with run.stop_after=null resumes from {ckpt_root}")
         accelerator.end_training()
         return {"finished": False, "steps": state.step}
@@ -462,6 +525,7 @@ def train(recipe: Recipe) -> dict:
     # ------------------------------------------------------------------ outputs
     full = accelerator.get_state_dict(model)  # collective (gathers FSDP shards)
     checksums = rank_checksums(accelerator, model)
+    skipped = loader_stats_over_ranks(accelerator, loader.stats)
     summary = {"finished": True}
     if accelerator.is_main_process:
         student_sd = {k.removeprefix("student."): v for k, v in full.items()}
@@ -470,16 +534,33 @@ def train(recipe: Recipe) -> dict:
             "finished": True, "steps": state.step, "samples_seen": state.samples_seen, "nonfinite_total": state.nonfinite_total,
             "processes": world, "global_batch": global_batch, "seconds": round(time.time() - t_start, 1),
             "heldout_start": first_check, "heldout_end": last_check, "resumed_from": str(resume_from or ""),
-            "parameters": {"trainable": policy.num_trainable, "frozen": policy.num_frozen},
-            "loader": {"skipped": loader.stats.skipped, "padded": loader.stats.padded},
+            "parameters": policy.counts(),
+            "loader": skipped,
             "rank_checksums": checksums,
         }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _atomic_write(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
         if first_check and last_check:
             print(f"held-out alignment: start {_fmt(first_check)}\n                    end   {_fmt(last_check)}")
+        if skipped["skipped"] or skipped["bad_shards"]:
+            print(f"data: {skipped['skipped']} sample(s) did not decode and were skipped"
+                  + (f", {len(skipped['bad_shards'])} shard(s) turned out unreadable" if skipped["bad_shards"] else "")
+                  + f" (over {world} process(es); named in train_summary.json)", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def loader_stats_over_ranks(accelerator, stats) -> dict:
+    """The loader's skip counts summed over the ranks, with every skipped sample named (collective)."""
+    from accelerate.utils import gather_object
+
+    mine = [{"skipped": stats.skipped, "padded": stats.padded, "skipped_samples": list(stats.skipped_samples),
+             "bad_shards": list(getattr(stats, "bad_shards", []))}]
+    every = gather_object(mine) if accelerator.num_processes > 1 else mine
+    return {"skipped": sum(s["skipped"] for s in every), "padded": sum(s["padded"] for s in every),
+            "skipped_samples": [k for s in every for k in s["skipped_samples"]],
+            "bad_shards": sorted({k for s in every for k in s["bad_shards"]}),
+            "per_rank": [s["skipped"] for s in every]}
 
 
 def rank_checksums(accelerator, model: nn.Module) -> list[str]:
@@ -501,6 +582,163 @@ def rank_checksums(accelerator, model: nn.Module) -> list[str]:
         warnings.warn(f"the ranks ended with different student weights (checksums {sums}): data-parallel "
                       f"training desynchronised", RuntimeWarning)
     return sums
+
+
+def _heldout(record: dict) -> dict:
+    return {k.removeprefix("heldout/"): v for k, v in record.items() if k.startswith("heldout/")}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- checks before the work
+
+
+class ProcessCountError(RuntimeError):
+    """The processes of a launch do not form one run (e.g. torchrun on a CPU without ACCELERATE_USE_CPU=1)."""
+
+
+TWO_PROCESS_CPU_COMMAND = "ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 bootstrap/run.py RECIPE"
+
+
+def check_process_count(processes: int, env: dict | None = None, parent_cmdline: list[str] | None = None) -> None:
+    """Stop when the launcher started more processes than the run has (each would think it is the
+    main one and write the same folder) or asked for more than it started."""
+    env = os.environ if env is None else env
+    launched = int(env.get("WORLD_SIZE", "1") or 1)
+    if launched != processes:
+        raise ProcessCountError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they did not join into one run "
+            f"(each sees {processes}): on a CPU, torchrun needs ACCELERATE_USE_CPU=1, e.g. "
+            f"{TWO_PROCESS_CPU_COMMAND.replace('2', str(launched))}")
+    if parent_cmdline is None and processes == 1 and "ACCELERATE_USE_CPU" in env:
+        try:
+            import psutil
+
+            parent_cmdline = psutil.Process().parent().cmdline()
+        except Exception:  # noqa: BLE001 - best effort: no parent to look at
+            parent_cmdline = []
+    args = list(parent_cmdline or [])
+    asked = None
+    for i, arg in enumerate(args):
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            asked = args[i + 1]
+        elif arg.startswith(("--num_processes=", "--num-processes=")):
+            asked = arg.split("=", 1)[1]
+    if processes == 1 and "launch" in args and asked and asked.isdigit() and int(asked) > 1:
+        raise ProcessCountError(
+            f"accelerate launch --cpu --num_processes {asked} starts one process only; for {asked} processes on a CPU "
+            f"use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
+
+
+def check_data(recipe: Recipe) -> None:
+    """The training and held-out shards exist and look whole (a few reads per shard), before the
+    teacher is built; a shard that turns bad later is skipped and counted by the loader."""
+    from data.shards import check_shards, resolve_shards
+
+    check_shards(resolve_shards(recipe.data.train))
+    if recipe.data.val is not None:
+        check_shards(resolve_shards(recipe.data.val))
+
+
+def check_output_dir(out: Path, rank: int = 0) -> None:
+    """`run.output_dir` must be a folder this process can create and write, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{rank}-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError(f"run.output_dir={out} cannot be written ({exc.strerror or exc}); choose a folder you can "
+                          f"write, e.g. run.output_dir=runs/NAME") from None
+
+
+# Keys that may change when a run resumes: where and how it runs, not what it computes.
+RESUME_SAFE_KEYS = ("run.resume", "run.stop_after", "run.progress", "run.cpu_threads", "run.log_sample_keys",
+                    "run.final_report", "run.keep_checkpoints", "run.log_every", "run.eval_every",
+                    "run.checkpoint_every", "run.max_nonfinite", "run.output_dir", "data.num_workers",
+                    "data.eval_batch_size", "demo.cache_dir", "eval", "export", "name")
+
+
+def recipe_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, saved, now)`` for every leaf that differs, outside `RESUME_SAFE_KEYS`."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        where = f"{prefix}{key}"
+        if where in RESUME_SAFE_KEYS:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, where + ".")
+        elif a != b:
+            out.append((where, a, b))
+    return out
+
+
+def check_same_recipe(recipe: Recipe, checkpoint: Path, out: Path) -> None:
+    """A run resumes only with the recipe that wrote its checkpoint (up to `RESUME_SAFE_KEYS`)."""
+    import yaml
+
+    saved_path = checkpoint.parent.parent / "recipe.yaml"
+    if not saved_path.is_file():
+        return  # a checkpoint outside a run folder: its weights are checked against the model on load
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{saved_path} is not valid YAML ({exc}); it describes the checkpoint being resumed") from None
+    now = recipe.to_dict()
+    if _same_saved_teacher(saved.get("teacher", {}).get("pretrained"), now.get("teacher", {}).get("pretrained")):
+        saved["teacher"]["pretrained"] = now["teacher"]["pretrained"]  # a copied run folder names its own copy
+    diffs = recipe_differences(saved, now)
+    if diffs and checkpoint.parent.parent.resolve() != out.resolve():
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:8])
+        raise RecipeError(f"run.resume={checkpoint} is a checkpoint of another recipe ({saved_path}): {shown}. Resume "
+                          f"it with that recipe, or start anew (run.resume=none)")
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} in {saved_path}, {b!r} now" for k, a, b in diffs[:8])
+        more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+        raise RecipeError(
+            f"{out} holds a run of another recipe, so it cannot be resumed with this one: {shown}{more}. Use another "
+            f"run.output_dir for the new recipe, or run.resume=none to start {out} anew (its checkpoints are "
+            f"kept aside), or resume with the saved recipe: accelerate launch bootstrap/run.py {saved_path}")
+
+
+def _same_saved_teacher(saved: Any, now: Any) -> bool:
+    """Both name a run's saved random teacher (teacher_weights.safetensors), the same one or a copy."""
+    import filecmp
+
+    if not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    a, b = Path(saved), Path(now)
+    if a.name != "teacher_weights.safetensors" or b.name != a.name or not b.is_file():
+        return False
+    return not a.is_file() or filecmp.cmp(a, b, shallow=False)
+
+
+def finished_summary(out: Path, checkpoint_step: int, steps: int) -> dict | None:
+    """The summary of a run that already ended at `steps` (its outputs written), else None."""
+    path = out / "train_summary.json"
+    if checkpoint_step < steps or not path.is_file() or not (out / "student.safetensors").is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("finished") and summary.get("steps") == steps else None
+
+
+def set_aside_old_checkpoints(ckpt_root: Path, accelerator) -> None:
+    """A run started anew (run.resume=none) in a folder with checkpoints keeps them, renamed, so that
+    the old run's later steps are never taken for the new run's (run.resume=auto picks the highest)."""
+    if not list_checkpoints(ckpt_root):
+        return
+    aside = ckpt_root.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(ckpt_root, aside)
+    _say(accelerator, f"run.resume=none: the folder's earlier checkpoints were moved to {aside} (delete it to free "
+                      f"the space)")
 
 
 def _fmt(result: dict) -> str:

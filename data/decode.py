@@ -65,6 +65,20 @@ class SkipCounter:
         self.count = 0
         self.max_warnings = max_warnings
         self._pending: list[str] = []
+        self._bad_shards: list[str] = []
+
+    def bad_shard(self, url: str, exn: Exception, lost: int) -> None:
+        """A shard that became unreadable in the middle of a run: its remaining `lost` samples are
+        skipped (counted), it is named, and the stream goes on with the next shard."""
+        self.count += lost
+        self._pending.extend(f"{url}#<unread sample {i + 1} of {lost}>" for i in range(lost))
+        self._bad_shards.append(url)
+        warnings.warn(f"skipping the rest of shard {url} ({lost} samples): {exn}", RuntimeWarning, stacklevel=2)
+
+    def drain_bad_shards(self) -> list[str]:
+        """The shards found unreadable since the last call."""
+        out, self._bad_shards = self._bad_shards, []
+        return out
 
     def __call__(self, exn: Exception) -> bool:
         if not isinstance(exn, DecodeError):

@@ -27,7 +27,7 @@ import warnings
 import zlib
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import webdataset as wds
@@ -232,17 +232,63 @@ def iter_shard(url: str) -> Iterator[dict]:
             ) from exn
 
 
-def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]]) -> Iterator[dict]:
+def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]],
+                  on_bad_shard: Callable[[str, Exception, int], None] | None = None) -> Iterator[dict]:
     """Yield samples ``start:stop`` of shard ``urls[i]`` for each ``(i, start, stop)`` segment.
 
-    Skipped leading samples are read but not decoded, so skipping costs only I/O.
+    Skipped leading samples are read but not decoded, so skipping costs only I/O. A shard that
+    turns out unreadable (`ShardError`, or gone: `FileNotFoundError`) raises, unless
+    `on_bad_shard(url, error, samples_lost)` is given: then it is reported and the next
+    segment follows.
     """
     for index, start, stop in segments:
-        for n, sample in enumerate(iter_shard(urls[index])):
-            if n >= stop:
-                break
-            if n >= start:
-                yield sample
+        n = -1
+        try:
+            for n, sample in enumerate(iter_shard(urls[index])):
+                if n >= stop:
+                    break
+                if n >= start:
+                    yield sample
+        except (ShardError, FileNotFoundError) as exn:
+            if on_bad_shard is None:
+                raise
+            on_bad_shard(urls[index], exn, stop - max(start, n))
+
+
+def check_shard(url: str) -> None:
+    """A cheap look at a local shard before a long run: it exists, starts with a tar header and
+    ends with the tar end-of-archive blocks (a truncated or half-copied shard does not).
+
+    Raises:
+        FileNotFoundError: the shard cannot be opened (naming it).
+        ShardError: it is not a tar file, or it is cut short (naming it).
+    """
+    if is_remote(url):
+        return
+    path = _local(url)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+            f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+            tail = f.read()
+    except OSError as exn:
+        raise FileNotFoundError(f"cannot open shard {url}: {exn.strerror or exn}") from exn
+    fix = "re-create it with `python -m data.make_shards` or leave it out of the shard list"
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as exn:
+        if head.strip(b"\0") or size == 0:
+            raise ShardError(f"shard {url} is not a tar file ({exn}); {fix}") from exn
+    if size % tarfile.BLOCKSIZE or len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise ShardError(f"shard {url} is cut short ({size} bytes, no tar end-of-archive blocks): it was truncated or "
+                         f"not completely copied; {fix}")
+
+
+def check_shards(urls: Sequence[str]) -> None:
+    """`check_shard` on each shard (a few reads each)."""
+    for url in tqdm(urls, desc="checking shards", disable=len(urls) < 500, leave=False):
+        check_shard(url)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -45,7 +45,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from .decode import SkipCounter, decode_sample
-from .shards import is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts
+from .shards import ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -118,11 +118,13 @@ class LoaderStats:
     skipped: int = 0  #: samples that did not decode
     padded: int = 0  #: samples re-used to fill the batches of workers that came up short
     skipped_samples: list[str] = field(default_factory=list)  #: ``"shard#key"`` of each skip
+    bad_shards: list[str] = field(default_factory=list)  #: shards that became unreadable mid-epoch
 
     def update(self, extras: dict) -> None:
         self.skipped += len(extras["skipped"])
         self.skipped_samples.extend(extras["skipped"])
         self.padded += int(extras["padded"])
+        self.bad_shards.extend(extras.get("bad_shards", []))
 
 
 class TrainStream(IterableDataset):
@@ -154,13 +156,17 @@ class TrainStream(IterableDataset):
         start = (self.rank * self.num_batches + first) * self.batch_size
         return n, plan_segments(self.counts, order, start, n)
 
-    def _resampled_source(self, worker: int) -> Iterator[dict]:
+    def _resampled_source(self, worker: int, counter: SkipCounter) -> Iterator[dict]:
         rng = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         empty = 0
         while True:
             n = 0
-            for n, sample in enumerate(iter_shard(self.urls[rng.randrange(len(self.urls))]), 1):
-                yield sample
+            url = self.urls[rng.randrange(len(self.urls))]
+            try:
+                for n, sample in enumerate(iter_shard(url), 1):
+                    yield sample
+            except (ShardError, FileNotFoundError) as exn:
+                counter.bad_shard(url, exn, 0)
             # Guard against spinning forever on shards that are all empty.
             empty = empty + 1 if n == 0 else 0
             if empty > 10 * len(self.urls) + 10:
@@ -172,11 +178,13 @@ class TrainStream(IterableDataset):
         n, segments = self.worker_plan(worker, num_workers)
         if n == 0:
             return
-        raw = self._resampled_source(worker) if segments is None else iter_segments(self.urls, segments)
+        # A shard that turns bad mid-run is skipped (its samples counted), like an undecodable sample.
+        counter = SkipCounter()
+        raw = (self._resampled_source(worker, counter) if segments is None else
+               iter_segments(self.urls, segments, on_bad_shard=counter.bad_shard))
         if self.shuffle_buffer > 1:
             seed = f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}"
             raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed)(raw)
-        counter = SkipCounter()
         decoded = wds.map(decode_sample, handler=counter)(raw)
         yield from self._batches(_exactly(decoded, n, self.batch_size, where=f"rank {self.rank} worker {worker}"),
                                  counter)
@@ -194,6 +202,7 @@ class TrainStream(IterableDataset):
                     "txt": [b[1]["txt"] for b in batch],
                     # Read at batch time: every skip before this batch is shipped with it.
                     "skipped": counter.drain(),
+                    "bad_shards": counter.drain_bad_shards(),
                     "padded": sum(b[2] for b in batch),
                 }
                 yield images, extras

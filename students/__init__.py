@@ -2,6 +2,7 @@
 
 from .config import CompatibleConfig, ConfigError, GridSampleConfig, SparseFormerConfig
 from .sparseformer import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace
+from .sparsifiner import Sparsifiner, SparsifinerConfig, SparsifinerOutput
 
 __all__ = [
     "CompatibleConfig",
@@ -12,6 +13,9 @@ __all__ = [
     "SparseFormerConfig",
     "SparseFormerOutput",
     "SparseFormerTrace",
+    "Sparsifiner",
+    "SparsifinerConfig",
+    "SparsifinerOutput",
 ]
 from .registry import (
     CheckpointMismatchError,
@@ -34,4 +38,7 @@ __all__ += [
     "load_state_dict_file",
     "load_student",
 ]
+from .sparsify import PhasedParameterPolicy, SparsifyOptions, sparsify
+
+__all__ += ["PhasedParameterPolicy", "SparsifyOptions", "sparsify"]
 from . import timm_models  # registers SparseFormer with timm (and open_clip's local-dir: loading)

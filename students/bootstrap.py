@@ -76,6 +76,9 @@ class ParameterPolicy:
             f"({100 * self.num_trainable / max(total, 1):.1f}%), frozen {self.num_frozen / 1e6:.2f}M"
         )
 
+    def counts(self) -> dict:
+        return {"trainable": self.num_trainable, "frozen": self.num_frozen}
+
     def to_dict(self) -> dict:
         return {"num_trainable": self.num_trainable, "num_frozen": self.num_frozen,
                 "trainable": self.trainable, "frozen": self.frozen}

@@ -29,6 +29,15 @@ def unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError
     return ConfigError(f"unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
 
 
+def read_json(path_or_text: str) -> Any:
+    """A config's JSON, given as the text itself or as the path of a file holding it."""
+    text = path_or_text
+    if not path_or_text.lstrip().startswith("{"):
+        with open(path_or_text) as f:
+            text = f.read()
+    return json.loads(text)
+
+
 @dataclass
 class GridSampleConfig:
     mode: str = "bilinear"
@@ -158,11 +167,7 @@ class SparseFormerConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str) -> "SparseFormerConfig":
-        text = path_or_text
-        if not path_or_text.lstrip().startswith("{"):
-            with open(path_or_text) as f:
-                text = f.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(path_or_text))
 
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from . import timm_models
+from .families import family_of
 from .registry import load_student
 from .sparseformer import SparseFormer
 
@@ -106,17 +107,19 @@ def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: 
               metadata=metadata)
 
 
-def _check_student(student: Any) -> None:
-    if not isinstance(student, SparseFormer) or student.ndim != 2:
-        raise TypeError(f"the export takes an image SparseFormer, got {type(student).__name__} (unwrap a "
-                        f"DDP/accelerate-wrapped model first: accelerator.unwrap_model(model))")
+def _check_student(student: Any):
+    """The student's timm module (its family's registration, names and export fields)."""
+    if isinstance(student, SparseFormer) and student.ndim != 2:
+        raise TypeError(f"the export takes an image student, got {type(student).__name__}")
+    return family_of(student).timm
 
 
 def _student_pretrained_cfg(student: SparseFormer, pretrained_cfg: Mapping | None, fallback: Mapping | None) -> dict:
     """input_size/mean/std/interpolation/crop_pct: explicit > the student's own > the teacher's (fallback)."""
+    tm = _check_student(student)
     for source in (pretrained_cfg, getattr(student, "pretrained_cfg", None), fallback):
         if source:
-            return timm_models.pretrained_cfg_for(student.config, source)
+            return tm.pretrained_cfg_for(student.config, source)
     raise ExportError("the student carries no pretrained_cfg (input size, mean, std): pass "
                       "pretrained_cfg=dict(input_size=(3, H, W), mean=..., std=..., interpolation=..., crop_pct=...)")
 
@@ -163,16 +166,17 @@ def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: M
     `timm.create_model("local-dir:...", pretrained=True)` and its output
     compared with the student's.
     """
-    _check_student(student)
+    tm = _check_student(student)
     pcfg = _student_pretrained_cfg(student, pretrained_cfg, None)
     out = _prepare_dir(out_dir, (TIMM_CONFIG, TIMM_WEIGHTS), overwrite)
     cfg = student.config
-    arch = timm_models.released_name(cfg)
+    arch = tm.released_name(cfg)
+    fields = tm.export_fields(cfg)
     config = {
-        "architecture": arch or timm_models.GENERIC_NAME,
-        "num_classes": cfg.proj_dim,
-        "num_features": cfg.embed_dim,
-        "global_pool": "token" if cfg.head_op == "cls" else "avg",
+        "architecture": arch or tm.GENERIC_NAME,
+        "num_classes": fields["num_classes"],
+        "num_features": fields["num_features"],
+        "global_pool": fields["global_pool"],
     }
     if arch is None:
         # timm passes model_args to the entrypoint: `sparseformer(config=...)` rebuilds this architecture.
@@ -225,21 +229,24 @@ def _clip_and_cfg(teacher: Any, model_cfg: str | Mapping | None) -> tuple[nn.Mod
 
 def openclip_model_cfg(student: SparseFormer, teacher_cfg: Mapping, pretrained_cfg: Mapping) -> dict:
     """The teacher's open_clip config with the student as a timm image tower."""
+    tm = _check_student(student)
     cfg = student.config
+    fields = tm.export_fields(cfg)
     embed_dim = teacher_cfg["embed_dim"]
-    if cfg.proj_dim != embed_dim:
+    if fields["num_classes"] != embed_dim:
         raise ExportError(
-            f"the student projects to {cfg.proj_dim or cfg.embed_dim} dims but the teacher's CLIP embedding has "
+            f"the student projects to {fields['num_classes'] or fields['num_features']} dims but the teacher's "
+            f"CLIP embedding has "
             f"{embed_dim}: export_openclip needs a student bootstrapped from this CLIP teacher (with its projection)")
     h, w = pretrained_cfg["input_size"][1:]
     out = copy.deepcopy(dict(teacher_cfg))
     out["vision_cfg"] = {
         "image_size": h if h == w else [h, w],
-        "timm_model_name": timm_models.timm_name(cfg),
+        "timm_model_name": tm.timm_name(cfg),
         "timm_model_pretrained": False,
         "timm_pool": "",  # the trunk pools itself (class token or mean)
         "timm_proj": "linear",  # visual.head.proj = the student's proj
-        "timm_proj_bias": bool(cfg.proj_bias),
+        "timm_proj_bias": fields["proj_bias"],
     }
     return out
 
@@ -256,9 +263,10 @@ def _openclip_preprocess_cfg(pcfg: Mapping, resize_mode: str) -> dict:
 def _openclip_state_dict(student: SparseFormer, clip: nn.Module) -> dict[str, torch.Tensor]:
     """Teacher's state dict with its image tower replaced by the student (TimmModel layout)."""
     sd = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    head = _check_student(student).HEAD + "."
     for k, v in student.state_dict().items():
-        if k.startswith("proj."):
-            sd["visual.head." + k] = v
+        if k.startswith(head):
+            sd["visual.head.proj." + k[len(head):]] = v
         else:
             sd["visual.trunk." + k] = v
     return sd
@@ -293,7 +301,7 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
     Returns:
         `out_dir` as a Path; load it with `open_clip.create_model_and_transforms("local-dir:" + str(out))`.
     """
-    _check_student(student)
+    tm = _check_student(student)
     clip, teacher_cfg = _clip_and_cfg(teacher, model_cfg)
     teacher_pp = getattr(clip.visual, "preprocess_cfg", None) or {}
     fallback = None
@@ -305,31 +313,32 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
     pcfg = _student_pretrained_cfg(student, pretrained_cfg, fallback)
     resize_mode = (pretrained_cfg or {}).get("resize_mode") or teacher_pp.get("resize_mode") or "shortest"
 
-    out = _prepare_dir(out_dir, (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS, timm_models.CONFIG_FILE), overwrite)
+    out = _prepare_dir(out_dir, (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS, tm.CONFIG_FILE), overwrite)
     oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
     if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
         _save_hf_tokenizer(teacher, out)
-    (out / timm_models.CONFIG_FILE).write_text(student.config.replace(drop_path_rate=0.0).to_json())
+    (out / tm.CONFIG_FILE).write_text(student.config.replace(drop_path_rate=0.0).to_json())
     (out / OPENCLIP_CONFIG).write_text(json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
     _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
-    (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"]))
+    (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
+                                                  config_file=tm.CONFIG_FILE))
     if verify:
         _verify_openclip(student, clip, getattr(teacher, "tokenizer", None), out, pcfg)
     return out
 
 
 _README = """\
-# SparseFormer student with its CLIP teacher's text tower (OpenCLIP format)
+# A student with its CLIP teacher's text tower (OpenCLIP format)
 
-The image tower is the SparseFormer `{name}` (timm model name), registered
-with timm by the `students` package of sparseformer-bootstrap:
+The image tower is the student `{name}` (timm model name), registered with
+timm by the `students` package of sparseformer-bootstrap:
 
     import students, open_clip
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")
     tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")
 
-`sparseformer_config.json` is the student's configuration (also readable by
+`{config_file}` is the student's configuration (also readable by
 `students.load_student`).
 """
 

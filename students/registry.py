@@ -294,10 +294,15 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **overr
     return model
 
 
-def load_student(config_path: str | os.PathLike, weights: str | os.PathLike | None = None) -> SparseFormer:
-    """Build a SparseFormer from a config JSON (as a bootstrapping run writes it) and load its weights."""
-    cfg = SparseFormerConfig.from_json(os.fspath(config_path))
-    model = SparseFormer(cfg)
+def load_student(config_path: str | os.PathLike, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build a student from a config JSON (as a bootstrapping run writes it) and load its weights.
+
+    The config's `family` field picks the model (SparseFormer when absent; see `students.families`).
+    """
+    from .config import read_json
+    from .families import student_from_config
+
+    model = student_from_config(read_json(os.fspath(config_path)))
     if weights:
         load_checkpoint_strict(model, load_state_dict_file(weights), source=str(weights))
     return model

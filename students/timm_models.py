@@ -152,6 +152,15 @@ def pretrained_cfg_for(config: SparseFormerConfig, pretrained_cfg: Mapping[str, 
     return out
 
 
+HEAD = "proj"  # the output layer's module name (a Sparsifiner's is `head`)
+
+
+def export_fields(config: SparseFormerConfig) -> dict:
+    """What an export needs to know of the output layer: its width, bias, and the pooling."""
+    return dict(num_classes=config.proj_dim, num_features=config.embed_dim,
+                global_pool="token" if config.head_op == "cls" else "avg", proj_bias=bool(config.proj_bias))
+
+
 # --------------------------------------------------------------------------
 # Construction
 # --------------------------------------------------------------------------
@@ -209,11 +218,14 @@ def _build(variant: str, config: SparseFormerConfig, pretrained: bool = False, *
     return model
 
 
-def _register(name: str, config: SparseFormerConfig, pretrained_cfg: dict, doc: str) -> None:
+def _register(name: str, config: SparseFormerConfig, pretrained_cfg: dict, doc: str, build=None) -> None:
+    """Register `name` with timm; `build(name, config, pretrained, **kwargs)` makes the model (default:
+    a SparseFormer; other families pass their own)."""
     default_cfgs[name] = dict(pretrained_cfg, architecture=name)
+    build = build or _build
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> SparseFormer:
-        return _build(name, config, pretrained, **kwargs)
+        return build(name, config, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
@@ -334,12 +346,17 @@ def _install_open_clip_hook() -> None:
     def parse_model_name(model_name: str):
         schema, identifier = parse(model_name)
         if schema == "local-dir" and identifier:
-            register_folder(identifier)
+            for register in FOLDER_REGISTRARS:  # each family registers the folders it exported
+                register(identifier)
         return schema, identifier
 
     parse_model_name._registers_sparseformer = True
     factory.parse_model_name = parse_model_name
 
+
+# `register_folder` of every student family, tried on each open_clip `local-dir:` folder (a family's
+# returns None for a folder that is not its export).
+FOLDER_REGISTRARS = [register_folder]
 
 _register_released()
 _install_open_clip_hook()

@@ -232,6 +232,27 @@ class Teacher(nn.Module):
 
     forward = embed
 
+    def targets(self, images: Tensor, needs: Sequence[str]) -> dict[str, Any]:
+        """What a training phase's loss terms read from the teacher (`students.phases`), by name:
+        ``embedding`` (`embed`), ``tokens`` (`final_tokens`: every final-normed token) and
+        ``attention`` (`attention_maps`: each block's dense map)."""
+        unknown = [n for n in needs if n not in ("embedding", "tokens", "attention")]
+        if unknown:
+            raise ValueError(f"unknown teacher targets {unknown}; the targets are embedding, tokens, attention")
+        if not any(n in needs for n in ("tokens", "attention")):
+            return {"embedding": self.embed(images)} if "embedding" in needs else {}
+        # One pass through the tower gives all of them.
+        x, maps = self._tower_pass(images, attention="attention" in needs)
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            if "embedding" in needs:
+                out["embedding"] = self._pool_norm_head(x)
+            if "tokens" in needs:
+                out["tokens"] = self._final_norm()(x)
+        if "attention" in needs:
+            out["attention"] = maps
+        return out
+
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(self.preprocess.size) or images.shape[1] != 3:
             raise ValueError(
@@ -320,6 +341,49 @@ class Teacher(nn.Module):
 
     def _pool_norm_head(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------- the whole tower (Sparsifiner)
+    def stem_state_dict(self) -> dict[str, Tensor]:
+        """Everything before block 0 in timm `VisionTransformer` layout (detached copies):
+        `patch_embed.proj.{weight, bias?}`, `cls_token` [1, 1, C], `reg_token` [1, R, C] (registers only),
+        `pos_embed` [1, N or N - prefix, C] (the latter: no position embedding for prefix tokens),
+        `norm_pre.{weight, bias}` (a LayerNorm before the blocks, e.g. open_clip's ln_pre) when there is one."""
+        return {k: v.detach().clone() for k, v in self._stem_state_dict().items()}
+
+    def _stem_state_dict(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _attention_params(self, i: int) -> tuple[nn.Module, Tensor, Tensor | None]:
+        """Block i's pre-attention norm and fused qkv weight [3C, C] and bias."""
+        raise NotImplementedError
+
+    def _tower_pass(self, images: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
+        """Tokens leaving the last block, and (with `attention`) every block's dense attention
+        probabilities [B, H, N, N]: softmax(q kᵀ / sqrt(d)), recomputed from the block's own q and k
+        (fused attention kernels never form them) before the block runs."""
+        self._check_images(images)
+        maps = []
+        with torch.no_grad():
+            x = self._embed_tokens(images)
+            for i in range(self.depth):
+                if attention:
+                    norm, weight, bias = self._attention_params(i)
+                    b, n, c = x.shape
+                    qk = torch.nn.functional.linear(norm(x), weight[: 2 * c], None if bias is None else bias[: 2 * c])
+                    q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+                    maps.append(((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1))
+                x = self._run_block(i, x)
+        return x, maps
+
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
+        """Every block's dense attention probabilities [B, H, N, N] (see `_tower_pass`)."""
+        return self._tower_pass(images, attention=True)[1]
+
+    def final_tokens(self, images: Tensor) -> Tensor:
+        """Every token leaving the last block, after the final norm: [B, N, width], class token first."""
+        x, _ = self._tower_pass(images, attention=False)
+        with torch.no_grad():
+            return self._final_norm()(x)
 
     # ------------------------------------------------------------------ text
     @property

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -22,6 +24,7 @@ from .base import (
     TeacherSpecError,
     TeacherWeightsError,
     UnsupportedTeacherError,
+    _ln_affine,
     block_parts,
     closest,
 )
@@ -33,6 +36,23 @@ __all__ = ["OpenClipTeacher", "create_openclip_teacher", "supported_openclip_mod
 _CUSTOM_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 _MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_notice():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger
+    for pretrained=None; a random teacher is asked for explicitly (and the demo trains it next)."""
+    notice = _DropRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 def config_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Why an open_clip model config is not a plain class-token ViT ([] when it is).
@@ -129,7 +149,8 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
     if weights == "random":
         warnings.warn(f"teacher openclip:{name} has RANDOM weights (pretrained: {spec['pretrained']!r}); "
                       f"only for tests and demos", RandomTeacherWarning, stacklevel=3)
-        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        with _without_random_init_notice():  # the warning above says it, once and with the spec
+            model = open_clip.create_model(arch, pretrained=None, **kwargs)
     elif weights == "file":
         try:
             model = open_clip.create_model(arch, pretrained=str(source), **kwargs)
@@ -305,6 +326,20 @@ class OpenClipTeacher(Teacher):
     def _embed_tokens(self, images: Tensor) -> Tensor:
         # VisionTransformer._embeds: conv1, class token, positional embedding, patch dropout, ln_pre.
         return self.model.visual._embeds(images)
+
+    def _stem_state_dict(self) -> dict[str, Tensor]:
+        # open_clip's conv1 (no bias), class_embedding [C], positional_embedding [N, C], ln_pre in timm's names.
+        visual = self.model.visual
+        sd = {"patch_embed.proj.weight": visual.conv1.weight,
+              "cls_token": visual.class_embedding.reshape(1, 1, -1),
+              "pos_embed": visual.positional_embedding.unsqueeze(0)}
+        if not isinstance(visual.ln_pre, nn.Identity):
+            sd.update({"norm_pre." + k: v for k, v in _ln_affine(visual.ln_pre, "").items()})
+        return sd
+
+    def _attention_params(self, i: int):
+        blk = self._blocks()[i]
+        return blk.ln_1, blk.attn.in_proj_weight, blk.attn.in_proj_bias
 
     def _final_norm(self) -> nn.Module:
         return self.model.visual.ln_post

@@ -261,6 +261,19 @@ class TimmTeacher(Teacher):
         m = self.model
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
+    def _stem_state_dict(self) -> dict[str, Tensor]:
+        m = self.model
+        parts = {"patch_embed.": m.patch_embed, "norm_pre.": m.norm_pre}
+        sd = {prefix + k: v for prefix, mod in parts.items() for k, v in mod.state_dict().items()}
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            if getattr(m, name, None) is not None:
+                sd[name] = getattr(m, name)
+        return sd
+
+    def _attention_params(self, i: int):
+        blk = self.model.blocks[i]
+        return blk.norm1, blk.attn.qkv.weight, blk.attn.qkv.bias
+
     def _final_norm(self) -> nn.Module:
         return self.model.norm if not isinstance(self.model.norm, nn.Identity) else self.model.fc_norm
 

@@ -388,3 +388,197 @@ def test_two_processes_see_disjoint_samples_and_end_identical(recipe_file, tmp_p
         assert not set(a) & set(b), f"ranks shared samples in epoch {epoch}"
     assert len(set(seen[0]["0"]) | set(seen[1]["0"])) == 60  # the first epoch covered the data once
     assert "rank 1" not in result.stdout  # one progress/log stream, from the main process
+
+
+# ----------------------------------------------------------------------------- hardening (issue 16)
+
+
+class _Payload:
+    """A pickle that, when loaded, writes a file: what a tampered checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def _malicious_pickle(path: Path, marker: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"state": _Payload(marker)}))
+
+
+def test_a_tampered_checkpoint_never_runs_code(straight_run, recipe_file, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    step4 = straight_run / "checkpoints" / "step-0000004"
+    names = sorted(f.name for f in step4.iterdir())
+    assert names == ["COMPLETE", "model.safetensors", "optimizer.pt", "rng-rank-0.safetensors", "state.json"]
+    marker = tmp_path / "pwned"
+    for name in names + ["custom_checkpoint_0.pkl", "random_states_0.pkl"]:
+        copy = tmp_path / name.replace(".", "_") / "step-0000004"
+        shutil.copytree(step4, copy)
+        _malicious_pickle(copy / name, marker)
+        code = run_here(recipe_file, tmp_path / f"run-{name}", f"run.resume={copy}")
+        err = capsys.readouterr().err
+        assert not marker.exists(), f"tampering {name} ran code"
+        if name == "COMPLETE":  # the marker's content is never read
+            assert code == 0
+        else:
+            assert code == 1 and str(copy / name) in err, (name, err)
+    # An attacker who also fixes the SHA-256 in state.json: the file is still only loaded safely.
+    for name in ("optimizer.pt", "model.safetensors", "rng-rank-0.safetensors"):
+        run = tmp_path / f"copied-{name}"
+        shutil.copytree(straight_run, run)
+        ckpt = run / "checkpoints" / "step-0000004"
+        shutil.rmtree(run / "checkpoints" / "step-0000008")
+        _malicious_pickle(ckpt / name, marker)
+        manifest = json.loads((ckpt / "state.json").read_text())
+        manifest["files"][name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+        (ckpt / "state.json").write_text(json.dumps(manifest))
+        assert run_here(recipe_file, run) == 1  # run.resume=auto on a copied run folder
+        assert not marker.exists() and str(ckpt / name) in capsys.readouterr().err
+
+
+def test_a_finished_run_rerun_says_so_and_changes_nothing(straight_run, recipe_file, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_here(recipe_file, run) == 0
+    out = capsys.readouterr().out
+    assert "is a finished run (step 8 of 8); nothing was changed" in out and "held-out alignment" not in out
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_the_end_metrics_of_a_resumed_finished_run_are_the_end_ones(straight_run, recipe_file, tmp_path):
+    """Killed after its last checkpoint but before its outputs: the rerun writes them, with the end metrics."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    summary = json.loads((run / "train_summary.json").read_text())
+    (run / "train_summary.json").unlink()
+    assert run_here(recipe_file, run) == 0
+    again = json.loads((run / "train_summary.json").read_text())
+    assert again["heldout_end"] == summary["heldout_end"] != again["heldout_start"]
+
+
+def test_a_changed_recipe_is_refused_before_anything_is_written(straight_run, recipe_file, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000008")
+    saved = (run / "recipe.yaml").read_bytes()
+    capsys.readouterr()
+    assert run_here(recipe_file, run, "student.tokens=6", "optim.lr=2e-3") == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another recipe" in err and "student.tokens: 5" in err and "optim.lr: 0.001" in err
+    assert "run.resume=none" in err and (run / "recipe.yaml").read_bytes() == saved
+    # Keys that do not change what is computed may change on resume.
+    assert run_here(recipe_file, run, "run.eval_every=2", "data.num_workers=0") == 0
+    # run.resume=none starts anew and keeps the old checkpoints aside (auto would otherwise pick them).
+    assert run_here(recipe_file, run, "student.tokens=6", "run.resume=none", "optim.steps=4",
+                    "optim.warmup_steps=1") == 0
+    assert "moved to" in capsys.readouterr().out
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4]
+    assert [s for s, _ in list_checkpoints(next(run.glob("checkpoints.replaced-*")))] == [4, 8]
+
+
+def test_unwritable_output_folders_are_named_first(recipe_file, capsys):
+    assert run_here(recipe_file, Path("/proc/not-a-folder/run")) == 2
+    err = capsys.readouterr().err
+    assert "run.output_dir=/proc/not-a-folder/run cannot be written" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_earlier_checkpoint_kept(recipe_file, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import errno
+
+    real_save = torch.save
+    calls = []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert run_here(recipe_file, out, "run.checkpoint_every=2") == 1
+    err = capsys.readouterr().err
+    assert "could not write checkpoint step-0000004" in err and "the disk is full" in err
+    assert "step-0000002 is intact" in err
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_truncated_training_shard_is_named_before_the_teacher_is_built(demo_data, recipe_file, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "train"
+    shutil.copytree(demo_data / "train", data)
+    shard = sorted(data.glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert run_here(recipe_file, tmp_path / "run", f"data.train={data}") == 1
+    err = capsys.readouterr().err
+    assert f"shard {shard} is cut short" in err and "Traceback" not in err
+
+
+def test_launches_whose_processes_do_not_join_are_stopped():
+    from bootstrap.train import ProcessCountError, check_process_count
+
+    check_process_count(2, {"WORLD_SIZE": "2"})
+    check_process_count(1, {}, parent_cmdline=["python", "-m", "accelerate", "launch", "bootstrap/run.py"])
+    with pytest.raises(ProcessCountError, match="torchrun needs ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 "
+                                                "torchrun --standalone --nproc_per_node 2"):
+        check_process_count(1, {"WORLD_SIZE": "2"})
+    with pytest.raises(ProcessCountError, match="--num_processes 3 starts one process only"):
+        check_process_count(1, {"ACCELERATE_USE_CPU": "True"},
+                            parent_cmdline=["accelerate", "launch", "--cpu", "--num_processes", "3", "x.py"])
+
+
+def test_torchrun_on_a_cpu_without_the_accelerate_switch_stops(recipe_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "ACCELERATE_USE_CPU=1 torchrun" in result.stderr
+    assert not (out / "recipe.yaml").exists()
+
+
+def test_two_processes_count_every_skipped_sample(demo_data, recipe_file, tmp_path):
+    from data.shards import ShardSink, iter_shard, resolve_shards
+
+    data = tmp_path / "train"
+    data.mkdir()
+    bad = set()
+    with ShardSink(data, maxcount=20) as sink:
+        for url in resolve_shards(demo_data / "train"):
+            for i, raw in enumerate(iter_shard(url)):
+                sample = {k: v for k, v in raw.items() if k != "__url__"}
+                if i % 7 == 3:  # a few in every shard: both ranks meet some
+                    sample["png"] = sample["png"][:40]
+                    bad.add(sample["__key__"])
+                sink.write(sample)
+        shards = sink.close()
+    (data / "dataset.json").write_text(json.dumps({"shards": shards}))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}", f"data.train={data}",
+           "optim.steps=5", "optim.warmup_steps=1", "run.eval_every=5", "run.checkpoint_every=5"]
+    result = run_subprocess(cmd, {"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    loader = json.loads((out / "train_summary.json").read_text())["loader"]
+    # 5 steps = one epoch of 60 on 2 ranks: every corrupt sample was met once, by one rank or the other.
+    assert loader["skipped"] == len(bad) == sum(loader["per_rank"]) and min(loader["per_rank"]) > 0
+    assert sorted(k.rsplit("#", 1)[1] for k in loader["skipped_samples"]) == sorted(bad)
+    assert f"data: {len(bad)} sample(s) did not decode and were skipped (over 2 process(es)" in result.stdout

@@ -24,7 +24,8 @@ from data.demo import (DEMO_BACKGROUNDS, DEMO_CLASSNAMES, DEMO_COLOURS, DEMO_SIZ
                        make_demo_dataset)
 from data.evalsets import FolderEvalSet, build_eval_loader
 from data.make_shards import main as make_shards_main
-from data.shards import ShardError, ShardSink, iter_shard, make_shards, resolve_shards, shard_sample_counts
+from data.shards import (ShardError, ShardSink, check_shard, check_shards, iter_shard, make_shards, resolve_shards,
+                         shard_sample_counts)
 from data.stream import build_train_loader, plan_segments, shard_order, worker_share
 from data.transforms import eval_transform, train_transform, transforms_from_config
 
@@ -322,8 +323,34 @@ def test_unreadable_shard_is_a_clear_error(tmp_path):
     write_shards(good, numbered_samples(4), maxcount=4)
     loader = build_train_loader([good / "shard-000000.tar", bad], to_tensor, epoch_samples=8, resampled=True,
                                 batch_size=2, num_workers=0, rank=0, world_size=1)
-    with pytest.raises(ShardError, match=re.escape(str(bad))):
-        collect(loader)
+    # Mid-run, an unreadable shard is skipped with a warning and named; the epoch stays whole.
+    with pytest.warns(RuntimeWarning, match=f"skipping the rest of shard {re.escape(str(bad))}"):
+        keys, batches = collect(loader)
+    assert batches == len(loader) == 4 and str(bad) in loader.stats.bad_shards
+    # Before a run, check_shard finds it (and a missing one) with a few reads.
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(bad))} is not a tar file"):
+        check_shard(str(bad))
+    with pytest.raises(FileNotFoundError, match="cannot open shard .*missing.tar"):
+        check_shard(str(tmp_path / "missing.tar"))
+    check_shard(str(good / "shard-000000.tar"))
+
+
+@pytest.mark.parametrize("cut", [1000, 3 * 512])
+def test_a_truncated_shard_is_found_before_the_run_and_skipped_during_it(tmp_path, cut):
+    write_shards(tmp_path, numbered_samples(12), maxcount=6)
+    second = tmp_path / "shard-000001.tar"
+    loader = build_train_loader(tmp_path, to_tensor, batch_size=3, num_workers=0, rank=0, world_size=1,
+                                shuffle_buffer=0, shardshuffle=False)
+    check_shards(resolve_shards(tmp_path))
+    second.write_bytes(second.read_bytes()[:cut])  # cut short after the loader counted its samples
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(second))} is cut short"):
+        check_shard(str(second))
+    with pytest.warns(RuntimeWarning, match="skipping the rest of shard"):
+        keys, batches = collect(loader)
+    assert batches == len(loader) == 4  # the lost samples are filled in, as for undecodable ones
+    assert loader.stats.bad_shards == [str(second)]
+    lost = 6 - len([k for k in set(keys) if int(k) >= 6])
+    assert loader.stats.skipped == lost >= 5 and loader.stats.padded == lost
 
 
 # ----------------------------------------------------------------------------- eval sets, transforms

@@ -22,14 +22,43 @@ PAPER = {
 
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "dinov2_base"]
+    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
+                     "dinov2_base", "sparsifiner_clip_base", "sparsifiner_deit_small"]
     for name in names:
-        overrides = [] if name == "demo" else ["data.train=/data/train"]
+        overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
         assert recipe.name == name and recipe.run.output_dir == f"runs/{name}"
         # The resolved recipe reads back to the same recipe.
         again = load_recipe(None, base=yaml.safe_load(recipe.to_yaml()))
         assert again == recipe
+
+
+def test_the_sparsifiner_demo_shares_the_demos_data_and_teacher():
+    from bootstrap.demo_teacher import _data_key, _teacher_key
+
+    demo, sparse = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / "demo_sparsifiner.yaml")
+    assert _data_key(sparse.demo) == _data_key(demo.demo) and _teacher_key(sparse.demo) == _teacher_key(demo.demo)
+    assert type(sparse.student).__name__ == "SparsifinerOptions"
+
+
+@pytest.mark.parametrize("name,budget,basis,reduced", [("sparsifiner_deit_small", 50, 32, 32),
+                                                      ("sparsifiner_clip_base", 50, 32, 32)])
+def test_sparsifiner_recipes_build_the_papers_student(name, budget, basis, reduced):
+    """The paper's DeiT-S setting (and the CLIP one): 50 of 197 keys, K = 32, c = 32, every block sparse."""
+    import warnings
+
+    from students.phases import training_of
+    from teachers import create_teacher
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.train=/data/train"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher({**recipe.teacher, "pretrained": False})
+    student, policy = training_of(recipe.student).build(teacher, recipe.student)
+    cfg = student.config
+    assert student.budgets == [budget] * 12 and student.sparse_blocks == list(range(12))
+    assert (cfg.num_basis, cfg.reduced_dim) == (basis, reduced)
+    assert set(policy.phases) == {"reconstruct", "sparse"}
 
 
 def test_real_recipes_need_training_data():
@@ -91,10 +120,73 @@ def test_overrides_parse_yaml_values_and_reach_every_section():
     ("demo.teacher.steps=0", r"demo.teacher.steps must be at least 1, got 0"),
     ("run.cpu_threads=0", r"run.cpu_threads must be 'auto' or at least 1, got 0"),
     ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or 'auto', got str 'all'"),
+    # Values that used to be accepted and then misbehaved (issue 16).
+    ("optim.grad_clip=-1", r"optim.grad_clip must be above 0 or null \(no clipping\), got -1"),
+    ("optim.grad_clip=0", r"optim.grad_clip must be above 0 or null"),
+    ("data.heldout_samples=0", r"data.heldout_samples must be at least 2 .*got 0; set data.val=null"),
+    ("data.heldout_samples=1", r"data.heldout_samples must be at least 2"),
+    ("run.stop_after=-5", r"run.stop_after must be at least 1 or null .*got -5"),
+    ("data.shuffle_buffer=-1", r"data.shuffle_buffer must be >= 0 .*got -1"),
+    ("data.epoch_samples=-100", r"data.epoch_samples must be at least 1 or null .*got -100"),
+    ("data.augment.scale=[2,1]", r"data.augment.scale must be \[min, max\] with 0 < min <= max <= 1.0, got \[2, 1\]"),
+    ("data.augment.scale=[0.5]", r"data.augment.scale must be \[min, max\]"),
+    ("data.augment.ratio=[1,0.5]", r"data.augment.ratio must be \[min, max\] with 0 < min <= max"),
+    ("data.augment.hflip=2", r"data.augment.hflip must be a probability between 0 and 1, got 2"),
+    ("data.augment.color_jitter=-0.1", r"data.augment.color_jitter must be null, a number >= 0"),
+    ("data.augment.color_jitter=[0.1,0.1]", r"data.augment.color_jitter must be null"),
+    ("data.augment.scal=[0.5,1]", r"unknown recipe key 'data.augment.scal'. Did you mean 'scale'\?"),
+    ("run.mixed_precision=yes", r"must be one of no, bf16, fp16, got True"),
+    ("run.output_dir=no", r"recipe key 'run.output_dir' must be str or null, got bool False"),
 ])
 def test_bad_keys_and_types_are_errors_that_name_them(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(RECIPES / "clip_base.yaml", ["data.train=/data/train", override])
+
+
+@pytest.mark.parametrize("text,value", [("no", "no"), ("false", "no"), ("off", "no"), ("'no'", "no"), ("bf16", "bf16")])
+def test_yaml_booleans_spell_the_string_choices_they_look_like(text, value):
+    # YAML 1.1 reads `no` as False: `run.mixed_precision=no` (the documented value) must mean "no".
+    recipe = load_recipe(RECIPES / "clip_base.yaml", ["data.train=/data/train", f"run.mixed_precision={text}"])
+    assert recipe.run.mixed_precision == value
+
+
+@pytest.mark.parametrize("text,value", [("none", "none"), ("no", "none"), ("off", "none"), ("auto", "auto"),
+                                        ("runs/x", "runs/x")])
+def test_resume_takes_its_words_and_paths(text, value):
+    recipe = load_recipe(RECIPES / "clip_base.yaml", ["data.train=/data/train", f"run.resume={text}"])
+    assert recipe.run.resume == value
+
+
+def test_yaml_booleans_in_every_string_key_are_refused_or_meant():
+    """No string-valued key of the schema silently turns `no`/`on` into a boolean."""
+    import dataclasses
+    import types
+    import typing
+
+    from bootstrap.config import Recipe
+
+    def string_keys(cls, where=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+            key = f"{where}{f.name}"
+            if any(dataclasses.is_dataclass(a) for a in args):
+                yield from string_keys(next(a for a in args if dataclasses.is_dataclass(a)), key + ".")
+            elif any(a is str or typing.get_origin(a) is typing.Literal for a in args):
+                yield key
+    keys = list(string_keys(Recipe))
+    assert "run.mixed_precision" in keys and "run.output_dir" in keys and "loss.type" in keys
+    for key in keys:
+        for word in ("no", "on"):
+            try:
+                recipe = load_recipe(RECIPES / "clip_base.yaml", ["data.train=/data/train", f"{key}={word}"])
+            except RecipeError as exc:
+                assert key in str(exc)
+                continue
+            obj = recipe
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            assert not isinstance(obj, bool), f"{key}={word} became the boolean {obj}"
 
 
 def test_a_recipe_needs_a_teacher_or_the_demo(tmp_path):

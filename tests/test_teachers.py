@@ -424,3 +424,13 @@ def test_unsupported_models_list_what_is_supported(spec, match):
         with pytest.raises(UnsupportedTeacherError, match=match) as err:
             create_teacher(spec)
     assert "Supported teachers" in str(err.value) and "vit_*_patch14_dinov2" in str(err.value)
+
+
+def test_a_random_openclip_teacher_is_announced_once(caplog):
+    """Our RandomTeacherWarning says it; open_clip's "No pretrained weights loaded" log line is not repeated."""
+    import logging
+
+    with caplog.at_level(logging.INFO), pytest.warns(teachers.RandomTeacherWarning, match="RANDOM weights"):
+        teachers.create_teacher({**SPECS["clip_quickgelu"], "pretrained": None})
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter is gone again

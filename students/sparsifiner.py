@@ -1,0 +1,515 @@
+"""Sparsifiner (Wei et al., CVPR 2023): a ViT whose every block attends, per image and per query, to the few
+keys a cheap low-rank connectivity predictor picks (`../shared/design/sparsifiner.md`).
+
+The model is timm's `VisionTransformer` (its parameter names, so the authors' state dicts load with
+`strict=True`) with each block's attention replaced by `SparsifinerAttention`, which holds the predictor
+`attn.mask_predictor.{proj_c_q, proj_c_k, proj_n, proj_back_n}`. Per block, with q, k [B, H, N, d]:
+
+    coef   = softmax((proj_c_q(q) @ (proj_c_k(k)ᵀ @ proj_n)) · H^-1/2)     [B, H, N-P, K]  (P prefix rows dropped)
+    approx = coef @ proj_back_nᵀ                                           [B, H, N-P, N]
+             (sparse phase / eval: coef keeps its top `basis_coef_topk`, basis = |proj_back_nᵀ| > threshold)
+    mask   = the `budget` largest entries of every approx row; prefix rows (class token, registers) all kept
+    attn   = softmax(q kᵀ · d^-1/2, masked-out keys -inf)
+
+Phases (`set_phase`): 'reconstruct' (in training mode: dense attention, signed basis, every coefficient; the
+predictor learns to reconstruct the teacher's attention maps) and 'sparse' (masked attention; the predictor
+is a constant of the loss). Evaluation is always sparse. With keep rate 1 the model is its ViT exactly.
+
+Speed: the mask is computed without gradient, and attention runs in PyTorch's fused
+`scaled_dot_product_attention` with an additive mask (no [B, H, N, N] probabilities in memory) — the
+authors' code materialises the dense map and masks it afterwards. `forward` (the head output) updates only
+the prefix tokens in the last block, since the head reads the class token alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from .config import ConfigError, read_json, unknown_key_error
+
+__all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "SparsifinerConfig", "SparsifinerOutput",
+           "MaskPredictor"]
+
+FAMILY = "sparsifiner"
+PHASES = ("reconstruct", "sparse")
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@dataclass
+class SparsifinerConfig:
+    """A Sparsifiner: the ViT (timm's VisionTransformer fields) and its connectivity predictors.
+
+    The first block of fields is the authors' configuration (the keys of the golden fixtures); the second
+    lets the model be any supported teacher's whole image tower (open_clip: `pre_norm` = ln_pre and no
+    patch-embedding bias, QuickGELU, a bias-free projection as `head`; DINOv2: registers, position
+    embedding without the prefix tokens). `family` tells a saved config apart from a SparseFormer's.
+    """
+
+    img_size: Union[int, list[int]] = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_classes: int = 1000
+    attn_keep_rate: Union[float, list[float]] = 0.25  # one rate, or one per block; 1.0 = dense block
+    reduce_n_factor: int = 6  # K = N // reduce_n_factor
+    reduce_c_factor: int = 2  # c = head_dim // reduce_c_factor
+    share_inout_proj: bool = False  # proj_back_n is proj_n
+    basis_threshold: float = 0.02
+    basis_coef_topk: int = 8
+    ln_eps: float = 1e-6
+    # --- the rest of a teacher's tower
+    act: str = "gelu"  # 'gelu' | 'quick_gelu' (OpenAI CLIP)
+    pre_norm: bool = False  # LayerNorm before the blocks (open_clip ln_pre); the patch embedding has no bias
+    reg_tokens: int = 0  # register tokens after the class token (DINOv2 reg4)
+    no_embed_class: bool = False  # position embedding covers the patches only (prefix tokens get none)
+    head_bias: bool = True  # False for a CLIP projection
+    drop_path_rate: float = 0.0
+    family: str = FAMILY
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "SparsifinerConfig") -> "SparsifinerConfig":
+        if isinstance(d, SparsifinerConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a Sparsifiner config must be a mapping or SparsifinerConfig, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                raise unknown_key_error("Sparsifiner config", k, names)
+        d = dict(d)
+        for k in ("img_size", "attn_keep_rate"):
+            if isinstance(d.get(k), (list, tuple)):
+                d[k] = list(d[k])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> "SparsifinerConfig":
+        return cls.from_dict(read_json(path_or_text))
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def replace(self, **changes) -> "SparsifinerConfig":
+        return SparsifinerConfig.from_dict({**self.to_dict(), **changes})
+
+    # ----------------------------------------------------------- structure
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = _pair(self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """N: prefix tokens and patches (fixed by the image size: the predictor holds N x K matrices)."""
+        gh, gw = self.grid_size
+        return self.num_prefix_tokens + gh * gw
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def reduced_dim(self) -> int:
+        """c, the predictor's width per head."""
+        return self.head_dim // self.reduce_c_factor
+
+    @property
+    def num_basis(self) -> int:
+        """K, the rank of the low-rank attention approximation."""
+        return self.num_tokens // self.reduce_n_factor
+
+    @property
+    def keep_rates(self) -> list[float]:
+        r = self.attn_keep_rate
+        return [float(x) for x in r] if isinstance(r, list) else [float(r)] * self.depth
+
+    @property
+    def budgets(self) -> list[int]:
+        """Keys kept per query row in each block: ceil(keep_rate * N)."""
+        n = self.num_tokens
+        # The tolerance keeps float error (0.1 * 1370 = 137.00000000000003) from adding a key.
+        return [min(n, math.ceil(r * n - 1e-9)) for r in self.keep_rates]
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_classes if self.num_classes else self.embed_dim
+
+    def validate(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "reduce_n_factor", "reduce_c_factor",
+                     "basis_coef_topk"):
+            positive_int(name)
+        size = _pair(self.img_size)
+        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
+            raise ConfigError(f"img_size must be a positive int or [H, W], got {self.img_size!r}")
+        if any(s % self.patch_size for s in size):
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 0 or self.reg_tokens < 0:
+            raise ConfigError("num_classes and reg_tokens must be >= 0")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.reduced_dim < 1:
+            raise ConfigError(f"reduce_c_factor={self.reduce_c_factor} leaves c = head_dim // reduce_c_factor = "
+                              f"{self.head_dim} // {self.reduce_c_factor} = 0; valid range: 1..{self.head_dim}")
+        if self.num_basis < 1:
+            raise ConfigError(f"reduce_n_factor={self.reduce_n_factor} leaves K = N // reduce_n_factor = "
+                              f"{self.num_tokens} // {self.reduce_n_factor} = 0; valid range: 1..{self.num_tokens}")
+        if self.basis_coef_topk > self.num_basis:
+            raise ConfigError(f"basis_coef_topk={self.basis_coef_topk} exceeds K = {self.num_basis} basis rows; "
+                              f"valid range: 1..{self.num_basis}")
+        rate = self.attn_keep_rate
+        if isinstance(rate, list) and len(rate) != self.depth:
+            raise ConfigError(f"attn_keep_rate has {len(rate)} rates for {self.depth} blocks: give one rate, "
+                              f"or exactly {self.depth}")
+        for i, r in enumerate(self.keep_rates):
+            if isinstance(r, bool) or not 0.0 < r <= 1.0:
+                where = f"attn_keep_rate[{i}]" if isinstance(rate, list) else "attn_keep_rate"
+                raise ConfigError(f"{where} = {r} is outside (0, 1]: the fraction of keys each query keeps")
+        if not self.basis_threshold >= 0.0:
+            raise ConfigError(f"basis_threshold must be >= 0, got {self.basis_threshold}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.family != FAMILY:
+            raise ConfigError(f"family must be '{FAMILY}' in a Sparsifiner config, got {self.family!r}")
+
+
+# --------------------------------------------------------------------------
+# The connectivity predictor
+# --------------------------------------------------------------------------
+class MaskPredictor(nn.Module):
+    """Low-rank approximation of a block's attention map, from that block's own q and k."""
+
+    def __init__(self, head_dim: int, num_tokens: int, reduced_dim: int, num_basis: int, share_inout_proj: bool):
+        super().__init__()
+        self.proj_c_q = nn.Linear(head_dim, reduced_dim)
+        self.proj_c_k = nn.Linear(head_dim, reduced_dim)
+        self.proj_n = nn.Parameter(torch.empty(num_tokens, num_basis))
+        self.proj_back_n = self.proj_n if share_inout_proj else nn.Parameter(torch.empty(num_tokens, num_basis))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh predictors: truncated-normal 0.02 weights, zero biases (as the authors start them)."""
+        for lin in (self.proj_c_q, self.proj_c_k):
+            trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        trunc_normal_(self.proj_n, std=0.02)
+        if self.proj_back_n is not self.proj_n:
+            trunc_normal_(self.proj_back_n, std=0.02)
+
+    def coefficients(self, q: Tensor, k: Tensor, num_prefix: int) -> Tensor:
+        """softmax over K of the low-rank scores of every non-prefix query: [B, H, N-P, K]."""
+        heads = q.shape[1]
+        k_down = self.proj_c_k(k).transpose(-2, -1) @ self.proj_n  # [B, H, c, K]
+        scores = (self.proj_c_q(q[:, :, num_prefix:]) @ k_down) * heads ** -0.5
+        return scores.softmax(dim=-1)
+
+    def approx(self, q: Tensor, k: Tensor, num_prefix: int, threshold: float, topk: int,
+               sparse: bool = True) -> Tensor:
+        """The approximate attention [B, H, N-P, N]: sparse (top-k coefficients, |basis| > threshold) or
+        dense (the reconstruct phase: every coefficient, signed basis)."""
+        coef = self.coefficients(q, k, num_prefix)
+        if not sparse:
+            return coef @ self.proj_back_n.t()
+        basis = self.proj_back_n.t().abs()
+        basis = basis.masked_fill(basis <= threshold, 0.0)
+        values, index = coef.topk(topk, dim=-1)
+        coef = torch.zeros_like(coef).scatter_(-1, index, values)  # not renormalised
+        return coef @ basis
+
+
+def attention_mask(approx: Tensor, budget: int, num_prefix: int) -> Tensor:
+    """[B, H, N, N] bool, True = kept: each approx row's `budget` largest keys; prefix rows keep every key."""
+    b, h, rows, n = approx.shape
+    mask = approx.new_zeros((b, h, n, n), dtype=torch.bool)
+    mask[:, :, :num_prefix] = True
+    if budget >= n:
+        mask[:, :, num_prefix:] = True
+    else:
+        index = approx.topk(budget, dim=-1, sorted=False).indices
+        mask[:, :, num_prefix:].scatter_(-1, index, True)
+    return mask
+
+
+# --------------------------------------------------------------------------
+# Attention and block
+# --------------------------------------------------------------------------
+@dataclass
+class BlockRecord:
+    """What one block computed (filled by `forward_details`)."""
+
+    approx_attn: Tensor | None = None  # [B, H, N-P, N]
+    attn_mask: Tensor | None = None  # [B, H, N, N] bool, True = kept
+    attn: Tensor | None = None  # [B, H, N, N] the probabilities used (only when asked for)
+
+
+class SparsifinerAttention(nn.Module):
+    """timm's fused-qkv attention (same parameter names) with a connectivity predictor."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, num_tokens: int, num_prefix: int, budget: int,
+                 reduced_dim: int, num_basis: int, share_inout_proj: bool, basis_threshold: float,
+                 basis_coef_topk: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.num_tokens = num_tokens
+        self.num_prefix = num_prefix
+        self.budget = budget
+        self.basis_threshold = basis_threshold
+        self.basis_coef_topk = basis_coef_topk
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.mask_predictor = MaskPredictor(self.head_dim, num_tokens, reduced_dim, num_basis, share_inout_proj)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.budget < self.num_tokens
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
+    def predict(self, q: Tensor, k: Tensor, sparse: bool = True) -> Tensor:
+        return self.mask_predictor.approx(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk, sparse)
+
+    def sparse_mask(self, q: Tensor, k: Tensor) -> Tensor:
+        """The kept keys [B, H, N, N] (a constant: no gradient reaches the predictor through it)."""
+        with torch.no_grad():
+            return attention_mask(self.predict(q, k), self.budget, self.num_prefix)
+
+    def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
+                keep_attn: bool = False, queries: int | None = None) -> Tensor:
+        """x [B, N, C] -> [B, N, C] (or [B, queries, C]: only the first `queries` rows are updated).
+
+        dense: the reconstruct phase's dense attention (the predictor still runs when recording, so that
+        its approximation can be trained against the teacher's map).
+        """
+        b, n, c = x.shape
+        q, k, v = self._qkv(x)
+        mask = None
+        if record is not None:
+            # The approximation with gradient in the reconstruct phase (its loss trains the predictor).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and dense):
+                approx = self.predict(q, k, sparse=not dense)
+            record.approx_attn = approx
+            with torch.no_grad():
+                record.attn_mask = attention_mask(approx.detach(), self.budget, self.num_prefix)
+            if not dense and self.is_sparse:
+                mask = record.attn_mask
+        elif not dense and self.is_sparse and (queries is None or queries > self.num_prefix):
+            mask = self.sparse_mask(q, k)
+        if queries is not None:
+            q = q[:, :, :queries]
+            mask = None if mask is None else mask[:, :, :queries]
+        if keep_attn:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            attn = logits.softmax(dim=-1)
+            record.attn = attn
+            out = attn @ v
+        else:
+            bias = None
+            if mask is not None:
+                # An additive mask: PyTorch's fused CPU kernel takes it faster than a boolean one.
+                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, c)
+        return self.proj(out)
+
+
+class SparsifinerBlock(Block):
+    """timm's pre-norm `Block` (same names) around a `SparsifinerAttention`."""
+
+    def __init__(self, attn: SparsifinerAttention, **block_kwargs):
+        super().__init__(**block_kwargs)
+        self.attn = attn
+
+    def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
+                keep_attn: bool = False, queries: int | None = None) -> Tensor:
+        y = self.attn(self.norm1(x), dense=dense, record=record, keep_attn=keep_attn, queries=queries)
+        x = (x if queries is None else x[:, :queries]) + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# --------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------
+@dataclass
+class SparsifinerOutput:
+    output: Tensor  # [B, output_dim]: what forward() returns
+    pre_logits: Tensor  # [B, embed_dim]: the normed class token, before the head
+    tokens: Tensor  # [B, N, embed_dim]: every final-normed token, class token first (then registers, patches)
+    approx_attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N-P, N]
+    attn_masks: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] bool, True = kept
+    attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] (empty unless asked for)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        return self.tokens[:, -self.approx_attn[0].shape[2]:] if self.approx_attn else self.tokens
+
+
+class Sparsifiner(VisionTransformer):
+    """Sparsifiner for images [B, 3, H, W] at the config's `img_size` (normalised with the model's mean/std)."""
+
+    def __init__(self, config: SparsifinerConfig | Mapping[str, Any]):
+        cfg = SparsifinerConfig.from_dict(config)
+        norm_layer = partial(nn.LayerNorm, eps=cfg.ln_eps)
+        super().__init__(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes, global_pool="token",
+            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias, class_token=True, no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens,
+            pre_norm=cfg.pre_norm, norm_layer=norm_layer, act_layer=cfg.act, drop_path_rate=cfg.drop_path_rate,
+            block_fn=partial(self._block, cfg),
+        )
+        self.config = cfg
+        if cfg.num_classes and not cfg.head_bias:
+            self.head = nn.Linear(cfg.embed_dim, cfg.num_classes, bias=False)
+            trunc_normal_(self.head.weight, std=0.02)
+        self.phase = "sparse"
+
+    @staticmethod
+    def _block(cfg: SparsifinerConfig, dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_bias, init_values,
+               proj_drop, attn_drop, drop_path, norm_layer, act_layer, mlp_layer, depth, **_):
+        i = depth  # timm passes the block's index as `depth`
+        attn = SparsifinerAttention(
+            dim, num_heads, qkv_bias, cfg.num_tokens, cfg.num_prefix_tokens, cfg.budgets[i], cfg.reduced_dim,
+            cfg.num_basis, cfg.share_inout_proj, cfg.basis_threshold, cfg.basis_coef_topk)
+        return SparsifinerBlock(attn, dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                init_values=init_values, drop_path=drop_path, norm_layer=norm_layer,
+                                act_layer=act_layer, mlp_layer=mlp_layer)
+
+    def init_weights(self, mode: str = "", **kwargs) -> None:
+        super().init_weights(mode, **kwargs)
+        for m in self.modules():
+            if isinstance(m, MaskPredictor):
+                m.reset_parameters()
+
+    # ------------------------------------------------------------- phases
+    def set_phase(self, phase: str) -> "Sparsifiner":
+        """'reconstruct' (training mode: dense attention, the predictor fits the teacher's maps) or 'sparse'."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown Sparsifiner phase {phase!r}; the phases are {' and '.join(PHASES)}")
+        self.phase = phase
+        return self
+
+    @property
+    def _dense(self) -> bool:
+        return self.training and self.phase == "reconstruct"
+
+    @property
+    def budgets(self) -> list[int]:
+        return [blk.attn.budget for blk in self.blocks]
+
+    @property
+    def sparse_blocks(self) -> list[int]:
+        """The blocks whose attention is masked (keep rate below 1); the others attend densely."""
+        return [i for i, blk in enumerate(self.blocks) if blk.attn.is_sparse]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    # ------------------------------------------------------------ forward
+    def _check_images(self, images: Tensor) -> None:
+        h, w = _pair(self.config.img_size)
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+                or tuple(images.shape[-2:]) != (h, w):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(
+                f"this Sparsifiner takes images [B, 3, {h}, {w}] (its predictor's N x K matrices fix the "
+                f"resolution to {h}x{w}, N = {self.num_tokens} tokens), got {shape}; resize the images to {h}x{w}")
+
+    def _embed(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+
+    def _run_blocks(self, x: Tensor, records: list[BlockRecord] | None = None, keep_attn: bool = False,
+                    stop: int | None = None, class_token_only: bool = False) -> Tensor:
+        dense = self._dense
+        blocks = list(self.blocks)[:stop]
+        for i, blk in enumerate(blocks):
+            record = records[i] if records is not None else None
+            last = class_token_only and i == len(blocks) - 1
+            queries = self.num_prefix_tokens if last else None
+            x = blk(x, dense=dense, record=record, keep_attn=keep_attn, queries=queries)
+        return x
+
+    def forward_features(self, images: Tensor, class_token_only: bool = False) -> Tensor:
+        """Final-normed tokens [B, N, C] (with class_token_only: the prefix tokens only, the same values)."""
+        return self.norm(self._run_blocks(self._embed(images), class_token_only=class_token_only))
+
+    def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head output [B, num_classes] (pre_logits: the normed class token [B, embed_dim])."""
+        return self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=pre_logits)
+
+    def forward_details(self, images: Tensor, attention: bool = True) -> SparsifinerOutput:
+        """Output, every final-normed token, and per block the approximation, the mask and (with
+        `attention`) the attention probabilities used. Without `attention` the fused kernel runs (training)."""
+        records = [BlockRecord() for _ in self.blocks]
+        x = self.norm(self._run_blocks(self._embed(images), records, keep_attn=attention))
+        pre = self.forward_head(x, pre_logits=True)
+        return SparsifinerOutput(
+            output=self.head(pre), pre_logits=pre, tokens=x,
+            approx_attn=[r.approx_attn for r in records], attn_masks=[r.attn_mask for r in records],
+            attn=[r.attn for r in records] if attention else [])
+
+    def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
+        """Tokens [B, N, C] after block `layer` (negative: from the end, as LLaVA's mm_vision_select_layer).
+
+        layer -1 gives the final-normed tokens; other layers the block's raw output. class_token=False
+        drops the prefix tokens (class token and registers), leaving the patches.
+        """
+        depth = len(self.blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
+            raise ValueError(f"layer={layer!r} is outside the valid range {-depth}..{depth - 1} for a "
+                             f"{depth}-block Sparsifiner (-1: the final-normed tokens)")
+        i = layer % depth
+        x = self._run_blocks(self._embed(images), stop=i + 1)
+        if i == depth - 1:
+            x = self.norm(x)
+        return x if class_token else x[:, self.num_prefix_tokens:]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "", "token"):
+            raise ValueError(f"a Sparsifiner pools the class token (global_pool 'token'), not {global_pool!r}")
+        bias = self.config.head_bias
+        self.head = nn.Linear(self.embed_dim, num_classes, bias=bias) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+        self.config = self.config.replace(num_classes=num_classes)
+

@@ -1,0 +1,200 @@
+"""Sparsifiner in timm's model registry (and open_clip's `local-dir:` loading), as `timm_models` does for
+SparseFormer.
+
+    timm.create_model("sparsifiner_deit_small_patch16_224")                          # random weights
+    timm.create_model("sparsifiner_deit_small_patch16_224", checkpoint_path="w.safetensors")  # e.g. the authors'
+    timm.create_model("sparsifiner", config=cfg)          # any SparsifinerConfig (or its dict)
+
+Names: one per named configuration (`NAMED`: the paper's DeiT-S and the natural ViT-B towers), the
+generic `sparsifiner` (a timm export stores the config under `model_args`), and `sparsifiner_cfg_<hash>`
+(12 hex digits of SHA-256 over the canonical config JSON) for open_clip, which builds a timm tower by name
+alone. An OpenCLIP export folder carries the config as `sparsifiner_config.json`; `import students`
+registers it when open_clip opens the folder. A Sparsifiner runs at its config's image size only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from timm.models import build_model_with_cfg, register_model
+
+from . import timm_models
+from .config import ConfigError
+from .registry import IMAGENET_MEAN_STD, OPENAI_CLIP_MEAN_STD
+from .sparsifiner import Sparsifiner, SparsifinerConfig, _pair
+
+__all__ = ["CONFIG_FILE", "GENERIC_NAME", "HASH_PREFIX", "NAMED", "config_hash", "pretrained_cfg_for",
+           "register_config", "register_folder", "released_name", "timm_name"]
+
+GENERIC_NAME = "sparsifiner"
+HASH_PREFIX = "sparsifiner_cfg_"
+CONFIG_FILE = "sparsifiner_config.json"
+HEAD = "head"  # the output layer's module name (SparseFormer's is `proj`)
+_PAPER = ("arXiv:2303.13755",)
+_MODEL_KWARGS = ("num_classes", "global_pool", "in_chans", "drop_path_rate", "img_size", "device", "dtype")
+
+# name: (config, mean/std). The authors' DeiT-S setting; OpenAI CLIP ViT-B/16's image tower (ln_pre,
+# QuickGELU, a 512-d projection); DINOv2 ViT-B/14 at 518 px (1370 tokens; LayerScale folded).
+NAMED: dict[str, tuple[dict, tuple]] = {
+    "sparsifiner_deit_small_patch16_224": (dict(embed_dim=384, depth=12, num_heads=6), IMAGENET_MEAN_STD),
+    "sparsifiner_vit_base_patch16_clip_224": (
+        dict(embed_dim=768, depth=12, num_heads=12, num_classes=512, head_bias=False, act="quick_gelu",
+             pre_norm=True, ln_eps=1e-5), OPENAI_CLIP_MEAN_STD),
+    "sparsifiner_vit_base_patch14_dinov2": (
+        dict(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, num_classes=0),
+        IMAGENET_MEAN_STD),
+}
+
+# Read by timm's `register_model` for the generic name (the others are registered through `timm_models`).
+default_cfgs: dict[str, dict] = {}
+
+
+def _architecture(d: Mapping[str, Any]) -> dict:
+    d = dict(d)
+    d.pop("drop_path_rate", None)
+    return d
+
+
+def config_hash(config: SparsifinerConfig | Mapping[str, Any]) -> str:
+    d = SparsifinerConfig.from_dict(config).to_dict()
+    text = json.dumps(_architecture(d), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def released_name(config: SparsifinerConfig | Mapping[str, Any]) -> str | None:
+    arch = _architecture(SparsifinerConfig.from_dict(config).to_dict())
+    return next((n for n, (c, _) in NAMED.items()
+                 if _architecture(SparsifinerConfig.from_dict(c).to_dict()) == arch), None)
+
+
+def timm_name(config: SparsifinerConfig | Mapping[str, Any]) -> str:
+    return released_name(config) or HASH_PREFIX + config_hash(config)
+
+
+def pretrained_cfg_for(config: SparsifinerConfig, pretrained_cfg: Mapping[str, Any] | None = None) -> dict:
+    """A timm pretrained config: the model's own input size; mean/std/resize from `pretrained_cfg`."""
+    p = dict(pretrained_cfg or {})
+    h, w = _pair(config.img_size)
+    size = tuple(p.get("input_size", (3, h, w)))
+    if size != (3, h, w):
+        raise ValueError(f"pretrained_cfg input_size {size} differs from the Sparsifiner's fixed size (3, {h}, {w})")
+    return dict(input_size=size, mean=tuple(p.get("mean", IMAGENET_MEAN_STD[0])),
+                std=tuple(p.get("std", IMAGENET_MEAN_STD[1])), interpolation=p.get("interpolation", "bicubic"),
+                crop_pct=float(p.get("crop_pct", 1.0)), num_classes=config.num_classes,
+                first_conv="patch_embed.proj", classifier=HEAD if config.num_classes else None,
+                fixed_input_size=True)
+
+
+def export_fields(config: SparsifinerConfig) -> dict:
+    """What an export needs to know of the output layer: its width, bias, and the pooling."""
+    return dict(num_classes=config.num_classes, num_features=config.embed_dim, global_pool="token",
+                proj_bias=bool(config.head_bias))
+
+
+def _sparsifiner(config: SparsifinerConfig, num_classes: int | None = None, in_chans: int = 3,
+                 global_pool: str | None = None, drop_path_rate: float | None = None,
+                 img_size=None) -> Sparsifiner:
+    if in_chans != 3:
+        raise ValueError(f"a Sparsifiner takes RGB images (in_chans=3), got in_chans={in_chans}")
+    if global_pool not in (None, "", "token"):
+        raise ValueError(f"global_pool={global_pool!r}: a Sparsifiner pools the class token ('token')")
+    if img_size is not None and _pair(img_size) != _pair(config.img_size):
+        raise ValueError(f"img_size={img_size}: this Sparsifiner's predictors fix its size to {config.img_size}")
+    changes: dict[str, Any] = {}
+    if num_classes is not None:
+        changes["num_classes"] = int(num_classes)
+    if drop_path_rate is not None:
+        changes["drop_path_rate"] = float(drop_path_rate)
+    return Sparsifiner(config.replace(**changes))
+
+
+def _build(variant: str, config: SparsifinerConfig, pretrained: bool = False, *, pretrained_cfg=None,
+           pretrained_cfg_overlay=None, pretrained_strict: bool = True, pretrained_model_args=None,
+           cache_dir=None, **kwargs: Any) -> Sparsifiner:
+    unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
+    if unknown:
+        raise TypeError(f"timm.create_model('{variant}') got argument(s) a Sparsifiner does not take: "
+                        f"{', '.join(unknown)}. It takes: {', '.join(_MODEL_KWARGS)}")
+    if pretrained:
+        timm_models._check_weights_source(variant, pretrained_cfg, pretrained_cfg_overlay)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            functools.partial(_sparsifiner, config), variant, pretrained, pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=pretrained_cfg_overlay, pretrained_strict=pretrained_strict,
+            pretrained_model_args=pretrained_model_args, cache_dir=cache_dir, **kwargs)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _register(name: str, config: SparsifinerConfig, pretrained_cfg: dict, doc: str) -> None:
+    timm_models._register(name, config, dict(pretrained_cfg, paper_ids=_PAPER), doc, build=_build)
+
+
+def _register_named() -> None:
+    for name, (cfg, (mean, std)) in NAMED.items():
+        config = SparsifinerConfig.from_dict(cfg)
+        _register(name, config, pretrained_cfg_for(config, dict(mean=mean, std=std)),
+                  f"Sparsifiner '{name}' (weights: a local file, checkpoint_path=...).")
+
+
+default_cfgs[GENERIC_NAME] = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1],
+                                  interpolation="bicubic", crop_pct=1.0, first_conv="patch_embed.proj",
+                                  classifier=HEAD, fixed_input_size=True, paper_ids=_PAPER)
+
+
+@register_model
+def sparsifiner(pretrained: bool = False, config: SparsifinerConfig | Mapping[str, Any] | None = None,
+                **kwargs: Any) -> Sparsifiner:
+    """Any Sparsifiner: `timm.create_model('sparsifiner', config=SparsifinerConfig or its dict)`."""
+    if config is None:
+        raise TypeError(f"timm.create_model('{GENERIC_NAME}') needs config=SparsifinerConfig (or its dict); "
+                        f"named models: {', '.join(NAMED)}")
+    cfg = SparsifinerConfig.from_dict(config)
+    own = {"num_classes": cfg.num_classes, "classifier": HEAD if cfg.num_classes else None,
+           "input_size": (3, *_pair(cfg.img_size))}
+    kwargs["pretrained_cfg_overlay"] = {**own, **(kwargs.get("pretrained_cfg_overlay") or {})}
+    return _build(GENERIC_NAME, cfg, pretrained, **kwargs)
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_config(config: SparsifinerConfig | Mapping[str, Any],
+                    pretrained_cfg: Mapping[str, Any] | None = None) -> str:
+    """Register a configuration under its timm name (`timm_name`) and return the name."""
+    name = timm_name(config)
+    if name.startswith(HASH_PREFIX) and name not in _REGISTERED:
+        cfg = SparsifinerConfig.from_dict(config).replace(drop_path_rate=0.0)
+        _register(name, cfg, pretrained_cfg_for(cfg, pretrained_cfg),
+                  f"Sparsifiner configuration {name} (registered at run time).")
+        _REGISTERED.add(name)
+    return name
+
+
+def register_folder(folder: str | Path) -> str | None:
+    """Register the Sparsifiner stored in an export folder (`sparsifiner_config.json`); None if there is none."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = SparsifinerConfig.from_json(str(path))
+    except (ConfigError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a valid Sparsifiner configuration ({e}); re-export the model") from e
+    pretrained_cfg = None
+    oc_path = Path(folder) / "open_clip_config.json"
+    if oc_path.is_file():
+        pretrained_cfg = timm_models._pretrained_cfg_from_openclip(
+            json.loads(oc_path.read_text()).get("preprocess_cfg", {}))
+    return register_config(stored, pretrained_cfg)
+
+
+_register_named()
+timm_models.FOLDER_REGISTRARS.append(register_folder)

@@ -1,0 +1,187 @@
+"""Build a Sparsifiner student from any supported teacher: its whole image tower plus fresh predictors.
+
+    student, policy = sparsify(teacher, keep_rate=0.25)
+    policy.apply(student, "reconstruct")   # predictors train (on the teacher's attention maps)
+    policy.apply(student, "sparse")        # the backbone trains, predictors frozen
+
+The student is the teacher's tower in timm's layout (`Teacher.stem_state_dict`, `block_state_dict`,
+`norm_state_dict`, `head_state_dict`): open_clip towers with their ln_pre, QuickGELU and projection
+(as a bias-free `head`), timm ViTs with their registers and position-embedding layout, LayerScale folded
+into the block weights (the same function). With keep rate 1 it computes what the teacher computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import nn
+
+from .bootstrap import ParameterPolicy
+from .config import ConfigError, unknown_key_error
+from .sparsifiner import PHASES, Sparsifiner, SparsifinerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from teachers import Teacher
+
+__all__ = ["PhasedParameterPolicy", "SparsifyOptions", "sparsifier_config", "sparsify"]
+
+
+@dataclass
+class SparsifyOptions:
+    """What a recipe's `student:` section may set for a Sparsifiner student (the authors' defaults)."""
+
+    keep_rate: Union[float, list[float]] = 0.25  # one rate, or one per sparsified block
+    blocks: list[int] | None = None  # which blocks are sparsified (None: all); the others attend densely
+    reduce_n_factor: int = 6
+    reduce_c_factor: int = 2
+    basis_coef_topk: int = 8
+    basis_threshold: float = 0.02
+    share_inout_proj: bool = False
+    train_head: bool = True  # the sparse phase trains the final norm and head too (as the authors)
+    drop_path_rate: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "SparsifyOptions":
+        d = dict(d or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                raise unknown_key_error("Sparsifiner student options", k, names)
+        return cls(**d)
+
+    def keep_rates(self, depth: int) -> list[float]:
+        """One keep rate per teacher block (1.0 for the blocks left dense)."""
+        blocks = list(range(depth)) if self.blocks is None else list(self.blocks)
+        bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, int) or not -depth <= b < depth]
+        if bad or len(set(b % depth for b in blocks)) != len(blocks) or not blocks:
+            raise ConfigError(f"blocks={self.blocks}: give distinct block indices in {-depth}..{depth - 1} "
+                              f"(the teacher has {depth} blocks), or null for all")
+        rates = self.keep_rate if isinstance(self.keep_rate, (list, tuple)) else [self.keep_rate] * len(blocks)
+        if len(rates) != len(blocks):
+            raise ConfigError(f"keep_rate has {len(rates)} rates for {len(blocks)} sparsified blocks: give one "
+                              f"rate, or exactly {len(blocks)}")
+        out = [1.0] * depth
+        for b, r in zip(blocks, rates):
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+                raise ConfigError(f"keep_rate {r!r} is outside (0, 1]: the fraction of keys each query keeps")
+            out[b % depth] = float(r)
+        return out
+
+
+@dataclass
+class PhasedParameterPolicy:
+    """Which student parameters train in each phase: `policy["reconstruct"]`, `policy["sparse"]`."""
+
+    phases: dict[str, ParameterPolicy] = field(default_factory=dict)
+
+    def __getitem__(self, phase: str) -> ParameterPolicy:
+        if phase not in self.phases:
+            raise ValueError(f"unknown phase {phase!r}; the phases are {' and '.join(self.phases)}")
+        return self.phases[phase]
+
+    def apply(self, model: Sparsifiner, phase: str) -> ParameterPolicy:
+        """Set `requires_grad` for `phase` and put the model in that phase; returns the phase's policy."""
+        policy = self[phase].apply(model)
+        model.set_phase(phase)
+        return policy
+
+    def summary(self) -> str:
+        return "; ".join(f"{name}: {p.summary()}" for name, p in self.phases.items())
+
+    def counts(self) -> dict:
+        return {name: p.counts() for name, p in self.phases.items()}
+
+    def to_dict(self) -> dict:
+        return {name: p.to_dict() for name, p in self.phases.items()}
+
+
+def _split(model: nn.Module, trains) -> ParameterPolicy:
+    policy = ParameterPolicy()
+    for name, p in model.named_parameters():
+        if trains(name):
+            policy.trainable.append(name)
+            policy.num_trainable += p.numel()
+        else:
+            policy.frozen.append(name)
+            policy.num_frozen += p.numel()
+    return policy
+
+
+def parameter_policy(student: Sparsifiner, train_head: bool = True) -> PhasedParameterPolicy:
+    """reconstruct: the predictors of the sparsified blocks; sparse: everything else (predictors frozen)."""
+    sparse_predictors = tuple(f"blocks.{i}.attn.mask_predictor." for i in student.sparse_blocks)
+    head = ("norm.", "head.", "fc_norm.")
+    return PhasedParameterPolicy({
+        "reconstruct": _split(student, lambda n: n.startswith(sparse_predictors)),
+        "sparse": _split(student, lambda n: ".mask_predictor." not in n
+                         and (train_head or not n.startswith(head))),
+    })
+
+
+def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerConfig:
+    """The Sparsifiner configuration of `teacher`'s whole image tower."""
+    if teacher.mlp_act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"teacher MLP activation {teacher.mlp_act!r} is not supported (gelu or quick_gelu)")
+    if int(teacher.width * teacher.mlp_ratio) != teacher.mlp_hidden_dim:
+        raise ValueError(f"teacher MLP width {teacher.mlp_hidden_dim} is not a ratio of its width {teacher.width}")
+    ph, pw = teacher.patch_size
+    if ph != pw:
+        raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
+    stem = teacher.stem_state_dict()
+    head = teacher.head_state_dict()
+    h, w = teacher.preprocess.size
+    cfg = dict(
+        img_size=h if h == w else [h, w], patch_size=ph, embed_dim=teacher.width, depth=teacher.depth,
+        num_heads=teacher.num_heads, mlp_ratio=teacher.mlp_ratio, qkv_bias=True,
+        num_classes=0 if head is None else head["weight"].shape[0], head_bias=head is not None and "bias" in head,
+        attn_keep_rate=opts.keep_rates(teacher.depth), reduce_n_factor=opts.reduce_n_factor,
+        reduce_c_factor=opts.reduce_c_factor, share_inout_proj=opts.share_inout_proj,
+        basis_threshold=opts.basis_threshold, basis_coef_topk=opts.basis_coef_topk, ln_eps=teacher.norm_eps,
+        act=teacher.mlp_act, pre_norm="norm_pre.weight" in stem, reg_tokens=teacher.num_prefix_tokens - 1,
+        no_embed_class=stem["pos_embed"].shape[1] == teacher.num_patches, drop_path_rate=opts.drop_path_rate,
+    )
+    if len(set(cfg["attn_keep_rate"])) == 1:
+        cfg["attn_keep_rate"] = cfg["attn_keep_rate"][0]
+    return SparsifinerConfig.from_dict(cfg)
+
+
+@torch.no_grad()
+def copy_teacher_weights(student: Sparsifiner, teacher: "Teacher") -> None:
+    """The teacher's whole tower into the student; only the predictors stay fresh."""
+    sd = dict(teacher.stem_state_dict())
+    own = student.state_dict()
+    if "patch_embed.proj.bias" in own and "patch_embed.proj.bias" not in sd:  # a bias-free patch embedding
+        sd["patch_embed.proj.bias"] = torch.zeros_like(own["patch_embed.proj.bias"])
+    for i in range(teacher.depth):
+        sd.update({f"blocks.{i}.{k}": v for k, v in teacher.block_state_dict(i).items()})
+    sd.update({f"norm.{k}": v for k, v in teacher.norm_state_dict().items()})
+    head = teacher.head_state_dict()
+    if head is not None:
+        sd.update({f"head.{k}": v for k, v in head.items()})
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if ".mask_predictor." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"the teacher's tower does not map onto the Sparsifiner: missing {missing}, "
+                           f"unexpected {unexpected}")
+
+
+def sparsify(teacher: "Teacher", **options: Any) -> tuple[Sparsifiner, PhasedParameterPolicy]:
+    """A Sparsifiner that is `teacher`'s image tower with fresh predictors, and its per-phase policy.
+
+    Options are the fields of `SparsifyOptions` (or `options=SparsifyOptions(...)`). The student starts in
+    the reconstruct phase with that phase's policy applied (only the predictors require grad); its
+    `pretrained_cfg` is the teacher's preprocessing.
+    """
+    opts = options.pop("options", None) or SparsifyOptions.from_dict(options)
+    student = Sparsifiner(sparsifier_config(teacher, opts))
+    copy_teacher_weights(student, teacher)
+    pp = teacher.preprocess
+    student.pretrained_cfg = dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
+                                  interpolation=pp.interpolation, crop_pct=pp.crop_pct)
+    policy = parameter_policy(student, opts.train_head)
+    policy.apply(student, "reconstruct")
+    assert set(policy.phases) == set(PHASES)
+    return student, policy
