@@ -31,9 +31,10 @@ as with CLIP (LLaVA-1.5 uses -2). `vision_feature_select_strategy='default'` dro
 (`class_token=False`), `'full'` keeps it: 63 or 64 image tokens for the ViT-L/14 student instead of
 CLIP's 576 or 577.
 
-A student family plugs in by a `VisionFamily` entry in `FAMILIES` (`register_family`): how to build
-the student from its saved config, how to read that config back, its token counts, and one pass that
-gives every hidden state. `build_student` is the one function that maps a saved config to a model.
+The student inside is built by `build_student`, i.e. `students.families.student_from_config`, the one
+function that maps a saved config to a model of its family (SparseFormer or Sparsifiner). What the
+transformers model needs beyond that, per family, is one `VisionFamily` entry in `VISION_FAMILIES`:
+its token counts from the config, and one pass that gives every hidden state.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from teachers.base import hidden_state_index
 
+from . import families
 from .config import SparseFormerConfig
 from .sparseformer import SparseFormer, first_block_unit
 
@@ -63,11 +65,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"pip install 'sparseformer-bootstrap[mllm]' (or pip install transformers)") from e
 
 __all__ = [
-    "FAMILIES",
     "MODEL_TYPE",
     "StudentVisionConfig",
     "StudentVisionModel",
     "StudentVisionOutput",
+    "VISION_FAMILIES",
     "VisionFamily",
     "attach_to_llava",
     "build_llava",
@@ -76,7 +78,6 @@ __all__ = [
     "is_clip_teacher",
     "llava_config",
     "llava_processor_kwargs",
-    "register_family",
     "save_folder",
 ]
 
@@ -99,22 +100,16 @@ class StudentEncoding:
 
 @dataclass(frozen=True)
 class VisionFamily:
-    """What the HF model needs of one student family (SparseFormer here; Sparsifiner by its own entry).
+    """What the HF model needs of one student family, beyond `students.families` (which builds it).
 
-    build: saved student config (JSON mapping) -> student module with fresh weights.
-    config_dict: student -> its saved config (JSON mapping).
     describe: saved config -> dict(hidden_size, num_hidden_layers, num_latent_tokens, class_token,
         projection_dim): the token width, the number of blocks `forward_tokens` counts, the tokens
-        without / with the class token.
+        besides the class token, whether there is one, the projected width (0: none).
     encode: (student, images) -> `StudentEncoding` in one pass.
-    model_classes: the student classes this family converts (exact types: a video subclass is not one).
     """
 
-    build: Callable[[Mapping[str, Any]], nn.Module]
-    config_dict: Callable[[nn.Module], dict]
     describe: Callable[[Mapping[str, Any]], dict]
     encode: Callable[[nn.Module, Tensor], StudentEncoding]
-    model_classes: tuple[type, ...]
 
 
 def _sparseformer_describe(config: Mapping[str, Any]) -> dict:
@@ -126,45 +121,45 @@ def _sparseformer_describe(config: Mapping[str, Any]) -> dict:
 
 def _sparseformer_encode(student: SparseFormer, images: Tensor) -> StudentEncoding:
     states = student.forward_hidden_states(images)
-    pooled = student.forward_head(states[-1], pre_logits=True)
+    pooled = student.forward_head(states[-1], pre_logits=True)  # pools the raw tokens, then norms
     return StudentEncoding(states, student.norm(states[-1]), pooled, student.proj(pooled))
 
 
-FAMILIES: dict[str, VisionFamily] = {
-    "sparseformer": VisionFamily(
-        build=lambda config: SparseFormer(config),
-        config_dict=lambda student: student.config.replace(drop_path_rate=0.0).to_dict(),
-        describe=_sparseformer_describe,
-        encode=_sparseformer_encode,
-        model_classes=(SparseFormer,),
-    ),
+def _sparsifiner_describe(config: Mapping[str, Any]) -> dict:
+    from .sparsifiner import SparsifinerConfig
+
+    cfg = SparsifinerConfig.from_dict(config)
+    # Registers count as image tokens: LLaVA's 'default' drops only the first (class) token.
+    return dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_latent_tokens=cfg.num_tokens - 1,
+                class_token=True, projection_dim=cfg.num_classes)
+
+
+def _sparsifiner_encode(student: nn.Module, images: Tensor) -> StudentEncoding:
+    states = student.forward_hidden_states(images)
+    last = student.norm(states[-1])
+    pooled = student.forward_head(last, pre_logits=True)  # timm: pools the normed tokens
+    return StudentEncoding(states, last, pooled, student.head(pooled))
+
+
+VISION_FAMILIES: dict[str, VisionFamily] = {
+    "sparseformer": VisionFamily(_sparseformer_describe, _sparseformer_encode),
+    "sparsifiner": VisionFamily(_sparsifiner_describe, _sparsifiner_encode),
 }
 
 
-def register_family(name: str, family: VisionFamily) -> None:
-    """Add a student family (e.g. 'sparsifiner') to the HF model."""
-    FAMILIES[name] = family
+def _vision_family(config: Mapping[str, Any]) -> tuple[str, VisionFamily]:
+    name = families.family_of(config).name
+    if name not in VISION_FAMILIES:
+        raise ValueError(f"student family {name!r} has no transformers vision model yet; add a VisionFamily entry "
+                         f"to students.transformers_model.VISION_FAMILIES (families with one: "
+                         f"{', '.join(VISION_FAMILIES)})")
+    return name, VISION_FAMILIES[name]
 
 
-def _family(name: str) -> VisionFamily:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown student family {name!r}; known: {', '.join(FAMILIES)} "
-                         f"(a new family registers with students.transformers_model.register_family)")
-    return FAMILIES[name]
-
-
-def build_student(family: str, config: Mapping[str, Any]) -> nn.Module:
-    """The student of `family` described by its saved config, with fresh weights."""
-    return _family(family).build(config)
-
-
-def family_of(student: nn.Module) -> str:
-    for name, fam in FAMILIES.items():
-        if type(student) in fam.model_classes:
-            return name
-    kinds = ", ".join(c.__name__ for fam in FAMILIES.values() for c in fam.model_classes)
-    raise TypeError(f"{type(student).__name__} is not an image student the HF model takes ({kinds}); unwrap a "
-                    f"DDP/accelerate-wrapped model first (accelerator.unwrap_model(model))")
+def build_student(config: Mapping[str, Any]) -> nn.Module:
+    """The student a saved config describes, with fresh weights: `students.families.student_from_config`,
+    the one function that maps a config to a model of its family."""
+    return families.student_from_config(config)
 
 
 # --------------------------------------------------------------------------
@@ -180,28 +175,30 @@ def is_clip_teacher(teacher: Mapping[str, Any] | None) -> bool:
 class StudentVisionConfig(PretrainedConfig):
     """A student as a transformers vision config.
 
-    Saved: `family`, `student_config` (the student's own config), `preprocess_cfg` (the student's
-    `pretrained_cfg`: input_size, mean, std, interpolation, crop_pct, optional resize_mode; not named
+    Saved: `student_config` (the student's own config; its `family` field picks the family),
+    `preprocess_cfg` (the student's `pretrained_cfg`: input_size, mean, std, interpolation, crop_pct,
+    optional resize_mode; not named
     `pretrained_cfg`, which would make transformers take the folder for a timm checkpoint) and
     `teacher` (the teacher spec it was bootstrapped from, or None). Derived from them on every load:
-    `hidden_size`, `num_hidden_layers` (blocks), `image_size`, `num_latent_tokens`, `class_token`,
-    `projection_dim`.
+    `family`, `hidden_size`, `num_hidden_layers` (blocks), `image_size`, `num_latent_tokens`,
+    `class_token`, `projection_dim`.
     """
 
     model_type = MODEL_TYPE
 
-    def __init__(self, family: str = "sparseformer", student_config: Mapping[str, Any] | None = None,
+    def __init__(self, student_config: Mapping[str, Any] | None = None,
                  preprocess_cfg: Mapping[str, Any] | None = None, teacher: Mapping[str, Any] | None = None,
                  **kwargs):
-        for derived in ("hidden_size", "num_hidden_layers", "image_size", "num_latent_tokens", "class_token",
-                        "projection_dim"):
+        for derived in ("family", "hidden_size", "num_hidden_layers", "image_size", "num_latent_tokens",
+                        "class_token", "projection_dim"):
             kwargs.pop(derived, None)  # written by to_dict for readers; recomputed here
-        self.family = family
         self.student_config = dict(student_config) if student_config is not None else None
         self.preprocess_cfg = _json(preprocess_cfg) if preprocess_cfg is not None else None
         self.teacher = _json(teacher) if teacher is not None else None
+        self.family = None
         if self.student_config is not None:
-            for key, value in _family(family).describe(self.student_config).items():
+            self.family, vision_family = _vision_family(self.student_config)
+            for key, value in vision_family.describe(self.student_config).items():
                 setattr(self, key, value)
         if self.preprocess_cfg is not None:
             self.image_size = list(self.preprocess_cfg["input_size"][1:])
@@ -242,7 +239,7 @@ class StudentVisionModel(PreTrainedModel):
         if config.student_config is None:
             raise ValueError("StudentVisionConfig has no student_config: build it with StudentVisionModel.from_student "
                              "or python -m students.to_transformers")
-        self.student = build_student(config.family, config.student_config)
+        self.student = build_student(config.student_config)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -252,14 +249,18 @@ class StudentVisionModel(PreTrainedModel):
     def from_student(cls, student: nn.Module, *, pretrained_cfg: Mapping[str, Any] | None = None,
                      teacher: Mapping[str, Any] | None = None) -> "StudentVisionModel":
         """Wrap a trained student (a copy of its weights). `pretrained_cfg` defaults to the student's own."""
-        family = family_of(student)
+        family = families.family_of(student)
+        if type(student) is not family.model:
+            raise TypeError(f"{type(student).__name__} is not an image student (a {family.model.__name__}); the "
+                            f"transformers model takes images [B, 3, H, W]")
         pcfg = pretrained_cfg or getattr(student, "pretrained_cfg", None)
         if not pcfg:
             raise ValueError("the student carries no pretrained_cfg (input size, mean, std): pass pretrained_cfg="
                              "dict(input_size=(3, H, W), mean=..., std=..., interpolation=..., crop_pct=...)")
         pcfg = {k: pcfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "resize_mode")
                 if k in pcfg}
-        config = StudentVisionConfig(family=family, student_config=FAMILIES[family].config_dict(student),
+        # drop_path_rate is a training setting: the saved model is for inference.
+        config = StudentVisionConfig(student_config=student.config.replace(drop_path_rate=0.0).to_dict(),
                                      preprocess_cfg=pcfg, teacher=teacher)
         model = cls(config)
         model.student.load_state_dict(student.state_dict())
@@ -276,7 +277,7 @@ class StudentVisionModel(PreTrainedModel):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         dtype = next(self.student.parameters()).dtype
-        enc = _family(self.config.family).encode(self.student, pixel_values.to(dtype))
+        enc = VISION_FAMILIES[self.config.family].encode(self.student, pixel_values.to(dtype))
         # An index (even 0) or list of indices asks for hidden states; only None/False do not.
         want = output_hidden_states is not None and output_hidden_states is not False
         out = StudentVisionOutput(last_hidden_state=enc.last_hidden_state, pooler_output=enc.pooled,

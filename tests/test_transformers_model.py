@@ -133,7 +133,8 @@ def test_llava_on_the_student_projects_its_tokens_and_generates(student, vision,
         assert torch.equal(features, llava.model.multi_modal_projector(tokens)[0])
         logits = llava(input_ids=_prompt(n), pixel_values=image).logits
         assert logits.shape == (1, n + 5, 64) and torch.isfinite(logits).all()
-        generated = llava.generate(input_ids=_prompt(n), pixel_values=image, max_new_tokens=3, do_sample=False)
+        generated = llava.generate(input_ids=_prompt(n), pixel_values=image, max_new_tokens=3, min_new_tokens=3,
+                                   do_sample=False)
         assert generated.shape == (1, n + 5 + 3)
         with pytest.raises(ValueError, match="do not match"):  # one placeholder per student token, no more
             llava(input_ids=_prompt(n + 1), pixel_values=image)
@@ -192,6 +193,34 @@ def test_attach_to_llava_keeps_the_projector_and_needs_a_clip_student(student, v
     no_teacher = stm.StudentVisionModel.from_student(student)
     with pytest.raises(ValueError, match="records no teacher"):
         stm.attach_to_llava(llava, no_teacher)
+
+
+def test_a_sparsifiner_student_is_a_llava_tower_through_its_family_entry(images):
+    from students.sparsifiner import Sparsifiner
+
+    torch.manual_seed(7)  # a whole ViT with sparse attention: 1 class + 2 registers + 16 patches, 3 blocks
+    student = Sparsifiner(dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5,
+                               basis_coef_topk=2, reg_tokens=2)).eval()
+    vision = stm.StudentVisionModel.from_student(student, pretrained_cfg=dict(
+        input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3), teacher=CLIP_SPEC)
+    cfg = vision.config
+    assert (cfg.family, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_image_tokens) == ("sparsifiner", 32, 3, 19)
+    with torch.no_grad():
+        out = vision(images, output_hidden_states=True)
+        assert len(out.hidden_states) == 4
+        for layer in (0, 1, -2, 3):
+            assert torch.equal(out.hidden_states[layer], student.forward_tokens(images, layer=layer))
+        torch.testing.assert_close(out.last_hidden_state, student.forward_tokens(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.image_embeds, student(images), rtol=0, atol=1e-5)
+        llava = stm.build_llava(vision, text_config())
+        features = _projected(llava, images[:1])
+        # 'default' drops the class token only: the registers stay image tokens (18 with the 16 patches)
+        assert features.shape[0] == llava.config.image_seq_length == 18
+        assert torch.equal(features, llava.model.multi_modal_projector(
+            student.forward_tokens(images[:1], layer=-2)[:, 1:])[0])
+        generated = llava.generate(input_ids=_prompt(18), pixel_values=images[:1], max_new_tokens=2,
+                                   min_new_tokens=2, do_sample=False)
+        assert generated.shape == (1, 18 + 5 + 2)
 
 
 # --------------------------------------------------------------------------
