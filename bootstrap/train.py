@@ -630,18 +630,27 @@ def check_process_count(processes: int, env: dict | None = None, parent_cmdline:
             asked = arg.split("=", 1)[1]
     if processes == 1 and "launch" in args and asked and asked.isdigit() and int(asked) > 1:
         raise ProcessCountError(
-            f"accelerate launch --cpu --num_processes {asked} starts one process only; for {asked} processes on a CPU "
-            f"use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
+            f"accelerate launch --num_processes {asked} started one process only (it does so without GPUs, --cpu or "
+            f"not); for {asked} processes on a CPU use {TWO_PROCESS_CPU_COMMAND.replace('2', asked)}")
 
 
 def check_data(recipe: Recipe) -> None:
     """The training and held-out shards exist and look whole (a few reads per shard), before the
     teacher is built; a shard that turns bad later is skipped and counted by the loader."""
+    from data.evalsets import check_eval_source
     from data.shards import check_shards, resolve_shards
 
     check_shards(resolve_shards(recipe.data.train))
     if recipe.data.val is not None:
         check_shards(resolve_shards(recipe.data.val))
+    if recipe.run.final_report:  # the report at the end must not be the first to find its data missing
+        for key in ("data", "train_data"):
+            source = getattr(recipe.eval, key)
+            if source is not None:
+                try:
+                    check_eval_source(source, f"eval.{key}")
+                except (ValueError, OSError) as exc:
+                    raise RecipeError(str(exc)) from None
 
 
 def check_output_dir(out: Path, rank: int = 0) -> None:

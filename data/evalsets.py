@@ -8,28 +8,47 @@
 Both yield ``(image_tensor, label)`` and expose ``.classnames``. Every sample is read once, in
 order; with several DataLoader workers the shards are divided among them. Evaluation is not
 split across ranks: run it on one rank, or on all of them with the same result.
+
+An image that does not decode is skipped, warned about and named: the data set yields a
+``SkippedSample`` in its place, and ``EvalLoader`` (what ``build_eval_loader`` returns) leaves
+it out of the batch and records it in ``loader.skipped`` (name -> error), in the main process
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 from torchvision.datasets import ImageFolder
 
-from .decode import SkipCounter, decode_sample
-from .shards import DATASET_JSON, is_remote, iter_shard, read_dataset_info, resolve_shards, shard_sample_counts
+from .decode import DecodeError, SkipCounter, decode_sample
+from .shards import DATASET_JSON, _local, is_remote, iter_shard, read_dataset_info, resolve_shards, shard_sample_counts
+
+
+class SkippedSample(NamedTuple):
+    """Stands in for a sample that does not decode: ``name`` (file, or ``shard#key``) and ``error``."""
+
+    name: str
+    error: str
+
+
+def _skip(counter: SkipCounter, exn: DecodeError) -> SkippedSample:
+    counter(exn)  # warns (the first few, with the whole message) and counts
+    counter.drain()
+    cause = exn.__cause__
+    return SkippedSample(exn.sample_id, f"{type(cause).__name__}: {cause}" if cause is not None else str(exn))
 
 
 class FolderEvalSet(ImageFolder):
     """``torchvision.datasets.ImageFolder`` with ``.classnames``.
 
     ``classnames`` replaces the folder names (e.g. ImageNet's ``n01440764`` -> ``"tench"``); it
-    must list one name per class folder, in sorted folder order.
+    must list one name per class folder, in sorted folder order. An image that cannot be read
+    gives a ``SkippedSample`` (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
@@ -44,19 +63,30 @@ class FolderEvalSet(ImageFolder):
         if classnames is not None and len(classnames) != len(self.classes):
             raise ValueError(f"{len(classnames)} class names given for the {len(self.classes)} class folders of {root}")
         self.classnames = list(classnames) if classnames is not None else list(self.classes)
+        self._skips = SkipCounter()
 
     def __getitem__(self, index: int):
+        path, target = self.samples[index]
         try:
-            return super().__getitem__(index)
-        except (OSError, ValueError) as exn:
-            raise type(exn)(f"cannot read evaluation image {self.samples[index][0]}: {exn}") from exn
+            image = self.loader(path)  # PIL: open and convert to RGB, which reads every pixel
+        except Exception as exn:  # PIL raises many exception types for bad bytes
+            error = DecodeError(f"cannot read evaluation image {path}: {type(exn).__name__}: {exn}", path)
+            error.__cause__ = exn
+            return _skip(self._skips, error)
+        # Outside the try: an error of the transform is a bug to see, not an image to skip.
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
 
 
 class ShardEvalSet(IterableDataset):
     """Labelled WebDataset shards as ``(image_tensor, label)``, each sample once, shard order.
 
-    Samples that do not decode are skipped and warned about (``skipped`` counts them when
-    iterated in this process, i.e. ``num_workers=0``).
+    Samples that do not decode give a ``SkippedSample`` and are warned about (``skipped`` counts
+    them when iterated in this process, i.e. ``num_workers=0``; ``EvalLoader.skipped`` names
+    them in any case).
     """
 
     def __init__(self, shards, transform: Callable | None = None, classnames: Sequence[str] | None = None):
@@ -86,7 +116,12 @@ class ShardEvalSet(IterableDataset):
         counter = SkipCounter()
         raw = (s for url in self.urls[worker::num_workers] for s in iter_shard(url))
         try:
-            for sample in wds.map(decode_sample, handler=counter)(raw):
+            for item in raw:
+                try:
+                    sample = decode_sample(item)
+                except DecodeError as exn:
+                    yield _skip(counter, exn)
+                    continue
                 if sample["cls"] < 0:
                     raise ValueError(
                         f"sample {sample['__key__']!r} in shard {sample['__url__']} has no 'cls' label; evaluation "
@@ -107,6 +142,32 @@ def _classnames_from_dataset_json(urls: Sequence[str]) -> list[str] | None:
     return names[0] if names else None
 
 
+_PATTERN_CHARS = "{*?["
+
+
+def check_eval_source(source, what: str = "evaluation data") -> None:
+    """Fail early, naming ``source``, when it cannot be an evaluation set: a local path that does
+    not exist (and is no shard pattern), or a file that is not a ``.tar`` shard. Cheap: no image
+    is read (``build_eval_loader`` checks the rest)."""
+    sources = source if isinstance(source, (list, tuple)) else [source]
+    if not sources:
+        raise ValueError(f"{what}: an empty list of shards")
+    for src in sources:
+        if not isinstance(src, (str, os.PathLike)):
+            raise ValueError(f"{what}: {src!r} is not a path; give an ImageFolder root or labelled shards")
+        if is_remote(os.fspath(src)):
+            continue
+        path = Path(_local(os.fspath(src))).expanduser()
+        if path.is_file() and not path.name.endswith(".tar"):
+            raise ValueError(f"{what} {src} is a file but not a .tar shard: give an ImageFolder root (one sub-folder "
+                             "per class) or labelled shards (a folder of .tar files with dataset.json, a pattern, "
+                             "or a list)")
+        if not path.exists() and not any(c in os.fspath(src) for c in _PATTERN_CHARS):
+            raise FileNotFoundError(f"{what} {src} does not exist: give an ImageFolder root (one sub-folder per "
+                                    "class) or labelled shards (a folder of .tar files with dataset.json, a "
+                                    "pattern, or a list)")
+
+
 def _is_shard_source(source) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return True  # a list of shards
@@ -116,20 +177,62 @@ def _is_shard_source(source) -> bool:
     return (path / DATASET_JSON).is_file() or any(path.glob("*.tar"))
 
 
+def _collate_skipping(batch: list) -> tuple:
+    """``default_collate`` of the good samples, and the ``SkippedSample``s apart."""
+    skipped = [s for s in batch if isinstance(s, SkippedSample)]
+    good = [s for s in batch if not isinstance(s, SkippedSample)]
+    return (default_collate(good) if good else None), skipped
+
+
+class EvalLoader(DataLoader):
+    """A ``DataLoader`` of ``(images, labels)`` batches that leaves out samples that do not decode.
+
+    ``skipped`` maps each one's name (image file or ``shard#key``) to its error; iterating again
+    (e.g. for a few pictures) names the same samples once.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, collate_fn=_collate_skipping, **kwargs)
+        self.skipped: dict[str, str] = {}
+
+    def __iter__(self):
+        for batch, skipped in super().__iter__():
+            self.skipped.update((s.name, s.error) for s in skipped)
+            if batch is not None:  # a batch of nothing but unreadable samples yields nothing
+                yield batch
+
+    def skipped_report(self) -> list[dict[str, str]]:
+        """``[{"name": ..., "error": ...}]`` of the samples skipped so far, for a report."""
+        return [{"name": name, "error": error} for name, error in self.skipped.items()]
+
+
+def eval_dataset(source, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+    """The ``FolderEvalSet`` or ``ShardEvalSet`` of ``source`` (see ``build_eval_loader``)."""
+    check_eval_source(source)
+    if _is_shard_source(source):
+        return ShardEvalSet(source, transform, classnames)
+    return FolderEvalSet(source, transform, classnames)
+
+
+def iter_eval_samples(dataset) -> Iterator:
+    """Every sample of an evaluation set in order, in this process: ``(image, label)`` or ``SkippedSample``."""
+    if isinstance(dataset, IterableDataset):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
+
+
 def build_eval_loader(source, transform: Callable, batch_size: int = 256, num_workers: int = 4,
                       classnames: Sequence[str] | None = None, pin_memory: bool = False):
     """Loader over an evaluation set; returns ``(loader, classnames)``.
 
     ``source`` is an ImageFolder root (class sub-folders), or labelled shards (a folder with
     ``.tar`` files / ``dataset.json``, a pattern, or a list). Batches are ``(images [B, 3, H, W],
-    labels [B])``; the last batch may be smaller.
+    labels [B])``; the last batch may be smaller, and so may one that held samples that do not
+    decode (``loader.skipped`` names them).
     """
-    if _is_shard_source(source):
-        dataset = ShardEvalSet(source, transform, classnames)
-        # More workers than shards would only idle.
-        num_workers = min(num_workers, len(dataset.urls))
-    else:
-        dataset = FolderEvalSet(source, transform, classnames)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    dataset = eval_dataset(source, transform, classnames)
+    if isinstance(dataset, ShardEvalSet):
+        num_workers = min(num_workers, len(dataset.urls))  # more workers than shards would only idle
+    loader = EvalLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=False)
     return loader, dataset.classnames

@@ -5,7 +5,9 @@
         --data PATH [--templates openai|simple|demo|FILE] [--classnames imagenet|FILE] ...
 
 A run folder supplies the student, the teacher spec and the ``eval:`` options of its recipe;
-command-line options override them. See ``eval.report`` for every option.
+command-line options override them. See ``eval.report`` for every option. Bad input (a folder
+that is not a run, missing data, weights that are not safe to load, ...) is one line on stderr
+and exit status 2, checked before the models are built where it can be.
 """
 
 from __future__ import annotations
@@ -16,25 +18,21 @@ import sys
 from pathlib import Path
 
 
-def _list_or_name(value: str | None):
-    """A name, or a file with one entry per line (``#`` comments), for templates and class names."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        return [ln for ln in lines if ln and not ln.startswith("#")]
-    return value
-
-
 def _teacher_spec(value: str) -> dict:
     import yaml
 
+    from .report import yaml_problem
+
     path = Path(value)
+    if not path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+        raise FileNotFoundError(f"--teacher: the teacher spec file {value} does not exist")
     text = path.read_text() if path.is_file() else value
-    spec = yaml.safe_load(text)
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exn:
+        raise ValueError(f"--teacher {value}: not valid YAML ({yaml_problem(exn)})") from exn
     if not isinstance(spec, dict):
-        raise SystemExit(f"--teacher must be a YAML/JSON file or an inline mapping such as "
+        raise ValueError(f"--teacher must be a YAML/JSON file or an inline mapping such as "
                          f"'{{kind: openclip, model: ViT-B-16-quickgelu, pretrained: openai}}'; got {value!r}")
     return spec.get("teacher", spec)  # a whole recipe works too
 
@@ -42,9 +40,28 @@ def _teacher_spec(value: str) -> dict:
 def _student(value: str, weights: str | None):
     from students import create_model, load_student
 
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights} does not exist" if not Path(weights).exists()
+                                else f"--weights {weights} is a folder, not a weights file")
     if value.endswith(".json") or Path(value).is_file():
-        return load_student(value, weights)
+        try:
+            return load_student(value, weights)
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"--student {value} is not a student config JSON (as a run writes student_config.json) "
+                             f"but a binary file; weights go to --weights") from exn
+        except json.JSONDecodeError as exn:
+            raise ValueError(f"--student {value} is not a student config JSON (as a run writes "
+                             f"student_config.json): {exn}") from exn
     return create_model(value, pretrained=weights)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: printed as one message, without a traceback."""
+    from data.shards import ShardError
+    from students.registry import CheckpointMismatchError
+    from teachers.base import TeacherWeightsError
+
+    return OSError, ValueError, CheckpointMismatchError, TeacherWeightsError, ShardError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,30 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .report import evaluate, evaluate_run
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.run_dir and (args.student or args.teacher):
+        parser.error("give either RUN_DIR or --student/--teacher, not both")
+    if not args.run_dir and not (args.student and args.teacher):
+        parser.error("give a run folder, or both --student and --teacher")
+    try:
+        return _evaluate(args)
+    except _user_errors() as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
 
-    options = dict(train_data=args.train_data, classnames=_list_or_name(args.classnames),
-                   templates=_list_or_name(args.templates), batch_size=args.batch_size,
+
+def _evaluate(args) -> int:
+    from .report import EvalConfig, evaluate, evaluate_run, prepare_out_dir
+    from .zeroshot import name_or_list_file
+
+    options = dict(train_data=args.train_data, classnames=name_or_list_file(args.classnames),
+                   templates=name_or_list_file(args.templates), batch_size=args.batch_size,
                    num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
                    precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
                    cost=args.cost, rois=args.rois)
     options = {k: v for k, v in options.items() if v is not None}
     progress = not args.no_progress
     if args.run_dir:
-        if args.student or args.teacher:
-            raise SystemExit("give either RUN_DIR or --student/--teacher, not both")
         report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress, **options)
         out = args.out or args.run_dir
     else:
-        if not (args.student and args.teacher):
-            raise SystemExit("give a run folder, or both --student and --teacher (see --help)")
+        from data.evalsets import check_eval_source
         from teachers import create_teacher
 
-        teacher = create_teacher(_teacher_spec(args.teacher))
+        # Everything cheap first: the options, the data paths and the report folder, then the models.
+        cfg = EvalConfig.from_dict(options)
+        for what, value in (("--data", args.data), ("--train-data", cfg.train_data if cfg.probe else None)):
+            if value is not None:
+                check_eval_source(value, what)
+        out = prepare_out_dir(args.out or "eval_report")
+        spec = _teacher_spec(args.teacher)
         student = _student(args.student, args.weights)
-        out = args.out or "eval_report"
-        report = evaluate(student, teacher, args.data, out_dir=out, progress=progress, **options)
+        teacher = create_teacher(spec)
+        report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress)
     print(json.dumps({k: report[k] for k in ("zero_shot", "classification", "linear_probe", "fidelity")
                       if k in report}, indent=1))
     print(f"report written to {Path(out) / 'report.md'} and {Path(out) / 'report.json'}")

@@ -8,7 +8,9 @@ regularisation, each fit warm-started from the previous one, and the refit from 
 one (the same optimum, reached in far fewer iterations).
 
 Without a labelled training split, ``split_features`` divides the evaluation set's features
-into train and test parts (seeded, stratified); the report says so.
+into train and test parts (seeded, stratified); the report says so. With one, the two sets'
+labels are matched by class name (``train_labels_of``): an evaluation set may hold some of the
+train split's classes, in any order, but no class the probe never saw.
 """
 
 from __future__ import annotations
@@ -54,6 +56,32 @@ def split_features(features: Mapping[str, Tensor], test_fraction: float = 0.5, s
     train_idx, test_idx = _split_indices(labels, test_fraction, seed)
     take = lambda idx: {k: v[torch.from_numpy(idx)] for k, v in features.items()}  # noqa: E731
     return take(train_idx), take(test_idx)
+
+
+def train_labels_of(test_classnames: Sequence[str], train_classnames: Sequence[str],
+                    test_source=None, train_source=None) -> Tensor:
+    """``[num_test_classes]``: the train split's label of each evaluation-set class, by name.
+
+    Raises ValueError naming the evaluation-set classes the train split lacks (a probe cannot
+    predict them) or the names that appear twice (no label to match them to).
+    """
+    where = lambda name, src: f"the {name}" + (f" ({src})" if src is not None else "")  # noqa: E731
+    for names, what in ((train_classnames, where("train split", train_source)),
+                        (test_classnames, where("evaluation set", test_source))):
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        if twice:
+            raise ValueError(f"{what} names the classes {twice} more than once: its labels cannot be matched by name")
+    index = {name: i for i, name in enumerate(train_classnames)}
+    unknown = [n for n in test_classnames if n not in index]
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ValueError(
+            f"the linear probe cannot score {where('evaluation set', test_source)}: {len(unknown)} of its classes "
+            f"are not classes of {where('train split', train_source)}: {shown} (the train split's classes: "
+            f"{', '.join(map(repr, list(train_classnames)[:10]))}{', ...' if len(train_classnames) > 10 else ''}). "
+            "Give a train split with these classes (--train-data / eval.train_data), none (the evaluation set is "
+            "split in two), or skip the probe (--no-probe)")
+    return torch.tensor([index[n] for n in test_classnames], dtype=torch.long)
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int, start=None):

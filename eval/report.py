@@ -9,7 +9,11 @@ family, on the same images for both models:
 
 and writes ``report.json``, ``report.md`` (tables with teacher, student and student/teacher
 columns) and ``rois.png`` into ``out_dir``. Without an evaluation set only the cost is
-measured. A section that cannot run says why under ``notes``.
+measured. A section that cannot run says why under ``notes``. Images that do not decode are
+skipped, counted and named (``eval_set.skipped``, ``linear_probe.train_skipped``, and in
+``report.md``). With a separate train split the probe matches the two sets' labels by class
+name: the evaluation set may hold some of its classes, and one it lacks is an error, given
+before any feature is computed.
 
 ``evaluate_run(run_dir)`` evaluates a bootstrapping run's output folder: ``student_config.json``
 + ``student.safetensors`` (the student), ``recipe.yaml`` (its ``teacher:`` mapping is the
@@ -57,13 +61,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .classify import classification_eval, head_applies
 from .cost import compare_cost
 from .features import aligned_output, extract, student_outputs, teacher_student_step
 from .fidelity import fidelity
-from .linear_probe import DEFAULT_CS, linear_probe, split_features
+from .linear_probe import DEFAULT_CS, linear_probe, split_features, train_labels_of
 from .rois import draw_rois
 from .zeroshot import dataset_templates, resolve_classnames, zero_shot
 
@@ -111,9 +115,37 @@ class EvalConfig:
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 raise ValueError(f"unknown eval option '{key}'.{hint} Valid options: {', '.join(names)}")
         cfg = cls(**d)
-        if cfg.precision not in _PRECISIONS:
-            raise ValueError(f"eval precision {cfg.precision!r}: choose one of {', '.join(_PRECISIONS)}")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """ValueError naming the first option whose value cannot work."""
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"eval precision {self.precision!r}: choose one of {', '.join(_PRECISIONS)}")
+        at_least = dict(batch_size=1, cost_batch_size=1, cost_iters=1, roi_images=1, num_workers=0,
+                        max_samples=1, train_max_samples=1)
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            optional = key.endswith("max_samples")
+            if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
+                                               and value >= low):
+                continue
+            raise ValueError(f"eval {key} must be an integer >= {low}{' or null' if optional else ''}, got {value!r}")
+        for key in ("probe_val_fraction", "probe_test_fraction"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise ValueError(f"eval {key} must be a fraction strictly between 0 and 1, got {value!r}")
+        if self.probe_cs is not None and (
+                not isinstance(self.probe_cs, (list, tuple)) or not self.probe_cs
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.probe_cs)):
+            raise ValueError(f"eval probe_cs must be a non-empty list of positive numbers or null, "
+                             f"got {self.probe_cs!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exn:
+                raise ValueError(f"eval device {self.device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") \
+                    from exn
 
     def replace(self, **changes) -> "EvalConfig":
         """A copy with the non-None ``changes`` applied (command-line overrides)."""
@@ -145,12 +177,60 @@ def _describe_teacher(teacher) -> dict:
 
 def _describe_student(student: nn.Module) -> dict:
     cfg = getattr(student, "config", None)
-    out = dict(type=type(student).__name__)
+    out = dict(type=type(student).__name__, family=_family_name(student))
     if cfg is not None:
-        out.update(latent_tokens=getattr(student, "num_tokens", None), cls_token=cfg.has_cls_token,
+        out.update(latent_tokens=getattr(student, "num_tokens", None), cls_token=getattr(cfg, "has_cls_token", True),
                    embed_dim=cfg.embed_dim,
                    output_dim=cfg.output_dim, model_type=getattr(cfg, "model_type", None))
     return out
+
+
+def _family_name(student: nn.Module) -> str | None:
+    from students.families import family_of
+
+    try:
+        return family_of(student).name
+    except TypeError:  # e.g. a teacher standing in for a perfect student
+        return None
+
+
+# ----------------------------------------------------------------------------- what each family adds
+
+
+def _rois_picture(student, images: Tensor, path: Path, teacher) -> None:
+    draw_rois(student, images, path, teacher.preprocess.mean, teacher.preprocess.std)
+
+
+def _kept_keys_picture(student, images: Tensor, path: Path, teacher) -> None:
+    from .attention_maps import kept_keys_figure
+
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    mean = torch.tensor(teacher.preprocess.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.preprocess.std, device=images.device).view(1, 3, 1, 1)
+    block = student.sparse_blocks[-1] if student.sparse_blocks else -1
+    kept_keys_figure(images * std + mean, masks, path, block=block, num_prefix=student.num_prefix_tokens)
+
+
+def _attention_cost(student, images: Tensor) -> dict:
+    """Attention counted as executed and under the mask (the paper's accounting), with each block's density."""
+    from .attention_cost import attention_cost
+
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    return attention_cost(student, masks).to_dict()
+
+
+# family -> (report key, picture file, draw(student, images, path, teacher), section title, caption)
+PICTURES = {
+    "sparseformer": ("rois", "rois.png", _rois_picture, "Where the student looks",
+                     "Each token's RoI and sampling points at every sampling stage, then the final RoIs."),
+    "sparsifiner": ("kept_keys", "kept_keys.png", _kept_keys_picture, "What the student attends to",
+                    "For a few query patches (red squares) of a few images, the keys each keeps in the last sparse "
+                    "block (head 0), lit; the rest dimmed."),
+}
+# family -> a section of its own cost, measured on the evaluation images
+EXTRA_COST = {"sparsifiner": _attention_cost}
 
 
 def _jsonable(obj):
@@ -182,9 +262,7 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
     sections = SECTIONS[family]
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast_dtype = _PRECISIONS[cfg.precision]
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out_dir) if out_dir is not None else None
 
     report: dict[str, Any] = dict(teacher=_describe_teacher(teacher), student=_describe_student(student),
                                   config=_jsonable(cfg.to_dict()), device=str(device), notes=[])
@@ -197,6 +275,15 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
         transform = teacher.eval_transform()
         if cfg.data is not None:
             loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+            # Class names are checked before any feature is computed: the prompts' and the probe's.
+            if "zero_shot" in sections:
+                zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames)
+            probe_train = None
+            if cfg.probe and cfg.train_data is not None:  # the two sets' labels are matched by class name
+                train_loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size,
+                                                                   cfg.num_workers)
+                probe_train = train_loader, train_classnames, train_labels_of(
+                    dataset_classnames, train_classnames, _jsonable(cfg.data), _jsonable(cfg.train_data))
             want_logits = "classification" in sections
             if want_logits:
                 why = head_applies(teacher, len(dataset_classnames))
@@ -206,25 +293,29 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
             features = extract(loader, teacher_student_step(teacher, student, logits=want_logits), device,
                                cfg.max_samples, autocast_dtype, desc="eval features", progress=progress)
             report["eval_set"] = dict(source=_jsonable(cfg.data), num_images=int(features["teacher"].shape[0]),
-                                      num_classes=len(dataset_classnames))
+                                      num_classes=len(dataset_classnames), classnames=list(dataset_classnames),
+                                      **_skips(loader))
 
             if "zero_shot" in sections:
-                names = resolve_classnames(cfg.classnames, dataset_classnames)
                 # None: the evaluation set's own templates if its dataset.json lists some, else openai.
                 templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
-                report["zero_shot"] = zero_shot(features, teacher, names, templates, device)
+                report["zero_shot"] = zero_shot(features, teacher, zero_shot_names, templates, device)
                 if templates is not cfg.templates:
                     report["zero_shot"]["templates"] = "the evaluation set's"
             if want_logits:
                 report["classification"] = classification_eval(features)
             report["fidelity"] = fidelity(features["student"], features["teacher"])
             if cfg.probe:
-                report["linear_probe"] = _probe(cfg, features, teacher, student, transform, device,
+                report["linear_probe"] = _probe(cfg, features, probe_train, teacher, student, device,
                                                 autocast_dtype, progress)
-            if cfg.rois and out_dir is not None and hasattr(student, "forward_details"):
-                pic = draw_rois(student, _first_images(loader, cfg.roi_images), out_dir / "rois.png",
-                                teacher.preprocess.mean, teacher.preprocess.std)
-                report["rois"] = Path(pic["path"]).name
+            picture = PICTURES.get(_family_name(student))
+            if cfg.rois and out_dir is not None and picture is not None:
+                key, name, draw = picture[:3]
+                draw(student, _first_images(loader, cfg.roi_images).to(device), out_dir / name, teacher)
+                report[key] = name
+            extra = EXTRA_COST.get(_family_name(student))
+            if extra is not None and cfg.cost:
+                report["attention_cost"] = extra(student, _first_images(loader, cfg.cost_batch_size).to(device))
         else:
             notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and RoI pictures skipped")
         if cfg.cost:
@@ -241,22 +332,35 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
     return report
 
 
-def _probe(cfg: EvalConfig, test_features, teacher, student, transform, device, autocast_dtype, progress) -> dict:
-    from data.evalsets import build_eval_loader
+def _skips(loader) -> dict:
+    """``num_skipped`` and ``skipped`` (name and error of each sample that did not decode)."""
+    skipped = loader.skipped_report() if hasattr(loader, "skipped_report") else []
+    return dict(num_skipped=len(skipped), skipped=skipped)
 
+
+def _probe(cfg: EvalConfig, test_features, probe_train, teacher, student, device, autocast_dtype,
+           progress) -> dict:
+    """The linear probe; ``probe_train`` is ``(loader, classnames, train label of each eval class)`` or None."""
     probe_args = dict(Cs=cfg.probe_cs or DEFAULT_CS, val_fraction=cfg.probe_val_fraction, seed=cfg.seed)
     embeddings = ("teacher", "student", "labels")
     test = {k: test_features[k] for k in embeddings}
-    if cfg.train_data is not None:
-        loader, _ = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
+    extra = {}
+    if probe_train is not None:
+        loader, train_classnames, train_label = probe_train
         train = extract(loader, teacher_student_step(teacher, student), device, cfg.train_max_samples,
                         autocast_dtype, desc="probe train features", progress=progress)
+        test["labels"] = train_label[test["labels"]]  # the evaluation set's labels in the train split's terms
         split = f"train: {_jsonable(cfg.train_data)}"
+        if len(train_label) != len(train_classnames) or not torch.equal(train_label, torch.arange(len(train_label))):
+            split += (f"; labels matched by class name ({len(train_label)} of the train split's "
+                      f"{len(train_classnames)} classes in the evaluation set)")
+        extra = {f"train_{k}": v for k, v in _skips(loader).items()}
     else:
         train, test = split_features(test, cfg.probe_test_fraction, cfg.seed)
         split = f"the evaluation set split {1 - cfg.probe_test_fraction:.0%} train / {cfg.probe_test_fraction:.0%} test"
     result = linear_probe(train, test, **probe_args)
     result["split"] = split
+    result.update(extra)
     return result
 
 
@@ -270,6 +374,19 @@ def _first_images(loader, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- writing
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the report folder (before any work), or fail naming it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"the report folder {out_dir} is a file; give another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exn:
+        raise OSError(f"cannot create the report folder {out_dir}: {exn.strerror or exn}; give another --out") \
+            from exn
+    return out_dir
+
+
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
@@ -309,18 +426,30 @@ def _accuracy_table(section: Mapping[str, Any]) -> list[str]:
     return _side_by_side(rows)
 
 
+def _skipped_line(skipped, which: str, show: int = 10) -> str:
+    """`` N unreadable <which> images skipped: `a` (error), ...`` or ``""``."""
+    if not skipped:
+        return ""
+    n = len(skipped)
+    named = ", ".join(f"`{s['name']}` ({s['error']})" for s in skipped[:show])
+    more = f", and {n - show} more (all in report.json)" if n > show else ""
+    return f" {n} unreadable {which} image{'s' if n > 1 else ''} skipped: {named}{more}."
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: one table per section, teacher and student side by side."""
     t = report["teacher"]
-    lines = [f"# Evaluation: SparseFormer student of {t['kind']}:{t['name']} ({t['family']})", ""]
     st = report.get("student", {})
+    lines = [f"# Evaluation: {st.get('type', 'SparseFormer')} student of {t['kind']}:{t['name']} ({t['family']})", ""]
     cls = " + a class token" if st.get("cls_token") else ""
-    lines.append(f"Student: {st.get('type', '?')} with {st.get('latent_tokens', '?')} latent tokens{cls}; teacher: "
+    tokens = "latent tokens" if st.get("family", "sparseformer") == "sparseformer" else "tokens"
+    lines.append(f"Student: {st.get('type', '?')} with {st.get('latent_tokens', '?')} {tokens}{cls}; teacher: "
                  f"{t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
                  f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report.get('device', '?')}.")
     if "eval_set" in report:
         e = report["eval_set"]
-        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes.")
+        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes."
+                     + _skipped_line(e.get("skipped"), "evaluation"))
     lines.append("")
 
     if "zero_shot" in report:
@@ -342,6 +471,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"Split: {p['split']} ({p['teacher']['num_train']} train / {p['teacher']['num_test']} test "
                       f"images); C chosen on a held-out part of the train split. Chance top-1: "
                       f"{_pct(p['chance_top1'])}."]
+        if p.get("train_skipped"):
+            lines.append(_skipped_line(p["train_skipped"], "train").strip())
         unconverged = [m for m in ("teacher", "student") if not p[m].get("converged", True)]
         if unconverged:
             lines.append(f"Warning: the logistic regression did not converge for {', '.join(unconverged)}.")
@@ -366,10 +497,19 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             ("peak memory (MB, weights + activations)", lambda x: _num(x, 1), ct.get("peak_mb"), cs.get("peak_mb")),
         ])
         lines += ["", "FLOPs counted with torch's FlopCounterMode (matrix products, convolutions, attention).", ""]
-    if "rois" in report:
-        lines += ["## Where the student looks", "",
-                  "Each token's RoI and sampling points at every sampling stage, then the final RoIs.", "",
-                  f"![RoIs]({report['rois']})", ""]
+    if "attention_cost" in report:
+        a = report["attention_cost"]
+        lines += ["## Attention (multiply-adds per image of QKᵀ, AV and the connectivity predictor)", "",
+                  "| block | kept keys (density) | executed GMACs | under the mask GMACs |", "|---:|---:|---:|---:|"]
+        lines += [f"| {b['block']} | {_pct(b['density'])} | {b['executed_gmacs']:.4f} | {b['masked_gmacs']:.4f} |"
+                  for b in a["blocks"]]
+        lines += [f"| all | | {a['executed_gmacs']:.4f} | {a['masked_gmacs']:.4f} |", "",
+                  f"Dense attention (QKᵀ and AV, no predictor): {a['dense_gmacs']:.4f} GMACs. Executed: what this "
+                  f"code runs; under the mask: the paper's accounting (only the kept pairs, predictor included).", ""]
+    for key, name, _, title, caption in PICTURES.values():
+        if key in report:
+            label = "RoIs" if key == "rois" else title
+            lines += [f"## {title}", "", caption, "", f"![{label}]({report[key]})", ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
@@ -386,14 +526,21 @@ def _resolve_path(value, run_dir: Path):
     return str(candidate) if candidate.exists() else value
 
 
-def load_run(run_dir: str | os.PathLike):
-    """``(student, teacher, recipe)`` of a bootstrapping run's output folder."""
+def yaml_problem(exn: Exception) -> str:
+    """A YAML parse error in one line: the problem and where."""
+    problem, mark = getattr(exn, "problem", None), getattr(exn, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exn).split())
+
+
+def _read_recipe(run_dir: Path) -> dict:
+    """The run folder's ``recipe.yaml``, after checking that the folder is a finished run (cheap)."""
     import yaml
 
-    from students import load_student
-    from teachers import create_teacher
-
-    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist" if not run_dir.exists() else
+                                f"{run_dir} is a file, not a run folder")
     needed = [run_dir / n for n in ("student_config.json", "student.safetensors", "recipe.yaml")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
@@ -402,7 +549,12 @@ def load_run(run_dir: str | os.PathLike):
             "student_config.json, student.safetensors and recipe.yaml at its end); or evaluate a student and "
             "teacher directly with --student/--teacher"
         )
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ValueError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {yaml_problem(exn)}") from exn
+    if not isinstance(recipe, Mapping):
+        raise ValueError(f"{run_dir / 'recipe.yaml'} is not a recipe (a YAML mapping)")
     spec = recipe.get("teacher")
     if not isinstance(spec, Mapping) or not spec:
         raise ValueError(f"{run_dir / 'recipe.yaml'} has no 'teacher:' mapping (the teacher spec)")
@@ -413,7 +565,17 @@ def load_run(run_dir: str | os.PathLike):
             "teacher.pretrained to that file in recipe.yaml, or call eval.evaluate(student, teacher, ...) with the "
             "teacher object itself"
         )
-    teacher = create_teacher(dict(spec))
+    return recipe
+
+
+def load_run(run_dir: str | os.PathLike, recipe: Mapping | None = None):
+    """``(student, teacher, recipe)`` of a bootstrapping run's output folder."""
+    from students import load_student
+    from teachers import create_teacher
+
+    run_dir = Path(run_dir)
+    recipe = _read_recipe(run_dir) if recipe is None else recipe
+    teacher = create_teacher(dict(recipe["teacher"]))
     student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
     return student, teacher, recipe
 
@@ -421,10 +583,21 @@ def load_run(run_dir: str | os.PathLike):
 def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os.PathLike | None = None,
                  progress: bool = True, **options) -> dict:
     """Evaluate a bootstrapping run's student against its teacher; writes the report into ``out_dir``
-    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys."""
+    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys.
+
+    The run folder, the options and the data paths are checked before any model is built."""
+    from data.evalsets import check_eval_source
+
     run_dir = Path(run_dir)
-    student, teacher, recipe = load_run(run_dir)
+    recipe = _read_recipe(run_dir)
     cfg = EvalConfig.from_dict(recipe.get("eval") or {})
     cfg = cfg.replace(data=_resolve_path(cfg.data, run_dir), train_data=_resolve_path(cfg.train_data, run_dir))
-    return evaluate(student, teacher, eval_source if eval_source is not None else cfg.data,
-                    out_dir=out_dir if out_dir is not None else run_dir, config=cfg, progress=progress, **options)
+    source = eval_source if eval_source is not None else cfg.data
+    checked = cfg.replace(**options)
+    if source is not None:
+        check_eval_source(source, "evaluation data")
+        if checked.probe and checked.train_data is not None:
+            check_eval_source(checked.train_data, "linear-probe train data")
+    out_dir = prepare_out_dir(out_dir if out_dir is not None else run_dir)
+    student, teacher, recipe = load_run(run_dir, recipe)
+    return evaluate(student, teacher, source, out_dir=out_dir, config=cfg, progress=progress, **options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -27,6 +28,18 @@ from .metrics import compare_predictions
 
 TEMPLATE_SETS = ("openai", "simple", "demo")
 _WNID = re.compile(r"^n\d{8}$")
+
+
+def name_or_list_file(value: str | None):
+    """A template set or class-name set by name, or a file with one entry per line (``#``
+    comments), as the command lines take them; None stays None."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        return [ln for ln in lines if ln and not ln.startswith("#")]
+    return value
 
 
 def resolve_templates(templates: str | Sequence[str] | None = "openai") -> list:
@@ -84,6 +97,12 @@ def resolve_classnames(classnames: str | Sequence[str] | None, dataset_classname
     import open_clip
 
     if classnames == "imagenet":
+        if dataset_classnames is not None and len(dataset_classnames) != len(open_clip.IMAGENET_CLASSNAMES):
+            # Labels index the eval set's own classes: ImageNet-1k's names would score against the wrong ones.
+            raise ValueError(
+                f"classnames 'imagenet' names ImageNet-1k's {len(open_clip.IMAGENET_CLASSNAMES)} classes, but the "
+                f"evaluation set has {len(dataset_classnames)} ({', '.join(list(dataset_classnames)[:5])}"
+                f"{', ...' if len(dataset_classnames) > 5 else ''}); give its class names in label order instead")
         return list(open_clip.IMAGENET_CLASSNAMES)
     if isinstance(classnames, str):
         raise ValueError(f"classnames {classnames!r}: give 'imagenet' or a list of names in label order")

@@ -77,6 +77,10 @@ OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
 TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = "model.safetensors"
 FORMATS = ("auto", "openclip", "timm")
+# The files that mark a folder as holding an export of that format.
+# The files an export writes (an OpenCLIP export also writes its family's config file, e.g. sparseformer_config.json).
+EXPORT_FILES = {"openclip": (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS),
+                "timm": (TIMM_CONFIG, TIMM_WEIGHTS)}
 # Tolerance of the reload check: the reloaded model runs the same float32 ops on the same weights.
 _ATOL = 1e-5
 _PROBE_TEXTS = ["a photo of a dog.", "a diagram of a sparse transformer."]
@@ -91,11 +95,17 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------
 def _prepare_dir(out_dir: str | Path, files: tuple[str, ...], overwrite: bool) -> Path:
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"the export folder {out} is a file; choose another folder (--out)")
     existing = [f for f in files if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds an export ({', '.join(existing)}); "
                               f"choose another folder or pass overwrite=True (--overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exn:
+        raise OSError(f"cannot create the export folder {out}: {exn.strerror or exn}; choose another "
+                      f"folder (--out)") from exn
     return out
 
 
@@ -168,7 +178,7 @@ def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: M
     """
     tm = _check_student(student)
     pcfg = _student_pretrained_cfg(student, pretrained_cfg, None)
-    out = _prepare_dir(out_dir, (TIMM_CONFIG, TIMM_WEIGHTS), overwrite)
+    out = _prepare_dir(out_dir, EXPORT_FILES["timm"], overwrite)
     cfg = student.config
     arch = tm.released_name(cfg)
     fields = tm.export_fields(cfg)
@@ -313,7 +323,7 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
     pcfg = _student_pretrained_cfg(student, pretrained_cfg, fallback)
     resize_mode = (pretrained_cfg or {}).get("resize_mode") or teacher_pp.get("resize_mode") or "shortest"
 
-    out = _prepare_dir(out_dir, (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS, tm.CONFIG_FILE), overwrite)
+    out = _prepare_dir(out_dir, (*EXPORT_FILES["openclip"], tm.CONFIG_FILE), overwrite)
     oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
     if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
         _save_hf_tokenizer(teacher, out)
@@ -375,19 +385,29 @@ def read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
     import yaml
 
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
+        raise FileNotFoundError(f"run folder not found: {run_dir}" if not run_dir.exists() else
+                                f"{run_dir} is a file, not a run folder")
     missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished bootstrapping run: it lacks {', '.join(missing)} "
                                 f"(a run writes {', '.join(RUN_FILES)} at the end)")
     student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ValueError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {' '.join(str(exn).split())}") from exn
     spec = recipe.get("teacher") if isinstance(recipe, Mapping) else None
     if not isinstance(spec, Mapping) or not spec:
         raise ValueError(f"{run_dir / 'recipe.yaml'} has no 'teacher:' spec (kind, model, pretrained, ...)")
     pcfg_path = run_dir / "pretrained_cfg.json"
     # An empty pretrained_cfg.json (a student that carried none) counts as missing.
-    pcfg = (json.loads(pcfg_path.read_text()) or None) if pcfg_path.is_file() else None
+    try:
+        pcfg = (json.loads(pcfg_path.read_text()) or None) if pcfg_path.is_file() else None
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{pcfg_path} is not valid JSON ({exn}); delete it to take the teacher's "
+                         f"preprocessing") from exn
+    if pcfg is not None and not isinstance(pcfg, Mapping):
+        raise ValueError(f"{pcfg_path} is not a JSON object of input_size, mean, std, ...")
     return student, dict(spec), pcfg
 
 
@@ -418,6 +438,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
         raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
                          f"and has no text tower; export it with --format timm")
     out = Path(out_dir) if out_dir is not None else run_dir / f"export_{fmt}"
+    _prepare_dir(out, EXPORT_FILES[fmt], overwrite)  # before the teacher is built: fail early
     teacher = None
     if fmt == "openclip" or pcfg is None:
         from teachers import create_teacher
@@ -428,6 +449,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     if fmt == "openclip":
         return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
     return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: printed as one message, without a traceback."""
+    from teachers.base import TeacherWeightsError
+
+    from .registry import CheckpointMismatchError
+
+    return OSError, ValueError, ExportError, CheckpointMismatchError, TeacherWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
-    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
+    except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (out / OPENCLIP_CONFIG).is_file():

@@ -222,15 +222,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except SafetensorError as e:  # truncated, or not safetensors at all
+            raise CheckpointMismatchError(f"cannot read {path} as a .safetensors file ({e}): is it complete, "
+                                          f"and a safetensors file?") from e
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with arbitrary objects, or not a torch file
+            from teachers.base import weights_load_reason
+
             raise CheckpointMismatchError(
-                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: {e}). "
+                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: "
+                f"{weights_load_reason(e)}). "
                 f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
             ) from e
         sd = obj

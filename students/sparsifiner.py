@@ -311,8 +311,9 @@ class SparsifinerAttention(nn.Module):
 
     def sparse_mask(self, q: Tensor, k: Tensor) -> Tensor:
         """The kept keys [B, H, N, N] (a constant: no gradient reaches the predictor through it)."""
-        with torch.no_grad():
-            return attention_mask(self.predict(q, k), self.budget, self.num_prefix)
+        with torch.no_grad():  # detached too: modules called under no_grad with grad-requiring inputs trip
+            # torch's module tracker (FlopCounterMode counts run with grad enabled)
+            return attention_mask(self.predict(q.detach(), k.detach()), self.budget, self.num_prefix)
 
     def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
                 keep_attn: bool = False, queries: int | None = None) -> Tensor:
@@ -483,6 +484,11 @@ class Sparsifiner(VisionTransformer):
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
         """The head output [B, num_classes] (pre_logits: the normed class token [B, embed_dim])."""
         return self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=pre_logits)
+
+    def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre_logits, output)`` of one pass: the normed class token and the head's output."""
+        pre = self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=True)
+        return pre, self.head(pre)
 
     def forward_details(self, images: Tensor, attention: bool = True) -> SparsifinerOutput:
         """Output, every final-normed token, and per block the approximation, the mask and (with

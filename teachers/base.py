@@ -86,6 +86,22 @@ class TeacherWeightsError(RuntimeError):
     """Pretrained weights that could not be obtained or loaded."""
 
 
+def weights_load_reason(exc: BaseException) -> str:
+    """``str(exc)``; for a file ``torch.load(weights_only=True)`` refused, only the line saying what it refused
+    (e.g. ``Unsupported global: GLOBAL posix.system``), not torch's paragraph of advice around it."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return text
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        if rest:
+            return rest.splitlines()[0].split(". ")[0].rstrip(".")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (specific or lines)[0]
+
+
 class RandomTeacherWarning(UserWarning):
     """A teacher was built with random weights (`pretrained: false/null`)."""
 

@@ -27,6 +27,7 @@ from .base import (
     _ln_affine,
     block_parts,
     closest,
+    weights_load_reason,
 )
 
 __all__ = ["OpenClipTeacher", "create_openclip_teacher", "supported_openclip_models"]
@@ -156,7 +157,8 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
             model = open_clip.create_model(arch, pretrained=str(source), **kwargs)
         except Exception as exc:
             raise TeacherWeightsError(
-                f"could not load open_clip '{name}' weights from {source}: {exc}\nThe file must hold the full "
+                f"could not load open_clip '{name}' weights from {source}: {weights_load_reason(exc).rstrip('.')}. "
+                f"The file must hold the full "
                 f"CLIP state dict of this architecture (safetensors, or a torch file loadable with "
                 f"weights_only=True; convert a TorchScript OpenAI .pt with torch.jit.load(f).state_dict())") from exc
     else:

@@ -29,6 +29,7 @@ from .base import (
     UnsupportedTeacherError,
     block_parts,
     closest,
+    weights_load_reason,
 )
 
 __all__ = ["TimmTeacher", "create_timm_teacher", "structure_problems"]
@@ -180,7 +181,8 @@ def _create_from_file(name: str, kwargs: Mapping[str, Any], path: Path, num_clas
         raise
     except Exception as exc:
         raise TeacherWeightsError(
-            f"could not load timm '{name}' weights from {path}: {exc}\nThe file must hold the state dict of "
+            f"could not load timm '{name}' weights from {path}: {weights_load_reason(exc).rstrip('.')}. The file "
+            f"must hold the state dict of "
             f"this architecture with model_kwargs {dict(kwargs)} (a head of {num_classes} classes; set "
             f"model_kwargs.num_classes to match the file's head, 0 for none), as .safetensors, .npz, or a torch "
             f"file loadable with weights_only=True") from exc

@@ -532,6 +532,13 @@ def test_a_truncated_training_shard_is_named_before_the_teacher_is_built(demo_da
     assert f"shard {shard} is cut short" in err and "Traceback" not in err
 
 
+def test_a_missing_evaluation_set_is_named_before_training(recipe_file, tmp_path, capsys):
+    assert run_here(recipe_file, tmp_path / "run", "run.final_report=true", f"eval.data={tmp_path}/no-such-set") == 2
+    err = capsys.readouterr().err
+    assert "eval.data" in err and "no-such-set" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
 def test_launches_whose_processes_do_not_join_are_stopped():
     from bootstrap.train import ProcessCountError, check_process_count
 
@@ -540,7 +547,7 @@ def test_launches_whose_processes_do_not_join_are_stopped():
     with pytest.raises(ProcessCountError, match="torchrun needs ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 "
                                                 "torchrun --standalone --nproc_per_node 2"):
         check_process_count(1, {"WORLD_SIZE": "2"})
-    with pytest.raises(ProcessCountError, match="--num_processes 3 starts one process only"):
+    with pytest.raises(ProcessCountError, match="--num_processes 3 started one process only"):
         check_process_count(1, {"ACCELERATE_USE_CPU": "True"},
                             parent_cmdline=["accelerate", "launch", "--cpu", "--num_processes", "3", "x.py"])
 

@@ -95,3 +95,34 @@ def test_one_teacher_pass_gives_every_target():
     assert set(teacher.targets(images, ("embedding",))) == {"embedding"}
     with pytest.raises(ValueError, match="unknown teacher targets \\['logits'\\]"):
         teacher.targets(images, ("logits",))
+
+
+def test_a_sparsifiner_run_is_evaluated_and_exported_like_any_run(sparsifiner_run, demo_data, tmp_path):
+    from PIL import Image
+
+    from eval.report import evaluate_run
+
+    out = tmp_path / "report"
+    report = evaluate_run(sparsifiner_run, demo_data / "val", out_dir=out, progress=False, probe=False,
+                          cost_batch_size=2, cost_iters=1, templates="demo")
+    assert {"zero_shot", "fidelity", "cost", "attention_cost", "kept_keys"} <= set(report) and "rois" not in report
+    assert report["student"]["family"] == "sparsifiner" and report["fidelity"]["cosine"] > 0.9
+    a = report["attention_cost"]
+    assert len(a["blocks"]) == 3 and all(abs(b["density"] - (16 * 5 + 17) / 17 ** 2) < 1e-6 for b in a["blocks"])  # cls row dense
+    assert a["masked_gmacs"] < a["executed_gmacs"]
+    md = (out / "report.md").read_text()
+    assert "# Evaluation: Sparsifiner student" in md and "![What the student attends to](kept_keys.png)" in md
+    with Image.open(out / "kept_keys.png") as png:
+        assert png.size[0] > 200
+    # The OpenCLIP export of the run: encode_image is the student, the text tower the teacher's.
+    import open_clip
+
+    import students
+    from students.export import export_run
+
+    export = export_run(sparsifiner_run, tmp_path / "export", verify=True)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    student = students.load_student(sparsifiner_run / "student_config.json", sparsifiner_run / "student.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(images), student.eval()(images), rtol=1e-5, atol=1e-6)
