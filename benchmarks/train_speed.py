@@ -14,13 +14,22 @@ recipes/clip_large.yaml, random weights, nothing downloaded) it runs the trainin
                                                 student: forward, backward and optimizer step
 
 and reports training img/s (end to end, per device) and the share of the step spent in
-each of the three parts. The data part is the time the step waits for the loader (workers
-decode ahead, so it is near 0 when they keep up). Times are medians over `--steps` timed
+each of the three parts, twice: online (as above) and cached, where the targets come from
+`bootstrap.cache_targets` (one view per image, float16) with the batch and the teacher does
+not run (`data.targets`); the line `cached/online speed (CONSTRUCTION): X.XXx` compares the two.
+The caching pass (over the same images) is reported beside the teacher's inference speed
+(inference_mode, one batch, median of 3 forwards, as student_speed.py times it), and the
+storage cost of a target shard (bytes per image per view, ImageNet-1k with K = 10).
+
+The data part is the time the step waits for the loader (workers decode ahead, so it is
+near 0 when they keep up). Times are medians over `--steps` timed
 steps after `--warmup` untimed ones, with the device synchronised between parts; "compute
 img/s" leaves the data wait out (what faster loading could reach).
 
 The shards are synthetic JPEGs (smooth random images, ~`--image-size` px, written once into
-a temporary folder), decoded and augmented with the teacher's own training transform.
+a temporary folder; exactly the images the timed steps read, so the caching pass embeds each
+once), decoded and augmented with the teacher's own training transform. `--device cuda
+--precision bf16` runs the caching pass and the steps on the GPU under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -72,42 +81,90 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_forward(teacher, batch: int, device: torch.device, autocast, iters: int = 3) -> float:
+    """Teacher inference img/s as student_speed.py times it: inference_mode, one batch, median of `iters`."""
+    x = torch.randn(batch, 3, *teacher.preprocess.size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(iters + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast():
+                teacher.embed(x)
+            sync(device)
+            if i:  # the first forward warms up
+                times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
 def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
+    """The training step of `name`, online (teacher forward every step) and from cached targets."""
+    from accelerate import Accelerator
+
+    from bootstrap.cache_targets import cache_targets
     from bootstrap.config import load_recipe
-    from bootstrap.loss import alignment_loss
-    from data.stream import build_train_loader
-    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from data.shards import resolve_shards
+    from data.targets import open_targets
     from teachers import create_teacher
 
-    recipe = load_recipe(MODELS[name], [f"data.train={shards}"])
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
+    recipe = load_recipe(MODELS[name], [f"data.train={shards}", "data.val=null", f"run.mixed_precision='{precision}'",
+                                        f"data.num_workers={args.num_workers}"])
     spec = {**recipe.teacher, "pretrained": False}
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         teacher = create_teacher(spec).to(device).eval()
-    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
-    student.to(device).train()
-    pre_logits = teacher.target != "proj"
-    o = recipe.optim
-    optimizer = torch.optim.AdamW(optimizer_param_groups(student, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
+    inference = _median_forward(teacher, args.batch_size, device, autocast)
+    # The caching pass over exactly the images the timed steps read (one view each).
+    targets_dir = shards.parent / f"targets-{name}"
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    torch_threads = torch.get_num_threads()
+    manifest = cache_targets(recipe, 1, targets_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                             accelerator=accelerator, teacher=teacher, progress=False)
+    torch.set_num_threads(torch_threads)
+    store = open_targets(targets_dir, manifest, resolve_shards(str(shards)))
+    online = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=None)
+    cached = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=store)
+    return {**online, "cached": cached, "cached_over_online": cached["img_per_s"] / online["img_per_s"],
+            "caching": {"img_per_s": manifest["stats"]["img_per_s"],
+                        "teacher_img_per_s": manifest["stats"]["teacher_img_per_s"],
+                        "teacher_inference_img_per_s": inference, "bytes_per_view": manifest["bytes_per_view"]}}
+
+
+def _timed_steps(name: str, recipe, teacher, shards: Path, args, device: torch.device, autocast, store) -> dict:
+    from bootstrap.loss import alignment_loss
+    from data.stream import build_train_loader
+    from students.bootstrap import bootstrap_student, optimizer_param_groups
+
+    torch.manual_seed(0)
+    student, policy = bootstrap_student(teacher, **asdict(recipe.student))
+    student.to(device).train()
+    pre_logits = teacher.target != "proj"
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(optimizer_param_groups(student, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
     loader = build_train_loader(str(shards), teacher.train_transform(**recipe.data.augment), args.batch_size,
-                                args.num_workers, epoch_samples=args.batch_size * (args.steps + args.warmup + 1),
-                                shuffle_buffer=100, seed=0, rank=0, world_size=1)
+                                args.num_workers, epoch_samples=args.batch_size * (args.steps + args.warmup),
+                                shuffle_buffer=100, seed=0, rank=0, world_size=1, targets=store)
     it = iter(loader)
     parts = {"data": [], "teacher": [], "student": []}
+    mode = "online" if store is None else "cached"
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        images, _ = next(it)
+        images, extras = next(it)
         images = images.to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
-        with autocast():
-            target = teacher.embed(images)
+        if store is None:
+            with autocast():
+                target = teacher.embed(images)
+        else:
+            target = extras["target"].to(device, non_blocking=True)
         sync(device)
         t2 = time.perf_counter()
         with autocast():
@@ -122,20 +179,44 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
         if step >= args.warmup:
             for key, dt in (("data", t1 - t0), ("teacher", t2 - t1), ("student", t3 - t2)):
                 parts[key].append(dt)
-        print(f"  {name} step {step + 1}/{args.warmup + args.steps}: {args.batch_size / (t3 - t0):.1f} img/s",
+        print(f"  {name} {mode} step {step + 1}/{args.warmup + args.steps}: {args.batch_size / (t3 - t0):.1f} img/s",
               file=sys.stderr, flush=True)
+    next(it, None)  # let the loader finish its epoch
     med = {k: statistics.median(v) for k, v in parts.items()}
     total = sum(med.values())
     # Tokens as the recipes count them: the latent tokens and the class token.
     return {
         "model": name, "teacher": recipe.teacher["model"], "student_tokens": student.num_tokens + 1,
         "image_size": list(teacher.preprocess.size), "batch_size": args.batch_size, "precision": args.precision,
-        "device": str(device), "num_workers": args.num_workers,
+        "device": str(device), "num_workers": args.num_workers, "targets": mode,
         "trainable_params_M": round(policy.num_trainable / 1e6, 1), "frozen_params_M": round(policy.num_frozen / 1e6, 1),
         "img_per_s": args.batch_size / total, "compute_img_per_s": args.batch_size / (med["teacher"] + med["student"]),
         "seconds_per_step": med,
         "share": {k: v / total for k, v in med.items()},
     }
+
+
+def storage_cost(folder: Path, views: int = 10, dim: int = 768, samples: int = 1000) -> dict:
+    """Bytes per image per view of a target shard as bootstrap.cache_targets writes it: `samples`
+    images of K=`views` float16 targets of `dim` values with the views of clip_base's augmentation."""
+    import webdataset as wds
+    from PIL import Image
+
+    from data.targets import encode_sample, view_generator
+    from data.transforms import ReplayableTrainTransform
+
+    transform = ReplayableTrainTransform(224, (0.5,) * 3, (0.5,) * 3, scale=(0.25, 1.0), hflip=0.5)
+    image = Image.new("RGB", (500, 375))  # an ImageNet-sized image
+    path = folder / "storage.tar"
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(path), mtime=0, encoder=False) as writer:
+        for i in range(samples):
+            key = f"{i:09d}"
+            params = [transform.draw(image, view_generator(0, key, v)) for v in range(views)]
+            writer.write(encode_sample(key, params, rng.standard_normal((views, dim)).astype(np.float16)))
+    per_image = path.stat().st_size / samples
+    return {"views": views, "dim": dim, "bytes_per_image": per_image, "bytes_per_view": per_image / views,
+            "imagenet_1k_GB": per_image * 1_281_167 / 1e9}
 
 
 def parse_args(argv=None):
@@ -169,20 +250,37 @@ def main(argv=None) -> int:
         return 2
     results = []
     with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
-        n = max(256, args.batch_size * 4)
+        # Exactly the images the timed steps read, so the caching pass embeds each of them once.
+        n = args.batch_size * (args.warmup + args.steps)
         shards = make_shards(Path(tmp) / "shards", n, args.image_size)
         for name in names:
             results.append(bench_model(name, shards, args, device))
+        storage = storage_cost(Path(tmp))
     env = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
     print(f"\ntraining step, {env}, {args.precision}, batch {args.batch_size}, {args.num_workers} loader workers, "
-          f"median of {args.steps} steps\n")
-    print("| construction | teacher | student tokens | img/s | compute img/s | teacher | student | data |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"median of {args.steps} steps; cached: the targets of bootstrap.cache_targets (data.targets)\n")
+    print("| construction | teacher | student tokens | targets | img/s | compute img/s | teacher | student | data |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        s = r["share"]
-        print(f"| {r['model']} | {r['teacher']} {r['image_size'][0]} px | {r['student_tokens']} | {r['img_per_s']:.1f} | "
-              f"{r['compute_img_per_s']:.1f} | {100 * s['teacher']:.0f}% | {100 * s['student']:.0f}% | "
-              f"{100 * s['data']:.0f}% |")
+        for row in (r, r["cached"]):
+            s = row["share"]
+            print(f"| {row['model']} | {row['teacher']} {row['image_size'][0]} px | {row['student_tokens']} | "
+                  f"{row['targets']} | {row['img_per_s']:.2f} | {row['compute_img_per_s']:.2f} | "
+                  f"{100 * s['teacher']:.0f}% | {100 * s['student']:.0f}% | {100 * s['data']:.0f}% |")
+    print()
+    for r in results:
+        print(f"cached/online speed ({r['model']}): {r['cached_over_online']:.2f}x")
+    print("\n| construction | caching pass img/s | teacher in the pass img/s | teacher inference img/s | pass/inference "
+          "| bytes per image per view |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        c = r["caching"]
+        print(f"| {r['model']} | {c['img_per_s']:.2f} | {c['teacher_img_per_s']:.2f} | "
+              f"{c['teacher_inference_img_per_s']:.2f} | {c['img_per_s'] / c['teacher_inference_img_per_s']:.2f}x | "
+              f"{c['bytes_per_view']:.0f} |")
+    print(f"\nstorage: {storage['bytes_per_view']:.0f} bytes per image per view (K={storage['views']} views of a "
+          f"{storage['dim']}-d float16 target, view parameters and tar headers included); ImageNet-1k "
+          f"(1,281,167 images): {storage['imagenet_1k_GB']:.1f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -58,6 +58,9 @@ class DataConfig:
     epoch_samples: Union[int, None] = None  # samples per epoch over all ranks (default: the dataset size)
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict)  # teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
+    # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
+    targets: Union[str, None] = None
     heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
     eval_batch_size: int = 256
 
@@ -224,6 +227,8 @@ class Recipe:
             # A negative max norm flips every gradient (the student would train away from the teacher).
             raise RecipeError(f"optim.grad_clip must be above 0 or null (no clipping), got {o.grad_clip}")
         check_augment(d.augment)
+        if d.targets is not None and not d.targets.strip():
+            raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         if self.demo is not None:
             teacher = self.demo.teacher
             if teacher.seconds <= 0:

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from bootstrap.checkpoint import CheckpointError, CheckpointWriteError
     from bootstrap.train import NonFiniteLossError, ProcessCountError, train
     from data.shards import ShardError
+    from data.targets import TargetsError
     from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
 
     t0 = time.time()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except (NonFiniteLossError, TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError, CheckpointError,
-            CheckpointWriteError, ProcessCountError, ShardError, FileNotFoundError) as exc:
+            CheckpointWriteError, ProcessCountError, ShardError, TargetsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     if not PartialState().is_main_process or not summary.get("finished") or summary.get("already_finished"):

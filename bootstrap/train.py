@@ -39,6 +39,7 @@ from .checkpoint import (CheckpointError, TrainState, list_checkpoints, load_che
                          read_state, resolve_resume, save_checkpoint)
 from .config import Recipe, RecipeError
 from .loss import alignment_loss, batch_cosine
+from .target_source import target_source
 
 # Test hook: the loss of these optimizer steps (comma-separated, 0-based) is made NaN.
 NONFINITE_ENV = "BOOTSTRAP_TEST_NONFINITE_STEPS"
@@ -312,7 +313,11 @@ def train(recipe: Recipe) -> dict:
             recipe.teacher["pretrained"] = str(save_teacher_weights(teacher, out).resolve())
         _atomic_write(out / "recipe.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
-    teacher.to(device).eval()
+    # Online (default): the teacher goes to the device and gives every batch its targets. Cached
+    # (data.targets): it stays on the CPU (the student inherits its weights) and runs only for what
+    # the cache does not hold.
+    targets = target_source(recipe, teacher, teacher.train_transform(**recipe.data.augment), accelerator,
+                            say=lambda text: _say(accelerator, text))
     training = training_of(recipe.student)
     try:
         student, policy = training.build(teacher, recipe.student)
@@ -321,6 +326,8 @@ def train(recipe: Recipe) -> dict:
     pre_logits = teacher.target != "proj"
     phases = training.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
     total_steps = sum(p.steps for p in phases)
+    if targets.cached:
+        targets.run_online_for(phases)
     _say(accelerator, f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, "
                       f"{teacher.depth} blocks, width {teacher.width}); {training.family} student, "
                       f"{policy.summary()}; phases: " + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases))
@@ -357,7 +364,7 @@ def train(recipe: Recipe) -> dict:
     loader = build_train_loader(
         d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
-        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle)
+        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle, targets=targets.store)
     batches = _Batches(loader, state, recipe.run.seed, rank)
     batch_iter = iter(batches)
     keys_file = None
@@ -367,8 +374,9 @@ def train(recipe: Recipe) -> dict:
 
     heldout = None
     if d.val is not None:
-        images, _ = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
-        heldout = (images, embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast))
+        images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+        heldout = (images, targets.heldout(
+            keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, accelerator.autocast)))
 
     def check_alignment(step: int) -> dict | None:
         if heldout is None:
@@ -427,7 +435,7 @@ def train(recipe: Recipe) -> dict:
             batches.consumed()
             images = images.to(device, non_blocking=True)
             with accelerator.autocast(), torch.no_grad():
-                target = teacher.targets(images, phase.needs)
+                target = targets.targets(images, extras, phase.needs)
             sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)

@@ -3,7 +3,9 @@
 * ``data.shards``: ``make_shards`` (also ``python -m data.make_shards``), ``resolve_shards``,
   ``shard_sample_counts``, shard reading.
 * ``data.stream``: ``build_train_loader`` — per-rank loader with equal batch counts on all ranks.
-* ``data.transforms``: ``train_transform`` / ``eval_transform``.
+* ``data.transforms``: ``train_transform`` (a ``ReplayableTrainTransform``) / ``eval_transform``.
+* ``data.targets``: cached teacher targets (written by ``python -m bootstrap.cache_targets``):
+  manifest, target shards read beside the image shards, view choice.
 * ``data.evalsets``: ``build_eval_loader``, ``FolderEvalSet``, ``ShardEvalSet`` (with class names).
 * ``data.demo``: ``make_demo_dataset`` (also ``python -m data.demo``), ``DEMO_CLASSNAMES``,
   ``DEMO_TEMPLATES``.

@@ -233,18 +233,21 @@ def iter_shard(url: str) -> Iterator[dict]:
 
 
 def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]],
+                  reader: Callable[[str], Iterator[dict]] | None = None,
                   on_bad_shard: Callable[[str, Exception, int], None] | None = None) -> Iterator[dict]:
     """Yield samples ``start:stop`` of shard ``urls[i]`` for each ``(i, start, stop)`` segment.
 
-    Skipped leading samples are read but not decoded, so skipping costs only I/O. A shard that
-    turns out unreadable (`ShardError`, or gone: `FileNotFoundError`) raises, unless
+    Skipped leading samples are read but not decoded, so skipping costs only I/O. ``reader``
+    reads one shard (default ``iter_shard``; cached targets read image and target shard together).
+    A shard that turns out unreadable (`ShardError`, or gone: `FileNotFoundError`) raises, unless
     `on_bad_shard(url, error, samples_lost)` is given: then it is reported and the next
     segment follows.
     """
+    reader = reader or iter_shard
     for index, start, stop in segments:
         n = -1
         try:
-            for n, sample in enumerate(iter_shard(urls[index])):
+            for n, sample in enumerate(reader(urls[index])):
                 if n >= stop:
                     break
                 if n >= start:

@@ -29,6 +29,11 @@ A sample that does not decode is skipped, counted and named in a warning. So tha
 still produces its full count of batches, a worker that comes up short re-uses recently
 decoded samples of its own (with fresh augmentation) to fill its last batches;
 ``loader.stats`` reports how many samples were skipped and how many were filled in.
+
+Cached teacher targets (``targets=``, a ``data.targets.TargetStore``): every image shard is
+read side by side with its target shard (so a rank or worker reads only the target shards
+of its own image shards), each image becomes the stored view of this epoch (``(epoch +
+offset) % K``, rendered with ``transform.apply``) and its target rides in the batch.
 """
 
 from __future__ import annotations
@@ -138,9 +143,12 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int] | None, transform: Callable, batch_size: int,
                  num_batches: int, rank: int, world_size: int, resampled: bool, shuffle_buffer: int, seed: int,
-                 shardshuffle: bool):
+                 shardshuffle: bool, targets=None):
         super().__init__()
         self.urls, self.counts, self.transform = list(urls), counts, transform
+        # data.targets.TargetStore or None: cached teacher targets read beside the image shards.
+        self.targets = targets
+        self._read = iter_shard if targets is None else targets.iter_shard
         self.batch_size, self.num_batches = batch_size, num_batches
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed, self.shardshuffle = resampled, shuffle_buffer, seed, shardshuffle
@@ -163,7 +171,7 @@ class TrainStream(IterableDataset):
             n = 0
             url = self.urls[rng.randrange(len(self.urls))]
             try:
-                for n, sample in enumerate(iter_shard(url), 1):
+                for n, sample in enumerate(self._read(url), 1):
                     yield sample
             except (ShardError, FileNotFoundError) as exn:
                 counter.bad_shard(url, exn, 0)
@@ -181,18 +189,35 @@ class TrainStream(IterableDataset):
         # A shard that turns bad mid-run is skipped (its samples counted), like an undecodable sample.
         counter = SkipCounter()
         raw = (self._resampled_source(worker, counter) if segments is None else
-               iter_segments(self.urls, segments, on_bad_shard=counter.bad_shard))
+               iter_segments(self.urls, segments, self._read, on_bad_shard=counter.bad_shard))
         if self.shuffle_buffer > 1:
             seed = f"buffer:{self.seed}:{self.epoch}:{self.rank}:{worker}"
             raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed)(raw)
-        decoded = wds.map(decode_sample, handler=counter)(raw)
+        decoded = wds.map(self._decode, handler=counter)(raw)
         yield from self._batches(_exactly(decoded, n, self.batch_size, where=f"rank {self.rank} worker {worker}"),
                                  counter)
+
+    def _decode(self, raw: dict) -> dict:
+        sample = decode_sample(raw)  # an image that does not decode is skipped before its target is read
+        if self.targets is not None:
+            sample["targets"] = self.targets.decode(raw)
+        return sample
+
+    def _view(self, sample: dict) -> tuple[torch.Tensor, dict | None]:
+        """The augmented image, and with cached targets the target of the view it replays."""
+        if self.targets is None:
+            return self.transform(sample["image"]), None
+        cached = sample["targets"]
+        view = self.targets.view_index(self.epoch, sample["__key__"])
+        image = self.transform.apply(sample["image"], cached["views"][view])
+        return image, {"view": view, "embed": cached["embed"][view],
+                       "tokens": None if cached["tokens"] is None else cached["tokens"][view]}
 
     def _batches(self, samples: Iterator[tuple[dict, bool]], counter: SkipCounter) -> Iterator[tuple[torch.Tensor, dict]]:
         batch = []
         for sample, padded in samples:
-            batch.append((self.transform(sample["image"]), sample, padded))
+            image, target = self._view(sample)
+            batch.append((image, sample, padded, target))
             if len(batch) == self.batch_size:
                 images = torch.stack([b[0] for b in batch])
                 extras = {
@@ -205,6 +230,11 @@ class TrainStream(IterableDataset):
                     "bad_shards": counter.drain_bad_shards(),
                     "padded": sum(b[2] for b in batch),
                 }
+                if self.targets is not None:
+                    extras["view"] = torch.tensor([b[3]["view"] for b in batch], dtype=torch.long)
+                    extras["target"] = torch.stack([b[3]["embed"] for b in batch])
+                    if self.targets.tokens:
+                        extras["target_tokens"] = torch.stack([b[3]["tokens"] for b in batch])
                 yield images, extras
                 batch = []
 
@@ -285,6 +315,7 @@ def build_train_loader(
     shardshuffle: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    targets=None,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -302,18 +333,26 @@ def build_train_loader(
         rank, world_size: default to torch.distributed, else the RANK/WORLD_SIZE environment.
         shardshuffle: shuffle the shard order every epoch.
         pin_memory, prefetch_factor: passed to the DataLoader.
+        targets: a ``data.targets.TargetStore`` (cached teacher targets, made for these shards):
+            each image is the view of this epoch that the cache stores, rendered with
+            ``transform.apply`` (a ``ReplayableTrainTransform``), and the batch carries its target.
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
         ``[batch_size, 3, H, W]`` and ``extras`` a dict of ``__key__`` and ``__url__`` (lists of
         str), ``cls`` (long tensor, -1 where a sample has no class), ``txt`` (list of captions,
         ``""`` where none), ``skipped`` (``"shard#key"`` of the samples that failed to decode since
-        that worker's previous batch) and ``padded`` (int, re-used samples in this batch).
+        that worker's previous batch) and ``padded`` (int, re-used samples in this batch). With
+        ``targets`` also ``target`` (float32 ``[batch_size, D]``), ``view`` (long, the view index of
+        each image) and, when the cache has tokens, ``target_tokens`` (``[batch_size, L, width]``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if targets is not None and not hasattr(transform, "apply"):
+        raise TypeError("cached targets replay their views: the transform must be a data.transforms."
+                        f"ReplayableTrainTransform (teacher.train_transform() gives one), got {type(transform).__name__}")
     rank, world_size = dist_info(rank, world_size)
     urls = resolve_shards(shards)
     counts = None
@@ -330,5 +369,5 @@ def build_train_loader(
         epoch_samples = sum(counts)
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
     dataset = TrainStream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
-                          shuffle_buffer, seed, shardshuffle)
+                          shuffle_buffer, seed, shardshuffle, targets)
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)

@@ -433,14 +433,17 @@ class Teacher(nn.Module):
         return T.Compose([*resize, _to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
 
     def train_transform(self, **aug_overrides: Any) -> Callable:
-        """torchvision train transform: random resized crop, flip, optional colour jitter, normalise.
+        """Train transform: random resized crop, flip, optional colour jitter, normalise.
 
         Defaults follow the teacher's library (`default_train_aug`: open_clip
         scale (0.9, 1) without flips; timm scale (0.08, 1) with flips).
         Overrides: scale, ratio, hflip (probability), color_jitter (float or
-        tuple for torchvision ColorJitter; None for none).
+        tuple for torchvision ColorJitter; None for none). Returns a
+        `data.transforms.ReplayableTrainTransform`: the same random draws as
+        torchvision's Compose of these steps, and its views can be drawn from
+        a seed and replayed exactly (cached teacher targets rely on it).
         """
-        from torchvision import transforms as T
+        from data.transforms import ReplayableTrainTransform
 
         for key in aug_overrides:
             if key not in _AUG_KEYS:
@@ -449,15 +452,9 @@ class Teacher(nn.Module):
         aug = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None,
                **self.default_train_aug, **aug_overrides}
         p = self.preprocess
-        steps = [T.RandomResizedCrop(p.size, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
-                                     interpolation=T.InterpolationMode(p.interpolation))]
-        if aug["hflip"]:
-            steps.append(T.RandomHorizontalFlip(aug["hflip"]))
-        jitter = aug["color_jitter"]
-        if jitter:
-            steps.append(T.ColorJitter(*jitter) if isinstance(jitter, (tuple, list)) else
-                         T.ColorJitter(jitter, jitter, jitter))
-        return T.Compose([*steps, _to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
+        return ReplayableTrainTransform(p.size, p.mean, p.std, p.interpolation, scale=aug["scale"],
+                                        ratio=aug["ratio"], hflip=aug["hflip"] or 0.0,
+                                        color_jitter=aug["color_jitter"])
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "

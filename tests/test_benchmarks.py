@@ -25,9 +25,14 @@ def run_script(name: str, *args: str) -> str:
 
 def table_rows(text: str) -> list[list[str]]:
     """The data rows of the first Markdown table in ``text``."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("|")]
-    return rows[2:]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break  # the end of the first table
+        table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return table[2:]
 
 
 def test_student_speed_counts_the_flops_of_the_clip_base_construction():
@@ -49,10 +54,14 @@ def test_train_speed_times_teacher_student_and_data(tmp_path):
                      "--num-workers", "0", "--image-size", "240", "--threads", "1", "--json", str(results))
     [r] = json.loads(results.read_text())
     assert r["model"] == "clip_base" and r["student_tokens"] == 49 and r["image_size"] == [224, 224]
-    assert abs(sum(r["share"].values()) - 1) < 1e-6 and r["img_per_s"] > 0
-    assert r["compute_img_per_s"] >= r["img_per_s"]
-    [row] = table_rows(out)
-    assert row[0] == "clip_base" and row[2] == "49"
+    for run in (r, r["cached"]):
+        assert abs(sum(run["share"].values()) - 1) < 1e-6 and run["img_per_s"] > 0
+        assert run["compute_img_per_s"] >= run["img_per_s"]
+    online, cached = table_rows(out)
+    assert online[0] == cached[0] == "clip_base" and online[2] == "49"
+    assert (online[3], cached[3]) == ("online", "cached") and cached[6] == "0%"  # no teacher forward
+    assert f"cached/online speed (clip_base): {r['cached_over_online']:.2f}x" in out
+    assert r["caching"]["img_per_s"] > 0 and r["caching"]["teacher_inference_img_per_s"] > 0
 
 
 def test_data_speed_reads_every_generated_image():

@@ -1,0 +1,340 @@
+"""Compute the teacher's targets once: K augmented views per training image, stored beside the shards.
+
+    python -m bootstrap.cache_targets RECIPE [key=value ...] --views K [--out DIR]
+    accelerate launch -m bootstrap.cache_targets recipes/clip_base.yaml data.train=/data/in1k/train --views 10
+
+then train with ``data.targets=DIR``: the run replays the stored views and never runs the
+teacher (`bootstrap.target_source`). For every image of ``data.train`` it draws K views of the
+recipe's training augmentation (``teacher.train_transform(**data.augment)``, crop box, flip and
+colour-jitter parameters from a seed per image and view), embeds them with the teacher and
+writes the parameters and targets into target shards parallel to the image shards (layout:
+`data.targets`). The first ``data.heldout_samples`` images of ``data.val`` get their
+un-augmented targets too (float32), for the held-out checks of the run.
+
+The teacher runs at inference speed: batches of ``--batch-size`` views, ``torch.inference_mode``,
+the recipe's precision (``run.mixed_precision``), on every process of ``accelerate launch``
+(image shards are split between ranks; ``--num-workers`` DataLoader workers per rank decode and
+augment). Each target shard is written to a temporary file and renamed when complete, so a
+killed run leaves no half-written shard, and running the same command again continues with
+the shards still missing. The manifest's ``complete`` flag is set last; training refuses a
+folder without it.
+
+Token targets (``--tokens``): also the teacher's final-normed tokens of every view
+(``[L, width]`` each, for a token-level loss such as Sparsifiner's sparse phase; about 200x the
+storage of the embedding). Attention maps (Sparsifiner's reconstruct phase) are not cached:
+phases that need them run the teacher online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+if __package__ in (None, ""):  # run as a script: import the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bootstrap.config import Recipe, RecipeError, load_recipe
+from data.targets import (CACHE_FIELDS, DTYPES, TARGET_SHARD, TargetsError, encode_sample, encode_skipped,
+                          first_difference, make_manifest, read_manifest, save_heldout, view_generator,
+                          weights_sha256, write_manifest)
+
+USAGE = "usage: python -m bootstrap.cache_targets RECIPE.yaml [section.key=value ...] --views K [--out DIR]"
+
+
+# ----------------------------------------------------------------------------- what to cache
+
+
+def run_manifest(recipe: Recipe, teacher, transform, views: int, dtype: str, tokens: bool) -> dict:
+    """The manifest of ``recipe``'s targets (what a targets folder for it must record)."""
+    from data.shards import resolve_shards, shard_sample_counts
+
+    urls = resolve_shards(recipe.data.train)
+    counts = shard_sample_counts(urls)
+    unknown = [u for u, c in zip(urls, counts) if c is None]
+    if unknown:
+        raise TargetsError(f"the sample count of shard {unknown[0]} is unknown; caching targets needs local shards "
+                           f"with known counts (data.make_shards writes a dataset.json)")
+    d = recipe.data
+    return make_manifest(
+        teacher_spec=recipe.teacher, weights_sha256=weights_sha256(teacher), augment=transform.settings(),
+        train_urls=urls, train_counts=counts, views=views, dtype=dtype, target_shape=[teacher.embed_dim],
+        tokens_shape=[teacher.num_prefix_tokens + teacher.num_patches, teacher.width] if tokens else None,
+        seed=recipe.run.seed, precision=recipe.run.mixed_precision,
+        heldout=None if d.val is None else {"val": d.val if isinstance(d.val, str) else list(d.val),
+                                            "samples": d.heldout_samples})
+
+
+def final_tokens(teacher, images: torch.Tensor) -> torch.Tensor:
+    """The teacher's final-normed tokens ``[B, L, width]`` (its own modules, block by block)."""
+    tokens = teacher.embed_tokens(images)
+    for i in range(teacher.depth):
+        tokens = teacher.run_block(i, tokens)
+    return teacher._final_norm()(tokens)
+
+
+# ----------------------------------------------------------------------------- views, in workers
+
+
+class _Views(torch.utils.data.IterableDataset):
+    """Chunks of K views per image, whole shards per worker, in shard order.
+
+    Yields ``{"shard", "entries": [(key, views | None, error | None)], "images", "last"}``; a
+    shard's last chunk has ``last=True``. Each worker takes every n-th of the given shards.
+    """
+
+    def __init__(self, urls: list[str], shards: list[int], transform, views: int, seed: int, chunk: int):
+        super().__init__()
+        self.urls, self.shards, self.transform = urls, shards, transform
+        self.views, self.seed, self.chunk = views, seed, chunk
+
+    def __iter__(self):
+        from data.decode import DecodeError, decode_sample
+        from data.shards import iter_shard
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in self.shards[worker::workers]:
+            entries, images = [], []
+            for raw in iter_shard(self.urls[index]):
+                try:
+                    sample = decode_sample(raw)
+                except DecodeError as exn:
+                    entries.append((raw["__key__"], None, str(exn)))
+                    continue
+                key = sample["__key__"]
+                params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
+                          for v in range(self.views)]
+                images.extend(self.transform.apply(sample["image"], p) for p in params)
+                entries.append((key, params, None))
+                if len(entries) >= self.chunk:
+                    yield self._chunk(index, entries, images, False)
+                    entries, images = [], []
+            yield self._chunk(index, entries, images, True)
+
+    @staticmethod
+    def _chunk(index, entries, images, last) -> dict:
+        return {"shard": index, "entries": entries, "images": torch.stack(images) if images else None, "last": last}
+
+
+def _chunks(dataset: _Views, num_workers: int) -> Iterator[dict]:
+    if num_workers == 0:
+        yield from dataset
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: str = "float16",
+                  tokens: bool = False, batch_size: int | None = None, num_workers: int | None = None,
+                  accelerator=None, teacher=None, progress: bool = True) -> dict:
+    """Write (or finish) the targets of ``recipe`` in ``out``; returns the completed manifest.
+
+    ``accelerator`` and ``teacher`` may be given by a caller that has them (a training run
+    caching on first use: ``data.targets=auto``); otherwise they are made from the recipe, as
+    the training run makes them (same seed, so random-weight teachers agree).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    import webdataset as wds
+
+    from data.shards import count_tar_samples, resolve_shards
+    from teachers import create_teacher
+
+    if dtype not in DTYPES:
+        raise TargetsError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if views < 1:
+        raise TargetsError(f"--views must be at least 1, got {views}")
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision)
+        if accelerator.device.type == "cpu":  # as the training run does (run.cpu_threads)
+            from bootstrap.train import cpu_threads
+
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            torch.set_num_threads(cpu_threads(recipe.run.cpu_threads, local))
+    main = accelerator.is_main_process
+    if recipe.demo is not None and teacher is None:
+        from bootstrap.demo_teacher import prepare_demo
+
+        with accelerator.main_process_first():
+            prepare_demo(recipe, verbose=main)
+    if teacher is None:
+        set_seed(recipe.run.seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+            teacher = create_teacher(recipe.teacher)
+    device = accelerator.device
+    home = next(teacher.parameters()).device
+    teacher.to(device).eval()
+    d = recipe.data
+    transform = teacher.train_transform(**d.augment)
+    manifest = run_manifest(recipe, teacher, transform, views, dtype, tokens)
+    out = Path(out).expanduser()
+    urls = resolve_shards(d.train)
+    counts = [s["num_samples"] for s in manifest["train_shards"]]
+
+    def done(i: int) -> bool:
+        path = out / (TARGET_SHARD % i)
+        try:
+            return path.is_file() and count_tar_samples(str(path)) == counts[i]
+        except Exception:  # noqa: BLE001 - an unreadable leftover is rewritten
+            return False
+
+    old = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        old = read_manifest(out)
+        if old is not None:
+            diff = first_difference(old, manifest, CACHE_FIELDS)
+            if diff is not None:
+                raise TargetsError(f"{out} holds targets made with other settings ({diff}); choose another --out "
+                                   f"or delete {out}")
+        for stale in out.glob("*.tmp"):  # what a killed run was writing
+            stale.unlink()
+        # Incomplete until this pass ends, also where a shard of a complete folder went missing.
+        if old is None or not old.get("complete") or not all(done(i) for i in range(len(urls))):
+            write_manifest(out, manifest)
+    accelerator.wait_for_everyone()
+    if not main and read_manifest(out) is None:
+        raise TargetsError(f"{out} has no manifest on this process: the folder must be shared by all processes")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    todo = [i for i in range(rank, len(urls), world) if not done(i)]
+    workers = d.num_workers if num_workers is None else num_workers
+    batch = batch_size or d.eval_batch_size
+    dataset = _Views(urls, todo, transform, views, recipe.run.seed, chunk=max(1, batch // views))
+    np_dtype = DTYPES[dtype]
+    total = sum(counts[i] for i in todo) * views
+    bar = tqdm(total=total, desc=f"caching targets (rank {rank})" if world > 1 else "caching targets", unit="img",
+               disable=not (main and progress) or total == 0, dynamic_ncols=True, file=sys.stdout)
+    writers: dict[int, tuple] = {}
+    teacher_time, images_done, t_start = 0.0, 0, time.perf_counter()
+    for chunk in _chunks(dataset, workers):
+        i = chunk["shard"]
+        if i not in writers:
+            tmp = out / (TARGET_SHARD % i + f".{rank}.tmp")
+            # mtime an int: a float one costs a 1 KB PAX header per member.
+            writers[i] = (wds.TarWriter(str(tmp), mtime=0, encoder=False), tmp, [0])
+        writer, tmp, written = writers[i]
+        embed = toks = None
+        if chunk["images"] is not None:
+            t0 = time.perf_counter()
+            embed, toks = _embed(teacher, chunk["images"], batch, device, accelerator, tokens)
+            teacher_time += time.perf_counter() - t0
+            images_done += chunk["images"].shape[0]
+        j = 0
+        for key, params, error in chunk["entries"]:
+            if params is None:
+                writer.write(encode_skipped(key, error))
+            else:
+                writer.write(encode_sample(key, params, embed[j:j + views].numpy().astype(np_dtype),
+                                           None if toks is None else toks[j:j + views].numpy().astype(np_dtype)))
+                j += views
+            written[0] += 1
+        bar.update(j)
+        if chunk["last"]:
+            writer.close()
+            del writers[i]
+            if written[0] != counts[i]:
+                tmp.unlink()
+                raise TargetsError(f"image shard {urls[i]} gave {written[0]} samples, its dataset.json says "
+                                   f"{counts[i]}: re-create the shard folder's dataset.json")
+            os.replace(tmp, out / (TARGET_SHARD % i))  # complete: only now does the shard exist
+    bar.close()
+    seconds = time.perf_counter() - t_start
+
+    accelerator.wait_for_everyone()
+    if main:
+        missing = [i for i in range(len(urls)) if not done(i)]
+        if missing:
+            raise TargetsError(f"target shards {[TARGET_SHARD % i for i in missing[:5]]} are missing after the pass; "
+                               f"run the command again")
+        if d.val is not None:
+            _cache_heldout(recipe, teacher, out, device, accelerator)
+        size = sum((out / (TARGET_SHARD % i)).stat().st_size for i in range(len(urls)))
+        manifest["bytes"] = size
+        manifest["bytes_per_view"] = size / max(1, manifest["num_samples"] * views)
+        if images_done:  # a rerun that found everything done keeps the first pass's speed
+            manifest["stats"] = {"img_per_s": images_done / max(seconds, 1e-9),
+                                 "teacher_img_per_s": images_done / max(teacher_time, 1e-9),
+                                 "rank0_views": images_done}
+        elif old is not None and "stats" in old:
+            manifest["stats"] = old["stats"]
+        manifest["complete"] = True
+        write_manifest(out, manifest)
+        if images_done:
+            print(f"cached {images_done} views on rank 0 in {seconds:.1f} s: {images_done / seconds:.1f} img/s "
+                  f"(teacher alone {images_done / max(teacher_time, 1e-9):.1f} img/s)", flush=True)
+        print(f"targets: {out} ({size / 1e6:.1f} MB, {manifest['bytes_per_view']:.0f} bytes per image per view); "
+              f"train with data.targets={out}", flush=True)
+    accelerator.wait_for_everyone()
+    teacher.to(home)
+    return read_manifest(out) if not main else manifest
+
+
+@torch.inference_mode()
+def _embed(teacher, images: torch.Tensor, batch: int, device, accelerator, tokens: bool):
+    embeds, toks = [], []
+    for start in range(0, images.shape[0], batch):
+        x = images[start:start + batch].to(device, non_blocking=True)
+        with accelerator.autocast():
+            embeds.append(teacher.embed(x).float().cpu())
+            if tokens:
+                toks.append(final_tokens(teacher, x).float().cpu())
+    return torch.cat(embeds), (torch.cat(toks) if tokens else None)
+
+
+def _cache_heldout(recipe: Recipe, teacher, out: Path, device, accelerator) -> None:
+    from bootstrap.train import embed_all, load_heldout
+
+    d = recipe.data
+    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+    with torch.inference_mode():
+        embed = embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast)
+    save_heldout(out, embed, keys)
+
+
+def default_out(recipe: Recipe, views: int) -> Path:
+    """Where the targets go without --out: beside the run's output folder."""
+    return Path(f"{recipe.run.output_dir.rstrip('/')}-targets-k{views}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bootstrap.cache_targets", usage=USAGE,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for bootstrap/run.py")
+    parser.add_argument("--views", type=int, required=True, help="augmented views per image (K)")
+    parser.add_argument("--out", default=None, help="targets folder (default: RUN_OUTPUT_DIR-targets-kK)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored target precision")
+    parser.add_argument("--tokens", action="store_true", help="also cache the final-normed tokens of every view")
+    parser.add_argument("--batch-size", type=int, default=None, help="views per teacher batch (default "
+                        "data.eval_batch_size)")
+    parser.add_argument("--num-workers", type=int, default=None, help="decoding workers per process (default "
+                        "data.num_workers)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        out = args.out or default_out(recipe, args.views)
+        cache_targets(recipe, args.views, out, dtype=args.dtype, tokens=args.tokens, batch_size=args.batch_size,
+                      num_workers=args.num_workers, progress=not args.no_progress)
+    except (RecipeError, TargetsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
