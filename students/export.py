@@ -69,7 +69,8 @@ from .families import family_of
 from .registry import load_student
 from .sparseformer import SparseFormer
 
-__all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg"]
+__all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg", "read_run",
+           "teacher_pretrained_cfg"]
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -379,7 +380,8 @@ def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out
 RUN_FILES = ("student.safetensors", "student_config.json", "recipe.yaml")
 
 
-def _read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
+def read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
+    """A finished run's student, its teacher spec, and its pretrained_cfg (None if the run wrote none)."""
     import yaml
 
     if not run_dir.is_dir():
@@ -409,6 +411,13 @@ def _read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
     return student, dict(spec), pcfg
 
 
+def teacher_pretrained_cfg(teacher: Any) -> dict:
+    """A student's pretrained_cfg from its teacher's preprocessing (for runs without pretrained_cfg.json)."""
+    pp = teacher.preprocess
+    return dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
+                interpolation=pp.interpolation, crop_pct=pp.crop_pct, resize_mode=pp.resize_mode)
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str = "auto", *,
                overwrite: bool = False, verify: bool = True) -> Path:
     """Export the student of a bootstrapping run folder; returns the export folder.
@@ -422,7 +431,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    student, spec, pcfg = _read_run(run_dir)
+    student, spec, pcfg = read_run(run_dir)
     if fmt == "auto":
         fmt = "openclip" if spec.get("kind") == "openclip" else "timm"
     if fmt == "openclip" and spec.get("kind") != "openclip":
@@ -436,9 +445,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
 
         teacher = create_teacher(spec)
         if pcfg is None:
-            pp = teacher.preprocess
-            pcfg = dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
-                        interpolation=pp.interpolation, crop_pct=pp.crop_pct, resize_mode=pp.resize_mode)
+            pcfg = teacher_pretrained_cfg(teacher)
     if fmt == "openclip":
         return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
     return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)

@@ -161,6 +161,28 @@ RELEASED: dict[str, tuple[dict, PretrainedCfg]] = {
 }
 
 
+# The teacher each released student was bootstrapped from (a `teachers.create_teacher` spec); v1 models
+# were trained from scratch. What a LLaVA projector trained on CLIP tokens needs to know.
+RELEASED_TEACHERS: dict[str, dict | None] = {
+    "sparseformer_v1_tiny": None,
+    "sparseformer_v1_small": None,
+    "sparseformer_v1_base": None,
+    "sparseformer_btsp_augreg_base": {"kind": "timm", "model": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                                      "pretrained": True},
+    "sparseformer_btsp_augreg_large": {"kind": "timm", "model": "vit_large_patch16_384.augreg_in21k_ft_in1k",
+                                       "pretrained": True},
+    "sparseformer_btsp_openai_clip_base": {"kind": "openclip", "model": "ViT-B-16-quickgelu", "pretrained": "openai"},
+    "sparseformer_btsp_openai_clip_large": {"kind": "openclip", "model": "ViT-L-14-quickgelu", "pretrained": "openai"},
+}
+
+
+def get_teacher_spec(name: str) -> dict | None:
+    """The teacher spec of a released model (None for the v1 models, trained from scratch)."""
+    _released(name)
+    spec = RELEASED_TEACHERS[name]
+    return dict(spec) if spec is not None else None
+
+
 def list_models() -> list[str]:
     return list(RELEASED)
 

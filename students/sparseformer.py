@@ -28,7 +28,9 @@ from timm.layers import DropPath, Mlp, QuickGELU, trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .config import SparseFormerConfig
+from teachers.base import hidden_state_index
+
+from .config import ROI_OPS, SparseFormerConfig
 
 # The 7x7 kernel of the early convolution must fit in the image.
 MIN_INPUT_SIZE = 7
@@ -368,6 +370,7 @@ class SparseFormer(nn.Module):
             layers.append(SFUnit(width, ops, repeats, cfg, rates[k : k + repeats], self.ndim))
             prev, k = width, k + repeats
         self.layers = nn.ModuleList(layers)
+        self.first_block_unit = first_block_unit(cfg)
 
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.compatible_config.ln_eps)
         self.proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=cfg.proj_bias) if cfg.proj_dim else nn.Identity()
@@ -389,6 +392,11 @@ class SparseFormer(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    @property
+    def num_blocks(self) -> int:
+        """The blocks `forward_tokens` counts (see there): the trailing units over the final token set."""
+        return self.config.num_units - self.first_block_unit
 
     @property
     def num_classes(self) -> int:
@@ -491,12 +499,15 @@ class SparseFormer(nn.Module):
         return self.initial_embedding.weight[None], self.initial_roi.weight[None]
 
     def forward_features(self, images: Tensor, trace: SparseFormerTrace | None = None,
-                         class_token_only: bool = False) -> tuple[Tensor, Tensor]:
+                         class_token_only: bool = False, hidden_states: list[Tensor] | None = None,
+                         stop_after_block: int | None = None) -> tuple[Tensor, Tensor]:
         """Final tokens before `norm` [B, L, embed_dim], and final RoIs [B, N, 2*ndim].
 
         `class_token_only`: when the head reads only the class token and the last unit is a plain
         block, that block updates only the class token (the same value; ~9/12 of a block's work
         saved) and the tokens returned are [B, 1, embed_dim]. The final RoIs are unaffected.
+        `hidden_states`: a list that receives the tokens entering the first block and those leaving
+        each block (`forward_tokens`); `stop_after_block=k` returns once k blocks have run.
         """
         self._check_input(images)
         feat = self.feat_extractor(images)
@@ -515,13 +526,27 @@ class SparseFormer(nn.Module):
                     x = x.expand(images.shape[0], roi.shape[1], -1)
                     cls = self.cls_embedding.weight.to(x.dtype).expand(x.shape[0], 1, -1)
                     x = torch.cat([cls, x], dim=1)
+                if unit == self.first_block_unit and (hidden_states is not None or stop_after_block == 0):
+                    x, roi = _per_image(x, roi, images.shape[0])
+                    if hidden_states is not None:
+                        hidden_states.append(x)
+                    if stop_after_block == 0:
+                        return x, roi
                 if layer is last and class_token_only:
                     x = layer.forward_class_token(x)
                 else:
                     x, roi = layer(x, roi, feat, trace)
                 unit += 1
+                if unit > self.first_block_unit:
+                    if hidden_states is not None:
+                        hidden_states.append(x)
+                    if unit - self.first_block_unit == stop_after_block:
+                        return x, roi
             else:  # width transition
                 x = layer(x)
+        if hidden_states is not None and not hidden_states:  # no blocks: the final tokens alone
+            x, roi = _per_image(x, roi, images.shape[0])
+            hidden_states.append(x)
         return x, roi
 
     def pool(self, tokens: Tensor) -> Tensor:
@@ -537,6 +562,42 @@ class SparseFormer(nn.Module):
         tokens, _ = self.forward_features(images, class_token_only=True)
         return self.forward_head(tokens, pre_logits=pre_logits)
 
+    def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
+        """The tokens after a block, [B, N, embed_dim] (N latent tokens, +1 with the class token first).
+
+        `layer` indexes the hidden states the way LLaVA's `mm_vision_select_layer` and transformers'
+        `hidden_states[layer]` do: 0 is the tokens entering the first block, k the tokens after k blocks,
+        negative counts from the end (-2: after the penultimate block, LLaVA's choice). `layer=-1`
+        alone is the model's output tokens, after the final `norm` (as `forward_details().tokens`);
+        every other index, `num_blocks` included, is a block's raw output.
+
+        A "block" of a SparseFormer is one of its trailing units that keep the final token set: at
+        the final width, without RoI ops, after the class token is inserted. In a bootstrapped
+        student these are exactly the blocks inherited from the teacher, so `layer` names the same
+        block in student and teacher (-2 is the teacher's block -2 in both); in v1 models they are the
+        plain transformer blocks after the focusing units. The units before them change the tokens'
+        number or width, so their tokens are not a hidden state of the same kind.
+
+        `class_token=False` drops the class token (where the model has one): the latent tokens only.
+        Layers after `layer` are not run.
+        """
+        index = hidden_state_index(layer, self.num_blocks, f"this {type(self).__name__}")
+        states: list[Tensor] = []
+        self.forward_features(images, hidden_states=states, stop_after_block=index)
+        x = states[index]
+        if layer == -1:
+            x = self.norm(x)
+        if not class_token and self.config.has_cls_token:
+            x = x[:, 1:]
+        return x
+
+    def forward_hidden_states(self, images: Tensor) -> list[Tensor]:
+        """Every hidden state `forward_tokens` can select, from one pass: `num_blocks + 1` tensors
+        [B, L, embed_dim] (class token first), raw; the last is the final tokens before `norm`."""
+        states: list[Tensor] = []
+        self.forward_features(images, hidden_states=states)
+        return states
+
     def forward_details(self, images: Tensor) -> SparseFormerOutput:
         """Output plus final normed tokens and the RoIs/sampling points of every stage."""
         trace = SparseFormerTrace()
@@ -550,6 +611,24 @@ class SparseFormer(nn.Module):
             rois=trace.rois + [roi.detach()],
             points=trace.points,
         )
+
+
+def _per_image(x: Tensor, roi: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Tokens and RoIs shared by every image (batch 1, see `SFUnit.forward`) as a batch of `batch`."""
+    return x.expand(batch, max(x.shape[1], roi.shape[1]), -1), roi.expand(batch, -1, -1)
+
+
+def first_block_unit(cfg: SparseFormerConfig) -> int:
+    """Index of the first unit of the trailing run that keeps the final token set (`forward_tokens`):
+    units at the final width, without RoI ops, at or after the class token's insertion."""
+    start = cfg.num_units
+    while start > 0:
+        i = start - 1
+        if (cfg.width_configs[i] != cfg.embed_dim or any(op in ROI_OPS for op in cfg.ops_list[i])
+                or (cfg.has_cls_token and i < cfg.cls_token_insert_layer)):
+            break
+        start = i
+    return start
 
 
 class MediaSparseFormer(SparseFormer):

@@ -36,6 +36,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from teachers.base import hidden_state_index
+
 from .config import ConfigError, read_json, unknown_key_error
 
 __all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "SparsifinerConfig", "SparsifinerOutput",
@@ -461,7 +463,9 @@ class Sparsifiner(VisionTransformer):
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
 
     def _run_blocks(self, x: Tensor, records: list[BlockRecord] | None = None, keep_attn: bool = False,
-                    stop: int | None = None, class_token_only: bool = False) -> Tensor:
+                    stop: int | None = None, class_token_only: bool = False,
+                    hidden_states: list[Tensor] | None = None) -> Tensor:
+        """`hidden_states`: a list that receives each block's raw output."""
         dense = self._dense
         blocks = list(self.blocks)[:stop]
         for i, blk in enumerate(blocks):
@@ -469,6 +473,8 @@ class Sparsifiner(VisionTransformer):
             last = class_token_only and i == len(blocks) - 1
             queries = self.num_prefix_tokens if last else None
             x = blk(x, dense=dense, record=record, keep_attn=keep_attn, queries=queries)
+            if hidden_states is not None:
+                hidden_states.append(x)
         return x
 
     def forward_features(self, images: Tensor, class_token_only: bool = False) -> Tensor:
@@ -496,20 +502,24 @@ class Sparsifiner(VisionTransformer):
             attn=[r.attn for r in records] if attention else [])
 
     def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
-        """Tokens [B, N, C] after block `layer` (negative: from the end, as LLaVA's mm_vision_select_layer).
-
-        layer -1 gives the final-normed tokens; other layers the block's raw output. class_token=False
-        drops the prefix tokens (class token and registers), leaving the patches.
-        """
-        depth = len(self.blocks)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
-            raise ValueError(f"layer={layer!r} is outside the valid range {-depth}..{depth - 1} for a "
-                             f"{depth}-block Sparsifiner (-1: the final-normed tokens)")
-        i = layer % depth
-        x = self._run_blocks(self._embed(images), stop=i + 1)
-        if i == depth - 1:
+        """Tokens [B, N, C] after a block, indexed as LLaVA's mm_vision_select_layer and transformers'
+        `hidden_states[layer]`: 0 the embedded tokens entering block 0, k after k blocks, negative from
+        the end (-2: after the penultimate block). layer -1 alone gives the final-normed tokens; every
+        other layer (`depth` included) a block's raw output. class_token=False drops the prefix tokens
+        (class token and registers), leaving the patches. The same indexing as `SparseFormer.forward_tokens`
+        and the teachers'."""
+        index = hidden_state_index(layer, len(self.blocks), "this Sparsifiner")
+        x = self._run_blocks(self._embed(images), stop=index)
+        if layer == -1:
             x = self.norm(x)
         return x if class_token else x[:, self.num_prefix_tokens:]
+
+    def forward_hidden_states(self, images: Tensor) -> list[Tensor]:
+        """Every hidden state `forward_tokens` can select, from one pass: `depth + 1` raw tensors
+        [B, N, C] (the embedded tokens, then each block's output), prefix tokens first."""
+        states = [self._embed(images)]
+        self._run_blocks(states[0], hidden_states=states)
+        return states
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool not in (None, "", "token"):

@@ -35,6 +35,7 @@ __all__ = [
     "TeacherWeightsError",
     "UnsupportedTeacherError",
     "closest",
+    "hidden_state_index",
 ]
 
 # What the bootstrapping construction can inherit from. Quoted in every
@@ -110,6 +111,18 @@ def closest(word: str, choices: Sequence[str]) -> str:
     """' Did you mean X?' for the nearest choice (difflib), or ''."""
     match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def hidden_state_index(layer: int, num_blocks: int, what: str, name: str = "layer") -> int:
+    """`layer` as an index into the `num_blocks + 1` hidden states (LLaVA's `mm_vision_select_layer`:
+    0 the tokens entering the first block, k after k blocks, negative from the end), or an
+    IndexError naming the valid range."""
+    n = num_blocks
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
+        raise IndexError(
+            f"{name} {layer!r} is outside {what}: it has {n} blocks, so {name} must be an integer in "
+            f"[{-(n + 1)}, {n}] (0: the tokens entering the first block, -2: after the penultimate block)")
+    return layer % (n + 1)
 
 
 @dataclass(frozen=True)
@@ -334,6 +347,26 @@ class Teacher(nn.Module):
 
     def _embed_tokens(self, images: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
+        """The teacher's tokens after a block, [B, N, width], from its own modules.
+
+        `layer` indexes the hidden states as LLaVA's `mm_vision_select_layer` and transformers'
+        `hidden_states[layer]` do: 0 is the tokens entering block 0 (`embed_tokens`), k the tokens
+        after k blocks, negative counts from the end (-2: after the penultimate block, LLaVA's
+        choice with CLIP ViT-L/14-336). `layer=-1` alone is the output tokens after the final norm
+        (what the library's own forward gives for every token); every other index, `depth`
+        included, is a block's raw output. `class_token=False` keeps the patch tokens only (it drops
+        every prefix token: the class token and any registers). Blocks after `layer` are not run.
+        """
+        index = hidden_state_index(layer, self.depth, f"teacher {self.name}")
+        x = self.embed_tokens(images)
+        with torch.no_grad():
+            for i in range(index):
+                x = self._run_block(i, x)
+            if layer == -1:
+                x = self._final_norm()(x)
+        return x if class_token else x[:, self.num_prefix_tokens:]
 
     def norm_state_dict(self) -> dict[str, Tensor]:
         """{'weight', 'bias'} of the final norm (applied to the pooled class token)."""

@@ -83,3 +83,19 @@ def test_tome_speed_puts_tome_at_2x_and_4x_fewer_flops_beside_the_student():
     assert 1.8 <= float(two[6].rstrip("x")) <= 2.2 and 3.6 <= float(four[6].rstrip("x")) <= 4.4
     assert float(two[4]) == float(teacher[4])  # ToMe runs the teacher's own weights
     assert float(student[6].rstrip("x")) > 4 and all(float(r[7]) > 0 for r in rows.values())
+
+
+def test_mllm_tokens_counts_what_fewer_image_tokens_save_a_llava_7b():
+    out = run_script("mllm_tokens.py", "--clip-model", "ViT-B-32-quickgelu", "--students", "17",
+                     "--prompt-tokens", "8", "--threads", "1")
+    clip, student = table_rows(out)
+    assert clip[0] == "CLIP ViT-B-32-quickgelu" and student[0].startswith("student of it, 17 tokens")
+    assert (clip[1], clip[2], student[1], student[2]) == ("49", "57", "17", "25")  # 7x7 patches; + 8 prompt tokens
+    # ViT-B/32 at 224 px: 4.4 GMACs, 8.8 GFLOPs; the script checks its count against the analytic one.
+    assert float(clip[3]) == 8.8 and "analytic ViT count" not in out
+    assert 0 < float(student[3]) < float(clip[3])
+    # Llama-2-7B prefill is ~2 FLOPs per weight per token: 32 layers x (4*4096^2 + 3*4096*11008) weights.
+    weights = 32 * (4 * 4096**2 + 3 * 4096 * 11008)
+    for row in (clip, student):
+        assert abs(float(row[5]) - 2 * weights * int(row[2]) / 1e9) < 2
+        assert float(row[9]) == int(row[2]) / 2  # fp16 K and V: 2 * 32 layers * 4096 * 2 bytes = 0.5 MiB a token

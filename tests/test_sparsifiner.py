@@ -112,12 +112,17 @@ def test_forward_tokens_layers_and_class_token():
         d = model.forward_details(x)
         assert torch.allclose(model.forward_tokens(x), d.tokens, atol=1e-6)
         assert model.forward_tokens(x, class_token=False).shape == (2, 16, 32)
-        assert torch.allclose(model.forward_tokens(x, layer=-2), model.forward_tokens(x, layer=1))
+        # hidden-state indexing (as LLaVA's): 0 enters block 0, k is after k blocks, -2 after the penultimate
+        assert torch.allclose(model.forward_tokens(x, layer=-2), model.forward_tokens(x, layer=2))
+        assert torch.equal(model.forward_tokens(x, layer=0), model._embed(x))
         assert not torch.allclose(model.forward_tokens(x, layer=0), model.forward_tokens(x, layer=1))
+        states = model.forward_hidden_states(x)
+        assert len(states) == 4 and all(torch.equal(states[k], model.forward_tokens(x, layer=k)) for k in range(4))
+        assert torch.allclose(model.norm(states[-1]), d.tokens, atol=1e-6)
         # registers: their query rows are dense like the class token's, the approximation skips them
         assert d.approx_attn[0].shape == (2, 2, 16, 19) and d.attn_masks[0][:, :, :3].all()
-    for bad in (3, -4, 1.0):
-        with pytest.raises(ValueError, match="valid range -3..2"):
+    for bad in (4, -5, 1.0):
+        with pytest.raises(IndexError, match=r"3 blocks, so layer must be an integer in \[-4, 3\]"):
             model.forward_tokens(x, layer=bad)
 
 
