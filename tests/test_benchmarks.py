@@ -60,3 +60,15 @@ def test_data_speed_reads_every_generated_image():
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\d+$", line)]
     # The first batch warms up untimed: 24 images in batches of 8 leave 16 timed.
     assert [(r[0], r[3]) for r in rows] == [("0", "16"), ("1", "16")]
+
+
+def test_student_speed_puts_sparsifiners_beside_their_dense_teacher():
+    out = run_script("student_speed.py", "--models", "sparsifiner_vitb16", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, k25, k10 = (rows["timm:vit_base_patch16_224 (dense)"], rows["Sparsifiner keep 0.25"],
+                         rows["Sparsifiner keep 0.1"])
+    # ViT-B/16: QK^T and AV are 2 * 12 heads * 197^2 * 64 * 12 blocks = 0.715 G multiply-adds
+    assert teacher[2] == "197" and float(teacher[6]) == 0.715 == float(teacher[7])
+    assert float(k10[7]) < float(k25[7]) < float(teacher[7]) < float(k25[6])  # masked < dense < executed
+    assert 0.25 < float(k25[8]) < 0.27 and float(k25[4]) > 0
