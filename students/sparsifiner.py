@@ -412,9 +412,12 @@ class SparsifinerOutput:
     attn_masks: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] bool, True = kept
     attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] (empty unless asked for)
 
+    num_prefix_tokens: int = 1
+
     @property
     def patch_tokens(self) -> Tensor:
-        return self.tokens[:, -self.approx_attn[0].shape[2]:] if self.approx_attn else self.tokens
+        """The final-normed patch tokens [B, N - P, C] (prefix tokens dropped)."""
+        return self.tokens[:, self.num_prefix_tokens:]
 
 
 class Sparsifiner(VisionTransformer):
@@ -511,14 +514,20 @@ class Sparsifiner(VisionTransformer):
         """The head output [B, num_classes] (pre_logits: the normed class token [B, embed_dim])."""
         return self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=pre_logits)
 
-    def forward_details(self, images: Tensor, attention: bool = True) -> SparsifinerOutput:
-        """Output, every final-normed token, and per block the approximation, the mask and (with
-        `attention`) the attention probabilities used. Without `attention` the fused kernel runs (training)."""
-        records = [BlockRecord() for _ in self.blocks]
-        x = self.norm(self._run_blocks(self._embed(images), records, keep_attn=attention))
+    def forward_details(self, images: Tensor, attention: bool = True, maps: bool = True) -> SparsifinerOutput:
+        """Output, every final-normed token, and per block the approximation and the mask (`maps`) and the
+        attention probabilities used (`attention`, which needs `maps`).
+
+        Training: the reconstruct phase needs `maps` (the approximations carry the gradient), not
+        `attention`; the sparse phase needs neither (`maps=False`: the fused kernel runs and no [B, H, N, N]
+        tensor is kept per block).
+        """
+        records = [BlockRecord() for _ in self.blocks] if maps else None
+        x = self.norm(self._run_blocks(self._embed(images), records, keep_attn=attention and maps))
         pre = self.forward_head(x, pre_logits=True)
+        records = records or []
         return SparsifinerOutput(
-            output=self.head(pre), pre_logits=pre, tokens=x,
+            output=self.head(pre), pre_logits=pre, tokens=x, num_prefix_tokens=self.num_prefix_tokens,
             approx_attn=[r.approx_attn for r in records], attn_masks=[r.attn_mask for r in records],
             attn=[r.attn for r in records] if attention else [])
 

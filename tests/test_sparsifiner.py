@@ -69,7 +69,8 @@ def test_reconstruct_phase_loss_and_predictor_gradients_match(name):
 def test_sparse_phase_gradients_match_and_none_reach_the_predictor(name):
     meta, model, io = _case(name)
     model.train().set_phase("sparse")
-    d = model.forward_details(io["input"], attention=False)
+    d = model.forward_details(io["input"], maps=False)  # the training path: fused kernel, nothing kept
+    assert d.approx_attn == [] and d.attn_masks == [] and d.attn == []
     assert rel(d.output, io["sparse.output"]) < 1e-5
     ((d.output * io["sparse.w_output"]).sum() + (d.patch_tokens * io["sparse.w_patch_tokens"]).sum()).backward()
     expected = {k.removeprefix("sparse.grad."): v for k, v in io.items() if k.startswith("sparse.grad.")}
