@@ -257,8 +257,32 @@ class MaskPredictor(nn.Module):
         basis = self.proj_back_n.t().abs()
         basis = basis.masked_fill(basis <= threshold, 0.0)
         index = topk_index(coef.detach(), topk)
-        coef = torch.zeros_like(coef).scatter_(-1, index, coef.gather(-1, index))  # not renormalised
-        return coef @ basis
+        values = coef.gather(-1, index)  # not renormalised
+        if not torch.is_grad_enabled() and coef.device.type == "cpu" and sparse_product(coef.shape[-1], topk):
+            # Many basis rows (K = 228 for DINOv2 at 518 px): the top-k coefficients as a CSR matrix halve
+            # the product's time on a CPU (the same sums, in another order).
+            return _csr_combination(index, values, basis)
+        return torch.zeros_like(coef).scatter_(-1, index, values) @ basis
+
+
+def sparse_product(num_basis: int, topk: int) -> bool:
+    """Whether evaluation on a CPU forms the approximation as a sparse (CSR) product of the top-k
+    coefficients rather than a dense [N-P, K] @ [K, N] one: when K is at least 4 x topk."""
+    return num_basis >= 4 * topk
+
+
+def _csr_combination(index: Tensor, values: Tensor, basis: Tensor) -> Tensor:
+    """Σ_j values[..., j] · basis[index[..., j]] for every row, as one sparse (CSR) @ dense product."""
+    import warnings
+
+    *lead, k = index.shape
+    rows = index.numel() // k
+    crow = torch.arange(0, rows * k + 1, k, device=index.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        coef = torch.sparse_csr_tensor(crow, index.reshape(-1), values.reshape(-1), (rows, basis.shape[0]))
+        out = coef @ basis
+    return out.reshape(*lead, basis.shape[1])
 
 
 def topk_index(x: Tensor, k: int) -> Tensor:

@@ -151,3 +151,14 @@ def test_bad_images_and_phases_are_refused_clearly():
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="reconstruct and sparse"):
         model.set_phase("dense")
+
+
+def test_many_basis_rows_take_the_sparse_product_with_the_same_result():
+    from students.sparsifiner import MaskPredictor
+
+    predictor = MaskPredictor(16, 65, 8, 32, share_inout_proj=False)  # K = 32 >= 4 * top-4: CSR product
+    q, k = torch.randn(2, 3, 65, 16), torch.randn(2, 3, 65, 16)
+    with torch.no_grad():
+        fast = predictor.approx(q, k, 1, 0.02, 4)
+    reference = predictor.approx(q, k, 1, 0.02, 4).detach()  # with grad enabled: the dense product
+    assert fast.shape == (2, 3, 64, 65) and torch.allclose(fast, reference, atol=1e-6)
