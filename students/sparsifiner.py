@@ -297,20 +297,15 @@ def topk_index(x: Tensor, k: int) -> Tensor:
     return x.topk(k, dim=-1, sorted=False).indices
 
 
-def _kept_index(approx: Tensor, budget: int, signed: bool) -> Tensor:
-    # The reconstruct phase's approximation is signed (a float top-k); the sparse one is not.
-    return approx.topk(budget, dim=-1, sorted=False).indices if signed else topk_index(approx, budget)
-
-
-def attention_mask(approx: Tensor, budget: int, num_prefix: int, signed: bool = False) -> Tensor:
-    """[B, H, N, N] bool, True = kept: each approx row's `budget` largest keys; prefix rows keep every key.
-    `signed`: the approximation may be negative (the reconstruct phase's)."""
+def attention_mask(approx: Tensor, budget: int, num_prefix: int) -> Tensor:
+    """[B, H, N, N] bool, True = kept: each (sparse, non-negative) approx row's `budget` largest keys;
+    prefix rows keep every key."""
     b, h, rows, n = approx.shape
     if budget >= n:
         return approx.new_ones((b, h, n, n), dtype=torch.bool)
     mask = approx.new_zeros((b, h, n, n), dtype=torch.bool)
     mask[:, :, :num_prefix] = True
-    mask[:, :, num_prefix:].scatter_(-1, _kept_index(approx, budget, signed), True)
+    mask[:, :, num_prefix:].scatter_(-1, topk_index(approx, budget), True)
     return mask
 
 
@@ -383,8 +378,9 @@ class SparsifinerAttention(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and dense):
                 approx = self.predict(q, k, sparse=not dense)
             record.approx_attn = approx
-            with torch.no_grad():
-                record.attn_mask = attention_mask(approx.detach(), self.budget, self.num_prefix, signed=dense)
+            if not dense:  # the reconstruct phase attends densely: no mask to form
+                with torch.no_grad():
+                    record.attn_mask = attention_mask(approx, self.budget, self.num_prefix)
             if masked:
                 mask = record.attn_mask
                 if not keep_attn:
@@ -434,6 +430,7 @@ class SparsifinerOutput:
     tokens: Tensor  # [B, N, embed_dim]: every final-normed token, class token first (then registers, patches)
     approx_attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N-P, N]
     attn_masks: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] bool, True = kept
+    # (None in the reconstruct phase's training, which attends densely)
     attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] (empty unless asked for)
 
     num_prefix_tokens: int = 1
