@@ -16,6 +16,12 @@ Pairs (random weights; nothing is downloaded):
   augreg_large  timm vit_large_patch16_384                   vs  sparseformer_btsp_augreg_large       at 384
 A student always runs at its teacher's resolution.
 
+Sparsifiner rows (a second table; random weights, students built by `students.sparsify`, keep 0.25
+and 0.1, fp32): `sparsifiner_vitb16` (timm vit_base_patch16_224, 197 tokens) and `sparsifiner_dinov2`
+(timm vit_base_patch14_dinov2 at 518 px, 1370 tokens), each beside its dense teacher, timed interleaved,
+with the attention multiply-adds per image counted two ways (`eval.attention_cost`: executed, and under
+the mask as the paper counts them, predictor included). On CPU the 518 px pair runs batch <= 8 unless --full.
+
 How things are measured (also printed under the table):
 - img/s: teacher and student are timed *interleaved* (teacher, student,
   student, teacher, ...) so that load from other processes on a shared
@@ -83,6 +89,13 @@ class Pair:
     size: int
     large: bool  # on CPU, batches above 8 and emulated bf16 are opt-in (--full) for these
 
+
+# Sparsifiner pairs: key -> (timm teacher, its kwargs, resolution); students at these keep rates.
+SPARSIFINER_PAIRS = {
+    "sparsifiner_vitb16": ("vit_base_patch16_224", {}, 224),
+    "sparsifiner_dinov2": ("vit_base_patch14_dinov2", {"img_size": 518}, 518),
+}
+SPARSIFINER_KEEP = (0.25, 0.1)
 
 PAIRS = [
     Pair("clip_base", "open_clip", "ViT-B-16-quickgelu", "sparseformer_btsp_openai_clip_base", 224, False),
@@ -230,8 +243,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-sizes", default="8,64", help="comma-separated (default 8,64)")
     p.add_argument("--models", default="all",
-                   help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large) or teacher/"
-                        "student names; a name selects its whole pair (default all)")
+                   help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large, "
+                        "sparsifiner_vitb16, sparsifiner_dinov2) or teacher/student names; a name selects its whole "
+                        "pair (default all)")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per model and cell (default 2)")
     p.add_argument("--iters", type=int, default=10,
@@ -258,13 +272,71 @@ def select_pairs(spec: str) -> list[Pair]:
     if spec == "all":
         return list(PAIRS)
     chosen = []
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+    for name in [s.strip() for s in spec.split(",") if s.strip() and s.strip() not in SPARSIFINER_PAIRS]:
         match = [p for p in PAIRS if name in (p.key, p.teacher, p.student) or name + "-quickgelu" == p.teacher]
         if not match:
             known = ", ".join(f"{p.key} ({p.teacher} / {p.student})" for p in PAIRS)
             raise SystemExit(f"--models: unknown model or pair '{name}'. Known pairs: {known}")
         chosen += [p for p in match if p not in chosen]
     return chosen
+
+
+def select_sparsifiner(spec: str) -> list[str]:
+    if spec == "all":
+        return list(SPARSIFINER_PAIRS)
+    return [k for k in SPARSIFINER_PAIRS if k in [s.strip() for s in spec.split(",")]]
+
+
+def sparsifiner_table(keys: list[str], args, device: torch.device, clock, batch_sizes: list[int]) -> list[str]:
+    """Sparsifiner students (keep 0.25, 0.1) beside their dense timm teachers: img/s, attention MACs, memory."""
+    import timm
+
+    from eval.attention_cost import attention_cost
+    from students import sparsify
+    from teachers.timm_vit import TimmTeacher
+
+    head = ["pair", "model", "tokens", "keep"] + [f"img/s b{bs}" for bs in batch_sizes]
+    head += [f"speed vs teacher b{bs}" for bs in batch_sizes]
+    head += ["attn GMACs executed", "attn GMACs masked", "mask density"] + [f"peak MiB b{bs}" for bs in batch_sizes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        arch, kwargs, size = SPARSIFINER_PAIRS[key]
+        print(f"[{key}] building {arch} and its Sparsifiners ...", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        vit = timm.create_model(arch, **kwargs).eval()
+        teacher = TimmTeacher(vit, name=arch, spec={"kind": "timm", "model": arch, "pretrained": False})
+        models = {"teacher": vit.to(device)}
+        costs = {}
+        for keep in SPARSIFINER_KEEP:
+            student, _ = sparsify(teacher, keep_rate=keep)
+            models[f"keep {keep}"] = student.eval().to(device)
+            costs[f"keep {keep}"] = attention_cost(student)
+        n = costs[f"keep {SPARSIFINER_KEEP[0]}"]
+        dense = n.dense_macs * len(n.density) / 1e9
+        cells = {}
+        for bs in batch_sizes:
+            if device.type == "cpu" and size > 224 and bs > 8 and not args.full:
+                continue
+            torch.manual_seed(0)
+            x = torch.randn(bs, 3, size, size, device=device)
+            iters = max(3, round(args.iters * 8 / bs)) if bs > 8 else max(3, args.iters)
+            print(f"[{key}] fp32 batch {bs}: {iters} iters ...", file=sys.stderr, flush=True)
+            cells[bs] = time_pair(models, x, "fp32", device, max(1, args.warmup), iters, args.cell_seconds, clock)
+        tokens = (size // vit.patch_embed.patch_size[0]) ** 2 + vit.num_prefix_tokens
+        for name in models:
+            row = [key, f"timm:{arch} (dense)" if name == "teacher" else f"Sparsifiner {name}", str(tokens),
+                   "1" if name == "teacher" else name.split()[1]]
+            row += [fmt(cells[bs][name].img_s) if bs in cells else "-" for bs in batch_sizes]
+            row += [(fmt(cells[bs][name].img_s / cells[bs]["teacher"].img_s) + "x") if bs in cells and
+                    name != "teacher" else "-" for bs in batch_sizes]
+            c = costs.get(name)
+            row += [fmt(dense if c is None else c.executed_total / 1e9, 3),
+                    fmt(dense if c is None else c.masked_total / 1e9, 3),
+                    "1" if c is None else fmt(sum(c.density) / len(c.density), 3)]
+            row += [fmt(cells[bs][name].peak_mib, 0) if bs in cells else "-" for bs in batch_sizes]
+            lines.append("| " + " | ".join(row) + " |")
+        del models
+    return lines
 
 
 def fmt(v: float, digits: int = 2) -> str:
@@ -302,6 +374,9 @@ def main(argv=None) -> int:
         slow_bf16 = dtype == "bf16" and not bf16_native and (pair.large or bs > 8)
         return (pair.large and bs > 8) or slow_bf16
 
+    sparsifiner_keys = select_sparsifiner(args.models)
+    if not pairs and not sparsifiner_keys:
+        raise SystemExit(f"--models: nothing selected from '{args.models}'")
     rows = []  # one per (pair, model, variant, dtype)
     for pair in pairs:
         print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
@@ -368,6 +443,9 @@ def main(argv=None) -> int:
                     rows.append(row)
         del teacher, student, models
 
+    sparsifiner_lines = sparsifiner_table(sparsifiner_keys, args, device, clock, batch_sizes) \
+        if sparsifiner_keys else []
+
     # ------------------------------------------------------------------ table
     head = ["pair", "model", "res", "params (M)", "GFLOPs/img", "dtype"]
     head += [f"img/s b{bs}" for bs in batch_sizes]
@@ -386,7 +464,10 @@ def main(argv=None) -> int:
                   for bs in batch_sizes]
         cells += [fmt(r["cos"], 5) if "cos" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    if rows:
+        print("\n".join(lines))
+    if sparsifiner_lines:
+        print(("\n" if rows else "") + "\n".join(sparsifiner_lines))
 
     # ------------------------------------------------------------------ notes
     print()
@@ -415,6 +496,12 @@ def main(argv=None) -> int:
     print("- GFLOPs: FlopCounterMode, 2 per multiply-add, matmul/conv/attention only; peak MiB: "
           + ("torch.cuda.max_memory_allocated growth." if device.type == "cuda" else
              "growth of peak RSS (VmHWM) over one forward."))
+    if sparsifiner_lines:
+        print("- Sparsifiner: random weights (teacher and predictors), fp32; attention GMACs per image, "
+              "multiply-adds of QK^T and AV plus the predictor (eval.attention_cost): executed = what runs "
+              "(the fused kernel forms every logit), masked = the paper's count under the mask; mask density "
+              "= kept (query, key) pairs, mean over blocks. `forward` updates only the class token in the "
+              "last block (its head reads nothing else).")
     for n in notes:
         print(f"- WARNING: {n}")
     return 0

@@ -2,9 +2,10 @@
 
 Multiply-adds (MACs) per image, the unit of the paper's "MHSA FLOPs" (357.7M for dense DeiT-S):
 
-* executed: what this code runs. The fused attention kernel takes the mask as an additive bias, so it
-  forms every logit: QKᵀ and AV are dense (2·H·N²·d); plus the predictor of every sparsified block as
-  run (`predictor_macs(..., sparse_coef=False)`: the approximation is a dense [N−P, K] @ [K, N] product).
+* executed: what this code runs (in evaluation, on a CPU). The fused attention kernel takes the mask as
+  an additive bias, so it forms every logit: QKᵀ and AV are dense (2·H·N²·d); plus the predictor of
+  every sparsified block as run: the approximation is a dense [N−P, K] @ [K, N] product, or, with many
+  basis rows (`students.sparsifiner.sparse_product`), a sparse one over the top-k coefficients.
 * masked: the paper's accounting. QKᵀ and AV only for the kept (query, key) pairs (2·H·d per pair),
   plus the predictor with its top-k coefficients as a sparse combination of basis rows.
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor
+
+from students.sparsifiner import sparse_product
 
 __all__ = ["AttentionCost", "attention_cost", "predictor_macs"]
 
@@ -73,6 +76,7 @@ def attention_cost(model, masks: list[Tensor] | None = None) -> AttentionCost:
         pred = dict(heads=h, tokens=n, prefix=p, head_dim=d, reduced_dim=cfg.reduced_dim,
                     num_basis=cfg.num_basis, topk=cfg.basis_coef_topk)
         cost.density.append(density)
-        cost.executed_macs.append(dense + (predictor_macs(**pred, sparse_coef=False) if sparse else 0))
+        run_sparse = sparse_product(cfg.num_basis, cfg.basis_coef_topk)
+        cost.executed_macs.append(dense + (predictor_macs(**pred, sparse_coef=run_sparse) if sparse else 0))
         cost.masked_macs.append(round(dense * density) + (predictor_macs(**pred, sparse_coef=True) if sparse else 0))
     return cost

@@ -1,4 +1,4 @@
-"""SparseFormer students: the model, its released configurations, and its construction from a teacher."""
+"""Students: SparseFormer and Sparsifiner, their configurations, and their construction from a teacher."""
 
 from .config import CompatibleConfig, ConfigError, GridSampleConfig, SparseFormerConfig
 from .sparseformer import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace

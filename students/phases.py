@@ -222,7 +222,8 @@ def _sparsifiner_enter(student: nn.Module, policy, phase: Phase):
 def _sparsifiner_forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
     if outputs == ("embedding",):
         return {"embedding": student(images, pre_logits=pre_logits)}
-    details = student.forward_details(images, attention=False)
+    # The reconstruct phase needs each block's approximation (maps); the sparse phase only tokens and logits.
+    details = student.forward_details(images, attention=False, maps="approx_attn" in outputs)
     return {"embedding": details.pre_logits if pre_logits else details.output, "logits": details.output,
             "tokens": details.tokens, "approx_attn": details.approx_attn}
 

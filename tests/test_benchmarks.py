@@ -99,3 +99,15 @@ def test_mllm_tokens_counts_what_fewer_image_tokens_save_a_llava_7b():
     for row in (clip, student):
         assert abs(float(row[5]) - 2 * weights * int(row[2]) / 1e9) < 2
         assert float(row[9]) == int(row[2]) / 2  # fp16 K and V: 2 * 32 layers * 4096 * 2 bytes = 0.5 MiB a token
+
+
+def test_student_speed_puts_sparsifiners_beside_their_dense_teacher():
+    out = run_script("student_speed.py", "--models", "sparsifiner_vitb16", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, k25, k10 = (rows["timm:vit_base_patch16_224 (dense)"], rows["Sparsifiner keep 0.25"],
+                         rows["Sparsifiner keep 0.1"])
+    # ViT-B/16: QK^T and AV are 2 * 12 heads * 197^2 * 64 * 12 blocks = 0.715 G multiply-adds
+    assert teacher[2] == "197" and float(teacher[6]) == 0.715 == float(teacher[7])
+    assert float(k10[7]) < float(k25[7]) < float(teacher[7]) < float(k25[6])  # masked < dense < executed
+    assert 0.25 < float(k25[8]) < 0.27 and float(k25[4]) > 0

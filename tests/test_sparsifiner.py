@@ -69,7 +69,8 @@ def test_reconstruct_phase_loss_and_predictor_gradients_match(name):
 def test_sparse_phase_gradients_match_and_none_reach_the_predictor(name):
     meta, model, io = _case(name)
     model.train().set_phase("sparse")
-    d = model.forward_details(io["input"], attention=False)
+    d = model.forward_details(io["input"], maps=False)  # the training path: fused kernel, nothing kept
+    assert d.approx_attn == [] and d.attn_masks == [] and d.attn == []
     assert rel(d.output, io["sparse.output"]) < 1e-5
     ((d.output * io["sparse.w_output"]).sum() + (d.patch_tokens * io["sparse.w_patch_tokens"]).sum()).backward()
     expected = {k.removeprefix("sparse.grad."): v for k, v in io.items() if k.startswith("sparse.grad.")}
@@ -155,3 +156,14 @@ def test_bad_images_and_phases_are_refused_clearly():
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="reconstruct and sparse"):
         model.set_phase("dense")
+
+
+def test_many_basis_rows_take_the_sparse_product_with_the_same_result():
+    from students.sparsifiner import MaskPredictor
+
+    predictor = MaskPredictor(16, 65, 8, 32, share_inout_proj=False)  # K = 32 >= 4 * top-4: CSR product
+    q, k = torch.randn(2, 3, 65, 16), torch.randn(2, 3, 65, 16)
+    with torch.no_grad():
+        fast = predictor.approx(q, k, 1, 0.02, 4)
+    reference = predictor.approx(q, k, 1, 0.02, 4).detach()  # with grad enabled: the dense product
+    assert fast.shape == (2, 3, 64, 65) and torch.allclose(fast, reference, atol=1e-6)
