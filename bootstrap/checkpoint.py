@@ -277,7 +277,8 @@ def save_checkpoint(accelerator, root: str | os.PathLike, state: TrainState, kee
     accelerator.wait_for_everyone()  # every rank's RNG file is written
     if accelerator.is_main_process and failed is None:
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in full_state.items()}, str(tmp / MODEL_FILE),
+            # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in full_state.items()}, str(tmp / MODEL_FILE),
                       metadata={"format": "pt"})
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}

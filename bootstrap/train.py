@@ -779,7 +779,8 @@ def save_student(student: nn.Module, state_dict: dict, out: Path) -> None:
     """student.safetensors, student_config.json and pretrained_cfg.json (written atomically)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     tmp = out / "student.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "student.safetensors")
