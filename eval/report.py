@@ -182,6 +182,8 @@ def _describe_student(student: nn.Module) -> dict:
         out.update(latent_tokens=getattr(student, "num_tokens", None), cls_token=getattr(cfg, "has_cls_token", True),
                    embed_dim=cfg.embed_dim,
                    output_dim=cfg.output_dim, model_type=getattr(cfg, "model_type", None))
+        if out["family"] not in (None, "sparseformer"):  # a whole ViT: its sequence, class token included
+            out["tokens"] = str(getattr(student, "num_tokens", "?"))
     return out
 
 
