@@ -14,15 +14,13 @@ registers it when open_clip opens the folder. A Sparsifiner runs at its config's
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-from timm.models import build_model_with_cfg, register_model
+from timm.models import register_model
 
 from . import timm_models
 from .config import ConfigError
@@ -114,24 +112,9 @@ def _sparsifiner(config: SparsifinerConfig, num_classes: int | None = None, in_c
     return Sparsifiner(config.replace(**changes))
 
 
-def _build(variant: str, config: SparsifinerConfig, pretrained: bool = False, *, pretrained_cfg=None,
-           pretrained_cfg_overlay=None, pretrained_strict: bool = True, pretrained_model_args=None,
-           cache_dir=None, **kwargs: Any) -> Sparsifiner:
-    unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
-    if unknown:
-        raise TypeError(f"timm.create_model('{variant}') got argument(s) a Sparsifiner does not take: "
-                        f"{', '.join(unknown)}. It takes: {', '.join(_MODEL_KWARGS)}")
-    if pretrained:
-        timm_models._check_weights_source(variant, pretrained_cfg, pretrained_cfg_overlay)
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = build_model_with_cfg(
-            functools.partial(_sparsifiner, config), variant, pretrained, pretrained_cfg=pretrained_cfg,
-            pretrained_cfg_overlay=pretrained_cfg_overlay, pretrained_strict=pretrained_strict,
-            pretrained_model_args=pretrained_model_args, cache_dir=cache_dir, **kwargs)
-    if dtype is not None:
-        model.to(dtype)
-    return model
+def _build(variant: str, config: SparsifinerConfig, pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    return timm_models.build_with_cfg(variant, functools.partial(_sparsifiner, config), "a Sparsifiner",
+                                      _MODEL_KWARGS, pretrained, **kwargs)
 
 
 def _register(name: str, config: SparsifinerConfig, pretrained_cfg: dict, doc: str) -> None:

@@ -196,26 +196,34 @@ def _check_weights_source(variant: str, pretrained_cfg, overlay) -> None:
             f"or timm.create_model('{variant}', checkpoint_path=PATH)")
 
 
-def _build(variant: str, config: SparseFormerConfig, pretrained: bool = False, *, pretrained_cfg=None,
-           pretrained_cfg_overlay=None, pretrained_strict: bool = True, pretrained_model_args=None,
-           cache_dir=None, **kwargs: Any) -> SparseFormer:
-    unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
+def build_with_cfg(variant: str, factory, what: str, accepted: tuple[str, ...], pretrained: bool = False, *,
+                   pretrained_cfg=None, pretrained_cfg_overlay=None, pretrained_strict: bool = True,
+                   pretrained_model_args=None, cache_dir=None, **kwargs: Any) -> torch.nn.Module:
+    """`timm.create_model` for a student family: `factory(**model kwargs)` through timm's
+    `build_model_with_cfg` (weights, pretrained_cfg), refusing keyword arguments outside `accepted`
+    (`what` names the model in that error)."""
+    unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"timm.create_model('{variant}') got argument(s) SparseFormer does not take: "
-                        f"{', '.join(unknown)}. It takes: {', '.join(_MODEL_KWARGS)}")
+        raise TypeError(f"timm.create_model('{variant}') got argument(s) {what} does not take: "
+                        f"{', '.join(unknown)}. It takes: {', '.join(accepted)}")
     if pretrained:
         _check_weights_source(variant, pretrained_cfg, pretrained_cfg_overlay)
-    kwargs.pop("img_size", None)  # resolution-free: nothing to set
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build_model_with_cfg(
-            functools.partial(_sparseformer, config), variant, pretrained,
+            factory, variant, pretrained,
             pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay,
             pretrained_strict=pretrained_strict, pretrained_model_args=pretrained_model_args,
             cache_dir=cache_dir, **kwargs)
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _build(variant: str, config: SparseFormerConfig, pretrained: bool = False, **kwargs: Any) -> SparseFormer:
+    kwargs.pop("img_size", None)  # resolution-free: nothing to set
+    return build_with_cfg(variant, functools.partial(_sparseformer, config), "SparseFormer", _MODEL_KWARGS,
+                          pretrained, **kwargs)
 
 
 def _register(name: str, config: SparseFormerConfig, pretrained_cfg: dict, doc: str, build=None) -> None:
