@@ -90,7 +90,7 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        names = {f.name: f.type for f in fields(self)}
+        names = {f.name for f in fields(self)}
         for key, value in state.items():
             if key not in names or not isinstance(value, int) or isinstance(value, bool):
                 raise CheckpointError(f"{STATE_JSON}: train state '{key}' = {value!r} is not what a run writes")
@@ -174,7 +174,7 @@ def resolve_resume(resume: str, root: str | os.PathLike) -> Path | None:
     return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -285,14 +285,14 @@ def save_checkpoint(accelerator, root: str | os.PathLike, state: TrainState, kee
             manifest = {"format": FORMAT, "train_state": state.state_dict(), "processes": accelerator.num_processes,
                         "scheduler": _json_state(scheduler), "scaler": _json_state(accelerator.scaler),
                         "files": files}
-            _atomic_write_text(tmp / STATE_JSON, json.dumps(manifest, indent=1) + "\n")
+            atomic_write_text(tmp / STATE_JSON, json.dumps(manifest, indent=1) + "\n")
             if os.environ.get(KILL_ENV) == str(state.step):
                 os.kill(os.getpid(), signal.SIGKILL)
             for f in tmp.iterdir():  # the data must be on disk before the marker says it is
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-            _atomic_write_text(tmp / COMPLETE, "")
+            atomic_write_text(tmp / COMPLETE, "")
         except Exception as exc:  # noqa: BLE001 - turned into one clear error below
             failed = exc
     if failed is not None and accelerator.is_main_process:

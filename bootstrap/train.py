@@ -35,8 +35,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, TrainState, list_checkpoints, load_checkpoint, read_manifest,
-                         read_state, resolve_resume, save_checkpoint)
+from .checkpoint import (TrainState, atomic_write_text, list_checkpoints, load_checkpoint, read_manifest,
+                         resolve_resume, save_checkpoint)
 from .config import Recipe, RecipeError
 from .loss import alignment_loss, batch_cosine
 from .target_source import target_source
@@ -253,8 +253,6 @@ def train(recipe: Recipe) -> dict:
     from students.phases import PhaseContext, training_of
     from teachers import create_teacher, resolve_spec
 
-    from students.phases import training_of
-
     t_start = time.time()
     out = Path(recipe.run.output_dir)
     accelerator = Accelerator(
@@ -311,7 +309,7 @@ def train(recipe: Recipe) -> dict:
         if resolve_spec(recipe.teacher)[1] == "random":
             # recipe.yaml must rebuild this very teacher in a fresh process (evaluation, export).
             recipe.teacher["pretrained"] = str(save_teacher_weights(teacher, out).resolve())
-        _atomic_write(out / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached
     # (data.targets): it stays on the CPU (the student inherits its weights) and runs only for what
@@ -347,7 +345,7 @@ def train(recipe: Recipe) -> dict:
 
     state = TrainState()
     if resume_from is not None:
-        state.phase = read_state(resume_from).get("phase", 0)
+        state.phase = manifest["train_state"].get("phase", 0)  # its optimizer is that phase's
     else:  # the first phase that has steps
         state.phase = next((i for i, p in enumerate(phases) if p.steps > 0), len(phases) - 1)
     model, optimizer, scheduler = start_phase(state.phase)
@@ -546,7 +544,7 @@ def train(recipe: Recipe) -> dict:
             "loader": skipped,
             "rank_checksums": checksums,
         }
-        _atomic_write(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
         if first_check and last_check:
             print(f"held-out alignment: start {_fmt(first_check)}\n                    end   {_fmt(last_check)}")
         if skipped["skipped"] or skipped["bad_shards"]:
@@ -563,7 +561,7 @@ def loader_stats_over_ranks(accelerator, stats) -> dict:
     from accelerate.utils import gather_object
 
     mine = [{"skipped": stats.skipped, "padded": stats.padded, "skipped_samples": list(stats.skipped_samples),
-             "bad_shards": list(getattr(stats, "bad_shards", []))}]
+             "bad_shards": list(stats.bad_shards)}]
     every = gather_object(mine) if accelerator.num_processes > 1 else mine
     return {"skipped": sum(s["skipped"] for s in every), "padded": sum(s["padded"] for s in every),
             "skipped_samples": [k for s in every for k in s["skipped_samples"]],
@@ -594,12 +592,6 @@ def rank_checksums(accelerator, model: nn.Module) -> list[str]:
 
 def _heldout(record: dict) -> dict:
     return {k.removeprefix("heldout/"): v for k, v in record.items() if k.startswith("heldout/")}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- checks before the work
