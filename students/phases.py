@@ -114,9 +114,12 @@ def _sparseformer_build(teacher: "Teacher", options) -> tuple[nn.Module, Any]:
     if teacher.target != "proj" and any(p.requires_grad for p in student.proj.parameters()):
         # The aligned output stops before the head, so the head would get no gradient.
         student.proj.requires_grad_(False)
+        moved = sum(p.numel() for p in student.proj.parameters())
         for name in [n for n in policy.trainable if n.startswith("proj.")]:
             policy.trainable.remove(name)
             policy.frozen.append(name)
+        policy.num_trainable -= moved  # the counts follow the lists (the run's summary reports them)
+        policy.num_frozen += moved
     return student, policy
 
 

@@ -127,3 +127,20 @@ def test_a_sparsifiner_run_is_evaluated_and_exported_like_any_run(sparsifiner_ru
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_image(images), student.eval()(images), rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_the_aligned_output_skips_is_frozen_and_counted_so():
+    """Supervised teacher, train_head: the pre-logits target leaves the head without gradient; the policy says so."""
+    from students.bootstrap import BootstrapOptions
+    from students.phases import training_for
+    from test_teachers import SPECS, build
+
+    teacher = build(SPECS["timm_vit"])
+    student, policy = training_for("sparseformer").build(teacher, BootstrapOptions(tokens=5, focus_width=32,
+                                                                                   train_head=True))
+    params = dict(student.named_parameters())
+    assert not any(p.requires_grad for p in student.proj.parameters())
+    assert all(not params[n].requires_grad for n in policy.frozen) and all(params[n].requires_grad
+                                                                           for n in policy.trainable)
+    assert policy.num_trainable == sum(params[n].numel() for n in policy.trainable)
+    assert policy.num_frozen == sum(params[n].numel() for n in policy.frozen)
