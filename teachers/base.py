@@ -1,14 +1,16 @@
 """The one teacher interface every kind of ViT teacher is wrapped in.
 
-A teacher is a frozen plain ViT (class token, pre-norm blocks, final norm, an
-optional linear head). The student needs three things from it, whatever
-library built it:
+A teacher is a frozen pre-norm ViT: optional class token and registers, blocks,
+one final LayerNorm, a pooling (class token, mean of the patch tokens, or a MAP
+attention head) and an optional linear head. The student needs three things
+from it, whatever library built it:
 
 * the alignment target, `embed(images) -> [B, embed_dim]`;
-* its architecture (depth, width, heads, patch grid, MLP activation, eps);
-* its weights in one layout, timm's ViT `Block` layout, so that the last
-  blocks, the final norm and the head can be copied into the student
-  (`block_state_dict`, `norm_state_dict`, `head_state_dict`).
+* its architecture (depth, width, heads, patch grid, MLP kind and activation,
+  qk-norm, eps, pooling);
+* its weights in one layout, timm's ViT layout, so that the last blocks, the
+  final norm, the pooling head and the head can be copied into the student
+  (`block_state_dict`, `norm_state_dict`, `pool_state_dict`, `head_state_dict`).
 
 `run_block` and `pool_norm_head` run the teacher's *own* modules; tests use
 them to prove that the copied weights reproduce the teacher exactly.
@@ -25,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ACTIVATIONS",
     "BLOCK_KEYS",
+    "MLP_LAYERS",
     "BlockModules",
     "Preprocess",
     "RandomTeacherWarning",
@@ -41,26 +45,43 @@ __all__ = [
 # What the bootstrapping construction can inherit from. Quoted in every
 # "unsupported teacher" error so the user sees the alternatives at once.
 SUPPORTED_TEACHERS = """\
-Supported teachers are plain ViTs with class-token pooling:
+Supported teachers are ViTs with pre-norm blocks, pooled by the class token, by the mean of the
+patch tokens ('avg') or by a MAP attention head ('map'), with or without a class token:
   kind 'openclip': open_clip models whose image tower is open_clip's own
     VisionTransformer with pool_type 'tok', no attentional pooler and default
     blocks: ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14,
     ViT-bigG-14 and their -quickgelu variants (use -quickgelu for 'openai'
-    weights), or a model_cfg with an integer vision_cfg.layers;
-  kind 'timm': timm VisionTransformer with global_pool='token', standard
-    Block/Attention (fused qkv, no qk-norm)/Mlp and GELU or QuickGELU:
-    vit_* (AugReg, e.g. vit_large_patch16_384.augreg_in21k_ft_in1k), DeiT
-    without distillation, DINO (vit_*_patch16_224.dino), DINOv2 S/B/L
-    (vit_*_patch14_dinov2, vit_*_patch14_reg4_dinov2), timm's CLIP image
+    weights), or a model_cfg with an integer vision_cfg.layers; and models
+    whose image tower is a timm ViT of the kind below, with their text tower,
+    logit_scale and logit_bias: ViT-B-16-SigLIP, ViT-SO400M-14-SigLIP-384,
+    ViT-B-16-SigLIP2, ViT-SO400M-16-SigLIP2-384 and the other SigLIP/SigLIP2
+    sizes, vit_medium_patch16_gap_256;
+  kind 'timm': timm VisionTransformer with global_pool 'token', 'avg' or
+    'map', Block/Attention with fused qkv and optional LayerNorm qk-norm,
+    Mlp, SwiGLU or GluMlp MLPs with GELU, GELU-tanh, QuickGELU or SiLU,
+    LayerScale, register tokens and an optional fc_norm: vit_* (AugReg, e.g.
+    vit_large_patch16_384.augreg_in21k_ft_in1k), DeiT without distillation,
+    DINO (vit_*_patch16_224.dino), DINOv2 S/B/L/g (vit_*_patch14_dinov2,
+    vit_*_patch14_reg4_dinov2, SwiGLU for giant), SigLIP and SigLIP 2 image
+    towers (vit_base_patch16_siglip_224, vit_so400m_patch14_siglip_384,
+    vit_base_patch16_siglip_224.v2_webli, *_siglip_gap_*), timm's CLIP image
     towers (vit_*_clip_*, as image-only teachers).
-Not supported: ResNet CLIPs (RN50, RN101, ...), CoCa and attention-pooled
-towers, open_clip towers built from timm (SigLIP, EVA, ViTamin, ...), hybrid
-CNN-ViTs (vit_*_r50_*, vit_tiny_r_s16_p8_*), average- or MAP-pooled ViTs,
-distilled DeiT, DINOv2 giant (SwiGLU), and blocks with qk-norm, SwiGLU,
-parallel or post-norm layout."""
+Not supported: ResNet and ConvNeXt CLIPs (RN50, convnext_*, ...), CoCa, towers
+with rotary position embeddings (EVA-02, PE-Core), hybrid CNN-ViTs
+(vit_*_r50_*, vit_tiny_r_s16_p8_*), NaFlex and relative-position ViTs,
+ViTamin, MobileCLIP, distilled DeiT, max-pooled ViTs, RMSNorm blocks,
+parallel, post-norm or scaled-norm blocks, and open_clip towers with an MLP
+projection."""
 
-# Key layout of one block as returned by `Teacher.block_state_dict`: the layout
-# of `timm.models.vision_transformer.Block` with qkv and proj biases.
+# The MLP kinds and activations a teacher's blocks may have (timm's layers: `Mlp` fc1-act-fc2,
+# `SwiGLU` act(fc1_g) * fc1_x, `GluMlp` one packed fc1 whose second half is the gate ('glu') or whose
+# first half is ('glu_gate_first': timm's SwiGLUPacked, DINOv2 giant)); `students.blocks` builds them.
+MLP_LAYERS = ("mlp", "swiglu", "glu", "glu_gate_first")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
+# Key layout of one plain block as returned by `Teacher.block_state_dict`: the layout
+# of `timm.models.vision_transformer.Block` with qkv and proj biases. Blocks of other kinds
+# (qk-norm, SwiGLU/GLU MLPs) have the keys of that timm `Block`.
 BLOCK_KEYS = (
     "norm1.weight", "norm1.bias",
     "attn.qkv.weight", "attn.qkv.bias",
@@ -163,6 +184,16 @@ class BlockModules:
     norm2: nn.Module
     mlp: nn.Module
     ls2: nn.Module
+    q_norm: nn.Module = nn.Identity()  # qk-norm (timm `qk_norm=True`), applied to q and k per head
+    k_norm: nn.Module = nn.Identity()
+
+    def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's queries and keys [B, H, N, head_dim] for tokens x [B, N, C] (qk-norm applied)."""
+        b, n, c = x.shape
+        weight, bias = self.qkv_weight[: 2 * c], None if self.qkv_bias is None else self.qkv_bias[: 2 * c]
+        qk = torch.nn.functional.linear(self.norm1(x), weight, bias)
+        q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k)
 
 
 # Train-time augmentation keys understood by `Teacher.train_transform`.
@@ -223,12 +254,18 @@ class Teacher(nn.Module):
         model: the wrapped open_clip CLIP / timm VisionTransformer.
         preprocess: `Preprocess`.
         depth, width, num_heads, patch_size, grid_size, num_patches,
-        num_prefix_tokens (class token + registers), mlp_hidden_dim,
-        mlp_act ('gelu' | 'quick_gelu'), layer_scale, norm_eps: architecture.
+        num_prefix_tokens (class token + registers), has_class_token, mlp_hidden_dim (timm's
+        `hidden_features`: the width of fc1's output, both halves for a packed GLU), mlp_layer
+        (`MLP_LAYERS`), mlp_act (`ACTIVATIONS`), qk_norm, layer_scale, norm_eps: architecture.
+        pool: 'token' | 'avg' (mean of the patch tokens) | 'map' (a MAP attention head over the
+        patch tokens, `pool_spec` its constructor arguments, `pool_state_dict` its weights).
+        norm_before_pool: the final LayerNorm applies to every token before pooling (timm `norm`)
+        rather than to the pooled feature (timm `fc_norm`); the same for class-token pooling.
         embed_dim: size of `embed()` output.
         target: 'proj' (CLIP: after the projection) | 'norm' (pre-logits).
         num_classes: classifier classes (timm with a head), else 0.
-        tokenizer, logit_scale: CLIP only (None otherwise).
+        tokenizer, logit_scale: CLIP only (None otherwise); logit_bias: SigLIP only (sigmoid logits
+        `logit_scale * cos + logit_bias`), None otherwise.
 
     Teachers never train: `train()` keeps eval mode and no parameter requires grad.
     """
@@ -238,6 +275,13 @@ class Teacher(nn.Module):
     family: str
     target: str
     default_train_aug: Mapping[str, Any] = {}
+    # The plain ViT's values; teachers of other kinds set their own.
+    has_class_token: bool = True
+    mlp_layer: str = "mlp"
+    qk_norm: bool = False
+    pool: str = "token"
+    pool_spec: Mapping[str, Any] | None = None
+    norm_before_pool: bool = True
 
     def __init__(self, *, kind: str, name: str, family: str, spec: Mapping[str, Any],
                  model: nn.Module, preprocess: Preprocess):
@@ -249,6 +293,7 @@ class Teacher(nn.Module):
         self.model = model
         self.preprocess = preprocess
         self.logit_scale = None
+        self.logit_bias = None
         model.requires_grad_(False)
         self.train(False)
 
@@ -285,7 +330,7 @@ class Teacher(nn.Module):
         out: dict[str, Any] = {}
         with torch.no_grad():
             if "embedding" in needs:
-                out["embedding"] = self._pool_norm_head(x)
+                out["embedding"] = self._embed_from_tokens(x)
             if "tokens" in needs:
                 out["tokens"] = self._final_norm()(x)
         if "attention" in needs:
@@ -369,7 +414,7 @@ class Teacher(nn.Module):
         return x if class_token else x[:, self.num_prefix_tokens:]
 
     def norm_state_dict(self) -> dict[str, Tensor]:
-        """{'weight', 'bias'} of the final norm (applied to the pooled class token)."""
+        """{'weight', 'bias'} of the final norm (on every token, or on the pooled feature: `norm_before_pool`)."""
         sd = _ln_affine(self._final_norm(), "")
         return {k: v.detach().clone() for k, v in sd.items()}
 
@@ -380,13 +425,22 @@ class Teacher(nn.Module):
         """{'weight': [out, width], optional 'bias'} of the output head, or None (no head)."""
         raise NotImplementedError
 
+    def pool_state_dict(self) -> dict[str, Tensor] | None:
+        """The MAP head's weights in timm `AttentionPoolLatent` names (detached copies), or None (no MAP head)."""
+        return None
+
     def pool_norm_head(self, tokens: Tensor) -> Tensor:
-        """The teacher's own final path on tokens leaving the last block: class token, norm, head."""
+        """The teacher's own final path on tokens leaving the last block: norm, pooling, head (in its order)."""
         with torch.no_grad():
             return self._pool_norm_head(tokens)
 
     def _pool_norm_head(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _embed_from_tokens(self, tokens: Tensor) -> Tensor:
+        """What `embed` returns, from the tokens leaving the last block (a pre-logits target stops before
+        the head)."""
+        return self._pool_norm_head(tokens)
 
     # ------------------------------------------------- the whole tower (Sparsifiner)
     def stem_state_dict(self) -> dict[str, Tensor]:
@@ -399,25 +453,18 @@ class Teacher(nn.Module):
     def _stem_state_dict(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _attention_params(self, i: int) -> tuple[nn.Module, Tensor, Tensor | None]:
-        """Block i's pre-attention norm and fused qkv weight [3C, C] and bias."""
-        raise NotImplementedError
-
     def _tower_pass(self, images: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
         """Tokens leaving the last block, and (with `attention`) every block's dense attention
         probabilities [B, H, N, N]: softmax(q kᵀ / sqrt(d)), recomputed from the block's own q and k
-        (fused attention kernels never form them) before the block runs."""
+        (`BlockModules.qk`; fused attention kernels never form them) before the block runs."""
         self._check_images(images)
         maps = []
         with torch.no_grad():
             x = self._embed_tokens(images)
             for i in range(self.depth):
                 if attention:
-                    norm, weight, bias = self._attention_params(i)
-                    b, n, c = x.shape
-                    qk = torch.nn.functional.linear(norm(x), weight[: 2 * c], None if bias is None else bias[: 2 * c])
-                    q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-                    maps.append(((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1))
+                    q, k = self._block_modules(i).qk(x)
+                    maps.append(((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1))
                 x = self._run_block(i, x)
         return x, maps
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -30,8 +31,10 @@ from .base import (
     closest,
     weights_load_reason,
 )
+from .timm_vit import TimmTower
+from .timm_vit import structure_problems as timm_structure_problems
 
-__all__ = ["OpenClipTeacher", "create_openclip_teacher", "supported_openclip_models"]
+__all__ = ["OpenClipTeacher", "OpenClipTimmTeacher", "create_openclip_teacher", "supported_openclip_models"]
 
 # vision_cfg switches that select open_clip's CustomResidualAttentionBlock; the
 # student's timm-layout block has none of them.
@@ -57,17 +60,17 @@ def _without_random_init_notice():
         logging.getLogger().removeFilter(notice)
 
 def config_problems(cfg: Mapping[str, Any]) -> list[str]:
-    """Why an open_clip model config is not a plain class-token ViT ([] when it is).
+    """Why an open_clip model config is not a ViT the students can inherit from ([] when it is).
 
-    Read from the config so unsupported models fail before any download.
+    Read from the config (a timm tower is probed on the meta device) so unsupported models fail before
+    any download.
     """
     vision = cfg.get("vision_cfg", {})
     problems = []
     if "multimodal_cfg" in cfg:
         problems.append("it is a CoCa model (multimodal decoder, attention-pooled image tower)")
     if vision.get("timm_model_name"):
-        problems.append(f"its image tower is the timm model '{vision['timm_model_name']}' wrapped by open_clip "
-                        f"(for a timm ViT use kind: timm)")
+        return problems + timm_tower_problems(vision)
     if isinstance(vision.get("layers", 12), (list, tuple)):
         problems.append("its image tower is a ModifiedResNet (vision_cfg.layers is a list)")
     if vision.get("attentional_pool"):
@@ -80,11 +83,44 @@ def config_problems(cfg: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def supported_openclip_models() -> list[str]:
-    """open_clip's built-in model names this package can use as teachers."""
+def timm_tower_problems(vision: Mapping[str, Any]) -> list[str]:
+    """Why an open_clip timm image tower (`vision_cfg.timm_model_name`) cannot be inherited ([] when it can):
+    its head must be none or a Linear projection, and the timm model (built as open_clip's `TimmModel`
+    builds it, on the meta device) a ViT that `teachers.timm_vit` supports."""
+    import timm
+
+    from .timm_vit import structure_problems as timm_problems
+
+    name, pool, proj = vision["timm_model_name"], vision.get("timm_pool", "avg"), vision.get("timm_proj", "linear")
+    if pool in ("abs_attn", "rot_attn"):
+        return [f"its image tower '{name}' pools with open_clip's {pool} attention pool"]
+    if proj == "mlp":
+        return [f"its image tower '{name}' ends in an MLP projection (timm_proj 'mlp')"]
+    if not timm.is_model(name):
+        return [f"its image tower names the timm model '{name}', which this timm does not have"]
+    try:
+        if proj in ("linear", "mlp"):
+            trunk = timm.create_model(name, pretrained=False, device="meta")
+            trunk.reset_classifier(0, **(dict(global_pool=pool) if pool else {}))
+        else:
+            trunk = timm.create_model(name, pretrained=False, device="meta", num_classes=0 if proj == "none" else 1,
+                                      global_pool=pool)
+    except Exception as exc:  # timm models that take no device / pool argument are not ViTs we support
+        return [f"its image tower '{name}' could not be built as a timm ViT ({type(exc).__name__}: {exc})"]
+    return [f"its image tower (timm '{name}'): {p}" for p in
+            timm_problems(trunk, projection=nn.Linear(1, 1) if proj == "linear" else None)]
+
+
+@functools.lru_cache(maxsize=1)
+def _supported_openclip_models() -> tuple[str, ...]:
     import open_clip
 
-    return [n for n in open_clip.list_models() if not config_problems(open_clip.get_model_config(n))]
+    return tuple(n for n in open_clip.list_models() if not config_problems(open_clip.get_model_config(n)))
+
+
+def supported_openclip_models() -> list[str]:
+    """open_clip's built-in model names this package can use as teachers."""
+    return list(_supported_openclip_models())
 
 
 # --------------------------------------------------------------------------- build
@@ -167,7 +203,8 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
     cfg = json.loads(json.dumps(cfg))  # a private copy in plain JSON types
     if spec.get("image_size") is not None:
         cfg["vision_cfg"]["image_size"] = spec["image_size"]
-    return OpenClipTeacher(model, name=name, spec=spec, tokenizer_name=arch, model_cfg=cfg)
+    cls = OpenClipTimmTeacher if cfg["vision_cfg"].get("timm_model_name") else OpenClipTeacher
+    return cls(model, name=name, spec=spec, tokenizer_name=arch, model_cfg=cfg)
 
 
 def _create_from_tag(name: str, cfg: Mapping[str, Any], tag: str | None, spec: Mapping[str, Any],
@@ -243,51 +280,27 @@ def structure_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-class OpenClipTeacher(Teacher):
-    """An open_clip CLIP whose image tower is a plain ViT.
+def _preprocess(visual: nn.Module) -> Preprocess:
+    pp = visual.preprocess_cfg
+    size = pp["size"]
+    return Preprocess(size=(size, size) if isinstance(size, int) else tuple(size), mean=tuple(pp["mean"]),
+                      std=tuple(pp["std"]), interpolation=pp["interpolation"], crop_pct=1.0,
+                      resize_mode=pp.get("resize_mode", "shortest"))
 
-    Target: `encode_image` (projected, not normalised). Head: `visual.proj`
-    transposed ([embed_dim, width], no bias). Text tower: `encode_text`,
-    `tokenizer` (built on first use), `logit_scale` (exp of the learned
-    parameter, 100 for OpenAI CLIP). `model_cfg`: the open_clip config it was
-    built from (with the spec's image_size applied).
-    """
+
+class _ClipText:
+    """The text side of an open_clip teacher: tokenizer, `encode_text`, `logit_scale`, `logit_bias`."""
 
     kind = "openclip"
     target = "proj"
     # open_clip's training defaults: mild crops, no flips.
     default_train_aug = {"scale": (0.9, 1.0), "hflip": 0.0}
 
-    def __init__(self, model: nn.Module, *, name: str, spec: Mapping[str, Any], tokenizer_name: str,
-                 model_cfg: Mapping[str, Any] | None = None):
-        problems = structure_problems(model)
-        if problems:
-            raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
-        visual = model.visual
-        pp = visual.preprocess_cfg
-        size = pp["size"]
-        super().__init__(
-            kind=self.kind, name=name, family="clip", spec=spec, model=model,
-            preprocess=Preprocess(
-                size=(size, size) if isinstance(size, int) else tuple(size),
-                mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp["interpolation"],
-                crop_pct=1.0, resize_mode=pp.get("resize_mode", "shortest")))
-        blocks = visual.transformer.resblocks
-        first = blocks[0]
-        self.depth = len(blocks)
-        self.width = visual.transformer.width
-        self.num_heads = first.attn.num_heads
-        self.patch_size = tuple(visual.patch_size)
-        self.grid_size = tuple(visual.grid_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.num_prefix_tokens = 1
-        self.mlp_hidden_dim = first.mlp.c_fc.out_features
-        self.mlp_act = _mlp_act(first.mlp.gelu)
-        self.layer_scale = hasattr(first.ls_1, "gamma")
-        self.norm_eps = first.ln_1.eps
-        self.embed_dim = visual.proj.shape[1]
-        self.num_classes = 0
+    def _init_text(self, model: nn.Module, tokenizer_name: str, model_cfg: Mapping[str, Any] | None) -> None:
         self.logit_scale = float(model.logit_scale.detach().exp())
+        bias = getattr(model, "logit_bias", None)
+        # SigLIP: sigmoid logits, logit_scale * cos + logit_bias.
+        self.logit_bias = None if bias is None else float(bias.detach())
         self._tokenizer_name = tokenizer_name
         self._tokenizer = None
         # The open_clip config the model was built from (image_size override applied), e.g. for exports.
@@ -309,6 +322,80 @@ class OpenClipTeacher(Teacher):
     def encode_text(self, tokens: Tensor) -> Tensor:
         with torch.no_grad():
             return self.model.encode_text(tokens.to(self.model.logit_scale.device))
+
+
+class OpenClipTimmTeacher(_ClipText, TimmTower):
+    """An open_clip CLIP or SigLIP whose image tower is open_clip's `TimmModel` around a timm ViT
+    (`visual.trunk`), e.g. ViT-B-16-SigLIP: the tower is read as a timm teacher's is (MAP or average
+    pooling, no class token, SwiGLU/qk-norm blocks), followed by `visual.head.proj` when open_clip adds
+    one. Target: `encode_image`; text tower, `logit_scale` and `logit_bias` as `OpenClipTeacher`'s."""
+
+    def __init__(self, model: nn.Module, *, name: str, spec: Mapping[str, Any], tokenizer_name: str,
+                 model_cfg: Mapping[str, Any] | None = None):
+        visual = getattr(model, "visual", None)
+        trunk, projection, problems = _timm_tower(visual)
+        if not problems:
+            problems = timm_structure_problems(trunk, projection)
+        if problems:
+            raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
+        super().__init__(kind=self.kind, name=name, family="clip", spec=spec, model=model,
+                         preprocess=_preprocess(visual))
+        self._init_tower(trunk, projection)
+        self.embed_dim = projection.out_features if projection is not None else \
+            (trunk.head.out_features if isinstance(trunk.head, nn.Linear) else trunk.embed_dim)
+        self.num_classes = 0
+        self._init_text(model, tokenizer_name, model_cfg)
+
+
+def _timm_tower(visual: nn.Module) -> tuple[nn.Module | None, nn.Linear | None, list[str]]:
+    """open_clip's `TimmModel`: its timm trunk and its Linear projection (None when it adds none)."""
+    from open_clip.timm_model import TimmModel
+
+    if not isinstance(visual, TimmModel):
+        return None, None, [f"its image tower is {type(visual).__name__}, not open_clip's TimmModel"]
+    extra = [n for n, m in visual.head.named_children() if n not in ("drop", "proj")]
+    if extra:
+        return None, None, [f"its timm tower's head has {', '.join(extra)} (only a Linear projection is supported)"]
+    proj = getattr(visual.head, "proj", None)
+    if proj is not None and not isinstance(proj, nn.Linear):
+        return None, None, [f"its timm tower's projection is a {type(proj).__name__}, not a Linear"]
+    return visual.trunk, proj, []
+
+
+class OpenClipTeacher(_ClipText, Teacher):
+    """An open_clip CLIP whose image tower is open_clip's own ViT.
+
+    Target: `encode_image` (projected, not normalised). Head: `visual.proj`
+    transposed ([embed_dim, width], no bias). Text tower: `encode_text`,
+    `tokenizer` (built on first use), `logit_scale` (exp of the learned
+    parameter, 100 for OpenAI CLIP). `model_cfg`: the open_clip config it was
+    built from (with the spec's image_size applied).
+    """
+
+    def __init__(self, model: nn.Module, *, name: str, spec: Mapping[str, Any], tokenizer_name: str,
+                 model_cfg: Mapping[str, Any] | None = None):
+        problems = structure_problems(model)
+        if problems:
+            raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
+        visual = model.visual
+        super().__init__(kind=self.kind, name=name, family="clip", spec=spec, model=model,
+                         preprocess=_preprocess(visual))
+        blocks = visual.transformer.resblocks
+        first = blocks[0]
+        self.depth = len(blocks)
+        self.width = visual.transformer.width
+        self.num_heads = first.attn.num_heads
+        self.patch_size = tuple(visual.patch_size)
+        self.grid_size = tuple(visual.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_prefix_tokens = 1
+        self.mlp_hidden_dim = first.mlp.c_fc.out_features
+        self.mlp_act = _mlp_act(first.mlp.gelu)
+        self.layer_scale = hasattr(first.ls_1, "gamma")
+        self.norm_eps = first.ln_1.eps
+        self.embed_dim = visual.proj.shape[1]
+        self.num_classes = 0
+        self._init_text(model, tokenizer_name, model_cfg)
 
     def _blocks(self):
         return self.model.visual.transformer.resblocks
@@ -345,10 +432,6 @@ class OpenClipTeacher(Teacher):
         if not isinstance(visual.ln_pre, nn.Identity):
             sd.update({"norm_pre." + k: v for k, v in _ln_affine(visual.ln_pre, "").items()})
         return sd
-
-    def _attention_params(self, i: int):
-        blk = self._blocks()[i]
-        return blk.ln_1, blk.attn.in_proj_weight, blk.attn.in_proj_bias
 
     def _final_norm(self) -> nn.Module:
         return self.model.visual.ln_post

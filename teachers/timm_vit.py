@@ -1,7 +1,9 @@
-"""timm ViT teachers: AugReg / DeiT / DINO / DINOv2 / timm CLIP image towers.
+"""timm ViT teachers: AugReg / DeiT / DINO / DINOv2 / SigLIP / timm CLIP image towers.
 
-Target: the normalised class-token feature before the head (timm's
-`forward_head(..., pre_logits=True)`).
+Target: the pooled, normalised feature before the head (timm's
+`forward_head(..., pre_logits=True)`): the class token, the mean of the patch
+tokens, or the MAP head's output. `TimmTower` reads any supported timm
+`VisionTransformer` (also inside open_clip's timm towers, `teachers.openclip`).
 
 Family: 'dino' for names containing 'dino' and for any other headless ViT
 (a feature teacher, evaluated by linear probe); 'supervised' when the model has
@@ -23,83 +25,196 @@ from . import hub
 from .base import (
     BlockModules,
     Preprocess,
+    _linear,
+    _ln_affine,
     RandomTeacherWarning,
     Teacher,
     TeacherSpecError,
     TeacherWeightsError,
     UnsupportedTeacherError,
-    block_parts,
     closest,
     weights_load_reason,
 )
 
-__all__ = ["TimmTeacher", "create_timm_teacher", "structure_problems"]
+__all__ = ["TimmTeacher", "TimmTower", "create_timm_teacher", "map_pool_spec", "structure_problems",
+           "timm_block_state_dict"]
 
 
 def _mlp_act(act: nn.Module) -> str | None:
+    """The activation's name in `ACTIVATIONS`, or None."""
     from open_clip.transformer import QuickGELU as OpenClipQuickGELU
-    from timm.layers.activations import GELU, QuickGELU
+    from timm.layers.activations import GELU, GELUTanh, QuickGELU
 
     if isinstance(act, (QuickGELU, OpenClipQuickGELU)):
         return "quick_gelu"
+    if isinstance(act, GELUTanh) or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "gelu_tanh"
     if isinstance(act, GELU) or (isinstance(act, nn.GELU) and act.approximate == "none"):
         return "gelu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
     return None
 
 
+def _mlp_layer(mlp: nn.Module) -> str | None:
+    """The MLP's kind in `MLP_LAYERS`, or None."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear):
+        return "mlp"
+    if type(mlp) is SwiGLU:
+        return "swiglu"
+    if type(mlp) is GluMlp and isinstance(mlp.fc1, nn.Linear):
+        return "glu" if mlp.gate_last else "glu_gate_first"
+    return None
+
+
+def mlp_hidden_dim(mlp: nn.Module) -> int:
+    """timm's `hidden_features` of an MLP: fc1's width (both halves of a packed GLU; one branch of SwiGLU)."""
+    return mlp.fc1_g.out_features if hasattr(mlp, "fc1_g") else mlp.fc1.out_features
+
+
+def _block_kind(blk: nn.Module) -> tuple:
+    """What must agree between blocks for one student block kind to hold them all."""
+    return (_mlp_layer(blk.mlp), _mlp_act(blk.mlp.act), mlp_hidden_dim(blk.mlp),
+            not isinstance(blk.attn.q_norm, nn.Identity), not isinstance(blk.ls1, nn.Identity))
+
+
 def _block_problem(blk: nn.Module, width: int) -> str | None:
-    from timm.layers import Attention, LayerScale, Mlp
+    from timm.layers import Attention, LayerScale
     from timm.models.vision_transformer import Block
 
     if type(blk) is not Block:
-        return f"{type(blk).__name__} (not the standard pre-norm Block)"
+        return f"{type(blk).__name__} (not the standard pre-norm Block: parallel, post-norm and scaled-norm " \
+               f"blocks are unsupported)"
     attn, mlp = blk.attn, blk.mlp
     if type(attn) is not Attention:
         return f"{type(attn).__name__} attention (not fused-qkv Attention)"
-    if not all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)):
-        return "qk-norm or attention-output norm"
+    if not isinstance(attn.norm, nn.Identity):
+        return "an attention-output norm (scale_attn_norm)"
+    qk = (attn.q_norm, attn.k_norm)
+    if not (all(isinstance(n, nn.Identity) for n in qk) or all(isinstance(n, nn.LayerNorm) for n in qk)):
+        return f"qk-norm with {type(attn.q_norm).__name__} (LayerNorm qk-norm is supported)"
     if getattr(attn, "gate", None) is not None:
         return "gated attention"
     if attn.attn_dim != width:
         return f"attention width {attn.attn_dim} differs from the model width {width}"
-    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-        return f"{type(mlp).__name__} MLP (not the plain fc1-act-fc2 Mlp; SwiGLU/GLU/normed MLPs are unsupported)"
+    if _mlp_layer(mlp) is None:
+        return f"{type(mlp).__name__} MLP (Mlp, SwiGLU and GluMlp are supported)"
+    if not isinstance(mlp.norm, nn.Identity):
+        return "a norm inside the MLP (scale_mlp_norm)"
     if _mlp_act(mlp.act) is None:
-        return f"MLP activation {mlp.act!r} is neither GELU nor QuickGELU"
+        return f"MLP activation {mlp.act!r} (GELU, GELU-tanh, QuickGELU and SiLU are supported)"
     if not all(isinstance(n, nn.LayerNorm) for n in (blk.norm1, blk.norm2)):
-        return "norms are not LayerNorm"
+        return f"{type(blk.norm1).__name__} norms (LayerNorm is supported; not RMSNorm)"
     if not all(isinstance(s, (nn.Identity, LayerScale)) for s in (blk.ls1, blk.ls2)):
         return "unknown branch scaling"
     return None
 
 
-def structure_problems(model: nn.Module) -> list[str]:
-    """Why a timm model is not a plain class-token ViT ([] when it is)."""
+def map_pool_spec(pool: nn.Module, width: int) -> tuple[dict | None, str | None]:
+    """The constructor arguments of a timm `AttentionPoolLatent` (MAP head) that rebuild it over `width`
+    tokens, as plain data (`students.blocks.map_pool` builds it), or a reason it cannot be inherited."""
+    from timm.layers import AttentionPoolLatent, Mlp
+
+    if type(pool) is not AttentionPoolLatent:
+        return None, f"its attention pool is a {type(pool).__name__} (timm's AttentionPoolLatent is supported)"
+    if pool.pos_embed is not None:
+        return None, "its MAP head adds its own position embedding"
+    if not isinstance(pool.proj, nn.Linear) or pool.proj.out_features != width or type(pool.mlp) is not Mlp:
+        return None, "its MAP head is not the standard one (attention, projection to the width, norm, MLP)"
+    if _mlp_act(pool.mlp.act) is None or not isinstance(pool.mlp.norm, nn.Identity):
+        return None, f"its MAP head's MLP activation {pool.mlp.act!r} is unsupported"
+    if pool.kv.in_features != width:
+        return None, "its MAP head attends at another width than the tokens'"
+    norm = pool.norm
+    if not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+        return None, f"its MAP head's norm is a {type(norm).__name__}"
+    qk_norm = not isinstance(pool.q_norm, nn.Identity)
+    if qk_norm and not isinstance(pool.q_norm, nn.LayerNorm):
+        return None, "its MAP head's qk-norm is not a LayerNorm"
+    return dict(num_heads=pool.num_heads, latent_len=pool.latent_len, latent_dim=pool.latent_dim,
+                qkv_bias=pool.kv.bias is not None, q_proj=isinstance(pool.q, nn.Linear), qk_norm=qk_norm,
+                pool_type=pool.pool, mlp_hidden_dim=pool.mlp.fc1.out_features, act=_mlp_act(pool.mlp.act),
+                eps=None if isinstance(norm, nn.Identity) else norm.eps,
+                qk_norm_eps=pool.q_norm.eps if qk_norm else None), None
+
+
+# timm model classes that are ViTs in name but not of the kind the students inherit from, with the reason.
+_OTHER_VITS = {
+    "Eva": "it uses rotary position embeddings (EVA-02 and its kin); the students have no rotary attention",
+    "VisionTransformerDistilled": "it is a distilled DeiT (two heads: class and distillation tokens)",
+    "VisionTransformerRelPos": "it uses relative position biases in every block",
+    "NaFlexVit": "it is a NaFlex ViT (variable resolution and aspect, patch-level position embeddings)",
+    "VisionTransformerSAM": "it is a SAM image encoder (windowed attention, a convolutional neck)",
+}
+
+
+def structure_problems(model: nn.Module, projection: nn.Module | None = None) -> list[str]:
+    """Why a timm model is not a ViT the students can inherit from ([] when it is).
+
+    `projection`: the Linear an open_clip tower applies after the timm model, if any.
+    """
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
 
+    name = type(model).__name__
+    if name in _OTHER_VITS:
+        return [_OTHER_VITS[name]]
     if type(model) is not VisionTransformer:
-        return [f"it is a {type(model).__name__}, not timm's VisionTransformer"]
+        what = "a CNN" if any(k in name.lower() for k in ("resnet", "convnext", "efficientnet", "regnet")) else \
+            f"a {name}"
+        return [f"it is {what}, not timm's VisionTransformer"]
     problems = []
     if type(model.patch_embed) is not PatchEmbed:
         problems.append(f"its patch embedding is a {type(model.patch_embed).__name__} (hybrid CNN stem)")
-    if model.global_pool != "token" or model.attn_pool is not None or not model.has_class_token:
-        problems.append(f"it pools with global_pool={model.global_pool!r}, not the class token ('token')")
+    pool = model.global_pool
+    if pool not in ("token", "avg", "map"):
+        problems.append(f"it pools with global_pool={pool!r} (class token 'token', 'avg' and 'map' are supported)")
+    elif pool == "token" and not model.has_class_token:
+        problems.append("it pools the class token but has none")
+    elif pool == "map":
+        problem = map_pool_spec(model.attn_pool, model.embed_dim)[1]
+        if problem:
+            problems.append(problem)
+    if pool in ("avg", "map") and model.num_prefix_tokens and getattr(model, "pool_include_prefix", False):
+        problems.append("it pools over its prefix tokens too (pool_include_prefix)")
     final = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
     if len(final) != 1 or not isinstance(final[0], nn.LayerNorm):
         problems.append("it needs exactly one final LayerNorm (norm or fc_norm)")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         problems.append(f"its head is a {type(model.head).__name__}, not a Linear")
+    if projection is not None and isinstance(model.head, nn.Linear):
+        problems.append("it has two heads (the timm model's and the open_clip projection)")
     for i, blk in enumerate(model.blocks):
         problem = _block_problem(blk, model.embed_dim)
         if problem:
             problems.append(f"block {i} has {problem}")
             break
     if not problems:
-        eps = {blk.norm1.eps for blk in model.blocks} | {blk.norm2.eps for blk in model.blocks} | {final[0].eps}
+        kinds = {_block_kind(blk) for blk in model.blocks}
+        if len(kinds) > 1:
+            problems.append("its blocks are not all of one kind (MLP, activation, width, qk-norm, LayerScale)")
+        norms = [n for blk in model.blocks for n in (blk.norm1, blk.norm2, blk.attn.q_norm, blk.attn.k_norm)
+                 if isinstance(n, nn.LayerNorm)]
+        eps = {n.eps for n in norms} | {final[0].eps}
         if len(eps) > 1:
             problems.append(f"its LayerNorms use different eps {sorted(eps)}")
     return problems
+
+
+def timm_block_state_dict(blk: nn.Module) -> dict[str, Tensor]:
+    """A timm `Block`'s weights under its own names, LayerScale folded into attn.proj / mlp.fc2 (exact),
+    zeros for missing Linear biases and ones/zeros for missing LayerNorm affines (the students' blocks
+    always have them). Detached copies."""
+    gammas = {"attn.proj": getattr(blk.ls1, "gamma", None), "mlp.fc2": getattr(blk.ls2, "gamma", None)}
+    sd = {}
+    for name, mod in blk.named_modules():
+        if isinstance(mod, nn.Linear):
+            sd.update(_linear(mod, f"{name}.", gammas.get(name)))
+        elif isinstance(mod, nn.LayerNorm):
+            sd.update(_ln_affine(mod, f"{name}."))
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------- build
@@ -109,8 +224,9 @@ def _create(name: str, kwargs: Mapping[str, Any], **extra) -> nn.Module:
 
     try:
         return timm.create_model(name, **extra, **kwargs)
-    except TypeError as exc:
-        raise TeacherSpecError(f"timm could not build '{name}' with model_kwargs {dict(kwargs)}: {exc}") from exc
+    except (TypeError, AssertionError) as exc:  # timm checks its arguments with asserts
+        raise TeacherSpecError(f"timm could not build '{name}' with model_kwargs {dict(kwargs)}: "
+                               f"{exc or type(exc).__name__}") from exc
 
 
 def _pair(size) -> tuple:
@@ -207,8 +323,88 @@ def _create_from_hub(name: str, kwargs: Mapping[str, Any], cache_dir) -> nn.Modu
 
 
 # ------------------------------------------------------------------------- teacher
-class TimmTeacher(Teacher):
-    """A timm `VisionTransformer` with class-token pooling (see the module docstring)."""
+class TimmTower(Teacher):
+    """A teacher whose image tower is a timm `VisionTransformer` (`self.vit`), optionally followed by a
+    bias-free or biased Linear `projection` (open_clip's timm towers). The kinds (`TimmTeacher`,
+    `teachers.openclip.OpenClipTimmTeacher`) say what the target is; everything about the tower is here."""
+
+    def _init_tower(self, vit: nn.Module, projection: nn.Linear | None = None) -> None:
+        self.vit = vit
+        self.projection = projection
+        first = vit.blocks[0]
+        self.depth = len(vit.blocks)
+        self.width = vit.embed_dim
+        self.num_heads = first.attn.num_heads
+        self.patch_size = tuple(vit.patch_embed.patch_size)
+        self.grid_size = tuple(vit.patch_embed.grid_size)
+        self.num_patches = vit.patch_embed.num_patches
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.has_class_token = bool(vit.has_class_token)
+        self.mlp_layer = _mlp_layer(first.mlp)
+        self.mlp_hidden_dim = mlp_hidden_dim(first.mlp)
+        self.mlp_act = _mlp_act(first.mlp.act)
+        self.qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
+        self.layer_scale = not isinstance(first.ls1, nn.Identity)
+        self.norm_eps = first.norm1.eps
+        self.pool = vit.global_pool
+        self.pool_spec = map_pool_spec(vit.attn_pool, vit.embed_dim)[0] if self.pool == "map" else None
+        self.norm_before_pool = not isinstance(vit.norm, nn.Identity)
+
+    def _block_state_dict(self, i: int) -> dict[str, Tensor]:
+        return timm_block_state_dict(self.vit.blocks[i])
+
+    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+        return self.vit.blocks[i](tokens)
+
+    def _block_modules(self, i: int) -> BlockModules:
+        blk = self.vit.blocks[i]
+        return BlockModules(norm1=blk.norm1, qkv_weight=blk.attn.qkv.weight, qkv_bias=blk.attn.qkv.bias,
+                            num_heads=blk.attn.num_heads, proj=blk.attn.proj, ls1=blk.ls1, norm2=blk.norm2,
+                            mlp=blk.mlp, ls2=blk.ls2, q_norm=blk.attn.q_norm, k_norm=blk.attn.k_norm)
+
+    def _embed_tokens(self, images: Tensor) -> Tensor:
+        # The steps of VisionTransformer.forward_features before the blocks.
+        m = self.vit
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def _stem_state_dict(self) -> dict[str, Tensor]:
+        m = self.vit
+        parts = {"patch_embed.": m.patch_embed, "norm_pre.": m.norm_pre}
+        sd = {prefix + k: v for prefix, mod in parts.items() for k, v in mod.state_dict().items()}
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            if getattr(m, name, None) is not None:
+                sd[name] = getattr(m, name)
+        return sd
+
+    def _final_norm(self) -> nn.Module:
+        return self.vit.norm if not isinstance(self.vit.norm, nn.Identity) else self.vit.fc_norm
+
+    def _head(self) -> nn.Linear | None:
+        head = self.projection if self.projection is not None else self.vit.head
+        return head if isinstance(head, nn.Linear) else None
+
+    def head_state_dict(self) -> dict[str, Tensor] | None:
+        head = self._head()
+        if head is None:
+            return None
+        sd = {"weight": head.weight}
+        if head.bias is not None:
+            sd["bias"] = head.bias
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+    def pool_state_dict(self) -> dict[str, Tensor] | None:
+        if self.vit.attn_pool is None:
+            return None
+        return {k: v.detach().clone() for k, v in self.vit.attn_pool.state_dict().items()}
+
+    def _pool_norm_head(self, tokens: Tensor) -> Tensor:
+        # forward_features ends with `norm`; forward_head pools, applies fc_norm and the head.
+        x = self.vit.forward_head(self.vit.norm(tokens))
+        return x if self.projection is None else self.projection(x)
+
+
+class TimmTeacher(TimmTower):
+    """A timm `VisionTransformer` (see the module docstring); the target is its pre-logits feature."""
 
     kind = "timm"
     target = "norm"
@@ -231,70 +427,12 @@ class TimmTeacher(Teacher):
                 size=tuple(model.patch_embed.img_size), mean=tuple(data["mean"]), std=tuple(data["std"]),
                 interpolation=data["interpolation"], crop_pct=float(data["crop_pct"]),
                 resize_mode="squash" if data.get("crop_mode") == "squash" else "shortest"))
-        first = model.blocks[0]
-        self.depth = len(model.blocks)
-        self.width = model.embed_dim
-        self.num_heads = first.attn.num_heads
-        self.patch_size = tuple(model.patch_embed.patch_size)
-        self.grid_size = tuple(model.patch_embed.grid_size)
-        self.num_patches = model.patch_embed.num_patches
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.mlp_hidden_dim = first.mlp.fc1.out_features
-        self.mlp_act = _mlp_act(first.mlp.act)
-        self.layer_scale = not isinstance(first.ls1, nn.Identity)
-        self.norm_eps = first.norm1.eps
+        self._init_tower(model)
         self.embed_dim = model.embed_dim
         self.num_classes = model.head.out_features if has_head else 0
 
     def _embed(self, images: Tensor) -> Tensor:
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
-    def _block_state_dict(self, i: int) -> dict[str, Tensor]:
-        blk = self.model.blocks[i]
-        return block_parts(
-            blk.norm1, blk.attn.qkv.weight, blk.attn.qkv.bias, blk.attn.proj,
-            blk.norm2, blk.mlp.fc1, blk.mlp.fc2,
-            getattr(blk.ls1, "gamma", None), getattr(blk.ls2, "gamma", None))
-
-    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
-        return self.model.blocks[i](tokens)
-
-    def _block_modules(self, i: int) -> BlockModules:
-        blk = self.model.blocks[i]
-        return BlockModules(norm1=blk.norm1, qkv_weight=blk.attn.qkv.weight, qkv_bias=blk.attn.qkv.bias,
-                            num_heads=blk.attn.num_heads, proj=blk.attn.proj, ls1=blk.ls1, norm2=blk.norm2,
-                            mlp=blk.mlp, ls2=blk.ls2)
-
-    def _embed_tokens(self, images: Tensor) -> Tensor:
-        # The steps of VisionTransformer.forward_features before the blocks.
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
-
-    def _stem_state_dict(self) -> dict[str, Tensor]:
-        m = self.model
-        parts = {"patch_embed.": m.patch_embed, "norm_pre.": m.norm_pre}
-        sd = {prefix + k: v for prefix, mod in parts.items() for k, v in mod.state_dict().items()}
-        for name in ("cls_token", "reg_token", "pos_embed"):
-            if getattr(m, name, None) is not None:
-                sd[name] = getattr(m, name)
-        return sd
-
-    def _attention_params(self, i: int):
-        blk = self.model.blocks[i]
-        return blk.norm1, blk.attn.qkv.weight, blk.attn.qkv.bias
-
-    def _final_norm(self) -> nn.Module:
-        return self.model.norm if not isinstance(self.model.norm, nn.Identity) else self.model.fc_norm
-
-    def head_state_dict(self) -> dict[str, Tensor] | None:
-        head = self.model.head
-        if not isinstance(head, nn.Linear):
-            return None
-        sd = {"weight": head.weight}
-        if head.bias is not None:
-            sd["bias"] = head.bias
-        return {k: v.detach().clone() for k, v in sd.items()}
-
-    def _pool_norm_head(self, tokens: Tensor) -> Tensor:
-        # forward_features ends with `norm`; forward_head pools the class token, applies fc_norm, head.
-        return self.model.forward_head(self.model.norm(tokens))
+    def _embed_from_tokens(self, tokens: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.norm(tokens), pre_logits=True)

@@ -1,0 +1,84 @@
+"""The timm layers a student builds to hold what it inherits from its teacher, by name.
+
+A teacher describes its blocks and pooling head in plain data (`teachers.base.Teacher`: `mlp_layer`,
+`mlp_act`, `mlp_hidden_dim`, `qk_norm`, `pool_spec`); student configs carry the same data, and these
+functions turn it back into timm's own modules, so that the teacher's weights load under their timm names:
+
+    mlp_layer    'mlp'             Mlp: fc1, act, fc2
+                 'swiglu'          SwiGLU: act(fc1_g(x)) * fc1_x(x), fc2
+                 'glu'             GluMlp: fc1 packed [value | gate], value * act(gate), fc2
+                 'glu_gate_first'  GluMlp(gate_last=False): fc1 packed [gate | value] (DINOv2 giant's SwiGLUPacked)
+    mlp_act      'gelu' | 'gelu_tanh' | 'quick_gelu' | 'silu'
+    pool_spec    the arguments of a MAP head (timm `AttentionPoolLatent`), see `map_pool`
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping
+
+from torch import nn
+
+from teachers.base import ACTIVATIONS, MLP_LAYERS
+
+__all__ = ["ACTIVATIONS", "MLP_LAYERS", "act_layer", "attention", "map_pool", "mlp"]
+
+
+def act_layer(name: str) -> type[nn.Module] | partial:
+    """The activation class of a name in `ACTIVATIONS`."""
+    from timm.layers import QuickGELU
+
+    layers = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "quick_gelu": QuickGELU,
+              "silu": nn.SiLU}
+    if name not in layers:
+        raise ValueError(f"unknown MLP activation {name!r}; the activations are {', '.join(ACTIVATIONS)}")
+    return layers[name]
+
+
+def mlp(kind: str, dim: int, hidden_dim: int, act: str) -> nn.Module:
+    """An MLP of `kind` (`MLP_LAYERS`) over `dim` channels; `hidden_dim` is timm's `hidden_features` (fc1's
+    width: both halves of a packed GLU)."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    layers = {"mlp": Mlp, "swiglu": SwiGLU, "glu": GluMlp, "glu_gate_first": partial(GluMlp, gate_last=False)}
+    if kind not in layers:
+        raise ValueError(f"unknown MLP kind {kind!r}; the kinds are {', '.join(MLP_LAYERS)}")
+    if kind.startswith("glu") and hidden_dim % 2:
+        raise ValueError(f"a packed GLU's hidden width must be even (value and gate halves), got {hidden_dim}")
+    return layers[kind](dim, hidden_features=hidden_dim, act_layer=act_layer(act))
+
+
+def attention(dim: int, num_heads: int, qk_norm: bool, eps: float) -> nn.Module:
+    """timm's fused-qkv `Attention` with biases, and LayerNorm qk-norm (at `eps`) when asked for."""
+    from timm.models.vision_transformer import Attention
+
+    return Attention(dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
+                     norm_layer=partial(nn.LayerNorm, eps=eps))
+
+
+POOL_SPEC_KEYS = ("num_heads", "latent_len", "latent_dim", "qkv_bias", "q_proj", "qk_norm", "pool_type",
+                  "mlp_hidden_dim", "act", "eps", "qk_norm_eps")
+
+
+def map_pool(dim: int, spec: Mapping[str, Any]) -> nn.Module:
+    """A MAP head (timm `AttentionPoolLatent`) over `dim`-wide tokens from a teacher's `pool_spec`:
+    latent queries attend to the tokens, then projection, norm and MLP, as SigLIP's head."""
+    from timm.layers import AttentionPoolLatent, Mlp
+
+    unknown = [k for k in spec if k not in POOL_SPEC_KEYS]
+    missing = [k for k in POOL_SPEC_KEYS if k not in spec]
+    if unknown or missing:
+        raise ValueError(f"a MAP head spec has the keys {', '.join(POOL_SPEC_KEYS)}; "
+                         f"unknown {unknown}, missing {missing}")
+    s = dict(spec)
+    norm = None if s["eps"] is None else partial(nn.LayerNorm, eps=s["eps"])
+    pool = AttentionPoolLatent(
+        dim, num_heads=s["num_heads"], mlp_ratio=s["mlp_hidden_dim"] / dim, qkv_bias=s["qkv_bias"],
+        q_proj=s["q_proj"], qk_norm=s["qk_norm"], latent_len=s["latent_len"], latent_dim=s["latent_dim"],
+        pool_type=s["pool_type"], norm_layer=norm, act_layer=act_layer(s["act"]))
+    if pool.mlp.fc1.out_features != s["mlp_hidden_dim"]:  # the ratio did not round back to the width
+        pool.mlp = Mlp(dim, s["mlp_hidden_dim"], out_features=dim, act_layer=act_layer(s["act"]))
+    if s["qk_norm"]:
+        pool.q_norm = nn.LayerNorm(pool.head_dim, eps=s["qk_norm_eps"])
+        pool.k_norm = nn.LayerNorm(pool.head_dim, eps=s["qk_norm_eps"])
+    return pool
