@@ -14,7 +14,11 @@ Pairs (random weights; nothing is downloaded):
   clip_large    open_clip ViT-L-14-quickgelu (encode_image)  vs  sparseformer_btsp_openai_clip_large  at 224
   augreg_base   timm vit_base_patch16_224                    vs  sparseformer_btsp_augreg_base        at 224
   augreg_large  timm vit_large_patch16_384                   vs  sparseformer_btsp_augreg_large       at 384
-A student always runs at its teacher's resolution.
+  siglip_base   timm vit_base_patch16_siglip_224 (MAP head)    vs  its bootstrap_student (49 tokens)   at 224
+  siglip_so400m timm vit_so400m_patch14_siglip_384 (MAP head)  vs  its bootstrap_student (182 tokens)  at 384
+A student always runs at its teacher's resolution. The SigLIP towers are open_clip's ViT-B-16-SigLIP and
+ViT-SO400M-14-SigLIP-384 image towers (the same timm models); their students are built by
+`students.bootstrap_student` from the random teacher (no class token, the MAP head inherited).
 
 Sparsifiner rows (a second table; random weights, students built by `students.sparsify`, keep 0.25
 and 0.1, fp32): `sparsifiner_vitb16` (timm vit_base_patch16_224, 197 tokens) and `sparsifiner_dinov2`
@@ -88,6 +92,7 @@ class Pair:
     student: str
     size: int
     large: bool  # on CPU, batches above 8 and emulated bf16 are opt-in (--full) for these
+    bootstrapped: bool = False  # the student is `bootstrap_student(teacher)`, not a released name
 
 
 # Sparsifiner pairs: key -> (timm teacher, its kwargs, resolution); students at these keep rates.
@@ -102,6 +107,10 @@ PAIRS = [
     Pair("clip_large", "open_clip", "ViT-L-14-quickgelu", "sparseformer_btsp_openai_clip_large", 224, True),
     Pair("augreg_base", "timm", "vit_base_patch16_224", "sparseformer_btsp_augreg_base", 224, False),
     Pair("augreg_large", "timm", "vit_large_patch16_384", "sparseformer_btsp_augreg_large", 384, True),
+    Pair("siglip_base", "timm", "vit_base_patch16_siglip_224", "sparseformer from vit_base_patch16_siglip_224",
+         224, False, bootstrapped=True),
+    Pair("siglip_so400m", "timm", "vit_so400m_patch14_siglip_384", "sparseformer from vit_so400m_patch14_siglip_384",
+         384, True, bootstrapped=True),
 ]
 
 
@@ -134,28 +143,40 @@ def build_teacher(pair: Pair) -> nn.Module:
     return model.eval()
 
 
-def build_student(pair: Pair) -> nn.Module:
+def build_student(pair: Pair, teacher: nn.Module) -> nn.Module:
     import students
 
+    if pair.bootstrapped:
+        from teachers.timm_vit import TimmTeacher
+
+        from students.bootstrap import bootstrap_student
+
+        wrapped = TimmTeacher(teacher, name=pair.teacher, spec={"kind": "timm", "model": pair.teacher})
+        return bootstrap_student(wrapped)[0].eval()
     return students.create_model(pair.student).eval()
 
 
 def analytic_vit_gflops(model: nn.Module, size: int) -> float:
-    """Matmul/conv FLOPs of a ViT (2 per multiply-add), for checking the counter."""
+    """Matmul/conv FLOPs of a ViT (2 per multiply-add), for checking the counter: the patch embedding,
+    per block qkv, proj, QKᵀ, AV and the MLP, and the head (a projection/classifier, or a MAP head)."""
     if isinstance(model, EncodeImage):
         v = model.visual
         patch, width = v.conv1.kernel_size[0], v.conv1.out_channels
         depth, out = len(v.transformer.resblocks), v.proj.shape[1]
-        head = width * out
+        hidden, prefix, pool = v.transformer.resblocks[0].mlp.c_fc.out_features, 1, None
     else:
         patch, width = model.patch_embed.proj.kernel_size[0], model.embed_dim
         depth, out = len(model.blocks), model.num_classes
-        head = width * out
+        hidden, prefix, pool = model.blocks[0].mlp.fc1.out_features, model.num_prefix_tokens, model.attn_pool
     n = (size // patch) ** 2
-    tokens = n + 1
+    tokens = n + prefix
     macs = n * 3 * patch * patch * width  # patch embedding
-    macs += depth * (tokens * 12 * width * width + 2 * tokens * tokens * width)  # qkv, proj, mlp; QK^T and AV
-    macs += head
+    macs += depth * (tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width)
+    if pool is not None:  # MAP: the latent's q, every patch's k and v, one query's QKᵀ and AV, proj, MLP
+        latent = pool.latent_len
+        macs += latent * width * width + n * 2 * width * width + 2 * latent * n * width
+        macs += latent * (width * width + 2 * width * pool.mlp.fc1.out_features)
+    macs += width * out
     return 2 * macs / 1e9
 
 
@@ -243,8 +264,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-sizes", default="8,64", help="comma-separated (default 8,64)")
     p.add_argument("--models", default="all",
-                   help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large, "
-                        "sparsifiner_vitb16, sparsifiner_dinov2) or teacher/student names; a name selects its whole "
+                   help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large, siglip_base, "
+                        "siglip_so400m, sparsifiner_vitb16, sparsifiner_dinov2) or teacher/student names; a name "
+                        "selects its whole "
                         "pair (default all)")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per model and cell (default 2)")
@@ -380,7 +402,8 @@ def main(argv=None) -> int:
     rows = []  # one per (pair, model, variant, dtype)
     for pair in pairs:
         print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
-        teacher, student = build_teacher(pair), build_student(pair)
+        teacher = build_teacher(pair)
+        student = build_student(pair, teacher)
         params = {m: sum(p.numel() for p in mod.parameters()) / 1e6 for m, mod in (("teacher", teacher),
                                                                                    ("student", student))}
         gflops = {"teacher": float("nan"), "student": float("nan")}

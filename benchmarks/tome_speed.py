@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     rows = []
     for pair in [p for p in CLIP_PAIRS if p.key in keys]:
         print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
-        teacher, student = build_teacher(pair), build_student(pair)
+        teacher, student = build_teacher(pair), build_student(pair, None)
         tower = teacher.model.visual
         models = {"teacher": (teacher.embed, tower, "-", f"{teacher.num_prefix_tokens + teacher.num_patches}"),
                   pair.student: (student, student, "-",

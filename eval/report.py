@@ -468,6 +468,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                   ""] + _accuracy_table(z)
         lines += ["", f"Agreement (same top-1 prediction): {_pct(z['agreement'])}. Chance top-1: "
                       f"{_pct(z['chance_top1'])} ({z['num_classes']} classes, {z['num_images']} images).", ""]
+        if (z.get("logits") or {}).get("kind") == "sigmoid":
+            lg, pr = z["logits"], z["top1_probability"]
+            lines += [f"Logits: sigmoid({lg['scale']:.4g} · cos + {lg['bias']:.4g}), the teacher's logit_scale "
+                      f"and logit_bias (SigLIP). Mean probability of the top-1 class: teacher "
+                      f"{pr['teacher']:.3f}, student {pr['student']:.3f}.", ""]
     if "classification" in report:
         c = report["classification"]
         lines += ["## Classification through the inherited head", ""] + _accuracy_table(c)

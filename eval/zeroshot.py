@@ -138,30 +138,43 @@ def zero_shot_classifier(teacher, classnames: Sequence[str], templates="openai",
     ).float().cpu()
 
 
-def zero_shot_logits(features: Tensor, classifier: Tensor) -> Tensor:
-    """``100 * normalize(features) @ classifier`` (the CLIP logit scale of 100)."""
+def zero_shot_logits(features: Tensor, classifier: Tensor, scale: float = 100.0,
+                     bias: float | None = None) -> Tensor:
+    """``scale * normalize(features) @ classifier (+ bias)``: CLIP's softmax logits (scale 100 by default),
+    or SigLIP's sigmoid logits with the teacher's `logit_scale` and `logit_bias`."""
     if features.shape[1] != classifier.shape[0]:
         raise ValueError(
             f"image features of size {features.shape[1]} cannot meet a text classifier of size "
             f"{classifier.shape[0]}: is the student's output the projected CLIP embedding?"
         )
-    return 100.0 * F.normalize(features.float(), dim=-1) @ classifier.float()
+    logits = scale * F.normalize(features.float(), dim=-1) @ classifier.float()
+    return logits if bias is None else logits + bias
 
 
-def zero_shot_eval(features: Mapping[str, Tensor], classifier: Tensor) -> dict:
-    """Top-1/top-5 of teacher and student and their agreement, from extracted features and labels."""
+def zero_shot_eval(features: Mapping[str, Tensor], classifier: Tensor, scale: float = 100.0,
+                   bias: float | None = None) -> dict:
+    """Top-1/top-5 of teacher and student and their agreement, from extracted features and labels; with
+    `bias` (SigLIP) also the mean sigmoid probability of each model's top-1 class (`top1_probability`)."""
     if "labels" not in features:
         raise ValueError("zero-shot accuracy needs labels: the evaluation loader must yield (images, labels)")
-    logits = {k: zero_shot_logits(features[k], classifier) for k in ("teacher", "student")}
-    return compare_predictions(logits, features["labels"])
+    logits = {k: zero_shot_logits(features[k], classifier, scale, bias) for k in ("teacher", "student")}
+    result = compare_predictions(logits, features["labels"])
+    result["logits"] = {"kind": "softmax" if bias is None else "sigmoid", "scale": float(scale),
+                        "bias": None if bias is None else float(bias)}
+    if bias is not None:
+        result["top1_probability"] = {k: float(torch.sigmoid(v.max(dim=1).values).mean()) for k, v in logits.items()}
+    return result
 
 
 @torch.no_grad()
 def zero_shot(features: Mapping[str, Tensor], teacher, classnames: Sequence[str], templates="openai",
               device="cpu") -> dict:
-    """Build the classifier and evaluate; the result also records the template set."""
+    """Build the classifier and evaluate with the teacher's logits (SigLIP: its logit_scale and logit_bias,
+    sigmoid); the result also records the template set."""
     classifier = zero_shot_classifier(teacher, classnames, templates, device)
-    result = zero_shot_eval(features, classifier)
+    bias = getattr(teacher, "logit_bias", None)
+    scale = teacher.logit_scale if bias is not None else 100.0
+    result = zero_shot_eval(features, classifier, scale, bias)
     result["templates"] = template_set_name(templates)
     result["num_templates"] = len(resolve_templates(templates))
     return result

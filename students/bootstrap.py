@@ -12,6 +12,7 @@ blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,33 +114,42 @@ def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
     finetune = n // 3 if opts.finetune_blocks is None else opts.finetune_blocks
     if not 0 <= finetune <= inherited:
         raise ValueError(f"finetune_blocks={finetune} must be between 0 and the {inherited} inherited blocks")
-    tokens = max(2, round(teacher.num_patches / 4)) if opts.tokens is None else opts.tokens
-    if tokens < 2:
-        raise ValueError(f"tokens={tokens}: a student needs at least one latent token besides the class token")
+    cls = 1 if teacher.has_class_token else 0
+    tokens = max(1 + cls, round(teacher.num_patches / 4)) if opts.tokens is None else opts.tokens
+    if tokens < 1 + cls:
+        raise ValueError(f"tokens={tokens}: a student needs at least one latent token"
+                         f"{' besides the class token' if cls else ''}")
     head_dim = teacher.width // teacher.num_heads
-    focus_width = teacher.width // 2 if opts.focus_width is None else opts.focus_width
+    step = math.lcm(head_dim, 8)
+    # The released configs focus at half the teacher's width (384 for ViT-B, 512 for ViT-L); other
+    # teachers get the nearest width that splits into their heads and suits the RoI encoding.
+    focus_width = max(step, round(teacher.width / 2 / step) * step) if opts.focus_width is None else opts.focus_width
     if focus_width % head_dim or focus_width % 8:
         raise ValueError(
             f"focus_width={focus_width} must be a multiple of the teacher's head width {head_dim} and of 8 "
-            f"(the RoI position encoding); e.g. {max(head_dim, 8) * max(1, focus_width // max(head_dim, 8))}"
+            f"(the RoI position encoding); e.g. {step * max(1, round(focus_width / step))}"
         )
-    if teacher.mlp_act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"teacher MLP activation {teacher.mlp_act!r} is not supported (gelu or quick_gelu)")
-    if teacher.mlp_hidden_dim != 4 * teacher.width:
-        raise ValueError(
-            f"the student's blocks have MLP width 4x{teacher.width}; the teacher's is {teacher.mlp_hidden_dim}"
-        )
-    return dict(drop=drop, inherited=inherited, finetune=finetune, tokens=tokens, head_dim=head_dim,
+    return dict(drop=drop, inherited=inherited, finetune=finetune, tokens=tokens, cls=cls, head_dim=head_dim,
                 focus_width=focus_width)
 
 
+# The teacher's pooling and the student head op that pools alike.
+_HEAD_OPS = {"token": "cls", "avg": "avg", "map": "map"}
+
+
 def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerConfig:
-    """The SparseFormer configuration for a teacher (released btsp configs for ViT-B/16 and ViT-L/14)."""
+    """The SparseFormer configuration for a teacher (released btsp configs for ViT-B/16 and ViT-L/14).
+
+    The inherited blocks take the teacher's block kind (MLP, its width and activation, qk-norm, head
+    width, LayerNorm eps); the head pools as the teacher does (class token, mean or MAP head over the
+    latent tokens, the final norm before or after pooling). A teacher without a class token gives a
+    student without one.
+    """
     r = _resolve(teacher, opts)
     head = teacher.head_state_dict()
     cfg = btsp_config(
         name=None,
-        tokens=r["tokens"] - 1,  # the class token is the last of `tokens`
+        tokens=r["tokens"] - r["cls"],  # the class token, when there is one, is the last of `tokens`
         focus_width=r["focus_width"],
         width=teacher.width,
         inherited_blocks=r["inherited"],
@@ -152,12 +162,28 @@ def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerCo
         focus_repeats=opts.focus_repeats,
         pg_inner_dim=opts.pg_inner_dim,
     )
+    compat = cfg["compatible_config"]
     # The inherited blocks must compute what they computed in the teacher, so
     # the student takes the teacher's LayerNorm eps (released AugReg students
     # used 1e-5 throughout; timm ViTs use 1e-6).
-    cfg["compatible_config"]["ln_eps"] = teacher.norm_eps
+    compat["ln_eps"] = teacher.norm_eps
     if r["head_dim"] != 64:
-        cfg["compatible_config"]["head_dim"] = r["head_dim"]
+        compat["head_dim"] = r["head_dim"]
+    if teacher.mlp_layer != "mlp":
+        compat["mlp_layer"] = teacher.mlp_layer
+    if teacher.mlp_hidden_dim != 4 * teacher.width:
+        compat["mlp_hidden_dim"] = teacher.mlp_hidden_dim
+    if teacher.mlp_act not in ("gelu", "quick_gelu"):
+        compat["mlp_act"] = teacher.mlp_act
+    if teacher.qk_norm:
+        compat["qk_norm"] = True
+    if not r["cls"]:
+        cfg["cls_token_insert_layer"] = 0
+    cfg["head_op"] = _HEAD_OPS[teacher.pool]
+    if teacher.pool == "map":
+        cfg["pool_spec"] = dict(teacher.pool_spec)
+    if teacher.pool != "token" and teacher.norm_before_pool:
+        cfg["norm_before_pool"] = True
     cfg["drop_path_rate"] = opts.drop_path_rate
     return SparseFormerConfig.from_dict(cfg)
 
@@ -169,7 +195,7 @@ def inherited_units(student: SparseFormer) -> list[SFUnit]:
 
 @torch.no_grad()
 def copy_teacher_weights(student: SparseFormer, teacher: "Teacher", drop_blocks: int) -> None:
-    """Copy the teacher's last blocks, final norm and head into the student (exact)."""
+    """Copy the teacher's last blocks, final norm, MAP head (if any) and head into the student (exact)."""
     for j, unit in enumerate(inherited_units(student)):
         sd = teacher.block_state_dict(drop_blocks + j)
         missing, unexpected = unit.load_state_dict(sd, strict=False)
@@ -179,6 +205,9 @@ def copy_teacher_weights(student: SparseFormer, teacher: "Teacher", drop_blocks:
                 f"missing {missing}, unexpected {unexpected}"
             )
     student.norm.load_state_dict(teacher.norm_state_dict())
+    pool = teacher.pool_state_dict()
+    if pool is not None:
+        student.attn_pool.load_state_dict(pool)
     head = teacher.head_state_dict()
     if head is not None:
         student.proj.load_state_dict(head)
@@ -190,7 +219,7 @@ def parameter_policy(student: SparseFormer, finetune_blocks: int, train_head: bo
         f"layers.{i}." for i in student.unit_layer_index[FIRST_INHERITED_UNIT + finetune_blocks:]
     ]
     if not train_head:
-        frozen_prefixes += ["norm.", "proj."]
+        frozen_prefixes += ["norm.", "attn_pool.", "proj."]
     policy = ParameterPolicy()
     for name, p in student.named_parameters():
         if any(name.startswith(pre) for pre in frozen_prefixes):

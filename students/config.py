@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence, Union
 
 OP_NAMES = ("ATTN", "MLP", "ROI_ADJ", "SAMPLING_M", "PE_INJECT")
 ROI_OPS = ("ROI_ADJ", "SAMPLING_M", "PE_INJECT")
-HEAD_OPS = ("avg", "cls")
+HEAD_OPS = ("avg", "cls", "map")
 
 
 class ConfigError(ValueError):
@@ -70,10 +70,21 @@ class CompatibleConfig:
     use_stage_embedding: bool = True
     clip_quick_gelu: bool = False
     grid_sample_config: GridSampleConfig = field(default_factory=GridSampleConfig)
-    # Extension (not in released configs): the head width for type_num_attn_heads=2.
-    # Released models use 64; a student of a teacher with other head widths
-    # inherits the teacher's. Left out of to_dict() when 64.
+    # Extensions (not in released configs), left out of to_dict() at their defaults:
+    # the head width for type_num_attn_heads=2 (released models use 64; a student of a
+    # teacher with other head widths inherits the teacher's),
     head_dim: int = 64
+    # and the kind of the blocks of units with repeats == 1 (the inherited teacher blocks; the
+    # focusing unit keeps the plain GELU MLP): the MLP (`students.blocks.MLP_LAYERS`) and its
+    # hidden width (timm's `hidden_features`; 0: 4 x the unit's width), its activation ('': GELU,
+    # or QuickGELU with clip_quick_gelu; else one of `students.blocks.ACTIVATIONS`), and
+    # LayerNorm qk-norm in the attention.
+    mlp_layer: str = "mlp"
+    mlp_hidden_dim: int = 0
+    mlp_act: str = ""
+    qk_norm: bool = False
+
+    _EXTENSION_DEFAULTS = {"head_dim": 64, "mlp_layer": "mlp", "mlp_hidden_dim": 0, "mlp_act": "", "qk_norm": False}
 
     def num_heads(self, dim: int) -> int:
         return 64 if self.type_num_attn_heads == 1 else dim // self.head_dim
@@ -99,9 +110,23 @@ class CompatibleConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["head_dim"] == 64:
-            del d["head_dim"]
+        for key, default in self._EXTENSION_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
+
+    def validate(self) -> None:
+        from .blocks import ACTIVATIONS, MLP_LAYERS
+
+        if self.mlp_layer not in MLP_LAYERS:
+            raise ConfigError(f"compatible_config.mlp_layer must be one of {', '.join(MLP_LAYERS)}, "
+                              f"got {self.mlp_layer!r}")
+        if self.mlp_act not in ("", *ACTIVATIONS):
+            raise ConfigError(f"compatible_config.mlp_act must be '' or one of {', '.join(ACTIVATIONS)}, "
+                              f"got {self.mlp_act!r}")
+        if isinstance(self.mlp_hidden_dim, bool) or not isinstance(self.mlp_hidden_dim, int) or self.mlp_hidden_dim < 0:
+            raise ConfigError(f"compatible_config.mlp_hidden_dim must be an integer >= 0 (0: 4 x width), "
+                              f"got {self.mlp_hidden_dim!r}")
 
 
 @dataclass
@@ -119,6 +144,13 @@ class SparseFormerConfig:
     proj_bias: bool = True
     drop_path_rate: float = 0.0
     compatible_config: CompatibleConfig = field(default_factory=CompatibleConfig)
+    # Extensions for students of teachers not pooled by their class token (written only when set):
+    # head_op 'map' pools with a MAP head (timm AttentionPoolLatent) built from `pool_spec`
+    # (`students.blocks.map_pool`); 'avg' and 'map' pool the latent tokens (not the class token).
+    # norm_before_pool: `norm` applies to every token before pooling (timm's `norm`, as SigLIP),
+    # rather than to the pooled feature (timm's `fc_norm`; the same for class-token pooling).
+    pool_spec: dict | None = None
+    norm_before_pool: bool = False
     # Metadata carried by released configs; not used by the computation.
     normalization_factor: list[list[float]] | None = None  # [mean, std]
     model_type: str | None = None
@@ -160,7 +192,8 @@ class SparseFormerConfig:
         # Optional keys are written only when set, so that a released config
         # round-trips to exactly the JSON it came from.
         for k, unset in (("normalization_factor", None), ("model_type", None),
-                         ("drop_path_rate", 0.0), ("cls_token_insert_layer", 0)):
+                         ("drop_path_rate", 0.0), ("cls_token_insert_layer", 0), ("pool_spec", None),
+                         ("norm_before_pool", False)):
             if d[k] == unset:
                 del d[k]
         return d
@@ -244,6 +277,10 @@ class SparseFormerConfig:
             raise ConfigError(f"head_op must be one of {HEAD_OPS}, got {self.head_op!r}")
         if self.head_op == "cls" and not self.has_cls_token:
             raise ConfigError("head_op 'cls' needs a class token: set cls_token_insert_layer > 0")
+        if (self.head_op == "map") != (self.pool_spec is not None):
+            raise ConfigError("head_op 'map' and pool_spec go together: a MAP head is built from pool_spec "
+                              "(students.blocks.POOL_SPEC_KEYS), and only head_op 'map' has one")
+        self.compatible_config.validate()
         if self.compatible_config.type_num_attn_heads not in (1, 2):
             raise ConfigError("compatible_config.type_num_attn_heads must be 1 or 2")
         if self.compatible_config.type_op_adjust not in (1, 2):

@@ -14,7 +14,8 @@ OpenCLIP (`export_openclip`, for students of CLIP teachers)::
 The image tower is open_clip's `TimmModel` around the student: `visual.trunk`
 is the SparseFormer without its projection (`forward` returns the pooled,
 normed features), `visual.head.proj` is the student's `proj`
-(`timm_pool: ''`, `timm_proj: 'linear'`). `model_cfg` is the teacher's own
+(`timm_pool: ''`, `timm_proj: 'linear'`; `'none'` for a student without one,
+as SigLIP's, whose MAP head ends the tower). `model_cfg` is the teacher's own
 config with `vision_cfg` replaced, so the text tower, `embed_dim`,
 `quick_gelu`, `logit_scale` (and `logit_bias`) are the teacher's; the text
 weights are copied from it. `encode_image` equals `student(x)` and
@@ -243,7 +244,9 @@ def openclip_model_cfg(student: SparseFormer, teacher_cfg: Mapping, pretrained_c
     cfg = student.config
     fields = tm.export_fields(cfg)
     embed_dim = teacher_cfg["embed_dim"]
-    if fields["num_classes"] != embed_dim:
+    # A student without a projection (SigLIP's tower has none: its MAP head is the output) is the tower.
+    projected = fields["num_classes"] != 0
+    if (fields["num_classes"] if projected else fields["num_features"]) != embed_dim:
         raise ExportError(
             f"the student projects to {fields['num_classes'] or fields['num_features']} dims but the teacher's "
             f"CLIP embedding has "
@@ -254,10 +257,11 @@ def openclip_model_cfg(student: SparseFormer, teacher_cfg: Mapping, pretrained_c
         "image_size": h if h == w else [h, w],
         "timm_model_name": tm.timm_name(cfg),
         "timm_model_pretrained": False,
-        "timm_pool": "",  # the trunk pools itself (class token or mean)
-        "timm_proj": "linear",  # visual.head.proj = the student's proj
-        "timm_proj_bias": fields["proj_bias"],
+        "timm_pool": "",  # the trunk pools itself (class token, mean or MAP head)
+        "timm_proj": "linear" if projected else "none",  # visual.head.proj = the student's proj
     }
+    if projected:
+        out["vision_cfg"]["timm_proj_bias"] = fields["proj_bias"]
     return out
 
 
@@ -372,6 +376,10 @@ def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out
         raise ExportError(f"the OpenCLIP export in {out} does not reproduce its sources: max |diff| "
                           f"{image_diff:.3g} for encode_image vs the student, {text_diff:.3g} for encode_text "
                           f"vs the teacher")
+    for name in ("logit_scale", "logit_bias"):  # SigLIP's sigmoid logits need both
+        ours, theirs = getattr(reloaded, name, None), getattr(clip, name, None)
+        if (ours is None) != (theirs is None) or (ours is not None and _max_diff(ours, theirs.to(device)) > 0):
+            raise ExportError(f"the OpenCLIP export in {out} does not keep the teacher's {name}")
 
 
 # --------------------------------------------------------------------------

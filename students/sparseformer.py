@@ -24,12 +24,13 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, QuickGELU, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from teachers.base import hidden_state_index
 
+from . import blocks
 from .config import ROI_OPS, SparseFormerConfig
 
 # The 7x7 kernel of the early convolution must fit in the image.
@@ -93,14 +94,15 @@ def roi_position_encoding(roi: Tensor, dim: int) -> Tensor:
 
 def class_token_attention(attn: Attention, x: Tensor) -> Tensor:
     """`attn(x)[:, :1]` computed for the class token alone: its query against every token's key and
-    value. (timm's `Attention` as SFUnit builds it: no qk-norm, no gate.)"""
+    value. (timm's `Attention` as SFUnit builds it: optional qk-norm, no gate.)"""
     B, L, _ = x.shape
     h, d = attn.num_heads, attn.head_dim
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(x[:, :1], w[: h * d], None if b is None else b[: h * d])
     kv = F.linear(x, w[h * d :], None if b is None else b[h * d :])
-    q = q.reshape(B, 1, h, d).transpose(1, 2)
+    q = attn.q_norm(q.reshape(B, 1, h, d).transpose(1, 2))
     k, v = kv.reshape(B, L, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, h * d))))
 
@@ -194,13 +196,18 @@ class SFUnit(nn.Module):
             self.roi_offset_module = nn.Sequential(
                 nn.LayerNorm(dim, eps=eps), nn.Linear(dim, ndim * self.num_points, bias=False)
             )
+        # Units run once (the inherited blocks) take the teacher's block kind; the focusing unit is plain.
+        inherited_kind = repeats == 1
         if "ATTN" in ops:
             self.norm1 = nn.LayerNorm(dim, eps=eps)
-            self.attn = Attention(dim, num_heads=cc.num_heads(dim), qkv_bias=True)
+            self.attn = blocks.attention(dim, cc.num_heads(dim), cc.qk_norm and inherited_kind, eps)
         if "MLP" in ops:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
-            act = QuickGELU if (repeats == 1 and cc.clip_quick_gelu) else nn.GELU
-            self.mlp = Mlp(dim, hidden_features=4 * dim, act_layer=act)
+            if inherited_kind:
+                act = cc.mlp_act or ("quick_gelu" if cc.clip_quick_gelu else "gelu")
+                self.mlp = blocks.mlp(cc.mlp_layer, dim, cc.mlp_hidden_dim or 4 * dim, act)
+            else:
+                self.mlp = blocks.mlp("mlp", dim, 4 * dim, "gelu")
         if "ROI_ADJ" in ops:
             if cc.type_op_adjust == 1:
                 self.roi_adjust_module = nn.Sequential(
@@ -373,6 +380,8 @@ class SparseFormer(nn.Module):
         self.first_block_unit = first_block_unit(cfg)
 
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.compatible_config.ln_eps)
+        if cfg.head_op == "map":  # a MAP head (SigLIP): latent queries attend to the final tokens
+            self.attn_pool = blocks.map_pool(cfg.embed_dim, cfg.pool_spec)
         self.proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=cfg.proj_bias) if cfg.proj_dim else nn.Identity()
         self.init_weights()
 
@@ -404,8 +413,10 @@ class SparseFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """timm convention: `num_classes=0` makes `forward` return the pooled, normed features."""
-        if global_pool is not None and global_pool not in ("", "token", "cls", "avg"):
-            raise ValueError(f"SparseFormer pools by 'cls' or 'avg', not {global_pool!r}")
+        own = {"cls": ("token", "cls"), "avg": ("avg",), "map": ("map",)}[self.config.head_op]
+        if global_pool not in (None, "", *own):
+            raise ValueError(f"this SparseFormer pools by {own[0]!r}; reset_classifier keeps its pooling "
+                             f"(global_pool '' or {own[0]!r}), not {global_pool!r}")
         self.proj = nn.Linear(self.embed_dim, num_classes, bias=self.config.proj_bias) if num_classes else nn.Identity()
         self.config.proj_dim = num_classes
 
@@ -550,11 +561,15 @@ class SparseFormer(nn.Module):
         return x, roi
 
     def pool(self, tokens: Tensor) -> Tensor:
-        return tokens[:, 0] if self.config.head_op == "cls" else tokens.mean(dim=1)
+        """The class token ('cls'), or the mean ('avg') or MAP head ('map') over the latent tokens."""
+        if self.config.head_op == "cls":
+            return tokens[:, 0]
+        latent = tokens[:, 1:] if self.config.has_cls_token else tokens
+        return self.attn_pool(latent) if self.config.head_op == "map" else latent.mean(dim=1)
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool, `norm`, then `proj` (skipped with pre_logits)."""
-        x = self.norm(self.pool(tokens))
+        """Pool and `norm` (in the config's order, `norm_before_pool`), then `proj` (skipped with pre_logits)."""
+        x = self.pool(self.norm(tokens)) if self.config.norm_before_pool else self.norm(self.pool(tokens))
         return x if pre_logits else self.proj(x)
 
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:

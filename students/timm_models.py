@@ -84,7 +84,8 @@ CONFIG_FILE = "sparseformer_config.json"
 
 _PAPERS = {"v1": ("arXiv:2304.03768",), "btsp": ("arXiv:2304.03768", "arXiv:2312.01987")}
 # timm's `global_pool` values and the SparseFormer head op they select ('' or None: the model's own).
-_POOL_TO_HEAD_OP = {"token": "cls", "cls": "cls", "avg": "avg"}
+_POOL_TO_HEAD_OP = {"token": "cls", "cls": "cls", "avg": "avg", "map": "map"}
+HEAD_OP_TO_POOL = {"cls": "token", "avg": "avg", "map": "map"}
 _MODEL_KWARGS = ("num_classes", "global_pool", "in_chans", "drop_path_rate", "drop_rate", "img_size",
                  "device", "dtype")
 
@@ -158,7 +159,7 @@ HEAD = "proj"  # the output layer's module name (a Sparsifiner's is `head`)
 def export_fields(config: SparseFormerConfig) -> dict:
     """What an export needs to know of the output layer: its width, bias, and the pooling."""
     return dict(num_classes=config.proj_dim, num_features=config.embed_dim,
-                global_pool="token" if config.head_op == "cls" else "avg", proj_bias=bool(config.proj_bias))
+                global_pool=HEAD_OP_TO_POOL[config.head_op], proj_bias=bool(config.proj_bias))
 
 
 # --------------------------------------------------------------------------
@@ -176,10 +177,11 @@ def _sparseformer(config: SparseFormerConfig, num_classes: int | None = None, in
     changes: dict[str, Any] = {}
     if num_classes is not None:
         changes["proj_dim"] = int(num_classes)
-    if global_pool:
-        if global_pool not in _POOL_TO_HEAD_OP:
-            raise ValueError(f"global_pool={global_pool!r}: SparseFormer pools by 'token' (class token) or 'avg'; "
-                             f"'' keeps the model's own ({config.head_op!r})")
+    if global_pool and _POOL_TO_HEAD_OP.get(global_pool) != config.head_op:
+        if global_pool not in _POOL_TO_HEAD_OP or "map" in (global_pool, config.head_op):
+            raise ValueError(f"global_pool={global_pool!r}: SparseFormer pools by 'token' (class token) or 'avg' "
+                             f"(and 'map' where it has a MAP head); '' keeps the model's own "
+                             f"({HEAD_OP_TO_POOL[config.head_op]!r})")
         changes["head_op"] = _POOL_TO_HEAD_OP[global_pool]
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)

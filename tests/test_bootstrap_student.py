@@ -138,7 +138,8 @@ def _stub_teacher(depth, width, patches, act, eps, head_out, head_bias):
         head["bias"] = torch.zeros(head_out)
     return SimpleNamespace(
         depth=depth, width=width, num_heads=width // 64, num_patches=patches, mlp_act=act, mlp_hidden_dim=4 * width,
-        norm_eps=eps, head_state_dict=lambda: head,
+        norm_eps=eps, head_state_dict=lambda: head, has_class_token=True, mlp_layer="mlp", qk_norm=False,
+        pool="token", pool_spec=None, norm_before_pool=True,
         preprocess=SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     )
 
