@@ -510,8 +510,10 @@ def main(argv=None) -> int:
     if any(skipped(p, d, bs) for p in pairs for d in dtypes for bs in batch_sizes):
         print("- '-': cells skipped by default on CPU for time (--full runs them): batch > 8 for the large pairs"
               + ("" if bf16_native else "; bf16 (emulated here) for the large pairs and above batch 8") + ".")
-    if any(p.size != 224 for p in pairs):
-        print("- augreg_large: the student runs at 384, its teacher's resolution.")
+    large = [p for p in pairs if p.size != 224]
+    if large:
+        print(f"- {', '.join(p.key for p in large)}: the student runs at {', '.join(str(p.size) for p in large)}, "
+              f"its teacher's resolution.")
     if args.clock == "cpu":
         print("- Clock: process CPU time per forward (--clock cpu), not elapsed time: the machine was shared.")
     print("- speed vs teacher: student img/s / teacher img/s, same dtype and batch, timed interleaved. "

@@ -470,9 +470,10 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                       f"{_pct(z['chance_top1'])} ({z['num_classes']} classes, {z['num_images']} images).", ""]
         if (z.get("logits") or {}).get("kind") == "sigmoid":
             lg, pr = z["logits"], z["top1_probability"]
-            lines += [f"Logits: sigmoid({lg['scale']:.4g} · cos + {lg['bias']:.4g}), the teacher's logit_scale "
-                      f"and logit_bias (SigLIP). Mean probability of the top-1 class: teacher "
-                      f"{pr['teacher']:.3f}, student {pr['student']:.3f}.", ""]
+            sign = "+" if lg["bias"] >= 0 else "−"
+            lines += [f"Logits: sigmoid({lg['scale']:.4g} · cos {sign} {abs(lg['bias']):.4g}), the teacher's "
+                      f"logit_scale and logit_bias (SigLIP). Mean probability of the top-1 class: teacher "
+                      f"{pr['teacher']:.3g}, student {pr['student']:.3g}.", ""]
     if "classification" in report:
         c = report["classification"]
         lines += ["## Classification through the inherited head", ""] + _accuracy_table(c)
