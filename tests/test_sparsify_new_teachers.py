@@ -6,6 +6,7 @@ import copy
 import math
 import warnings
 
+import open_clip
 import pytest
 import timm
 import torch
@@ -15,6 +16,7 @@ from bootstrap.config import LossConfig, OptimConfig
 from eval.attention_cost import attention_cost
 from eval.attention_maps import kept_keys_figure
 from students import ConfigError, Sparsifiner, SparsifinerConfig, sparsify
+from students.export import export_openclip, export_timm
 from students.phases import PhaseContext, SparsifinerOptions, training_for
 from students.sparsifiner_timm import register_config, timm_name
 from teachers import RandomTeacherWarning, create_teacher
@@ -223,3 +225,43 @@ def test_exact_mlp_width_is_built():
                          basis_coef_topk=2))
     assert m.blocks[0].mlp.fc1_g.out_features == 61 and m.blocks[0].mlp.fc2.in_features == 61
     assert isinstance(m.blocks[0].attn.q_norm, torch.nn.LayerNorm) and m.cls_token is None
+
+
+@pytest.mark.parametrize("name", ["tiny_siglip_map", "tiny_qknorm_swiglu_avg"])
+def test_timm_export_of_a_new_kind_reloads_with_equal_outputs(name, tmp_path):
+    student, _ = sparsify(make_teacher(name), keep_rate=0.5, **SMALL)
+    student.eval()
+    out = export_timm(student, tmp_path / "timm")
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert reloaded.config == student.config and reloaded.global_pool == student.global_pool
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), student(x))
+
+
+def test_openclip_export_of_a_siglip_student_keeps_the_logit_bias(tmp_path):
+    teacher = make_teacher("openclip_siglip_gap_proj")  # mean-pooled, no class token, a linear projection
+    student, _ = sparsify(teacher, keep_rate=0.5, **SMALL)
+    student.eval()
+    out = export_openclip(student, teacher, tmp_path / "oc")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(model.visual.trunk, Sparsifiner) and not model.visual.trunk.has_class_token
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), student(x), rtol=0, atol=1e-5)
+    assert torch.equal(model.logit_bias, teacher.model.logit_bias)
+
+
+def test_the_reports_kept_keys_picture_and_cost_without_a_class_token(tmp_path):
+    from eval.report import EXTRA_COST, PICTURES
+
+    teacher = make_teacher("openclip_siglip_map")
+    student, _ = sparsify(teacher, **SMALL)
+    student.eval()
+    images = torch.randn(2, 3, 32, 32)
+    _, filename, draw, *_ = PICTURES["sparsifiner"]
+    draw(student, images, tmp_path / filename, teacher)
+    assert (tmp_path / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cost = EXTRA_COST["sparsifiner"](student, images)
+    assert [b["density"] for b in cost["blocks"]] == [0.25] * 3  # 4 of 16 keys in every row, none dense
