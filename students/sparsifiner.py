@@ -197,8 +197,10 @@ class SparsifinerConfig:
         size = _pair(self.img_size)
         if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
             raise ConfigError(f"img_size must be a positive int or [H, W], got {self.img_size!r}")
-        if any(s % self.patch_size for s in size):
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        if any(s < self.patch_size for s in size):
+            raise ConfigError(f"img_size {self.img_size} is smaller than one patch ({self.patch_size} px)")
+        # A size that is no multiple of the patch drops the last pixels, as timm's patch embedding does
+        # (SigLIP SO400M/14 at 384 px: 27 x 27 patches).
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_classes < 0 or self.reg_tokens < 0:

@@ -265,3 +265,25 @@ def test_the_reports_kept_keys_picture_and_cost_without_a_class_token(tmp_path):
     assert (tmp_path / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cost = EXTRA_COST["sparsifiner"](student, images)
     assert [b["density"] for b in cost["blocks"]] == [0.25] * 3  # 4 of 16 keys in every row, none dense
+
+
+@pytest.mark.parametrize("name, tokens, hidden", [
+    ("vit_so400m_patch14_siglip_384", 729, 4304),  # 384 px / 14 (the last 6 px dropped, as timm): 27 x 27
+    ("vit_base_patch16_siglip_224", 196, 3072),
+    ("vit_base_patch16_siglip_gap_224", 196, 3072),
+    ("vit_giant_patch14_reg4_dinov2", 1374, 8192),  # packed SwiGLU, 4 registers
+])
+def test_the_real_towers_map_onto_the_student_key_for_key(name, tokens, hidden):
+    """The real architectures (on the meta device, no weights): every teacher parameter has the student's name
+    and shape, LayerScale aside (folded into the block weights)."""
+    from students.sparsify import SparsifyOptions, sparsifier_config
+    from teachers.timm_vit import TimmTeacher
+
+    model = timm.create_model(name, device="meta")
+    cfg = sparsifier_config(TimmTeacher(model, name=name, spec={"kind": "timm", "model": name}), SparsifyOptions())
+    assert (cfg.num_tokens, cfg.hidden_dim) == (tokens, hidden)
+    with torch.device("meta"):
+        student = Sparsifiner(cfg)
+    theirs = {k: v.shape for k, v in model.state_dict().items() if ".ls1." not in k and ".ls2." not in k}
+    ours = {k: v.shape for k, v in student.state_dict().items() if ".mask_predictor." not in k}
+    assert ours == theirs
