@@ -17,8 +17,15 @@ is a constant of the loss). Evaluation is always sparse. With keep rate 1 the mo
 
 Speed: the mask is computed without gradient, and attention runs in PyTorch's fused
 `scaled_dot_product_attention` with an additive mask (no [B, H, N, N] probabilities in memory) — the
-authors' code materialises the dense map and masks it afterwards. `forward` (the head output) updates only
-the prefix tokens in the last block, since the head reads the class token alone.
+authors' code materialises the dense map and masks it afterwards. With class-token pooling `forward` (the
+head output) updates only the prefix tokens in the last block, since the head reads the class token alone;
+mean and MAP pooling read every token, so there every row is computed.
+
+Any supported teacher's tower: without a class token (SigLIP) there is no prefix row and every query row is
+predicted; registers are prefix rows; the head pools as the teacher's (class token, mean, or its MAP head
+`attn_pool`; the final LayerNorm as `norm` on every token or `fc_norm` after pooling); blocks keep the
+teacher's MLP kind (SwiGLU, packed GLU) and exact width, activation and qk-norm (the predictor reads the
+normed q and k, as the attention does).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from teachers.base import hidden_state_index
+from teachers.base import ACTIVATIONS, MLP_LAYERS, hidden_state_index
 
 from .config import ConfigError, read_json, unknown_key_error
 
@@ -45,7 +52,7 @@ __all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "Sparsifin
 
 FAMILY = "sparsifiner"
 PHASES = ("reconstruct", "sparse")
-ACTIVATIONS = ("gelu", "quick_gelu")
+POOLS = ("token", "avg", "map")
 
 
 def _pair(size) -> tuple[int, int]:
@@ -84,6 +91,14 @@ class SparsifinerConfig:
     no_embed_class: bool = False  # position embedding covers the patches only (prefix tokens get none)
     head_bias: bool = True  # False for a CLIP projection
     drop_path_rate: float = 0.0
+    # --- the newer towers (SigLIP, DINOv2 giant, qk-norm ViTs): timm VisionTransformer's own arguments
+    class_token: bool = True  # False (SigLIP): every query row is predicted, none is dense
+    global_pool: str = "token"  # 'token' | 'avg' (mean of the patch tokens) | 'map' (a MAP attention head)
+    fc_norm: bool = False  # the final LayerNorm after pooling (timm `fc_norm`) instead of on every token (`norm`)
+    mlp_layer: str = "mlp"  # 'mlp' | 'swiglu' | 'glu' | 'glu_gate_first' (`students.blocks.mlp`)
+    mlp_hidden_dim: int | None = None  # timm's hidden_features when no ratio gives it (SO400M: 4304 of 1152)
+    qk_norm: bool = False  # LayerNorm on q and k per head (at ln_eps); the predictor reads the normed ones
+    pool_spec: dict | None = None  # the MAP head's constructor data (`students.blocks.map_pool`); None: timm's
     family: str = FAMILY
 
     # ------------------------------------------------------------------ I/O
@@ -126,7 +141,13 @@ class SparsifinerConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 + self.reg_tokens
+        """The rows that attend densely: the class token (if any) and the registers."""
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden_features (timm: int(embed_dim * mlp_ratio) unless given exactly)."""
+        return self.mlp_hidden_dim if self.mlp_hidden_dim is not None else int(self.embed_dim * self.mlp_ratio)
 
     @property
     def num_tokens(self) -> int:
@@ -176,14 +197,38 @@ class SparsifinerConfig:
         size = _pair(self.img_size)
         if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
             raise ConfigError(f"img_size must be a positive int or [H, W], got {self.img_size!r}")
-        if any(s % self.patch_size for s in size):
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
+        if any(s < self.patch_size for s in size):
+            raise ConfigError(f"img_size {self.img_size} is smaller than one patch ({self.patch_size} px)")
+        # A size that is no multiple of the patch drops the last pixels, as timm's patch embedding does
+        # (SigLIP SO400M/14 at 384 px: 27 x 27 patches).
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_classes < 0 or self.reg_tokens < 0:
             raise ConfigError("num_classes and reg_tokens must be >= 0")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.mlp_layer not in MLP_LAYERS:
+            raise ConfigError(f"mlp_layer must be one of {', '.join(MLP_LAYERS)}, got {self.mlp_layer!r}")
+        if self.mlp_hidden_dim is not None and (isinstance(self.mlp_hidden_dim, bool)
+                                                or not isinstance(self.mlp_hidden_dim, int) or self.mlp_hidden_dim <= 0):
+            raise ConfigError(f"mlp_hidden_dim must be a positive integer or null, got {self.mlp_hidden_dim!r}")
+        if self.mlp_layer.startswith("glu") and self.hidden_dim % 2:
+            raise ConfigError(f"a packed GLU MLP needs an even hidden width (value and gate halves), got "
+                              f"{self.hidden_dim}")
+        if self.global_pool not in POOLS:
+            raise ConfigError(f"global_pool must be one of {', '.join(POOLS)}, got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("global_pool 'token' pools the class token, but class_token is false: "
+                              "pool with 'avg' or 'map', or set class_token: true")
+        if self.pool_spec is not None:
+            from .blocks import POOL_SPEC_KEYS
+
+            if self.global_pool != "map":
+                raise ConfigError(f"pool_spec describes a MAP head, but global_pool is {self.global_pool!r}: "
+                                  f"set global_pool: map or drop pool_spec")
+            if not isinstance(self.pool_spec, Mapping) or set(self.pool_spec) != set(POOL_SPEC_KEYS):
+                raise ConfigError(f"pool_spec must be a mapping with exactly the keys {', '.join(POOL_SPEC_KEYS)} "
+                                  f"(a teacher's `pool_spec`), got {self.pool_spec!r}")
         if self.reduced_dim < 1:
             raise ConfigError(f"reduce_c_factor={self.reduce_c_factor} leaves c = head_dim // reduce_c_factor = "
                               f"{self.head_dim} // {self.reduce_c_factor} = 0; valid range: 1..{self.head_dim}")
@@ -337,7 +382,7 @@ class SparsifinerAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, num_tokens: int, num_prefix: int, budget: int,
                  reduced_dim: int, num_basis: int, share_inout_proj: bool, basis_threshold: float,
-                 basis_coef_topk: int):
+                 basis_coef_topk: int, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -348,6 +393,9 @@ class SparsifinerAttention(nn.Module):
         self.basis_threshold = basis_threshold
         self.basis_coef_topk = basis_coef_topk
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # timm's qk-norm (same names): the attention and the predictor both read the normed q and k.
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.mask_predictor = MaskPredictor(self.head_dim, num_tokens, reduced_dim, num_basis, share_inout_proj)
 
@@ -358,7 +406,8 @@ class SparsifinerAttention(nn.Module):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
+        q, k, v = qkv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
 
     def predict(self, q: Tensor, k: Tensor, sparse: bool = True) -> Tensor:
         return self.mask_predictor.approx(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk, sparse)
@@ -428,8 +477,8 @@ class SparsifinerBlock(Block):
 @dataclass
 class SparsifinerOutput:
     output: Tensor  # [B, output_dim]: what forward() returns
-    pre_logits: Tensor  # [B, embed_dim]: the normed class token, before the head
-    tokens: Tensor  # [B, N, embed_dim]: every final-normed token, class token first (then registers, patches)
+    pre_logits: Tensor  # [B, embed_dim]: the pooled, normed feature before the head (class token, mean or MAP)
+    tokens: Tensor  # [B, N, embed_dim]: every final-normed token, prefix tokens (class token, registers) first
     approx_attn: list[Tensor] = field(default_factory=list)  # per block [B, H, N-P, N]
     attn_masks: list[Tensor] = field(default_factory=list)  # per block [B, H, N, N] bool, True = kept
     # (None in the reconstruct phase's training, which attends densely)
@@ -444,19 +493,29 @@ class SparsifinerOutput:
 
 
 class Sparsifiner(VisionTransformer):
-    """Sparsifiner for images [B, 3, H, W] at the config's `img_size` (normalised with the model's mean/std)."""
+    """Sparsifiner for images [B, 3, H, W] at the config's `img_size` (normalised with the model's mean/std).
+
+    The tower and its head are timm's `VisionTransformer` built from the config (class token or none,
+    registers, `global_pool` 'token' / 'avg' / 'map' with its `attn_pool`, `norm` or `fc_norm`, the MLP kind,
+    qk-norm): a teacher's timm weights load under their own names.
+    """
 
     def __init__(self, config: SparsifinerConfig | Mapping[str, Any]):
         cfg = SparsifinerConfig.from_dict(config)
         norm_layer = partial(nn.LayerNorm, eps=cfg.ln_eps)
         super().__init__(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes, global_pool="token",
-            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias, class_token=True, no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens,
-            pre_norm=cfg.pre_norm, norm_layer=norm_layer, act_layer=cfg.act, drop_path_rate=cfg.drop_path_rate,
+            img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
+            global_pool=cfg.global_pool, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, class_token=cfg.class_token,
+            no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
+            fc_norm=cfg.fc_norm, norm_layer=norm_layer, act_layer=cfg.act, drop_path_rate=cfg.drop_path_rate,
             block_fn=partial(self._block, cfg),
         )
         self.config = cfg
+        if cfg.pool_spec is not None:  # the teacher's own MAP head (timm builds one from the block's ratio)
+            from .blocks import map_pool
+
+            self.attn_pool = map_pool(cfg.embed_dim, cfg.pool_spec)
         if cfg.num_classes and not cfg.head_bias:
             self.head = nn.Linear(cfg.embed_dim, cfg.num_classes, bias=False)
             trunc_normal_(self.head.weight, std=0.02)
@@ -465,10 +524,17 @@ class Sparsifiner(VisionTransformer):
     @staticmethod
     def _block(cfg: SparsifinerConfig, dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_bias, init_values,
                proj_drop, attn_drop, drop_path, norm_layer, act_layer, mlp_layer, depth, **_):
+        from .blocks import mlp
+
         i = depth  # timm passes the block's index as `depth`
         attn = SparsifinerAttention(
             dim, num_heads, qkv_bias, cfg.num_tokens, cfg.num_prefix_tokens, cfg.budgets[i], cfg.reduced_dim,
-            cfg.num_basis, cfg.share_inout_proj, cfg.basis_threshold, cfg.basis_coef_topk)
+            cfg.num_basis, cfg.share_inout_proj, cfg.basis_threshold, cfg.basis_coef_topk, cfg.qk_norm, cfg.ln_eps)
+
+        def mlp_layer(in_features, hidden_features, act_layer, **_):
+            # The exact hidden width (no ratio gives SO400M's 4304 of 1152) and the MLP kind, timm's modules.
+            return mlp(cfg.mlp_layer, in_features, cfg.hidden_dim, cfg.act)
+
         return SparsifinerBlock(attn, dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                 init_values=init_values, drop_path=drop_path, norm_layer=norm_layer,
                                 act_layer=act_layer, mlp_layer=mlp_layer)
@@ -504,6 +570,11 @@ class Sparsifiner(VisionTransformer):
     def num_tokens(self) -> int:
         return self.config.num_tokens
 
+    @property
+    def pools_class_token(self) -> bool:
+        """Whether the head reads the class token alone (then the last block need update only the prefix rows)."""
+        return self.global_pool == "token"
+
     # ------------------------------------------------------------ forward
     def _check_images(self, images: Tensor) -> None:
         h, w = _pair(self.config.img_size)
@@ -533,17 +604,28 @@ class Sparsifiner(VisionTransformer):
                 hidden_states.append(x)
         return x
 
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The final LayerNorm applied to every token (`norm`, or `fc_norm` where the tower norms after
+        pooling): what a teacher's `final_tokens` are."""
+        return self.fc_norm(x) if self.config.fc_norm else self.norm(x)
+
     def forward_features(self, images: Tensor, class_token_only: bool = False) -> Tensor:
-        """Final-normed tokens [B, N, C] (with class_token_only: the prefix tokens only, the same values)."""
+        """Tokens [B, N, C] after `norm` (timm's forward_features: the identity where `fc_norm` follows the
+        pooling); with class_token_only, the prefix tokens only (the same values), for class-token pooling."""
+        if class_token_only and not self.pools_class_token:
+            raise ValueError(f"class_token_only=True: this Sparsifiner pools with {self.global_pool!r}, which "
+                             f"reads every patch token, not the class token alone; call forward_features(images)")
         return self.norm(self._run_blocks(self._embed(images), class_token_only=class_token_only))
 
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
-        """The head output [B, num_classes] (pre_logits: the normed class token [B, embed_dim])."""
-        return self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=pre_logits)
+        """The head output [B, num_classes] (pre_logits: the pooled, normed feature [B, embed_dim])."""
+        return self.forward_head(self.forward_features(images, class_token_only=self.pools_class_token),
+                                 pre_logits=pre_logits)
 
     def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(pre_logits, output)`` of one pass: the normed class token and the head's output."""
-        pre = self.forward_head(self.forward_features(images, class_token_only=True), pre_logits=True)
+        """``(pre_logits, output)`` of one pass: the pooled, normed feature and the head's output."""
+        pre = self.forward_head(self.forward_features(images, class_token_only=self.pools_class_token),
+                                pre_logits=True)
         return pre, self.head(pre)
 
     def forward_details(self, images: Tensor, attention: bool = True, maps: bool = True) -> SparsifinerOutput:
@@ -555,25 +637,26 @@ class Sparsifiner(VisionTransformer):
         tensor is kept per block).
         """
         records = [BlockRecord() for _ in self.blocks] if maps else None
-        x = self.norm(self._run_blocks(self._embed(images), records, keep_attn=attention and maps))
-        pre = self.forward_head(x, pre_logits=True)
+        x = self._run_blocks(self._embed(images), records, keep_attn=attention and maps)
+        features = self.norm(x)
+        pre = self.forward_head(features, pre_logits=True)
         records = records or []
         return SparsifinerOutput(
-            output=self.head(pre), pre_logits=pre, tokens=x, num_prefix_tokens=self.num_prefix_tokens,
-            approx_attn=[r.approx_attn for r in records], attn_masks=[r.attn_mask for r in records],
-            attn=[r.attn for r in records] if attention else [])
+            output=self.head(pre), pre_logits=pre, tokens=self.fc_norm(x) if self.config.fc_norm else features,
+            num_prefix_tokens=self.num_prefix_tokens, approx_attn=[r.approx_attn for r in records],
+            attn_masks=[r.attn_mask for r in records], attn=[r.attn for r in records] if attention else [])
 
     def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
         """Tokens [B, N, C] after a block, indexed as LLaVA's mm_vision_select_layer and transformers'
         `hidden_states[layer]`: 0 the embedded tokens entering block 0, k after k blocks, negative from
         the end (-2: after the penultimate block). layer -1 alone gives the final-normed tokens; every
         other layer (`depth` included) a block's raw output. class_token=False drops the prefix tokens
-        (class token and registers), leaving the patches. The same indexing as `SparseFormer.forward_tokens`
-        and the teachers'."""
+        (class token and registers; none without them), leaving the patches. The same indexing as
+        `SparseFormer.forward_tokens` and the teachers'."""
         index = hidden_state_index(layer, len(self.blocks), "this Sparsifiner")
         x = self._run_blocks(self._embed(images), stop=index)
         if layer == -1:
-            x = self.norm(x)
+            x = self.final_norm(x)
         return x if class_token else x[:, self.num_prefix_tokens:]
 
     def forward_hidden_states(self, images: Tensor) -> list[Tensor]:
@@ -584,10 +667,10 @@ class Sparsifiner(VisionTransformer):
         return states
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "", "token"):
-            raise ValueError(f"a Sparsifiner pools the class token (global_pool 'token'), not {global_pool!r}")
+        if global_pool not in (None, "", self.global_pool):
+            raise ValueError(f"this Sparsifiner pools with global_pool {self.global_pool!r} (its config's); "
+                             f"reset_classifier cannot change it to {global_pool!r}")
         bias = self.config.head_bias
         self.head = nn.Linear(self.embed_dim, num_classes, bias=bias) if num_classes > 0 else nn.Identity()
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
-

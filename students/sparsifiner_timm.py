@@ -53,9 +53,18 @@ NAMED: dict[str, tuple[dict, tuple]] = {
 default_cfgs: dict[str, dict] = {}
 
 
+# Keys added to SparsifinerConfig after configurations were first named by hash: left out of the hash at their
+# defaults, so that every configuration saved before keeps its name (and its exports their timm_model_name).
+_LATER_KEYS = ("class_token", "global_pool", "fc_norm", "mlp_layer", "mlp_hidden_dim", "qk_norm", "pool_spec")
+_DEFAULTS = SparsifinerConfig().to_dict()
+
+
 def _architecture(d: Mapping[str, Any]) -> dict:
     d = dict(d)
     d.pop("drop_path_rate", None)
+    for key in _LATER_KEYS:
+        if key in d and d[key] == _DEFAULTS[key]:
+            del d[key]
     return d
 
 
@@ -91,7 +100,7 @@ def pretrained_cfg_for(config: SparsifinerConfig, pretrained_cfg: Mapping[str, A
 
 def export_fields(config: SparsifinerConfig) -> dict:
     """What an export needs to know of the output layer: its width, bias, and the pooling."""
-    return dict(num_classes=config.num_classes, num_features=config.embed_dim, global_pool="token",
+    return dict(num_classes=config.num_classes, num_features=config.embed_dim, global_pool=config.global_pool,
                 proj_bias=bool(config.head_bias))
 
 
@@ -100,8 +109,9 @@ def _sparsifiner(config: SparsifinerConfig, num_classes: int | None = None, in_c
                  img_size=None) -> Sparsifiner:
     if in_chans != 3:
         raise ValueError(f"a Sparsifiner takes RGB images (in_chans=3), got in_chans={in_chans}")
-    if global_pool not in (None, "", "token"):
-        raise ValueError(f"global_pool={global_pool!r}: a Sparsifiner pools the class token ('token')")
+    if global_pool not in (None, "", config.global_pool):
+        raise ValueError(f"global_pool={global_pool!r}: this Sparsifiner pools with {config.global_pool!r} (its "
+                         f"config's global_pool); build it with that or leave global_pool unset")
     if img_size is not None and _pair(img_size) != _pair(config.img_size):
         raise ValueError(f"img_size={img_size}: this Sparsifiner's predictors fix its size to {config.img_size}")
     changes: dict[str, Any] = {}

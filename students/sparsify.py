@@ -6,8 +6,10 @@
 
 The student is the teacher's tower in timm's layout (`Teacher.stem_state_dict`, `block_state_dict`,
 `norm_state_dict`, `head_state_dict`): open_clip towers with their ln_pre, QuickGELU and projection
-(as a bias-free `head`), timm ViTs with their registers and position-embedding layout, LayerScale folded
-into the block weights (the same function). With keep rate 1 it computes what the teacher computes.
+(as a bias-free `head`), timm ViTs (and open_clip's timm towers, SigLIP) with their registers or no class
+token, position-embedding layout, MLP kind, qk-norm and pooling head (mean or the MAP head's weights, `norm`
+or `fc_norm`), LayerScale folded into the block weights (the same function). With keep rate 1 it computes
+what the teacher computes.
 """
 
 from __future__ import annotations
@@ -122,25 +124,29 @@ def parameter_policy(student: Sparsifiner, train_head: bool = True) -> PhasedPar
 
 
 def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerConfig:
-    """The Sparsifiner configuration of `teacher`'s whole image tower."""
-    if teacher.mlp_act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"teacher MLP activation {teacher.mlp_act!r} is not supported (gelu or quick_gelu)")
-    if int(teacher.width * teacher.mlp_ratio) != teacher.mlp_hidden_dim:
-        raise ValueError(f"teacher MLP width {teacher.mlp_hidden_dim} is not a ratio of its width {teacher.width}")
+    """The Sparsifiner configuration of `teacher`'s whole image tower: its stem, blocks (MLP kind, width,
+    activation, qk-norm) and head (class token or none, pooling, `norm` or `fc_norm`, MAP head)."""
     ph, pw = teacher.patch_size
     if ph != pw:
         raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
     stem = teacher.stem_state_dict()
     head = teacher.head_state_dict()
     h, w = teacher.preprocess.size
+    hidden = teacher.mlp_hidden_dim
     cfg = dict(
         img_size=h if h == w else [h, w], patch_size=ph, embed_dim=teacher.width, depth=teacher.depth,
         num_heads=teacher.num_heads, mlp_ratio=teacher.mlp_ratio, qkv_bias=True,
+        # the exact width only where the ratio does not give it back (keeps the plain configs as they were)
+        mlp_hidden_dim=None if int(teacher.width * teacher.mlp_ratio) == hidden else hidden,
+        mlp_layer=teacher.mlp_layer, qk_norm=teacher.qk_norm, class_token=teacher.has_class_token,
+        global_pool=teacher.pool, fc_norm=not teacher.norm_before_pool,
+        pool_spec=None if teacher.pool_spec is None else dict(teacher.pool_spec),
         num_classes=0 if head is None else head["weight"].shape[0], head_bias=head is not None and "bias" in head,
         attn_keep_rate=opts.keep_rates(teacher.depth), reduce_n_factor=opts.reduce_n_factor,
         reduce_c_factor=opts.reduce_c_factor, share_inout_proj=opts.share_inout_proj,
         basis_threshold=opts.basis_threshold, basis_coef_topk=opts.basis_coef_topk, ln_eps=teacher.norm_eps,
-        act=teacher.mlp_act, pre_norm="norm_pre.weight" in stem, reg_tokens=teacher.num_prefix_tokens - 1,
+        act=teacher.mlp_act, pre_norm="norm_pre.weight" in stem,
+        reg_tokens=teacher.num_prefix_tokens - int(teacher.has_class_token),
         no_embed_class=stem["pos_embed"].shape[1] == teacher.num_patches, drop_path_rate=opts.drop_path_rate,
     )
     if len(set(cfg["attn_keep_rate"])) == 1:
@@ -157,7 +163,11 @@ def copy_teacher_weights(student: Sparsifiner, teacher: "Teacher") -> None:
         sd["patch_embed.proj.bias"] = torch.zeros_like(own["patch_embed.proj.bias"])
     for i in range(teacher.depth):
         sd.update({f"blocks.{i}.{k}": v for k, v in teacher.block_state_dict(i).items()})
-    sd.update({f"norm.{k}": v for k, v in teacher.norm_state_dict().items()})
+    final_norm = "fc_norm." if student.config.fc_norm else "norm."
+    sd.update({final_norm + k: v for k, v in teacher.norm_state_dict().items()})
+    pool = teacher.pool_state_dict()
+    if pool is not None:
+        sd.update({f"attn_pool.{k}": v for k, v in pool.items()})
     head = teacher.head_state_dict()
     if head is not None:
         sd.update({f"head.{k}": v for k, v in head.items()})

@@ -130,15 +130,16 @@ def _sparsifiner_describe(config: Mapping[str, Any]) -> dict:
 
     cfg = SparsifinerConfig.from_dict(config)
     # Registers count as image tokens: LLaVA's 'default' drops only the first (class) token.
-    return dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_latent_tokens=cfg.num_tokens - 1,
-                class_token=True, projection_dim=cfg.num_classes)
+    return dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
+                num_latent_tokens=cfg.num_tokens - int(cfg.class_token), class_token=cfg.class_token,
+                projection_dim=cfg.num_classes)
 
 
 def _sparsifiner_encode(student: nn.Module, images: Tensor) -> StudentEncoding:
     states = student.forward_hidden_states(images)
-    last = student.norm(states[-1])
-    pooled = student.forward_head(last, pre_logits=True)  # timm: pools the normed tokens
-    return StudentEncoding(states, last, pooled, student.head(pooled))
+    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
+    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
+    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {

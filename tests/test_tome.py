@@ -1,5 +1,7 @@
 """Token Merging (eval.baselines.tome) on tiny random teachers of both libraries."""
 
+import copy
+import dataclasses
 import json
 import warnings
 
@@ -22,6 +24,7 @@ from eval.cost import count_flops
 from teachers import create_teacher
 
 from conftest import FIXTURES
+from tiny_towers import TIMM_SPECS, openclip_spec
 
 TIMM_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 64, "num_heads": 2}  # 16 patches
 TINY_CLIP = {
@@ -205,3 +208,73 @@ def test_agrees_with_the_authors_code():
         with torch.no_grad():
             torch.testing.assert_close(tome(io["images"]), io[f"r={r}"], rtol=0, atol=1e-5)
     assert ToMe(teacher, [8, 6, 1]).schedule == [8, 4, 1]
+
+
+# ----------------------------------------------------------------------------- the newer teacher kinds
+# SigLIP (no class token, MAP head; 72 = 2 heads of 36), mean pooling with norm or fc_norm, SwiGLU with
+# LayerScale and registers, qk-norm; as timm teachers and as open_clip SigLIP towers with a logit bias.
+NEW_SPECS = {**TIMM_SPECS, "openclip_siglip_map": openclip_spec("tiny_siglip_map"),
+             "openclip_siglip_gap_proj": openclip_spec("tiny_siglip_gap", proj="linear")}
+
+
+@pytest.fixture(scope="module", params=list(NEW_SPECS))
+def new_teacher(request):
+    t = random_teacher(copy.deepcopy(NEW_SPECS[request.param]))
+    with torch.no_grad():  # LayerScale, norms and the MAP latent away from their initial values
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return t
+
+
+def test_r0_is_the_new_teacher_exactly(new_teacher):
+    teacher = new_teacher
+    x = torch.randn(3, 3, 32, 32)
+    tome = ToMe(teacher, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(tome.embed(x), teacher.embed(x), rtol=0, atol=1e-6)
+        tokens, size = tome.forward_features(x)
+        torch.testing.assert_close(tokens, teacher.forward_tokens(x, layer=teacher.depth), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tome(x), teacher.pool_norm_head(tokens), rtol=0, atol=1e-6)
+    assert size is None and tome.token_counts == [teacher.num_prefix_tokens + 16] * teacher.depth
+
+
+def test_r_above_0_runs_on_the_new_teachers(new_teacher):
+    teacher = new_teacher
+    x = torch.randn(2, 3, 32, 32)
+    tome = ToMe(teacher, 3)
+    blocks = []
+    with torch.no_grad():
+        out = tome.embed(x)
+        tome.forward_features(x, every_block=blocks)
+    assert out.shape == teacher.embed(x).shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, teacher.embed(x), atol=1e-4)
+    p = teacher.num_prefix_tokens
+    assert [t.shape[1] for t, _ in blocks] == tome.token_counts == [p + 13, p + 10, p + 7]
+    for tokens, size in blocks:  # the sizes still count every patch token once
+        torch.testing.assert_close(size.sum(dim=1).squeeze(-1), torch.full((2,), 16.0 + p))
+
+
+def test_qk_norm_keys_are_the_normed_ones():
+    """On the qk-norm tower the attention (and so the merging metric) uses q_norm(q), k_norm(k): r = 0 agrees
+    with the teacher only because they are applied (a block without them gives another output)."""
+    teacher = random_teacher(copy.deepcopy(TIMM_SPECS["tiny_qknorm_swiglu_avg"]))
+    parts = teacher.block_modules(0)
+    with torch.no_grad():
+        parts.q_norm.weight.mul_(3.0)  # a norm far from the identity
+        x = teacher.embed_tokens(torch.randn(2, 3, 32, 32))
+        ours, _ = tome_block(parts, x, None, 0, teacher.num_prefix_tokens)
+        without, _ = tome_block(dataclasses.replace(parts, q_norm=torch.nn.Identity(), k_norm=torch.nn.Identity()),
+                                x, None, 0, teacher.num_prefix_tokens)
+        torch.testing.assert_close(ours, teacher.run_block(0, x), rtol=0, atol=1e-5)
+    assert not torch.allclose(without, ours, atol=1e-4)
+
+
+def test_without_a_class_token_the_first_token_may_merge():
+    """Tokens 0 1 2 3: A = {0, 2}, B = {1, 3}; token 0's key is token 1's. With a class token (num_prefix 1)
+    token 0 is kept and 2 merges; without one (SigLIP) token 0 merges into token 1."""
+    keys = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]])
+    x = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
+    merged, size = merge_weighted(bipartite_soft_matching(keys, r=1, num_prefix=0), x, None)
+    assert merged.flatten().tolist() == [5.0, 2.0, 7.0] and size.flatten().tolist() == [1, 2, 1]
+    merged, _ = merge_weighted(bipartite_soft_matching(keys, r=1, num_prefix=1), x, None)
+    assert merged[0, 0, 0] == 1.0 and merged.shape[1] == 3

@@ -223,6 +223,24 @@ def test_a_sparsifiner_student_is_a_llava_tower_through_its_family_entry(images)
         assert generated.shape == (1, 18 + 5 + 2)
 
 
+@pytest.mark.parametrize("head", [dict(class_token=False, global_pool="map"),  # SigLIP
+                                  dict(global_pool="avg", fc_norm=True)])  # mean, then fc_norm
+def test_a_sparsifiner_without_a_class_token_or_with_fc_norm_is_a_vision_model(images, head):
+    from students.sparsifiner import Sparsifiner
+
+    torch.manual_seed(7)
+    student = Sparsifiner(dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                               basis_coef_topk=2, **head)).eval()
+    vision = stm.StudentVisionModel.from_student(student, pretrained_cfg=dict(
+        input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3), teacher=CLIP_SPEC)
+    cfg = vision.config
+    assert (cfg.class_token, cfg.num_image_tokens) == (student.config.class_token, student.num_tokens)
+    with torch.no_grad():
+        out = vision(images)
+        torch.testing.assert_close(out.last_hidden_state, student.forward_tokens(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.pooler_output, student(images, pre_logits=True), rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Preprocessing
 # --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ merging ``r`` tokens in every block. In each block, between the attention and th
    alternately into sets A (even positions) and B (odd positions); each token of A finds its
    most cosine-similar token of B; the ``r`` A tokens with the most similar partners are merged
    into them. The class token and any other prefix tokens (registers) never merge and no token
-   merges into them.
+   merges into them; a tower without them (SigLIP) may merge any token. With qk-norm the keys are
+   the normed ones, as the attention's.
 2. *Size-weighted merging*: every token carries its size ``s`` (how many patches it stands
    for, 1 at first); a merged token is the size-weighted mean of its members, of size their sum.
 3. *Proportional attention*: ``softmax(q k^T / sqrt(d) + log s)``, so that a token of size ``s``
@@ -17,6 +18,11 @@ As in the authors' code (facebookresearch/ToMe), a block merges at most half of 
 tokens it receives: a larger ``r`` is capped there (``ToMe.schedule`` gives what each block
 merges, ``ToMe.token_counts`` the tokens leaving each block). A request that would merge away
 every patch token is refused, with the largest valid constant ``r`` for the model.
+
+At the end the teacher's own head path runs on the merged tokens: its final norm, its pooling (the
+class token, the mean of the patch tokens, or its MAP head) and its head, in the teacher's order
+(`norm` before pooling or `fc_norm` after it); the mean is over the merged tokens, unweighted by their
+sizes, as timm's head computes it under the authors' patch.
 
     from eval.baselines.tome import ToMe, schedule
     tome = ToMe(teacher, r=8)                      # 8 tokens per block
@@ -39,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Matching", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
+__all__ = ["Matching", "TeacherHead", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
            "merge_weighted", "plan", "schedule", "tome_block"]
 
 R = Union[int, Sequence[int]]
@@ -191,6 +197,7 @@ def tome_block(parts, x: Tensor, size: Tensor | None, r: int, num_prefix: int = 
     heads = parts.num_heads
     qkv = F.linear(parts.norm1(x), parts.qkv_weight, parts.qkv_bias)
     q, k, v = qkv.reshape(n, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = parts.q_norm(q), parts.k_norm(k)  # qk-norm (identities without it)
     bias = None
     if prop_attn and size is not None:
         bias = size.log()[:, None, None, :, 0].to(q.dtype)  # [B, 1, 1, T]: + log s on every key's logit
@@ -203,14 +210,52 @@ def tome_block(parts, x: Tensor, size: Tensor | None, r: int, num_prefix: int = 
 
 
 # ----------------------------------------------------------------------------- the model
+class TeacherHead(nn.Module):
+    """Copies of the teacher's final norm, pooling and head (`Teacher.norm_state_dict`, `pool`,
+    `pool_state_dict`, `head_state_dict`), for tokens of any count: `pre_logits(tokens)` is the pooled,
+    normed feature, `proj` the head (identity without one)."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        from students.blocks import map_pool
+
+        norm = teacher.norm_state_dict()
+        self.pool = teacher.pool
+        self.num_prefix = teacher.num_prefix_tokens
+        self.norm_before_pool = teacher.norm_before_pool
+        self.norm = nn.LayerNorm(teacher.width, eps=teacher.norm_eps)
+        self.norm.load_state_dict(norm)
+        self.attn_pool = None
+        if self.pool == "map":
+            self.attn_pool = map_pool(teacher.width, teacher.pool_spec)
+            self.attn_pool.load_state_dict(teacher.pool_state_dict())
+        head = teacher.head_state_dict()
+        if head is None:
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias="bias" in head)
+            self.proj.load_state_dict(head)
+        self.to(norm["weight"].device, norm["weight"].dtype)
+        self.requires_grad_(False)
+
+    def pre_logits(self, tokens: Tensor) -> Tensor:
+        if self.pool == "token":  # the norm is per token: norming the class token alone is the same
+            return self.norm(tokens[:, 0])
+        x = self.norm(tokens) if self.norm_before_pool else tokens
+        patches = x[:, self.num_prefix:]
+        x = patches.mean(dim=1) if self.pool == "avg" else self.attn_pool(patches)
+        return x if self.norm_before_pool else self.norm(x)
+
+
 class ToMe(nn.Module):
     """A teacher with Token Merging: ``r`` tokens merged per block (an int, or one int per block).
 
     Same outputs as the students: ``forward(images, pre_logits=False)`` is the head output (CLIP:
     the projected embedding; supervised: the classifier logits), with ``pre_logits`` the pooled,
-    normed class token; ``embed(images)`` is what ``teacher.embed`` returns. ``schedule``: the
-    tokens merged in each block (after ToMe's cap); ``token_counts``: the tokens leaving each block.
-    ``prop_attn=False`` leaves out proportional attention (for ablations).
+    normed feature (class token, mean or MAP head, as the teacher pools); ``embed(images)`` is what
+    ``teacher.embed`` returns. ``schedule``: the tokens merged in each block (after ToMe's cap);
+    ``token_counts``: the tokens leaving each block. ``prop_attn=False`` leaves out proportional
+    attention (for ablations).
     """
 
     def __init__(self, teacher, r: R = 0, *, prop_attn: bool = True):
@@ -221,21 +266,10 @@ class ToMe(nn.Module):
                                                 f"{teacher.kind}:{teacher.name}")
         self.prop_attn = prop_attn
         self.target = teacher.target
-        # Copies of the final norm and head (a few vectors): the teacher's own pooling path ends in
-        # the head, the pre-logits feature is the normed class token before it.
-        norm = teacher.norm_state_dict()
-        self.norm = nn.LayerNorm(teacher.width, eps=teacher.norm_eps)
-        self.norm.load_state_dict(norm)
-        head = teacher.head_state_dict()
-        if head is None:
-            self.proj = nn.Identity()
-        else:
-            self.proj = nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias="bias" in head)
-            self.proj.load_state_dict(head)
-        self.norm.to(norm["weight"].device, norm["weight"].dtype)
-        self.proj.to(norm["weight"].device, norm["weight"].dtype)
-        self.norm.requires_grad_(False)
-        self.proj.requires_grad_(False)
+        # Copies of the final norm, pooling and head (a few vectors and the MAP head): the teacher's own path
+        # ends in the head, the pre-logits feature is the pooled, normed one before it.
+        self.head = TeacherHead(teacher)
+        self.proj = self.head.proj
         self.train(False)
 
     def train(self, mode: bool = True) -> "ToMe":
@@ -260,8 +294,8 @@ class ToMe(nn.Module):
         return x, size
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """The class token, normed (``pre_logits``), then the teacher's head."""
-        x = self.norm(tokens[:, 0])
+        """The teacher's pooling and final norm (``pre_logits``), then its head."""
+        x = self.head.pre_logits(tokens)
         return x if pre_logits else self.proj(x)
 
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
