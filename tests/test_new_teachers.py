@@ -180,21 +180,46 @@ def test_the_student_is_built_as_its_teacher_is(pair):
     assert tokens.shape == (2, cfg.num_latent_tokens + int(cfg.has_cls_token), teacher.width)
 
 
-def test_defaults_scale_the_released_construction_to_so400m():
-    """SigLIP So400m/14 at 384 px, read on the meta device: 182 latent tokens (a quarter of 729), no class
-    token, heads of 72, MLP 4304, the MAP head, focusing at 576 = 8 heads of 72."""
+def _meta_teacher(timm_name: str):
+    """A real tower's architecture as a teacher, on the meta device (no weights, no memory)."""
     import timm
 
     from teachers.timm_vit import TimmTeacher
 
     with torch.device("meta"):
-        vit = timm.create_model("vit_so400m_patch14_siglip_384")
+        vit = timm.create_model(timm_name)
     teacher = TimmTeacher.__new__(TimmTeacher)
     torch.nn.Module.__init__(teacher)
     teacher._init_tower(vit)
     teacher.preprocess = type("P", (), {"mean": (0.5,) * 3, "std": (0.5,) * 3})()
     teacher.head_state_dict = lambda: None
-    cfg = student_config(teacher, BootstrapOptions())
+    return teacher
+
+
+@pytest.mark.parametrize("recipe,tower,tokens,focus,head_dim,inherited", [
+    ("siglip_base", "vit_base_patch16_siglip_224", 49, 384, 64, 8),
+    ("siglip2_so400m", "vit_so400m_patch16_siglip_384", 144, 576, 72, 18),
+])
+def test_the_siglip_recipes_build_the_students_they_describe(recipe, tower, tokens, focus, head_dim, inherited):
+    """The recipes' open_clip towers are these timm models (open_clip's configs say so); the students
+    their comments promise: latent tokens only, the focusing width, the teacher's head width, the MAP head."""
+    import open_clip
+
+    from bootstrap.config import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["data.train=/data/train"])
+    assert open_clip.get_model_config(r.teacher["model"])["vision_cfg"]["timm_model_name"] == tower
+    cfg = student_config(_meta_teacher(tower), r.student)
+    assert (cfg.num_latent_tokens, cfg.has_cls_token, cfg.head_op, cfg.width_configs[0]) == (tokens, False, "map",
+                                                                                               focus)
+    assert cfg.compatible_config.head_dim == head_dim and len(cfg.width_configs) == 2 + inherited
+    assert cfg.proj_dim == 0  # SigLIP's tower has no projection: the MAP output is the embedding
+
+
+def test_defaults_scale_the_released_construction_to_so400m():
+    """SigLIP So400m/14 at 384 px, read on the meta device: 182 latent tokens (a quarter of 729), no class
+    token, heads of 72, MLP 4304, the MAP head, focusing at 576 = 8 heads of 72."""
+    cfg = student_config(_meta_teacher("vit_so400m_patch14_siglip_384"), BootstrapOptions())
     assert (cfg.num_latent_tokens, cfg.has_cls_token, cfg.head_op, cfg.width_configs[0]) == (182, False, "map", 576)
     assert cfg.compatible_config.head_dim == 72 and cfg.compatible_config.mlp_hidden_dim == 4304
     assert len(cfg.width_configs) == 2 + 18 and cfg.pool_spec["num_heads"] == 16

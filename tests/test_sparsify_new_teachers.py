@@ -239,8 +239,10 @@ def test_timm_export_of_a_new_kind_reloads_with_equal_outputs(name, tmp_path):
         assert torch.equal(reloaded(x), student(x))
 
 
-def test_openclip_export_of_a_siglip_student_keeps_the_logit_bias(tmp_path):
-    teacher = make_teacher("openclip_siglip_gap_proj")  # mean-pooled, no class token, a linear projection
+@pytest.mark.parametrize("kind", ["openclip_siglip_gap_proj", "openclip_siglip_map"])
+def test_openclip_export_of_a_siglip_student_keeps_the_logit_bias(kind, tmp_path):
+    # mean-pooled with a linear projection; MAP-pooled without one (the tower's output is the embedding)
+    teacher = make_teacher(kind)
     student, _ = sparsify(teacher, keep_rate=0.5, **SMALL)
     student.eval()
     out = export_openclip(student, teacher, tmp_path / "oc")
