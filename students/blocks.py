@@ -17,11 +17,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from teachers.base import ACTIVATIONS, MLP_LAYERS
 
-__all__ = ["ACTIVATIONS", "MLP_LAYERS", "act_layer", "attention", "map_pool", "mlp"]
+__all__ = ["ACTIVATIONS", "MLP_LAYERS", "act_layer", "attention", "map_pool", "mlp", "pool_and_norm", "pool_tokens"]
 
 
 def act_layer(name: str) -> type[nn.Module] | partial:
@@ -82,3 +82,21 @@ def map_pool(dim: int, spec: Mapping[str, Any]) -> nn.Module:
         pool.q_norm = nn.LayerNorm(pool.head_dim, eps=s["qk_norm_eps"])
         pool.k_norm = nn.LayerNorm(pool.head_dim, eps=s["qk_norm_eps"])
     return pool
+
+
+def pool_tokens(tokens: Tensor, pool: str, num_prefix: int, attn_pool: nn.Module | None = None) -> Tensor:
+    """A ViT head's pooling over tokens of any count: the class token ('token'), or the mean ('avg') or
+    MAP head ('map') over the tokens after the `num_prefix` prefix tokens (timm's default)."""
+    if pool == "token":
+        return tokens[:, 0]
+    patches = tokens[:, num_prefix:]
+    return attn_pool(patches) if pool == "map" else patches.mean(dim=1)
+
+
+def pool_and_norm(tokens: Tensor, pool: str, num_prefix: int, norm: nn.Module, norm_before_pool: bool,
+                  attn_pool: nn.Module | None = None) -> Tensor:
+    """The pooled, normed feature: `norm` on every token then pooling (timm's `norm`, SigLIP), or pooling
+    then `norm` (timm's `fc_norm`); for the class token the two are the same, and only it is normed."""
+    if pool == "token" or not norm_before_pool:
+        return norm(pool_tokens(tokens, pool, num_prefix, attn_pool))
+    return pool_tokens(norm(tokens), pool, num_prefix, attn_pool)

@@ -11,7 +11,6 @@ blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import SparseFormerConfig, unknown_key_error
+from .config import POOL_TO_HEAD_OP, SparseFormerConfig, reject_unknown_keys
 from .registry import btsp_config
 from .sparseformer import SFUnit, SparseFormer
 
@@ -48,10 +47,7 @@ class BootstrapOptions:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BootstrapOptions":
         d = dict(d or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                raise unknown_key_error("student options", k, names)
+        reject_unknown_keys("student options", d, cls)
         return cls(**d)
 
 
@@ -133,10 +129,6 @@ def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
                 focus_width=focus_width)
 
 
-# The teacher's pooling and the student head op that pools alike.
-_HEAD_OPS = {"token": "cls", "avg": "avg", "map": "map"}
-
-
 def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerConfig:
     """The SparseFormer configuration for a teacher (released btsp configs for ViT-B/16 and ViT-L/14).
 
@@ -179,7 +171,7 @@ def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerCo
         compat["qk_norm"] = True
     if not r["cls"]:
         cfg["cls_token_insert_layer"] = 0
-    cfg["head_op"] = _HEAD_OPS[teacher.pool]
+    cfg["head_op"] = POOL_TO_HEAD_OP[teacher.pool]
     if teacher.pool == "map":
         cfg["pool_spec"] = dict(teacher.pool_spec)
     if teacher.pool != "token" and teacher.norm_before_pool:

@@ -17,6 +17,9 @@ from typing import Any, Mapping, Sequence, Union
 OP_NAMES = ("ATTN", "MLP", "ROI_ADJ", "SAMPLING_M", "PE_INJECT")
 ROI_OPS = ("ROI_ADJ", "SAMPLING_M", "PE_INJECT")
 HEAD_OPS = ("avg", "cls", "map")
+# A head op and the timm `global_pool` (and teacher `pool`) that pools alike ('cls' is also accepted as a pool).
+HEAD_OP_TO_POOL = {"cls": "token", "avg": "avg", "map": "map"}
+POOL_TO_HEAD_OP = {"token": "cls", "cls": "cls", "avg": "avg", "map": "map"}
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,14 @@ def unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def reject_unknown_keys(where: str, d: Mapping[str, Any], cls: type) -> None:
+    """A `unknown_key_error` for the first key of `d` that is not a field of the dataclass `cls`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            raise unknown_key_error(where, k, names)
 
 
 def read_json(path_or_text: str) -> Any:
@@ -92,19 +103,13 @@ class CompatibleConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "CompatibleConfig":
         d = dict(d or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                raise unknown_key_error("compatible_config", k, names)
+        reject_unknown_keys("compatible_config", d, cls)
         gs = d.pop("grid_sample_config", None)
         if isinstance(gs, GridSampleConfig):
             grid = gs
         else:
             gs = dict(gs or {})
-            gnames = [f.name for f in dataclasses.fields(GridSampleConfig)]
-            for k in gs:
-                if k not in gnames:
-                    raise unknown_key_error("compatible_config.grid_sample_config", k, gnames)
+            reject_unknown_keys("compatible_config.grid_sample_config", gs, GridSampleConfig)
             grid = GridSampleConfig(**gs)
         return cls(grid_sample_config=grid, **d)
 
@@ -163,10 +168,7 @@ class SparseFormerConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"a SparseFormer config must be a mapping or SparseFormerConfig, got {type(d).__name__}")
         d = dict(d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                raise unknown_key_error("SparseFormer config", k, names)
+        reject_unknown_keys("SparseFormer config", d, cls)
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]

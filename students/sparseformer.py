@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from teachers.base import hidden_state_index
 
 from . import blocks
-from .config import ROI_OPS, SparseFormerConfig
+from .config import HEAD_OP_TO_POOL, ROI_OPS, SparseFormerConfig
 
 # The 7x7 kernel of the early convolution must fit in the image.
 MIN_INPUT_SIZE = 7
@@ -560,16 +560,19 @@ class SparseFormer(nn.Module):
             hidden_states.append(x)
         return x, roi
 
+    def _pooling(self) -> tuple[str, int, nn.Module | None]:
+        """`blocks.pool_tokens`'s pool, prefix count and MAP head for this model's head op."""
+        cfg = self.config
+        return HEAD_OP_TO_POOL[cfg.head_op], int(cfg.has_cls_token), getattr(self, "attn_pool", None)
+
     def pool(self, tokens: Tensor) -> Tensor:
         """The class token ('cls'), or the mean ('avg') or MAP head ('map') over the latent tokens."""
-        if self.config.head_op == "cls":
-            return tokens[:, 0]
-        latent = tokens[:, 1:] if self.config.has_cls_token else tokens
-        return self.attn_pool(latent) if self.config.head_op == "map" else latent.mean(dim=1)
+        return blocks.pool_tokens(tokens, *self._pooling())
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool and `norm` (in the config's order, `norm_before_pool`), then `proj` (skipped with pre_logits)."""
-        x = self.pool(self.norm(tokens)) if self.config.norm_before_pool else self.norm(self.pool(tokens))
+        pool, prefix, attn_pool = self._pooling()
+        x = blocks.pool_and_norm(tokens, pool, prefix, self.norm, self.config.norm_before_pool, attn_pool)
         return x if pre_logits else self.proj(x)
 
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:

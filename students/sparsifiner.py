@@ -35,7 +35,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from teachers.base import ACTIVATIONS, MLP_LAYERS, hidden_state_index
 
-from .config import ConfigError, read_json, unknown_key_error
+from .config import ConfigError, read_json, reject_unknown_keys
 
 __all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "SparsifinerConfig", "SparsifinerOutput",
            "MaskPredictor"]
@@ -108,10 +108,7 @@ class SparsifinerConfig:
             return d
         if not isinstance(d, Mapping):
             raise ConfigError(f"a Sparsifiner config must be a mapping or SparsifinerConfig, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                raise unknown_key_error("Sparsifiner config", k, names)
+        reject_unknown_keys("Sparsifiner config", d, cls)
         d = dict(d)
         for k in ("img_size", "attn_keep_rate"):
             if isinstance(d.get(k), (list, tuple)):

@@ -14,7 +14,6 @@ what the teacher computes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from .bootstrap import ParameterPolicy
-from .config import ConfigError, unknown_key_error
+from .config import ConfigError, reject_unknown_keys
 from .sparsifiner import PHASES, Sparsifiner, SparsifinerConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,10 +47,7 @@ class SparsifyOptions:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SparsifyOptions":
         d = dict(d or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                raise unknown_key_error("Sparsifiner student options", k, names)
+        reject_unknown_keys("Sparsifiner student options", d, cls)
         return cls(**d)
 
     def keep_rates(self, depth: int) -> list[float]:

@@ -61,7 +61,7 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
-from .config import ConfigError, SparseFormerConfig
+from .config import HEAD_OP_TO_POOL, POOL_TO_HEAD_OP, ConfigError, SparseFormerConfig
 from .registry import IMAGENET_MEAN_STD, RELEASED, get_config
 from .sparseformer import SparseFormer
 
@@ -84,8 +84,6 @@ CONFIG_FILE = "sparseformer_config.json"
 
 _PAPERS = {"v1": ("arXiv:2304.03768",), "btsp": ("arXiv:2304.03768", "arXiv:2312.01987")}
 # timm's `global_pool` values and the SparseFormer head op they select ('' or None: the model's own).
-_POOL_TO_HEAD_OP = {"token": "cls", "cls": "cls", "avg": "avg", "map": "map"}
-HEAD_OP_TO_POOL = {"cls": "token", "avg": "avg", "map": "map"}
 _MODEL_KWARGS = ("num_classes", "global_pool", "in_chans", "drop_path_rate", "drop_rate", "img_size",
                  "device", "dtype")
 
@@ -177,12 +175,12 @@ def _sparseformer(config: SparseFormerConfig, num_classes: int | None = None, in
     changes: dict[str, Any] = {}
     if num_classes is not None:
         changes["proj_dim"] = int(num_classes)
-    if global_pool and _POOL_TO_HEAD_OP.get(global_pool) != config.head_op:
-        if global_pool not in _POOL_TO_HEAD_OP or "map" in (global_pool, config.head_op):
+    if global_pool and POOL_TO_HEAD_OP.get(global_pool) != config.head_op:
+        if global_pool not in POOL_TO_HEAD_OP or "map" in (global_pool, config.head_op):
             raise ValueError(f"global_pool={global_pool!r}: SparseFormer pools by 'token' (class token) or 'avg' "
                              f"(and 'map' where it has a MAP head); '' keeps the model's own "
                              f"({HEAD_OP_TO_POOL[config.head_op]!r})")
-        changes["head_op"] = _POOL_TO_HEAD_OP[global_pool]
+        changes["head_op"] = POOL_TO_HEAD_OP[global_pool]
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
     # A fresh config per model: reset_classifier edits the model's config in place.

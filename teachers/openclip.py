@@ -108,7 +108,7 @@ def timm_tower_problems(vision: Mapping[str, Any]) -> list[str]:
     except Exception as exc:  # timm models that take no device / pool argument are not ViTs we support
         return [f"its image tower '{name}' could not be built as a timm ViT ({type(exc).__name__}: {exc})"]
     return [f"its image tower (timm '{name}'): {p}" for p in
-            timm_problems(trunk, projection=nn.Linear(1, 1) if proj == "linear" else None)]
+            timm_problems(trunk, projected=proj == "linear")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -335,7 +335,7 @@ class OpenClipTimmTeacher(_ClipText, TimmTower):
         visual = getattr(model, "visual", None)
         trunk, projection, problems = _timm_tower(visual)
         if not problems:
-            problems = timm_structure_problems(trunk, projection)
+            problems = timm_structure_problems(trunk, projected=projection is not None)
         if problems:
             raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)
         super().__init__(kind=self.kind, name=name, family="clip", spec=spec, model=model,

@@ -150,10 +150,10 @@ _OTHER_VITS = {
 }
 
 
-def structure_problems(model: nn.Module, projection: nn.Module | None = None) -> list[str]:
+def structure_problems(model: nn.Module, projected: bool = False) -> list[str]:
     """Why a timm model is not a ViT the students can inherit from ([] when it is).
 
-    `projection`: the Linear an open_clip tower applies after the timm model, if any.
+    `projected`: an open_clip tower applies a Linear projection after the timm model.
     """
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
@@ -184,7 +184,7 @@ def structure_problems(model: nn.Module, projection: nn.Module | None = None) ->
         problems.append("it needs exactly one final LayerNorm (norm or fc_norm)")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         problems.append(f"its head is a {type(model.head).__name__}, not a Linear")
-    if projection is not None and isinstance(model.head, nn.Linear):
+    if projected and isinstance(model.head, nn.Linear):
         problems.append("it has two heads (the timm model's and the open_clip projection)")
     for i, blk in enumerate(model.blocks):
         problem = _block_problem(blk, model.embed_dim)

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from students.blocks import map_pool, pool_and_norm
+
 __all__ = ["Matching", "TeacherHead", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
            "merge_weighted", "plan", "schedule", "tome_block"]
 
@@ -217,8 +219,6 @@ class TeacherHead(nn.Module):
 
     def __init__(self, teacher):
         super().__init__()
-        from students.blocks import map_pool
-
         norm = teacher.norm_state_dict()
         self.pool = teacher.pool
         self.num_prefix = teacher.num_prefix_tokens
@@ -239,12 +239,7 @@ class TeacherHead(nn.Module):
         self.requires_grad_(False)
 
     def pre_logits(self, tokens: Tensor) -> Tensor:
-        if self.pool == "token":  # the norm is per token: norming the class token alone is the same
-            return self.norm(tokens[:, 0])
-        x = self.norm(tokens) if self.norm_before_pool else tokens
-        patches = x[:, self.num_prefix:]
-        x = patches.mean(dim=1) if self.pool == "avg" else self.attn_pool(patches)
-        return x if self.norm_before_pool else self.norm(x)
+        return pool_and_norm(tokens, self.pool, self.num_prefix, self.norm, self.norm_before_pool, self.attn_pool)
 
 
 class ToMe(nn.Module):
