@@ -17,7 +17,9 @@ is a constant of the loss). Evaluation is always sparse. With keep rate 1 the mo
 
 Speed: the mask is computed without gradient, and attention runs in PyTorch's fused
 `scaled_dot_product_attention` with an additive mask (no [B, H, N, N] probabilities in memory) — the
-authors' code materialises the dense map and masks it afterwards. With class-token pooling `forward` (the
+authors' code materialises the dense map and masks it afterwards. On a CPU the mask comes from a compiled
+kernel (`students.mask_kernel`: the same mask as torch.topk's, about 4x faster), which in evaluation also
+forms each approximation row itself, so the [B, H, N-P, N] approximation is never materialised. With class-token pooling `forward` (the
 head output) updates only the prefix tokens in the last block, since the head reads the class token alone;
 mean and MAP pooling read every token, so there every row is computed.
 
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 from teachers.base import ACTIVATIONS, MLP_LAYERS, hidden_state_index
 
+from . import mask_kernel
 from .config import ConfigError, read_json, reject_unknown_keys
 
 __all__ = ["FAMILY", "PHASES", "Sparsifiner", "SparsifinerAttention", "SparsifinerConfig", "SparsifinerOutput",
@@ -291,27 +294,44 @@ class MaskPredictor(nn.Module):
         scores = q[:, :, num_prefix:] @ m + (bq @ k_down)[:, :, None]
         return (scores * heads ** -0.5).softmax(dim=-1)
 
+    def sparse_terms(self, q: Tensor, k: Tensor, num_prefix: int, threshold: float, topk: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """The sparse approximation's parts: each row's top-k coefficients (index, values: not renormalised)
+        and the basis |proj_back_nᵀ| with entries <= threshold zeroed."""
+        coef = self.coefficients(q, k, num_prefix)
+        basis = self.proj_back_n.t().abs()
+        basis = basis.masked_fill(basis <= threshold, 0.0)
+        index = topk_index(coef.detach(), topk)
+        return index, coef.gather(-1, index), basis
+
     def approx(self, q: Tensor, k: Tensor, num_prefix: int, threshold: float, topk: int,
                sparse: bool = True) -> Tensor:
         """The approximate attention [B, H, N-P, N]: sparse (top-k coefficients, |basis| > threshold) or
         dense (the reconstruct phase: every coefficient, signed basis)."""
-        coef = self.coefficients(q, k, num_prefix)
         if not sparse:
-            return coef @ self.proj_back_n.t()
-        basis = self.proj_back_n.t().abs()
-        basis = basis.masked_fill(basis <= threshold, 0.0)
-        index = topk_index(coef.detach(), topk)
-        values = coef.gather(-1, index)  # not renormalised
-        if not torch.is_grad_enabled() and coef.device.type == "cpu" and sparse_product(coef.shape[-1], topk):
-            # Many basis rows (K = 228 for DINOv2 at 518 px): the top-k coefficients as a CSR matrix halve
-            # the product's time on a CPU (the same sums, in another order).
-            return _csr_combination(index, values, basis)
-        return torch.zeros_like(coef).scatter_(-1, index, values) @ basis
+            return self.coefficients(q, k, num_prefix) @ self.proj_back_n.t()
+        return combine(*self.sparse_terms(q, k, num_prefix, threshold, topk))
+
+
+def combine(index: Tensor, values: Tensor, basis: Tensor) -> Tensor:
+    """Σ_t values[..., t] · basis[index[..., t]]: the sparse approximation [B, H, N-P, N] from its terms."""
+    if csr_product(values, basis.shape[0]):
+        return _csr_combination(index, values, basis)
+    coef = values.new_zeros((*values.shape[:-1], basis.shape[0])).scatter_(-1, index, values)
+    return coef @ basis
+
+
+def csr_product(values: Tensor, num_basis: int) -> bool:
+    """Whether the combination of these top-k coefficients runs as a CSR product: in evaluation on a CPU,
+    with `sparse_product`'s many basis rows."""
+    return not torch.is_grad_enabled() and values.device.type == "cpu" and sparse_product(num_basis,
+                                                                                          values.shape[-1])
 
 
 def sparse_product(num_basis: int, topk: int) -> bool:
     """Whether evaluation on a CPU forms the approximation as a sparse (CSR) product of the top-k
-    coefficients rather than a dense [N-P, K] @ [K, N] one: when K is at least 4 x topk."""
+    coefficients rather than a dense [N-P, K] @ [K, N] one: when K is at least 4 x topk (K = 228 for DINOv2
+    at 518 px: it halves the product's time; the same sums, in another order)."""
     return num_basis >= 4 * topk
 
 
@@ -354,7 +374,14 @@ def attention_mask(approx: Tensor, budget: int, num_prefix: int) -> Tensor:
 
 
 def attention_bias(approx: Tensor, budget: int, num_prefix: int, dtype: torch.dtype) -> Tensor:
-    """The sparse mask as an additive bias (0 kept, -inf dropped), built directly: what the fused kernel takes."""
+    """The sparse mask as an additive bias (0 kept, -inf dropped), built directly: what the fused kernel takes.
+
+    On a CPU in float32 the compiled selection (`students.mask_kernel`) writes the same mask about 4x faster
+    than the top-k, fill and scatter below."""
+    if dtype == torch.float32:
+        bias = mask_kernel.select_bias(approx, budget, num_prefix, topk_index)
+        if bias is not None:
+            return bias
     b, h, rows, n = approx.shape
     bias = approx.new_full((b, h, n, n), float("-inf"), dtype=dtype)
     bias[:, :, :num_prefix] = 0.0
@@ -400,14 +427,36 @@ class SparsifinerAttention(nn.Module):
     def is_sparse(self) -> bool:
         return self.budget < self.num_tokens
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, queries: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, N or queries, d], k, v [B, H, N, d]: with `queries`, q only for the first rows (the
+        class token of the last block), from the same weights."""
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        shape = (self.num_heads, self.head_dim)
+        if queries is None:
+            qkv = self.qkv(x).reshape(b, n, 3, *shape).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :queries], w[:c], None if bias is None else bias[:c])
+            q = q.reshape(b, queries, *shape).transpose(1, 2)
+            kv = F.linear(x, w[c:], None if bias is None else bias[c:])
+            k, v = kv.reshape(b, n, 2, *shape).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
     def predict(self, q: Tensor, k: Tensor, sparse: bool = True) -> Tensor:
         return self.mask_predictor.approx(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk, sparse)
+
+    def sparse_bias(self, q: Tensor, k: Tensor) -> Tensor:
+        """The additive mask that `attention_bias(self.predict(q, k))` gives. Where the approximation would
+        be a CSR product on a CPU, the compiled kernel (`students.mask_kernel`) sums, selects and writes
+        each row in one pass instead, with the same bits, and the [B, H, N-P, N] approximation is never
+        formed."""
+        terms = self.mask_predictor.sparse_terms(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk)
+        if q.dtype == torch.float32 and csr_product(terms[1], terms[2].shape[0]):
+            bias = mask_kernel.combine_select_bias(*terms, self.budget, self.num_prefix, topk_index)
+            if bias is not None:
+                return bias
+        return attention_bias(combine(*terms), self.budget, self.num_prefix, q.dtype)
 
     def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
                 keep_attn: bool = False, queries: int | None = None) -> Tensor:
@@ -418,7 +467,10 @@ class SparsifinerAttention(nn.Module):
         reaches the predictor through it.
         """
         b, n, c = x.shape
-        q, k, v = self._qkv(x)
+        # Only prefix rows to update (the last block of a class-token head): they attend densely, so no
+        # predictor runs and q is needed for those rows alone.
+        q_rows = queries if record is None and queries is not None and queries <= self.num_prefix else None
+        q, k, v = self._qkv(x, q_rows)
         masked = not dense and self.is_sparse
         mask = bias = None
         if record is not None:
@@ -435,7 +487,7 @@ class SparsifinerAttention(nn.Module):
                     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         elif masked and (queries is None or queries > self.num_prefix):
             with torch.no_grad():
-                bias = attention_bias(self.predict(q, k), self.budget, self.num_prefix, q.dtype)
+                bias = self.sparse_bias(q, k)
         if queries is not None:
             q = q[:, :, :queries]
             mask = None if mask is None else mask[:, :, :queries]
