@@ -68,10 +68,24 @@ typedef struct {
   int rows_per_group;      /* predicted rows per (image, head): N - P */
   int prefix;              /* P dense rows that precede them in every [N, N] mask */
   float *out;              /* [groups, N, N] additive mask */
-  float *tied_rows;        /* [rows, n]: the approx row, written only where tied (combination input) */
   uint8_t *tied;           /* [rows] 1 = threshold tied: the caller redoes the row */
   int failed;
 } job_t;
+
+/* sum_t values[t] * basis[index[t]], in the terms' order, a product then a sum (no fused multiply-add):
+   the same float32 operations as torch's CSR product, so the same bits */
+static void combine_row(const int64_t *index, const float *values, int terms, const float *basis, int n,
+                        float *row) {
+  memset(row, 0, sizeof(float) * (size_t)n);
+  for (int t = 0; t < terms; t++) {
+    const float v = values[t];
+    const float *b = basis + index[t] * n;
+    for (int m = 0; m < n; m++) {
+      const float p = v * b[m];
+      row[m] = row[m] + p;
+    }
+  }
+}
 
 /* The k-th largest of n non-negative values (as int32 bit patterns): the largest t with #{x >= t} >= k,
    built bit by bit from the top (below the row maximum's highest bit), then the mask row {x >= t}. A
@@ -105,21 +119,8 @@ static void run_rows(job_t *j) {
     const int64_t group = i / j->rows_per_group, r = i % j->rows_per_group;
     float *o = j->out + (group * (int64_t)(j->rows_per_group + j->prefix) + j->prefix + r) * n;
     const int32_t *x = j->x ? j->x + i * n : (const int32_t *)row;
-    if (!j->x) {
-      /* sum_t values[t] * basis[index[t]], in the terms' order, a product then a sum (no fused
-         multiply-add): the same float32 operations as torch's CSR product, so the same bits */
-      memset(row, 0, sizeof(float) * (size_t)n);
-      for (int t = 0; t < j->terms; t++) {
-        const float v = j->values[i * j->terms + t];
-        const float *b = j->basis + j->index[i * j->terms + t] * n;
-        for (int m = 0; m < n; m++) {
-          const float p = v * b[m];
-          row[m] = row[m] + p;
-        }
-      }
-    }
+    if (!j->x) combine_row(j->index + i * j->terms, j->values + i * j->terms, j->terms, j->basis, n, row);
     j->tied[i] = (uint8_t)select_row(x, n, j->k, o);
-    if (j->tied[i] && !j->x) memcpy(j->tied_rows + i * n, row, sizeof(float) * (size_t)n);
   }
   free(row);
 }
@@ -174,15 +175,22 @@ static int run_all(job_t proto, int64_t rows, int threads) {
 
 int sparsifiner_select_bias(const int32_t *x, int64_t rows, int n, int k, int rows_per_group, int prefix,
                             float *out, uint8_t *tied, int threads) {
-  job_t j = {x, 0, 0, 0, 0, 0, 0, n, k, rows_per_group, prefix, out, 0, tied, 0};
+  job_t j = {x, 0, 0, 0, 0, 0, 0, n, k, rows_per_group, prefix, out, tied, 0};
   return run_all(j, rows, threads);
 }
 
 int sparsifiner_combine_select_bias(const int64_t *index, const float *values, const float *basis, int terms,
                                     int64_t rows, int n, int k, int rows_per_group, int prefix, float *out,
-                                    float *tied_rows, uint8_t *tied, int threads) {
-  job_t j = {0, index, values, basis, terms, 0, 0, n, k, rows_per_group, prefix, out, tied_rows, tied, 0};
+                                    uint8_t *tied, int threads) {
+  job_t j = {0, index, values, basis, terms, 0, 0, n, k, rows_per_group, prefix, out, tied, 0};
   return run_all(j, rows, threads);
+}
+
+/* The approximation rows `which` (the tied ones), summed as the kernel summed them. */
+void sparsifiner_combine_rows(const int64_t *index, const float *values, const float *basis, int terms, int n,
+                              const int64_t *which, int64_t count, float *out) {
+  for (int64_t r = 0; r < count; r++)
+    combine_row(index + which[r] * terms, values + which[r] * terms, terms, basis, n, out + r * n);
 }
 """
 
@@ -242,7 +250,9 @@ def _compile() -> ctypes.CDLL:
     lib.sparsifiner_select_bias.restype = i32
     lib.sparsifiner_select_bias.argtypes = [p, i64, i32, i32, i32, i32, p, p, i32]
     lib.sparsifiner_combine_select_bias.restype = i32
-    lib.sparsifiner_combine_select_bias.argtypes = [p, p, p, i32, i64, i32, i32, i32, i32, p, p, p, i32]
+    lib.sparsifiner_combine_select_bias.argtypes = [p, p, p, i32, i64, i32, i32, i32, i32, p, p, i32]
+    lib.sparsifiner_combine_rows.restype = None
+    lib.sparsifiner_combine_rows.argtypes = [p, p, p, i32, i32, p, i64, p]
     return lib
 
 
@@ -279,13 +289,14 @@ def _applies(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
 
 
-def _finish(bias: Tensor, tied: Tensor, approx_rows: Tensor, budget: int, rows: int, num_prefix: int,
+def _finish(bias: Tensor, tied: Tensor, approx_rows, budget: int, rows: int, num_prefix: int,
             topk_index) -> Tensor:
-    """Redo the tied rows with torch's top-k (its own choice among equal values), from the same approx rows."""
+    """Redo the tied rows with torch's top-k (its own choice among equal values), from the same approx rows
+    (`approx_rows(which)` gives them)."""
     redo = tied.nonzero().squeeze(1)
     if redo.numel():
         n = bias.shape[-1]
-        flat = approx_rows.view(-1, n)[redo]
+        flat = approx_rows(redo)
         fixed = torch.full_like(flat, float("-inf")).scatter_(-1, topk_index(flat, budget), 0.0)
         bias.view(-1, n)[(redo // rows) * n + num_prefix + redo % rows] = fixed
     return bias
@@ -312,7 +323,7 @@ def select_bias(approx: Tensor, budget: int, num_prefix: int, topk_index) -> Ten
     if _lib.sparsifiner_select_bias(x.data_ptr(), b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
                                     tied.data_ptr(), torch.get_num_threads()):
         return None
-    return _finish(bias, tied, x, budget, rows, num_prefix, topk_index)
+    return _finish(bias, tied, lambda which: x.view(-1, n)[which], budget, rows, num_prefix, topk_index)
 
 
 def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int,
@@ -330,9 +341,15 @@ def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: in
     index, values, basis = index.contiguous(), values.contiguous(), basis.contiguous()
     bias = _empty_bias(b, h, n, num_prefix)
     tied = torch.empty(b * h * rows, dtype=torch.uint8)
-    tied_rows = torch.empty(b * h * rows, n)  # written only for tied rows: its other pages are never touched
     if _lib.sparsifiner_combine_select_bias(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms,
                                             b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
-                                            tied_rows.data_ptr(), tied.data_ptr(), torch.get_num_threads()):
+                                            tied.data_ptr(), torch.get_num_threads()):
         return None  # out of memory in the kernel: torch's path
-    return _finish(bias, tied, tied_rows, budget, rows, num_prefix, topk_index)
+
+    def approx_rows(which: Tensor) -> Tensor:
+        out = torch.empty(which.numel(), n)
+        _lib.sparsifiner_combine_rows(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms, n,
+                                      which.contiguous().data_ptr(), which.numel(), out.data_ptr())
+        return out
+
+    return _finish(bias, tied, approx_rows, budget, rows, num_prefix, topk_index)
