@@ -235,16 +235,20 @@ def _compile() -> ctypes.CDLL:
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH; set $CC)")
-    native = platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
     # -ffp-contract=off: the combination must round as torch's CSR product does (a product, then a sum)
-    flags = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"] + (["-march=native"] if native else [])
-    # OpenMP where torch's parallel backend is OpenMP: the kernel then runs in torch's own pool.
-    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-    try:
-        path = _build(cc, flags + ["-fopenmp"]) if openmp else None
-    except RuntimeError:
-        path = None
-    path = path or _build(cc, flags)
+    base = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+    # OpenMP where torch's parallel backend is OpenMP (the kernel then runs in torch's own pool), and the
+    # CPU's own vector instructions; each dropped in turn if this compiler refuses it (Apple's clang has no
+    # -fopenmp, some compilers no -march=native).
+    openmp = ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+    attempts = [base + ["-march=native"] + openmp, base + ["-march=native"], base]
+    for flags in attempts if openmp else attempts[1:]:
+        try:
+            path = _build(cc, flags)
+            break
+        except RuntimeError:
+            if flags is attempts[-1]:
+                raise
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sparsifiner_select_bias.restype = i32

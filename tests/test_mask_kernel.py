@@ -1,6 +1,8 @@
 """The compiled CPU key selection gives exactly torch's mask (ties included), and its absence is handled."""
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,21 @@ def test_without_a_compiler_torchs_path_runs_and_says_why(monkeypatch, tmp_path,
     assert "no-such-compiler-here" in mask_kernel.unavailable_reason()
     assert len([r for r in caplog.records if "torch.topk is used instead" in r.getMessage()]) == 1  # once
     assert torch.equal(attention_bias(x, 17, 1, torch.float32), torch_bias(x, 17, 1, monkeypatch))
+
+
+@needs_kernel
+def test_a_compiler_without_openmp_or_native_flags_still_builds_it(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    wrapper = tmp_path / "plain-cc"
+    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in -fopenmp|-march=native) "
+                       "echo \"unsupported $a\" >&2; exit 1;; esac; done\n"
+                       f"exec {shutil.which(os.environ.get('CC') or 'cc')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    x = approximations(3)
+    fast = mask_kernel.select_bias(x, 17, 1, topk_index)
+    assert fast is not None and mask_kernel.unavailable_reason() is None
+    assert torch.equal(fast, torch_bias(x, 17, 1, monkeypatch))
 
 
 def test_it_can_be_switched_off(monkeypatch, tmp_path):
