@@ -5,8 +5,9 @@ Why: `torch.topk` on a CPU builds a (value, index) pair per entry and runs `std:
 ViT-B/16 224 px that is about 8% of a block's time, the largest cost Sparsifiner adds to its ViT, and
 forming the [B, H, N-P, N] approximation and the fill and scatter of the [B, H, N, N] mask add 4-5% more.
 Here each row's budget-th largest value is found by a bisection on its int32 bit pattern (non-negative
-float32 values order as their bit patterns): 31 vectorised counts over a row that stays in L1, then one
-pass writes the mask row.
+float32 values order as their bit patterns): vectorised counts over a row that stays in L1, at most one
+per bit below the row maximum's highest and stopping once exactly `budget` values remain, then one pass
+writes the mask row.
 
 - `select_bias(approx, ...)`: from the approximation, exactly `attention_bias`'s mask.
 - `combine_select_bias(index, values, basis, ...)`: from the approximation's terms (the top-k coefficients
@@ -23,8 +24,9 @@ Built on first use with the system C compiler (`$CC`, else `cc`) into
 `$SPARSEFORMER_CACHE/kernels` (default `~/.cache/sparseformer-bootstrap/kernels`), keyed by the source, the
 compiler and the CPU's flags, in well under a second. Without a compiler, or with
 `SPARSIFINER_CPU_KERNEL=0`, both return None and the caller runs torch's path (a one-line warning says why,
-once). Plain C and pthreads, called through ctypes (which releases the GIL): no torch extension build, no
-second OpenMP runtime beside torch's.
+once). Plain C called through ctypes (which releases the GIL), no torch extension build. Where torch's
+parallel backend is OpenMP the rows run in torch's own pool (the library binds to the libgomp.so.1 torch
+loaded, not a second runtime); a compiler without -fopenmp gets a pthreads build.
 """
 
 from __future__ import annotations

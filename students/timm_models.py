@@ -83,7 +83,6 @@ HASH_PREFIX = "sparseformer_cfg_"
 CONFIG_FILE = "sparseformer_config.json"
 
 _PAPERS = {"v1": ("arXiv:2304.03768",), "btsp": ("arXiv:2304.03768", "arXiv:2312.01987")}
-# timm's `global_pool` values and the SparseFormer head op they select ('' or None: the model's own).
 _MODEL_KWARGS = ("num_classes", "global_pool", "in_chans", "drop_path_rate", "drop_rate", "img_size",
                  "device", "dtype")
 
