@@ -21,7 +21,7 @@ image plus a `--prompt-tokens` prompt, and each against CLIP.
 - Encoders, counted by `eval.cost.count_flops` (torch's FlopCounterMode: matmuls, convolutions
   and attention) on one image with random weights: open_clip ViT-L-14-336-quickgelu (LLaVA-1.5's
   tower; its `forward_tokens` through all 24 blocks, as transformers' CLIPVisionModel runs them
-  for `vision_feature_layer=-2`) and the students that `students.bootstrap.bootstrap_student`
+  for `vision_feature_layer=-2`) and the students that `students.bootstrap_student`
   builds from it with `tokens=64` / `tokens=49` (the clip_large construction: 16 inherited
   blocks; its `forward_hidden_states`, what the transformers model runs), at the teacher's 336 px.
   The teacher's count is checked against the analytic ViT count.
@@ -75,7 +75,7 @@ def encoder_gflops(clip_model: str, student_tokens: list[int]) -> tuple[dict, li
     """{name: (GFLOPs, vision width, image tokens to the LM, image size)} for CLIP and each student; notes."""
     from student_speed import EncodeImage, analytic_vit_gflops
 
-    from students.bootstrap import bootstrap_student
+    from students import bootstrap_student
     from teachers import create_teacher
 
     logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights loaded": intended

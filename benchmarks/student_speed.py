@@ -23,7 +23,7 @@ ViT-SO400M-14-SigLIP-384 image towers (the same timm models); their students are
 Sparsifiner rows (a second table; random weights, students built by `students.sparsify`, keep 0.25
 and 0.1, fp32): `sparsifiner_vitb16` (timm vit_base_patch16_224, 197 tokens) and `sparsifiner_dinov2`
 (timm vit_base_patch14_dinov2 at 518 px, 1370 tokens), each beside its dense teacher, timed interleaved,
-with the attention multiply-adds per image counted two ways (`eval.attention_cost`: executed, and under
+with the attention multiply-adds per image counted two ways (`students.sparsifiner.cost`: executed, and under
 the mask as the paper counts them, predictor included). On CPU the 518 px pair runs batch <= 8 unless --full.
 
 How things are measured (also printed under the table):
@@ -149,7 +149,7 @@ def build_student(pair: Pair, teacher: nn.Module) -> nn.Module:
     if pair.bootstrapped:
         from teachers.timm_vit import TimmTeacher
 
-        from students.bootstrap import bootstrap_student
+        from students import bootstrap_student
 
         wrapped = TimmTeacher(teacher, name=pair.teacher, spec={"kind": "timm", "model": pair.teacher})
         return bootstrap_student(wrapped)[0].eval()
@@ -313,7 +313,7 @@ def sparsifiner_table(keys: list[str], args, device: torch.device, clock, batch_
     """Sparsifiner students (keep 0.25, 0.1) beside their dense timm teachers: img/s, attention MACs, memory."""
     import timm
 
-    from eval.attention_cost import attention_cost
+    from students.sparsifiner.cost import attention_cost
     from students import sparsify
     from teachers.timm_vit import TimmTeacher
 
@@ -523,7 +523,7 @@ def main(argv=None) -> int:
              "growth of peak RSS (VmHWM) over one forward."))
     if sparsifiner_lines:
         print("- Sparsifiner: random weights (teacher and predictors), fp32; attention GMACs per image, "
-              "multiply-adds of QK^T and AV plus the predictor (eval.attention_cost): executed = what runs "
+              "multiply-adds of QK^T and AV plus the predictor (students.sparsifiner.cost): executed = what runs "
               "(the fused kernel forms every logit), masked = the paper's count under the mask; mask density "
               "= kept (query, key) pairs, mean over blocks. `forward` updates only the class token in the "
               "last block (its head reads nothing else).")

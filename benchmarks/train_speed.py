@@ -138,9 +138,10 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
 
 
 def _timed_steps(name: str, recipe, teacher, shards: Path, args, device: torch.device, autocast, store) -> dict:
-    from bootstrap.loss import alignment_loss
+    from bootstrap.stepper import optimizer_param_groups
     from data.stream import build_train_loader
-    from students.bootstrap import bootstrap_student, optimizer_param_groups
+    from students import bootstrap_student
+    from students.losses import alignment_loss
 
     torch.manual_seed(0)
     student, policy = bootstrap_student(teacher, **asdict(recipe.student))

@@ -28,21 +28,19 @@ phases that need them run the teacher online.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 if __package__ in (None, ""):  # run as a script: import the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
-from bootstrap.config import Recipe, RecipeError, load_recipe
+from bootstrap.config import Recipe, load_recipe
+from data.errors import UserError
 from data.targets import (CACHE_FIELDS, DTYPES, TARGET_SHARD, TargetsError, encode_sample, encode_skipped,
                           first_difference, make_manifest, read_manifest, save_heldout, view_generator,
                           weights_sha256, write_manifest)
@@ -145,12 +143,10 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     the training run makes them (same seed, so random-weight teachers agree).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     import webdataset as wds
 
     from data.shards import count_tar_samples, resolve_shards
-    from teachers import create_teacher
 
     if dtype not in DTYPES:
         raise TargetsError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -159,21 +155,16 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=recipe.run.mixed_precision)
         if accelerator.device.type == "cpu":  # as the training run does (run.cpu_threads)
-            from bootstrap.train import cpu_threads
+            from bootstrap.launch import cpu_threads
 
             local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
             torch.set_num_threads(cpu_threads(recipe.run.cpu_threads, local))
     main = accelerator.is_main_process
-    if recipe.demo is not None and teacher is None:
-        from bootstrap.demo_teacher import prepare_demo
+    if teacher is None:  # resolve, as the training run does: the demo's data and teacher, the same seed
+        from bootstrap.resolve import build_teacher, with_demo
 
-        with accelerator.main_process_first():
-            prepare_demo(recipe, verbose=main)
-    if teacher is None:
-        set_seed(recipe.run.seed)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-            teacher = create_teacher(recipe.teacher)
+        recipe = with_demo(recipe, accelerator, verbose=main)
+        teacher = build_teacher(recipe)
     device = accelerator.device
     home = next(teacher.parameters()).device
     teacher.to(device).eval()
@@ -296,7 +287,7 @@ def _embed(teacher, images: torch.Tensor, batch: int, device, accelerator, token
 
 
 def _cache_heldout(recipe: Recipe, teacher, out: Path, device, accelerator) -> None:
-    from bootstrap.train import embed_all, load_heldout
+    from bootstrap.heldout import embed_all, load_heldout
 
     d = recipe.data
     images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
@@ -330,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_out(recipe, args.views)
         cache_targets(recipe, args.views, out, dtype=args.dtype, tokens=args.tokens, batch_size=args.batch_size,
                       num_workers=args.num_workers, progress=not args.no_progress)
-    except (RecipeError, TargetsError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.errors import UserError
+
 COMPLETE = "COMPLETE"
 STATE_JSON = "state.json"
 MODEL_FILE = "model.safetensors"
@@ -56,11 +58,11 @@ def rng_file(rank: int) -> str:
     return f"rng-rank-{rank}.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from (tampered, damaged, older format, another model)."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (e.g. the disk is full); earlier checkpoints are intact."""
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -378,8 +380,21 @@ def load_checkpoint(accelerator, path: str | os.PathLike, state: TrainState, mod
     module.load_state_dict(weights)
     try:
         opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt_state)
     except Exception as exc:  # noqa: BLE001 - an unpickling error, a wrong structure: one message
+        raise CheckpointError(f"{path / OPTIMIZER_FILE} is not an optimizer state this run can load "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    theirs = [len(g.get("params", ())) for g in opt_state.get("param_groups", ())] \
+        if isinstance(opt_state, dict) else None
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs is not None and theirs != ours and sum(theirs) == sum(ours):
+        # The same parameters, split otherwise between weight decay and none.
+        raise CheckpointError(f"{path / OPTIMIZER_FILE} splits the trained parameters {theirs} between weight decay "
+                              f"and none, this run {ours}: it was written by a version that decayed other parameters "
+                              f"(before the student's no_weight_decay() was asked). Resume it with that version, or "
+                              f"start anew (run.resume=none)")
+    try:
+        optimizer.load_state_dict(opt_state)
+    except Exception as exc:  # noqa: BLE001 - a wrong structure: one message
         raise CheckpointError(f"{path / OPTIMIZER_FILE} is not an optimizer state this run can load "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if scheduler is not None and manifest.get("scheduler") is not None:

@@ -4,50 +4,59 @@ A recipe is a YAML file with the sections below (every key has a default except 
 teacher and the training data, which a recipe must give — or the `demo:` section makes them)::
 
     teacher:  the teacher spec, passed as is to `teachers.create_teacher` (which validates it)
-    student:  the construction, `students.bootstrap.BootstrapOptions` (tokens, focus_width, ...)
+    student:  `kind` (the student family, default sparseformer) and that family's options
+              (`students.family.StudentFamily.options`: tokens, focus_width, ... for SparseFormer)
     data:     train / val shards, batch size per process, loader, augmentation
     optim:    AdamW and its warm-up + cosine schedule, gradient clipping and accumulation
     loss:     cosine | smooth_l1 | mse
     run:      output folder, seed, mixed precision, logging, checkpoints, held-out checks, resume
-    eval:     the final report (zero-shot, linear probe, ...; keys of `eval.report`)
+    eval:     the final report (zero-shot, linear probe, ...; keys of `eval.options.EvalConfig`)
     export:   the open_clip export at the end (CLIP teachers)
     demo:     optional: make the demo data and train the demo teacher first (`bootstrap.demo_teacher`)
 
 `load_recipe(path, overrides)` reads the file, applies overrides such as
 ``optim.lr=3e-4`` or ``data.train=[a.tar,b.tar]`` (the value is parsed as YAML), and checks
 every key and type: an unknown key or a wrong type is an error that names the key and, for
-a misspelt one, the nearest valid key. `Recipe.to_yaml()` is the resolved recipe saved with
-a run.
+a misspelt one, the nearest valid key (`data.schema`, the loader of every config dataclass).
+A loaded `Recipe` is frozen; `bootstrap.resolve` derives the run's resolved recipe from it, and
+`Recipe.to_yaml()` of that one is saved with the run.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
-import types
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
-from students.bootstrap import BootstrapOptions
-
-try:  # the final report's options (`eval.report`); a plain mapping where that package is missing
-    from eval.report import EvalConfig
-except ImportError:  # pragma: no cover
-    EvalConfig = None
+from data.errors import UserError
+from data.schema import load
+from eval.options import EvalConfig
+from students import DEFAULT_FAMILY, family_named, family_of
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe (or an override) that does not describe a run."""
+
+
+def _own_mapping(value: Any, where: str) -> dict:
+    """A mapping section as the recipe's own deep copy (the teacher spec, data.augment): what the caller keeps
+    cannot change the recipe."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__} {value!r}")
+    return copy.deepcopy(dict(value))
 
 
 # ----------------------------------------------------------------------------- schema
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train: Union[str, list[str], None] = None  # training shards: folder, brace pattern, glob, or a list
     val: Union[str, list[str], None] = None  # held-out shards for the alignment check (none: no check)
@@ -57,7 +66,8 @@ class DataConfig:
     resampled: bool = False  # draw shards with replacement (endless streams) instead of exact passes
     epoch_samples: Union[int, None] = None  # samples per epoch over all ranks (default: the dataset size)
     shardshuffle: bool = True  # shuffle the shard order every epoch
-    augment: dict[str, Any] = field(default_factory=dict)  # teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    augment: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
+    # ^ teacher.train_transform keys: scale, ratio, hflip, color_jitter
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
     targets: Union[str, None] = None
@@ -65,7 +75,7 @@ class DataConfig:
     eval_batch_size: int = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 5e-4  # peak learning rate (for the global batch; no automatic scaling)
     min_lr: float = 1e-6  # end of the cosine
@@ -78,14 +88,14 @@ class OptimConfig:
     grad_accum: int = 1  # batches per optimizer step
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     type: Literal["cosine", "smooth_l1", "mse"] = "cosine"
     beta: float = 1.0  # smooth_l1 transition point
     normalize: bool = False  # smooth_l1 / mse on L2-normalised embeddings instead of raw ones
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: Union[str, None] = None  # default: runs/<recipe file stem>
     seed: int = 0
@@ -107,12 +117,12 @@ class RunConfig:
     cpu_threads: Union[int, Literal["auto"]] = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
     enabled: bool = True  # students.export.export_run at the end (CLIP teachers)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoTeacherConfig:
     """The demo's own small CLIP (see `bootstrap.demo_teacher`)."""
 
@@ -136,7 +146,7 @@ class DemoTeacherConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
     """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val`."""
 
@@ -150,9 +160,7 @@ class DemoConfig:
 
 def student_options(value: Any, where: str = "student"):
     """The `student:` section: `kind` (default sparseformer) picks the family, whose options class
-    (`students.phases.Training.options`) checks the other keys."""
-    from students.phases import DEFAULT_KIND, TRAININGS, training_for
-
+    (`students.family.StudentFamily.options`) checks the other keys."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value
     if value is None:
@@ -160,34 +168,46 @@ def student_options(value: Any, where: str = "student"):
     if not isinstance(value, Mapping):
         raise RecipeError(f"'{where}' must be a mapping of keys, got {type(value).__name__} {value!r}")
     mapping = dict(value)
-    kind = mapping.pop("kind", DEFAULT_KIND)
+    kind = mapping.pop("kind", DEFAULT_FAMILY)
     try:
-        training = training_for(kind)
+        family = family_named(kind)
     except ValueError as exc:
         raise RecipeError(f"recipe key '{where}.kind': {exc}") from None
-    return from_dict(training.options, mapping, where)
+    return load(family.options, mapping, where, error=RecipeError, dotted=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    teacher: dict[str, Any] = field(default_factory=dict)
-    # The student family's options (`kind: sparseformer` -> BootstrapOptions, `kind: sparsifiner` -> SparsifyOptions).
-    student: Any = field(default_factory=BootstrapOptions, metadata={"coerce": student_options})
+    """A recipe, loaded and checked. Frozen: what the run derives from it (the demo's data and teacher, a random
+    teacher's saved weights) makes a new recipe (`bootstrap.resolve`); nothing writes into one."""
+
+    teacher: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
+    # The student family's options (`kind: sparseformer` -> BootstrapOptions, `kind: sparsifiner` -> SparsifinerOptions).
+    student: Any = field(default_factory=lambda: family_named(DEFAULT_FAMILY).options(),
+                         metadata={"coerce": student_options})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    eval: EvalConfig if EvalConfig is not None else dict[str, Any] = field(  # type: ignore[valid-type]
-        default_factory=EvalConfig if EvalConfig is not None else dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     demo: Union[DemoConfig, None] = None
     name: Union[str, None] = None  # a name for the run (default: the recipe file stem)
 
-    def to_dict(self) -> dict:
-        from students.phases import training_of
+    @property
+    def family(self):
+        """The student family (`students.family.StudentFamily`) of the `student:` section."""
+        return family_of(self.student)
 
-        d = _plain(dataclasses.asdict(self))
-        d["student"] = {"kind": training_of(self.student).family, **d["student"]}
+    def replace(self, **sections) -> "Recipe":
+        """A new recipe with whole sections replaced (a mapping for `teacher` is frozen on the way in)."""
+        if "teacher" in sections:
+            sections["teacher"] = _own_mapping(sections["teacher"], "teacher")
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict:
+        d = _plain(self)
+        d["student"] = {"kind": self.family.name, **d["student"]}
         return d
 
     def to_yaml(self) -> str:
@@ -207,8 +227,19 @@ class Recipe:
                 raise RecipeError(f"{key} must be at least 1, got {value}")
         if o.warmup_steps < 0 or o.warmup_steps > o.steps:
             raise RecipeError(f"optim.warmup_steps={o.warmup_steps} must be between 0 and optim.steps={o.steps}")
+        for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            value = getattr(o, key)
+            if value is not None and not math.isfinite(value):
+                raise RecipeError(f"optim.{key} must be a finite number, got {value}")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise RecipeError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (lr={o.lr}, min_lr={o.min_lr})")
+        if o.weight_decay < 0:
+            raise RecipeError(f"optim.weight_decay must be >= 0 (0: none), got {o.weight_decay}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in o.betas):
+            raise RecipeError(f"optim.betas must be two numbers in [0, 1) (AdamW's, e.g. [0.9, 0.999]), got "
+                              f"{list(o.betas)}")
+        if not o.eps > 0:
+            raise RecipeError(f"optim.eps must be above 0 (AdamW's, e.g. 1e-8), got {o.eps}")
         if r.cpu_threads != "auto" and r.cpu_threads < 1:
             raise RecipeError(f"run.cpu_threads must be 'auto' or at least 1, got {r.cpu_threads}")
         if d.num_workers < 0:
@@ -297,11 +328,11 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (), b
         data.update(loaded or {})
     for item in overrides:
         apply_override(data, item)
-    recipe = from_dict(Recipe, data, "")
+    recipe = load(Recipe, data, "", error=RecipeError, dotted=True)
     if recipe.name is None and path is not None:
-        recipe.name = path.stem
+        recipe = dataclasses.replace(recipe, name=path.stem)
     if recipe.run.output_dir is None:
-        recipe.run.output_dir = str(Path("runs") / (recipe.name or "run"))
+        recipe = recipe.replace(run=dataclasses.replace(recipe.run, output_dir=str(Path("runs") / (recipe.name or "run"))))
     return recipe.validate()
 
 
@@ -327,143 +358,11 @@ def apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls, data: Any, where: str):
-    """Build dataclass `cls` from a mapping, checking keys and types (`where` names the section)."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"'{where or 'recipe'}' must be a mapping of keys, got {type(data).__name__} {data!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    types_ = _field_types(cls)
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
-            raise RecipeError(f"unknown recipe key '{_join(where, key)}'.{hint} "
-                              f"Valid keys{' of ' + where if where else ''}: {', '.join(names)}")
-    coerce = {f.name: f.metadata.get("coerce") for f in dataclasses.fields(cls)}
-    values = {key: (coerce[key] or (lambda v, w, tp=types_[key]: _coerce(tp, v, w)))(value, _join(where, key))
-              for key, value in data.items()}
-    try:
-        obj = cls(**values)
-    except ValueError as exc:  # a section's own checks (__post_init__)
-        raise RecipeError(f"recipe section '{where}': {exc}") from None
-    own_check = getattr(cls, "from_dict", None)
-    if own_check is not None:  # sections owned by other packages check their own values too
-        try:
-            own_check(dataclasses.asdict(obj))
-        except ValueError as exc:
-            raise RecipeError(f"recipe section '{where}': {exc}") from exc
-    return obj
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(tp, value: Any, where: str):
-    """Check `value` against type `tp` (int is accepted for float, lists for tuples)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in args:
-            try:
-                return _coerce(option, value, where)
-            except RecipeError as exc:
-                if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
-                    raise  # a section with a bad key inside: name that key, not the section's type
-                errors.append(exc)
-        wanted = " or ".join(_type_name(a) for a in args)
-        raise RecipeError(f"recipe key '{where}' must be {wanted}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool):
-            # YAML 1.1 reads no/off/false (yes/on/true) as booleans: `run.mixed_precision=no` means "no".
-            spelled = [a for a in args if isinstance(a, str) and a in (_YAML_BOOL_WORDS[value])]
-            if spelled:
-                return spelled[0]
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise RecipeError(f"recipe key '{where}' must be one of {', '.join(map(str, args))}, got {value!r}.{hint}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is type(None):
-        if value is not None:
-            raise RecipeError(f"recipe key '{where}' must be null, got {value!r}")
-        return None
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"recipe key '{where}' must be true or false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"recipe key '{where}' must be an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"recipe key '{where}' must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):
-            raise RecipeError(f"recipe key '{where}' must be a string, got the boolean {value}: YAML reads "
-                              f"yes/no/on/off/true/false as booleans; quote the value, e.g. {where}='no'")
-        if not isinstance(value, str):
-            raise RecipeError(f"recipe key '{where}' must be a string, got {type(value).__name__} {value!r}")
-        return value
-    if tp in (list, tuple, dict):  # bare container types
-        origin, args = tp, ()
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"recipe key '{where}' must be a list, got {type(value).__name__} {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise RecipeError(f"recipe key '{where}' must be a list of {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"recipe key '{where}' must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    raise TypeError(f"recipe schema type {tp!r} of '{where}' is not supported")  # a bug in the schema
-
-
-# The words YAML 1.1 (PyYAML) reads as False / True; a string choice spelled as one of them is meant.
-_YAML_BOOL_WORDS = {False: ("no", "none", "off", "false"), True: ("yes", "on", "true")}
-
-
 def _plain(obj):
-    """Tuples to lists, recursively (YAML- and JSON-friendly)."""
-    if isinstance(obj, dict):
+    """Dataclasses and mappings to dicts, tuples to lists, recursively (YAML- and JSON-friendly)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]

@@ -45,6 +45,7 @@ teacher settings and the data, so a change to either trains a new one. Cache roo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -168,21 +169,24 @@ def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) 
 
 
 def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
-    """Make (or find) the demo data and teacher; fill `recipe.teacher` and `recipe.data.train/val`
-    where the recipe leaves them empty. Returns the recipe (changed in place)."""
+    """Make (or find) the demo data and teacher; a new recipe whose `teacher`, `data.train/val` and `eval.data`
+    (and `eval.train_data`) are the demo's where the recipe leaves them empty."""
     demo = recipe.demo
     data_dir = ensure_demo_data(demo, verbose)
+    sections = {}
     if not recipe.teacher:
-        recipe.teacher = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
+        sections["teacher"] = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
+    data = {}
     if recipe.data.train is None:
-        recipe.data.train = str(data_dir / "train")
+        data["train"] = str(data_dir / "train")
     if recipe.data.val is None:
-        recipe.data.val = str(data_dir / "val")
+        data["val"] = str(data_dir / "val")
+    if data:
+        sections["data"] = dataclasses.replace(recipe.data, **data)
     if recipe.eval.data is None:  # the report's zero-shot and probe: val split, probe trained on train
-        recipe.eval.data = str(data_dir / "val")
-        if recipe.eval.train_data is None:
-            recipe.eval.train_data = str(data_dir / "train")
-    return recipe
+        sections["eval"] = recipe.eval.replace(data=str(data_dir / "val"), train_data=recipe.eval.train_data
+                                               or str(data_dir / "train"))
+    return recipe.replace(**sections)
 
 
 # ----------------------------------------------------------------------------- training
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.demo is None:
         print(f"error: {path} has no demo: section", file=sys.stderr)
         return 2
-    prepare_demo(recipe)
+    recipe = prepare_demo(recipe)
     print(f"demo teacher: {recipe.teacher['pretrained']}")
     return 0
 

@@ -14,7 +14,6 @@ checkpoint when started again (run.resume=auto). At the end it writes the studen
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -30,24 +29,21 @@ USAGE = "usage: accelerate launch bootstrap/run.py RECIPE.yaml [section.key=valu
 def finish_run(recipe, run_dir: Path) -> bool:
     """The evaluation report and the export, on the main process once training is over.
 
-    Both come from other packages of this project (`eval.report`, `students.export`). The
-    student is already saved, so a failure here is reported (with its traceback) without
+    The student is already saved, so a failure here is reported (with its traceback) without
     stopping the other step; returns whether everything that ran succeeded.
     """
     import traceback
 
+    from eval import evaluate_run
+    from students.export import export_run
+
     steps = []
     if recipe.run.final_report:
-        steps.append(("evaluation report", "eval.report", "evaluate_run", {}, "python -m eval"))
+        steps.append(("evaluation report", evaluate_run, {}, "python -m eval"))
     if recipe.export.enabled:
-        steps.append(("export", "students.export", "export_run", {"overwrite": True}, "python -m students.export"))
+        steps.append(("export", export_run, {"overwrite": True}, "python -m students.export"))
     ok = True
-    for what, module, func, kwargs, command in steps:
-        try:
-            fn = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as exc:
-            print(f"{what} skipped: {exc}", flush=True)
-            continue
+    for what, fn, kwargs, command in steps:
         t0 = time.time()
         try:
             result = fn(run_dir, **kwargs)
@@ -75,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import PartialState
 
-    from bootstrap.checkpoint import CheckpointError, CheckpointWriteError
-    from bootstrap.train import NonFiniteLossError, ProcessCountError, train
-    from data.shards import ShardError
-    from data.targets import TargetsError
-    from teachers import TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError
+    from bootstrap.train import train
+    from data.errors import UserError
 
     t0 = time.time()
     try:
@@ -87,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:  # found once the run could look at its folder (run.output_dir, a resumed recipe)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except (NonFiniteLossError, TeacherSpecError, TeacherWeightsError, UnsupportedTeacherError, CheckpointError,
-            CheckpointWriteError, ProcessCountError, ShardError, TargetsError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:  # the run started and could not go on
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     if not PartialState().is_main_process or not summary.get("finished") or summary.get("already_finished"):

@@ -1,7 +1,7 @@
 """Where a run's alignment targets come from: the teacher online, or cached targets (`data.targets`).
 
 Chosen once per run by `target_source`; the loop asks ``targets.targets(images, extras, needs)``
-for what its phase needs (`students.phases`: embedding, tokens, attention).
+for what its phase needs (`students.family.Phase.needs`: embedding, tokens, attention).
 
 * ``data.targets: null`` (default), `OnlineTargets`: the teacher sits on the device and
   embeds every batch.
@@ -115,9 +115,7 @@ def run_epochs(recipe, world_size: int) -> int:
     d = recipe.data
     samples = d.epoch_samples or sum(c or 0 for c in shard_sample_counts(resolve_shards(d.train)))
     per_epoch = batches_per_rank(samples, world_size, d.batch_size)
-    from students.phases import training_of
-
-    steps = training_of(recipe.student).steps(recipe.student, recipe.optim)  # all phases
+    steps = recipe.family.steps(recipe.student, recipe.optim)  # all phases
     return max(1, math.ceil(steps * recipe.optim.grad_accum / per_epoch))
 
 

@@ -31,6 +31,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .evalsets import SkippedSample, eval_dataset, iter_eval_samples
+from .prompts import dataset_templates, name_or_list_file, resolve_classnames, resolve_templates
 from .shards import ShardSink
 
 FORMATS = ("clip_benchmark",)
@@ -47,7 +48,7 @@ def _png(image) -> bytes:
 def clip_benchmark_templates(templates) -> list[str]:
     """Templates as CLIP_benchmark writes them: ``{c}`` where the class name goes.
 
-    ``templates`` is what ``eval.zeroshot.resolve_templates`` returns: ``"{}"`` strings or
+    ``templates`` is what ``data.prompts.resolve_templates`` returns: ``"{}"`` strings or
     open_clip's callables (``lambda c: f"a photo of a {c}."``).
     """
     out = [t("{c}") if callable(t) else t.replace("{}", "{c}") for t in templates]
@@ -65,8 +66,6 @@ def export_clip_benchmark(source, out_dir: str | Path, *, split: str = "test",
     ``classnames`` and ``templates`` as in ``python -m eval`` (None: the set's own). Returns
     ``dict(out_dir, split, num_samples, num_shards, classnames, templates, skipped=[{name, error}])``.
     """
-    from eval.zeroshot import dataset_templates, resolve_classnames, resolve_templates
-
     dataset = eval_dataset(source)  # no transform: PIL images, as evaluation decodes them
     names = resolve_classnames(classnames, dataset.classnames)
     if any("\n" in n for n in names):
@@ -127,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/SPLIT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from eval.zeroshot import name_or_list_file
-
     try:
         info = export_clip_benchmark(args.eval_set, args.out_dir, split=args.split,
                                      classnames=name_or_list_file(args.classnames),

@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from .errors import UserError
+
 DATASET_JSON = "dataset.json"
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -54,7 +56,7 @@ _TAR_MTIME = 0.0
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard exists but cannot be read as a tar archive (truncated, corrupt, not a tar)."""
 
 

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .errors import UserError
 from .shards import ShardError, count_tar_samples, iter_shard
 
 MANIFEST = "targets.json"
@@ -52,7 +53,7 @@ RUN_FIELDS = ("format", "version", "teacher", "weights_sha256", "augment", "trai
 CACHE_FIELDS = RUN_FIELDS + ("views", "dtype", "target_shape", "tokens_shape", "seed", "precision", "heldout")
 
 
-class TargetsError(ValueError):
+class TargetsError(UserError, ValueError):
     """A targets folder that does not fit the run (or is incomplete, missing, corrupt)."""
 
 

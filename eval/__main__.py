@@ -17,11 +17,14 @@ import json
 import sys
 from pathlib import Path
 
+from data.errors import UserError
+from students.run_folder import yaml_problem
+
+from .options import add_eval_options, eval_options
+
 
 def _teacher_spec(value: str) -> dict:
     import yaml
-
-    from .report import yaml_problem
 
     path = Path(value)
     if not path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -55,15 +58,6 @@ def _student(value: str, weights: str | None):
     return create_model(value, pretrained=weights)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What bad input raises: printed as one message, without a traceback."""
-    from data.shards import ShardError
-    from students.registry import CheckpointMismatchError
-    from teachers.base import TeacherWeightsError
-
-    return OSError, ValueError, CheckpointMismatchError, TeacherWeightsError, ShardError
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,35 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_eval_options(p: argparse.ArgumentParser) -> None:
-    """The options that override a recipe's ``eval:`` keys (shared with ``python -m eval.compare``)."""
-    p.add_argument("--data", help="labelled evaluation set: ImageFolder root or labelled shards")
-    p.add_argument("--train-data", help="labelled train split for the linear probe (default: split --data)")
-    p.add_argument("--classnames", help="zero-shot class names: 'imagenet' or a file with one name per line")
-    p.add_argument("--templates", help="zero-shot templates: openai | simple | demo | file with one '{}' template per line")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N images only")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--cost-batch-size", type=int)
-    p.add_argument("--no-probe", dest="probe", action="store_const", const=False)
-    p.add_argument("--no-cost", dest="cost", action="store_const", const=False)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def eval_options(args: argparse.Namespace) -> dict:
-    """The ``EvalConfig`` overrides given on the command line (see ``add_eval_options``)."""
-    from .zeroshot import name_or_list_file
-
-    options = dict(train_data=args.train_data, classnames=name_or_list_file(args.classnames),
-                   templates=name_or_list_file(args.templates), batch_size=args.batch_size,
-                   num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
-                   precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
-                   cost=args.cost, rois=getattr(args, "rois", None))
-    return {k: v for k, v in options.items() if v is not None}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -115,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a run folder, or both --student and --teacher")
     try:
         return _evaluate(args)
-    except _user_errors() as exn:
+    except (UserError, OSError, ValueError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
 

@@ -29,75 +29,19 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 
+from data.errors import UserError
+from students.run_folder import RunFolder, RunFolderError, write_atomic
+
 from .baselines.tome import ToMe
-from .classify import classification_eval, head_applies
-from .cost import compare_cost
-from .features import aligned_output, extract, student_outputs, teacher_classifier
-from .fidelity import fidelity
-from .report import (
-    _PRECISIONS,
-    EvalConfig,
-    _describe_student,
-    _describe_teacher,
-    _image_tower,
-    _jsonable,
-    _num,
-    _pct,
-    _probe,
-    probe_train_split,
-    _resolve_path,
-    _student_fn,
-    load_run_student,
-    read_run,
-    write_report,
-)
-from .zeroshot import dataset_templates, resolve_classnames, resolve_templates, template_set_name, zero_shot_classifier
-from .zeroshot import zero_shot_eval
-
-TEACHER = "teacher"
+from .bench import TEACHER, Candidate, image_tower, jsonable, run_bench, student_candidate
+from .options import EvalConfig, add_eval_options, eval_options
+from .report import _num, _pct, run_eval_options, write_report
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """Runs or options that cannot be compared in one report."""
-
-
-# ----------------------------------------------------------------------------- features
-def _step(teacher, models: Mapping[str, nn.Module], logits: bool):
-    """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (and
-    ``NAME:logits``, the head outputs, with ``logits``), from one batch."""
-    head = teacher_classifier(teacher) if logits else None
-
-    def step(images):
-        t = teacher.embed(images)
-        out = {TEACHER: t}
-        if logits:
-            out[f"{TEACHER}:logits"] = head(t)
-        for name, model in models.items():
-            pre, o = student_outputs(model, images)
-            out[name] = aligned_output(teacher.target, pre, o)
-            if logits:
-                out[f"{name}:logits"] = o
-        return out
-
-    return step
-
-
-def _pairs(features, name: str) -> dict:
-    """The teacher's and one model's features under the names the teacher-vs-student functions take."""
-    pair = {"teacher": features[TEACHER], "student": features[name]}
-    if "labels" in features:
-        pair["labels"] = features["labels"]
-    return pair
-
-
-def _per_model(result_of_pair, names: Sequence[str]) -> tuple[dict, dict]:
-    """Run a teacher-vs-student function for every model: ``(teacher's result, {name: model's result})``."""
-    results = {name: result_of_pair(name) for name in names}
-    teacher = next(iter(results.values()))["teacher"] if results else None
-    return teacher, results
 
 
 # ----------------------------------------------------------------------------- compare
@@ -105,100 +49,59 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
             out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
             sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
             **options) -> dict:
-    """Compare ``teacher``, its students ``models`` (name -> module with ``forward(images, pre_logits=...)``)
-    and ToMe at each ``r`` in ``tome`` (an int per block or a list per block), on the same images.
+    """Compare ``teacher``, its students ``models`` (name -> student) and ToMe at each ``r`` in ``tome`` (an int
+    per block or a list per block), on the same images (`eval.bench`).
 
     ``sources``: where each model came from (run folders), ``notes``: lines for the report. Returns the report;
     with ``out_dir`` writes ``compare.md``, ``compare.json`` and ``pareto.png`` there.
     """
-    from data.evalsets import build_eval_loader
-
     cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
     cfg = cfg.replace(data=eval_source, **options)
     if TEACHER in models:
         raise CompareError(f"a student cannot be named '{TEACHER}'")
-    tomes = {}
+    candidates = [student_candidate(name, model, (sources or {}).get(name)) for name, model in models.items()]
+    notes = list(notes)
     for r in tome:
         m = ToMe(teacher, r)  # a bad r fails here, before any work
-        tomes[m.name] = m
-    everything = {**models, **tomes}
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast_dtype = _PRECISIONS[cfg.precision]
-    notes = list(notes)
-    report: dict[str, Any] = dict(
-        teacher=_describe_teacher(teacher), device=str(device), config=_jsonable(cfg.to_dict()), notes=notes,
-        models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
-    for name, model in models.items():
-        report["models"][name] = dict(kind="student", source=(sources or {}).get(name), **_describe_student(model))
-    for name, m in tomes.items():
-        report["models"][name] = dict(kind="tome", r=m.requested, schedule=m.schedule, token_counts=m.token_counts,
-                                      tokens=f"{teacher.num_prefix_tokens + teacher.num_patches} -> "
-                                             f"{m.token_counts[-1]}")
+        candidates.append(Candidate(m.name, "tome", m, image_tower(teacher), dict(
+            r=m.requested, schedule=m.schedule, token_counts=m.token_counts,
+            tokens=f"{teacher.num_prefix_tokens + teacher.num_patches} -> {m.token_counts[-1]}")))
         if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
-            notes.append(f"{name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
+            notes.append(f"{m.name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
                          f"so it merges {m.schedule} per block")
-
-    training = {name: model.training for name, model in everything.items()}
-    teacher.to(device)
-    for model in everything.values():
-        model.eval().to(device)
-    try:
-        if cfg.data is not None:
-            transform = teacher.eval_transform()
-            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
-            want_logits = teacher.family == "supervised"
-            if want_logits:
-                why = head_applies(teacher, len(dataset_classnames))
-                if why:
-                    notes.append(f"classification skipped: {why}")
-                    want_logits = False
-            features = extract(loader, _step(teacher, everything, want_logits), device, cfg.max_samples,
-                               autocast_dtype, desc="eval features", progress=progress)
-            report["eval_set"] = dict(source=_jsonable(cfg.data), num_images=int(features[TEACHER].shape[0]),
-                                      num_classes=len(dataset_classnames))
-            names = list(everything)
-            if teacher.family == "clip":
-                classnames = resolve_classnames(cfg.classnames, dataset_classnames)
-                templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
-                classifier = zero_shot_classifier(teacher, classnames, templates, device)
-                t, per = _per_model(lambda n: zero_shot_eval(_pairs(features, n), classifier), names)
-                report["zero_shot"] = _accuracy_section(t, per, templates=(
-                    "the evaluation set's" if templates is not cfg.templates else template_set_name(templates)),
-                    num_templates=len(resolve_templates(templates)))
-            if want_logits:
-                t, per = _per_model(lambda n: classification_eval(
-                    {"teacher_logits": features[f"{TEACHER}:logits"], "student_logits": features[f"{n}:logits"],
-                     "labels": features["labels"]}), names)
-                report["classification"] = _accuracy_section(t, per)
-            report["fidelity"] = {n: fidelity(features[n], features[TEACHER]) for n in [TEACHER, *names]}
-            if cfg.probe:
-                probe = _probe(cfg, features, probe_train_split(cfg, transform, dataset_classnames),
-                               _step(teacher, everything, False), device, autocast_dtype, progress,
-                               models=[TEACHER, *names])
-                report["linear_probe"] = probe
-        else:
-            notes.append("no evaluation set (eval.data / --data): accuracy and fidelity skipped, cost only")
-        if cfg.cost:
-            fns = {TEACHER: (teacher.embed, _image_tower(teacher))}
-            fns.update({n: (_student_fn(m, teacher.target), m) for n, m in models.items()})
-            fns.update({n: (m.embed, _image_tower(teacher)) for n, m in tomes.items()})
-            report["cost"] = compare_cost(fns, teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device,
-                                          iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
-                                          autocast_dtype=autocast_dtype)
-    finally:
-        for name, model in everything.items():
-            model.train(training[name])
+    bench = run_bench(teacher, candidates, cfg, progress=progress, notes=notes)
+    report: dict[str, Any] = dict(
+        teacher=bench.teacher, device=bench.device, config=bench.config, notes=bench.notes,
+        models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
+    for c in candidates:
+        report["models"][c.name] = dict(kind=c.kind, **({"source": c.info.get("source")} if c.kind == "student" else {}),
+                                        **{k: v for k, v in c.info.items() if k != "source"})
+    if bench.eval_set is not None:
+        report["eval_set"] = {k: bench.eval_set[k] for k in ("source", "num_images", "num_classes")}
+    if bench.zero_shot:
+        any_result = next(iter(bench.zero_shot.values()))
+        report["zero_shot"] = _accuracy_section(bench.zero_shot, templates=any_result["templates"],
+                                                num_templates=any_result["num_templates"])
+    if bench.classification:
+        report["classification"] = _accuracy_section(bench.classification)
+    if bench.fidelity:
+        report["fidelity"] = bench.fidelity
+    if bench.probe is not None:
+        report["linear_probe"] = bench.probe
+    if bench.cost is not None:
+        report["cost"] = bench.cost
     report["table"] = _table(report)
-    report = _jsonable(report)
+    report = jsonable(report)
     if out_dir is not None:
         write_compare(report, out_dir)
     return report
 
 
-def _accuracy_section(teacher: dict, per: Mapping[str, dict], **extra) -> dict:
-    """{teacher: {top1, top5}, NAME: {top1, top5, agreement}, chance_top1, num_images, num_classes}."""
+def _accuracy_section(per: Mapping[str, dict], **extra) -> dict:
+    """{teacher: {top1, top5}, NAME: {top1, top5, agreement}, chance_top1, num_images, num_classes} from each
+    model's teacher-vs-model result."""
     any_result = next(iter(per.values()))
-    section = {TEACHER: dict(teacher)}
+    section = {TEACHER: dict(any_result["teacher"])}
     section.update({n: dict(r["student"], agreement=r["agreement"]) for n, r in per.items()})
     return dict(models=section, chance_top1=any_result["chance_top1"], num_images=any_result["num_images"],
                 num_classes=any_result["num_classes"], **extra)
@@ -366,8 +269,8 @@ def write_compare(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     picture = draw_pareto(report, out_dir / "pareto.png")
     if picture:
         paths["picture"] = Path(picture)
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    paths["markdown"].write_text(to_markdown(report, "pareto.png" if picture else None))
+    write_atomic(paths["json"], json.dumps(jsonable(report), indent=1) + "\n")
+    write_atomic(paths["markdown"], to_markdown(report, "pareto.png" if picture else None))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -410,34 +313,33 @@ def _file_digest(path: str) -> str:
 def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
                  eval_source=None, progress: bool = True, link: bool = True, **options) -> dict:
     """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring)."""
-    from teachers import create_teacher
-
     if not run_dirs:
         raise CompareError("give at least one run folder")
     names = [str(d) for d in run_dirs]
     if len(set(map(os.path.realpath, names))) != len(names):
         raise CompareError(f"a run folder is given twice: {' '.join(names)}")
-    recipes = {}
+    folders = {}
     for name in names:
         try:
-            recipes[name] = read_run(name)
-        except ValueError as exc:  # e.g. a random teacher, which cannot be rebuilt
+            folders[name] = RunFolder.finished(name)
+            folders[name].check_teacher_rebuildable()
+        except RunFolderError as exc:  # e.g. a random teacher, which cannot be rebuilt
             raise CompareError(str(exc)) from exc
     first = names[0]
+    specs = {name: folder.teacher_spec() for name, folder in folders.items()}
     for name in names[1:]:
-        if _teacher_identity(recipes[name]["teacher"]) != _teacher_identity(recipes[first]["teacher"]):
+        if _teacher_identity(specs[name]) != _teacher_identity(specs[first]):
             raise CompareError(
-                f"{first} and {name} have different teachers: {json.dumps(recipes[first]['teacher'], default=str)} "
-                f"vs {json.dumps(recipes[name]['teacher'], default=str)}; eval.compare compares the students of one "
+                f"{first} and {name} have different teachers: {json.dumps(specs[first], default=str)} "
+                f"vs {json.dumps(specs[name], default=str)}; eval.compare compares the students of one "
                 f"teacher (compare each group of runs on its own)")
-    teacher = create_teacher(dict(recipes[first]["teacher"]))
-    students = {name: load_run_student(name) for name in names}
-    run0 = Path(first)
-    cfg = EvalConfig.from_dict(recipes[first].get("eval") or {})
-    cfg = cfg.replace(data=_resolve_path(cfg.data, run0), train_data=_resolve_path(cfg.train_data, run0))
-    out_dir = Path(out_dir) if out_dir is not None else run0.parent / "compare"
+    teacher = folders[first].build_teacher()
+    students = {name: folder.load_student() for name, folder in folders.items()}
+    cfg = run_eval_options(folders[first])
+    out_dir = Path(out_dir) if out_dir is not None else Path(first).parent / "compare"
     notes = []
-    if any((recipes[n].get("eval") or {}) != (recipes[first].get("eval") or {}) for n in names):
+    evals = {name: folder.recipe().get("eval") or {} for name, folder in folders.items()}
+    if any(evals[n] != evals[first] for n in names):
         notes.append(f"the runs' eval: options differ; those of {first} were used")
     report = compare(students, teacher, eval_source if eval_source is not None else cfg.data, tome=tome,
                      out_dir=out_dir, config=cfg, sources={n: n for n in names}, notes=notes, progress=progress,
@@ -459,8 +361,6 @@ def _tome_list(value: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .__main__ import add_eval_options
-
     p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="bootstrapping run folders sharing a teacher")
@@ -472,15 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import eval_options
-    from .baselines.tome import ToMeError
-
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
     try:
         report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
                               progress=not args.no_progress, **eval_options(args))
-    except (CompareError, ToMeError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(to_markdown(report, None))
     print(f"comparison written to {out / 'compare.md'}, {out / 'compare.json'}"

@@ -18,27 +18,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from students.sparseformer import SparseFormer
-
 Step = Callable[[Tensor], Mapping[str, Tensor]]
 
 
 def student_outputs(student: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """``(pre_logits, output)`` of a student in one forward pass.
-
-    A student with ``forward_outputs`` gives both; a SparseFormer (anything with
-    ``forward_features``/``forward_head``/``proj``) gives its pooled, normed feature and its head
-    output; any other module is taken as a plain embedding
-    function (both are ``student(images)``), e.g. a teacher standing in for a perfect student.
-    """
-    if hasattr(student, "forward_outputs"):  # a student that gives both itself (Sparsifiner)
+    """``(pre_logits, output)`` of a student in one forward pass (`students.family.Student.forward_outputs`; a
+    ToMe teacher gives them too); any other module is taken as a plain embedding function (both are
+    ``student(images)``), e.g. a teacher standing in for a perfect student."""
+    if hasattr(student, "forward_outputs"):
         return student.forward_outputs(images)
-    if hasattr(student, "forward_features") and hasattr(student, "forward_head") and hasattr(student, "proj"):
-        # A SparseFormer's head reads only the class token (if it has one): skip the rest of the last block.
-        only = {"class_token_only": True} if isinstance(student, SparseFormer) else {}
-        tokens = student.forward_features(images, **only)[0]
-        pre = student.forward_head(tokens, pre_logits=True)
-        return pre, student.proj(pre)
     out = student(images)
     return out, out
 

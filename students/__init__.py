@@ -1,14 +1,31 @@
-"""Students: SparseFormer and Sparsifiner, their configurations, and their construction from a teacher."""
+"""Students: SparseFormer and Sparsifiner, their configurations, and their construction from a teacher.
 
-from .config import CompatibleConfig, ConfigError, GridSampleConfig, SparseFormerConfig
-from .sparseformer import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace
-from .sparsifiner import Sparsifiner, SparsifinerConfig, SparsifinerOutput
+`import students` registers every family's names with timm (and open_clip's `local-dir:` loading).
+The families are rows of `students.families.FAMILIES`, each one package (`students/sparseformer/`,
+`students/sparsifiner/`) behind the interface of `students.family`.
+"""
+
+from .checkpoints import CheckpointMismatchError, load_checkpoint_strict, load_state_dict_file
+from .families import (DEFAULT_FAMILY, FAMILIES, create_model, family_named, family_of, load_student,
+                       student_from_config)
+from .family import ConfigError, ParameterPolicy, PhasedParameterPolicy, Student, StudentFamily
+from .sparseformer import (BootstrapOptions, CompatibleConfig, GridSampleConfig, MediaSparseFormer, SparseFormer,
+                           SparseFormerConfig, SparseFormerOutput, SparseFormerTrace, bootstrap_student, get_config,
+                           get_pretrained_cfg, list_models)
+from .sparsifiner import Sparsifiner, SparsifinerConfig, SparsifinerOutput, SparsifyOptions, sparsify
+from .timm_registry import register_folder
 
 __all__ = [
+    "BootstrapOptions",
+    "CheckpointMismatchError",
     "CompatibleConfig",
     "ConfigError",
+    "DEFAULT_FAMILY",
+    "FAMILIES",
     "GridSampleConfig",
     "MediaSparseFormer",
+    "ParameterPolicy",
+    "PhasedParameterPolicy",
     "SparseFormer",
     "SparseFormerConfig",
     "SparseFormerOutput",
@@ -16,29 +33,20 @@ __all__ = [
     "Sparsifiner",
     "SparsifinerConfig",
     "SparsifinerOutput",
-]
-from .registry import (
-    CheckpointMismatchError,
-    create_model,
-    get_config,
-    get_pretrained_cfg,
-    list_models,
-    load_checkpoint_strict,
-    load_state_dict_file,
-    load_student,
-)
-
-__all__ += [
-    "CheckpointMismatchError",
+    "SparsifyOptions",
+    "Student",
+    "StudentFamily",
+    "bootstrap_student",
     "create_model",
+    "family_named",
+    "family_of",
     "get_config",
     "get_pretrained_cfg",
     "list_models",
     "load_checkpoint_strict",
     "load_state_dict_file",
     "load_student",
+    "register_folder",
+    "sparsify",
+    "student_from_config",
 ]
-from .sparsify import PhasedParameterPolicy, SparsifyOptions, sparsify
-
-__all__ += ["PhasedParameterPolicy", "SparsifyOptions", "sparsify"]
-from . import timm_models  # registers SparseFormer with timm (and open_clip's local-dir: loading)

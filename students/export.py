@@ -4,7 +4,7 @@ OpenCLIP (`export_openclip`, for students of CLIP teachers)::
 
     FOLDER/open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}
     FOLDER/open_clip_model.safetensors  the full CLIP state dict
-    FOLDER/sparseformer_config.json     the student's SparseFormerConfig
+    FOLDER/<family>_config.json         the student's config (e.g. sparseformer_config.json)
     FOLDER/README.md
 
     import students, open_clip
@@ -12,18 +12,18 @@ OpenCLIP (`export_openclip`, for students of CLIP teachers)::
     tokenizer = open_clip.get_tokenizer("local-dir:FOLDER")
 
 The image tower is open_clip's `TimmModel` around the student: `visual.trunk`
-is the SparseFormer without its projection (`forward` returns the pooled,
-normed features), `visual.head.proj` is the student's `proj`
+is the student without its output layer (`forward` returns the pooled,
+normed features), `visual.head.proj` is the student's output layer
 (`timm_pool: ''`, `timm_proj: 'linear'`; `'none'` for a student without one,
 as SigLIP's, whose MAP head ends the tower). `model_cfg` is the teacher's own
 config with `vision_cfg` replaced, so the text tower, `embed_dim`,
 `quick_gelu`, `logit_scale` (and `logit_bias`) are the teacher's; the text
 weights are copied from it. `encode_image` equals `student(x)` and
 `encode_text` equals the teacher's. `vision_cfg.timm_model_name` is the
-student's timm name (`students.timm_models.timm_name`): a released name, or
-`sparseformer_cfg_<hash>`, which `import students` registers from
-`sparseformer_config.json` when open_clip opens the folder (see
-`students.timm_models`). `preprocess_cfg` is the student's input size,
+student's timm name (its family's `timm.timm_name`): a named configuration's, or
+`<family>_cfg_<hash>`, which `import students` registers from the folder's
+config file when open_clip opens the folder (see `students.timm_registry`).
+`preprocess_cfg` is the student's input size,
 mean, std and interpolation.
 
 timm (`export_timm`, any student)::
@@ -34,9 +34,9 @@ timm (`export_timm`, any student)::
     import students, timm
     model = timm.create_model("local-dir:FOLDER", pretrained=True)
 
-`architecture` is the released name when the student has a released
-architecture, else `sparseformer` with the configuration in
-`model_args.config`.
+`architecture` is the named configuration's name when the student has one,
+else the family's generic name (`sparseformer`, `sparsifiner`) with the
+configuration in `model_args.config`.
 
 Both exports reload what they wrote, the way a user would, and compare its
 outputs with the student's (and the teacher's text tower) before returning.
@@ -46,10 +46,11 @@ line)::
 
     python -m students.export RUN_DIR [--out DIR] [--format auto|openclip|timm] [--overwrite]
 
-The run folder holds `student.safetensors`, `student_config.json`,
-`recipe.yaml` (its `teacher:` spec) and optionally `pretrained_cfg.json`.
-`auto` exports to OpenCLIP when the teacher is an open_clip CLIP (its text
-tower is rebuilt with `teachers.create_teacher(spec)`), else to timm.
+The run folder (`students.run_folder`) holds `student.safetensors`,
+`student_config.json`, `recipe.yaml` (its `teacher:` spec) and optionally
+`pretrained_cfg.json`. `auto` exports to OpenCLIP when the teacher is an
+open_clip CLIP (its text tower is rebuilt from the spec, which must name the
+teacher's weights), else to timm.
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import timm_models
+from data.errors import UserError
+
 from .families import family_of
-from .registry import load_student
-from .sparseformer import SparseFormer
+from .run_folder import RunFolder, write_atomic
 
 __all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg", "read_run",
            "teacher_pretrained_cfg"]
@@ -87,7 +88,7 @@ _ATOL = 1e-5
 _PROBE_TEXTS = ["a photo of a dog.", "a diagram of a sparse transformer."]
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be written, or whose reload does not reproduce the model."""
 
 
@@ -119,13 +120,14 @@ def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: 
 
 
 def _check_student(student: Any):
-    """The student's timm module (its family's registration, names and export fields)."""
-    if isinstance(student, SparseFormer) and student.ndim != 2:
-        raise TypeError(f"the export takes an image student, got {type(student).__name__}")
-    return family_of(student).timm
+    """The student's timm names (its family's registration, names and export fields)."""
+    family = family_of(student)
+    if type(student) is not family.model:
+        raise TypeError(f"the export takes an image student (a {family.model.__name__}), got {type(student).__name__}")
+    return family.timm
 
 
-def _student_pretrained_cfg(student: SparseFormer, pretrained_cfg: Mapping | None, fallback: Mapping | None) -> dict:
+def _student_pretrained_cfg(student: nn.Module, pretrained_cfg: Mapping | None, fallback: Mapping | None) -> dict:
     """input_size/mean/std/interpolation/crop_pct: explicit > the student's own > the teacher's (fallback)."""
     tm = _check_student(student)
     for source in (pretrained_cfg, getattr(student, "pretrained_cfg", None), fallback):
@@ -168,7 +170,7 @@ def _device_of(module: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------
 # timm
 # --------------------------------------------------------------------------
-def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: Mapping | None = None,
+def export_timm(student: nn.Module, out_dir: str | Path, *, pretrained_cfg: Mapping | None = None,
                 overwrite: bool = False, verify: bool = True) -> Path:
     """Write `student` as a timm model folder (`config.json` + `model.safetensors`).
 
@@ -184,7 +186,7 @@ def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: M
     arch = tm.released_name(cfg)
     fields = tm.export_fields(cfg)
     config = {
-        "architecture": arch or tm.GENERIC_NAME,
+        "architecture": arch or tm.generic_name,
         "num_classes": fields["num_classes"],
         "num_features": fields["num_features"],
         "global_pool": fields["global_pool"],
@@ -193,14 +195,14 @@ def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: M
         # timm passes model_args to the entrypoint: `sparseformer(config=...)` rebuilds this architecture.
         config["model_args"] = {"config": cfg.replace(drop_path_rate=0.0).to_dict()}
     config["pretrained_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pcfg.items()}
-    (out / TIMM_CONFIG).write_text(json.dumps(config, indent=2))
+    write_atomic(out / TIMM_CONFIG, json.dumps(config, indent=2))
     _save_tensors(student.state_dict(), out / TIMM_WEIGHTS, {"format": "pt"})
     if verify:
         _verify_timm(student, out, pcfg)
     return out
 
 
-def _verify_timm(student: SparseFormer, out: Path, pcfg: Mapping) -> None:
+def _verify_timm(student: nn.Module, out: Path, pcfg: Mapping) -> None:
     import timm
 
     device = _device_of(student)
@@ -238,7 +240,7 @@ def _clip_and_cfg(teacher: Any, model_cfg: str | Mapping | None) -> tuple[nn.Mod
     return clip, copy.deepcopy(dict(model_cfg))
 
 
-def openclip_model_cfg(student: SparseFormer, teacher_cfg: Mapping, pretrained_cfg: Mapping) -> dict:
+def openclip_model_cfg(student: nn.Module, teacher_cfg: Mapping, pretrained_cfg: Mapping) -> dict:
     """The teacher's open_clip config with the student as a timm image tower."""
     tm = _check_student(student)
     cfg = student.config
@@ -274,10 +276,10 @@ def _openclip_preprocess_cfg(pcfg: Mapping, resize_mode: str) -> dict:
             "interpolation": pcfg["interpolation"], "resize_mode": resize_mode}
 
 
-def _openclip_state_dict(student: SparseFormer, clip: nn.Module) -> dict[str, torch.Tensor]:
+def _openclip_state_dict(student: nn.Module, clip: nn.Module) -> dict[str, torch.Tensor]:
     """Teacher's state dict with its image tower replaced by the student (TimmModel layout)."""
     sd = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
-    head = _check_student(student).HEAD + "."
+    head = _check_student(student).head + "."
     for k, v in student.state_dict().items():
         if k.startswith(head):
             sd["visual.head.proj." + k[len(head):]] = v
@@ -296,13 +298,13 @@ def _save_hf_tokenizer(teacher: Any, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
+def export_openclip(student: nn.Module, teacher: Any, out_dir: str | Path, *,
                     model_cfg: str | Mapping | None = None, pretrained_cfg: Mapping | None = None,
                     overwrite: bool = False, verify: bool = True) -> Path:
     """Write a CLIP-bootstrapped student and its teacher's text tower as an OpenCLIP model folder.
 
     Args:
-        student: the SparseFormer (its `proj` maps to the teacher's CLIP embedding).
+        student: the student (its output layer maps to the teacher's CLIP embedding).
         teacher: a `teachers.Teacher` of family 'clip', or an open_clip CLIP model.
         out_dir: the folder to write.
         model_cfg: the open_clip config the teacher was built from (a model name or mapping);
@@ -327,16 +329,16 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
     pcfg = _student_pretrained_cfg(student, pretrained_cfg, fallback)
     resize_mode = (pretrained_cfg or {}).get("resize_mode") or teacher_pp.get("resize_mode") or "shortest"
 
-    out = _prepare_dir(out_dir, (*EXPORT_FILES["openclip"], tm.CONFIG_FILE), overwrite)
+    out = _prepare_dir(out_dir, (*EXPORT_FILES["openclip"], tm.config_file), overwrite)
     oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
     if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
         _save_hf_tokenizer(teacher, out)
-    (out / tm.CONFIG_FILE).write_text(student.config.replace(drop_path_rate=0.0).to_json())
-    (out / OPENCLIP_CONFIG).write_text(json.dumps(
+    write_atomic(out / tm.config_file, student.config.replace(drop_path_rate=0.0).to_json())
+    write_atomic(out / OPENCLIP_CONFIG, json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
     _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
-    (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
-                                                  config_file=tm.CONFIG_FILE))
+    write_atomic(out / "README.md", _README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
+                                                    config_file=tm.config_file))
     if verify:
         _verify_openclip(student, clip, getattr(teacher, "tokenizer", None), out, pcfg)
     return out
@@ -357,7 +359,7 @@ timm by the `students` package of sparseformer-bootstrap:
 """
 
 
-def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out: Path, pcfg: Mapping) -> None:
+def _verify_openclip(student: nn.Module, clip: nn.Module, tokenizer: Any, out: Path, pcfg: Mapping) -> None:
     import open_clip
 
     device = _device_of(student)
@@ -385,38 +387,10 @@ def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out
 # --------------------------------------------------------------------------
 # A bootstrapping run's output folder
 # --------------------------------------------------------------------------
-RUN_FILES = ("student.safetensors", "student_config.json", "recipe.yaml")
-
-
-def read_run(run_dir: Path) -> tuple[SparseFormer, dict, dict | None]:
+def read_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict | None]:
     """A finished run's student, its teacher spec, and its pretrained_cfg (None if the run wrote none)."""
-    import yaml
-
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}" if not run_dir.exists() else
-                                f"{run_dir} is a file, not a run folder")
-    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} is not a finished bootstrapping run: it lacks {', '.join(missing)} "
-                                f"(a run writes {', '.join(RUN_FILES)} at the end)")
-    student = load_student(run_dir / "student_config.json", run_dir / "student.safetensors")
-    try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-    except yaml.YAMLError as exn:
-        raise ValueError(f"{run_dir / 'recipe.yaml'} is not valid YAML: {' '.join(str(exn).split())}") from exn
-    spec = recipe.get("teacher") if isinstance(recipe, Mapping) else None
-    if not isinstance(spec, Mapping) or not spec:
-        raise ValueError(f"{run_dir / 'recipe.yaml'} has no 'teacher:' spec (kind, model, pretrained, ...)")
-    pcfg_path = run_dir / "pretrained_cfg.json"
-    # An empty pretrained_cfg.json (a student that carried none) counts as missing.
-    try:
-        pcfg = (json.loads(pcfg_path.read_text()) or None) if pcfg_path.is_file() else None
-    except json.JSONDecodeError as exn:
-        raise ValueError(f"{pcfg_path} is not valid JSON ({exn}); delete it to take the teacher's "
-                         f"preprocessing") from exn
-    if pcfg is not None and not isinstance(pcfg, Mapping):
-        raise ValueError(f"{pcfg_path} is not a JSON object of input_size, mean, std, ...")
-    return student, dict(spec), pcfg
+    folder = RunFolder.finished(run_dir)
+    return folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
 
 
 def teacher_pretrained_cfg(teacher: Any) -> dict:
@@ -438,34 +412,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    run_dir = Path(run_dir)
-    student, spec, pcfg = read_run(run_dir)
+    folder = RunFolder.finished(run_dir)
+    student, spec, pcfg = folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
     if fmt == "auto":
         fmt = "openclip" if spec.get("kind") == "openclip" else "timm"
     if fmt == "openclip" and spec.get("kind") != "openclip":
         raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
                          f"and has no text tower; export it with --format timm")
-    out = Path(out_dir) if out_dir is not None else run_dir / f"export_{fmt}"
+    out = Path(out_dir) if out_dir is not None else folder.file(f"export_{fmt}")
     _prepare_dir(out, EXPORT_FILES[fmt], overwrite)  # before the teacher is built: fail early
     teacher = None
-    if fmt == "openclip" or pcfg is None:
+    if fmt == "openclip":  # the text tower: the very teacher the student learned from
+        teacher = folder.build_teacher()
+    elif pcfg is None:  # only the teacher's preprocessing, which its weights do not change
         from teachers import create_teacher
 
         teacher = create_teacher(spec)
-        if pcfg is None:
-            pcfg = teacher_pretrained_cfg(teacher)
+    if pcfg is None:
+        pcfg = teacher_pretrained_cfg(teacher)
     if fmt == "openclip":
         return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
     return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What bad input raises: printed as one message, without a traceback."""
-    from teachers.base import TeacherWeightsError
-
-    from .registry import CheckpointMismatchError
-
-    return OSError, ValueError, ExportError, CheckpointMismatchError, TeacherWeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
-    except _user_errors() as e:
+    except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (out / OPENCLIP_CONFIG).is_file():

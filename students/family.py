@@ -1,41 +1,96 @@
-"""How the run trains a student family: its recipe options, its construction, its phases and their loss terms.
+"""What a student family is, and what every student gives the run, the evaluation and the exports.
 
-The run (`bootstrap.train`) has one loop and no per-family branches; it asks the student's
-`Training` entry for
+A family (SparseFormer, Sparsifiner, ...) is one package under `students/` and one `StudentFamily`
+row of the table in `students.families`. The run, the evaluation bench and the exports talk to this
+interface only; nothing outside a family's package knows its parameter names or its files.
+
+The run (`bootstrap.train`) has one loop and asks the family for
 
 * ``options``: the dataclass a recipe's ``student:`` section fills (``kind`` picks the family);
 * ``build(teacher, options)``: the student and its parameter policy;
-* ``phases(ctx)``: the `Phase` list, run one after the other. A phase names the steps it
-  runs, its learning-rate schedule, what the student's training forward must return
-  (``outputs``), and its `LossTerm` s, each with a weight, the teacher targets it needs
-  (``embedding`` [B, D], ``tokens`` [B, N, C] final-normed, ``attention``: one [B, H, N, N]
-  map per block) and a function of (student outputs, teacher targets);
-* ``enter(student, policy, phase)``: set what trains (``requires_grad``) and the model's own
-  phase switch, explicitly (no shared config is mutated).
+* ``phases(ctx)``: the `Phase` list, run one after the other. A phase names the steps it runs, its
+  learning-rate schedule, what the student's training forward must return (``outputs``), and its
+  `LossTerm` s, each with a weight, the teacher targets it needs (``embedding`` [B, D],
+  ``tokens`` [B, N, C] final-normed, ``attention``: one [B, H, N, N] map per block) and a function
+  of (student outputs, teacher targets);
+* ``enter(student, policy, phase)``: set what trains (``requires_grad``) and the model's own phase
+  switch, explicitly (no shared config is mutated);
+* ``forward(student, images, outputs, pre_logits)``: the training forward of a phase.
 
-SparseFormer has one phase (align the output with the teacher's embedding). Sparsifiner has
-two: reconstruct (only the connectivity predictors train, on the teacher's attention maps)
-and sparse (the backbone trains with the masks on the alignment plus a token term; KL on
-logits for supervised teachers); see ``../shared/design/sparsifiner.md``.
+Every student model keeps the `Student` contract (timm's conventions where timm has one).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import fnmatch
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bootstrap import BootstrapOptions
-from .sparsify import SparsifyOptions
+from data.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
+__all__ = ["ConfigError", "ExtraSection", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
+           "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding", "StudentFamily", "TARGETS",
+           "VisionDescription", "is_exempt_from_weight_decay", "policy_from", "read_json"]
+
 TARGETS = ("embedding", "tokens", "attention")
+
+
+class ConfigError(UserError, ValueError):
+    """A student configuration (or a family's options) that cannot describe a model."""
+
+
+def read_json(path_or_text: str) -> Any:
+    """A config's JSON, given as the text itself or as the path of a file holding it."""
+    text = path_or_text
+    if not path_or_text.lstrip().startswith("{"):
+        with open(path_or_text) as f:
+            text = f.read()
+    return json.loads(text)
+
+
+# ----------------------------------------------------------------------------- the student contract
+
+
+@runtime_checkable
+class Student(Protocol):
+    """What every student model gives (the run, the evaluation and the exports use nothing else).
+
+    ``config`` (the family's config, with ``to_dict`` / ``to_json``) and ``pretrained_cfg`` (input
+    size, mean, std, interpolation, crop_pct: timm's) are attributes.
+    """
+
+    def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head output [B, D] (with ``pre_logits``: the pooled, normed feature)."""
+
+    def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre_logits, output)`` from one pass."""
+
+    def forward_details(self, images: Tensor) -> Any:
+        """The output with what the family can show of how it got there (RoIs, attention masks, ...)."""
+
+    def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
+        """The tokens after block ``layer`` (LLaVA's and transformers' indexing; -1: the final-normed output)."""
+
+    def forward_hidden_states(self, images: Tensor) -> list[Tensor]:
+        """Every hidden state ``forward_tokens`` can select, from one pass."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (or fnmatch patterns) of the parameters exempt from weight decay, as timm's models give."""
+
+
+def is_exempt_from_weight_decay(name: str, param: nn.Parameter, exempt: Sequence[str]) -> bool:
+    """timm's rule: 1-D parameters, biases and the parameters the model names in ``no_weight_decay()``."""
+    return (param.ndim <= 1 or name.endswith(".bias") or name in exempt
+            or any(fnmatch.fnmatchcase(name, pattern) for pattern in exempt if any(c in pattern for c in "*?[")))
+
+
+# ----------------------------------------------------------------------------- training
 
 
 @dataclass(frozen=True)
@@ -57,7 +112,7 @@ class Phase:
     lr: float
     min_lr: float
     warmup_steps: int
-    outputs: tuple[str, ...]  # what the student's training forward returns (see `Training.forward`)
+    outputs: tuple[str, ...]  # what the student's training forward returns (`StudentFamily.forward`)
     terms: tuple[LossTerm, ...]
 
     @property
@@ -76,191 +131,171 @@ class PhaseContext:
     optim: Any  # bootstrap.config.OptimConfig: lr, min_lr, warmup_steps, steps
 
 
-@dataclass(frozen=True)
-class Training:
-    """A student family as the run sees it."""
+@dataclass
+class ParameterPolicy:
+    """Which student parameters train and which stay frozen."""
 
-    family: str
-    options: type
-    build: Callable[["Teacher", Any], tuple[nn.Module, Any]]
-    phases: Callable[[PhaseContext], list[Phase]]
-    enter: Callable[[nn.Module, Any, Phase], Any]  # -> the phase's ParameterPolicy
-    forward: Callable[[nn.Module, Tensor, tuple[str, ...], bool], dict[str, Any]]
-    steps: Callable[[Any, Any], int]  # (options, optim) -> all steps of all phases, without building anything
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    num_trainable: int = 0
+    num_frozen: int = 0
+
+    def apply(self, model: nn.Module) -> "ParameterPolicy":
+        frozen = set(self.frozen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return self
+
+    def freeze(self, model: nn.Module, prefix: str) -> "ParameterPolicy":
+        """Move the parameters under ``prefix`` to the frozen side (lists and counts), and freeze them."""
+        params = dict(model.named_parameters())
+        for name in [n for n in self.trainable if n.startswith(prefix)]:
+            self.trainable.remove(name)
+            self.frozen.append(name)
+            self.num_trainable -= params[name].numel()
+            self.num_frozen += params[name].numel()
+            params[name].requires_grad_(False)
+        return self
+
+    def summary(self) -> str:
+        total = self.num_trainable + self.num_frozen
+        return (
+            f"student parameters: {total / 1e6:.2f}M, trainable {self.num_trainable / 1e6:.2f}M "
+            f"({100 * self.num_trainable / max(total, 1):.1f}%), frozen {self.num_frozen / 1e6:.2f}M"
+        )
+
+    def counts(self) -> dict:
+        return {"trainable": self.num_trainable, "frozen": self.num_frozen}
+
+    def to_dict(self) -> dict:
+        return {"num_trainable": self.num_trainable, "num_frozen": self.num_frozen,
+                "trainable": self.trainable, "frozen": self.frozen}
 
 
-# ----------------------------------------------------------------------------- the loss terms
-
-
-def alignment_term(loss_cfg, weight: float = 1.0) -> LossTerm:
-    """The project's alignment of the student's output with the teacher's embedding (`bootstrap.loss`)."""
-    from bootstrap.loss import alignment_loss
-
-    def fn(out, target):
-        return alignment_loss(out["embedding"], target["embedding"], loss_cfg.type, loss_cfg.beta, loss_cfg.normalize)
-
-    return LossTerm("align", weight, ("embedding",), fn)
-
-
-# ----------------------------------------------------------------------------- SparseFormer
-
-
-
-
-def _sparseformer_build(teacher: "Teacher", options) -> tuple[nn.Module, Any]:
-    from .bootstrap import bootstrap_student
-
-    student, policy = bootstrap_student(teacher, **dataclasses.asdict(options))
-    if teacher.target != "proj" and any(p.requires_grad for p in student.proj.parameters()):
-        # The aligned output stops before the head, so the head would get no gradient.
-        student.proj.requires_grad_(False)
-        moved = sum(p.numel() for p in student.proj.parameters())
-        for name in [n for n in policy.trainable if n.startswith("proj.")]:
-            policy.trainable.remove(name)
+def policy_from(model: nn.Module, trains: Callable[[str], bool]) -> ParameterPolicy:
+    """The policy that trains the parameters whose names ``trains`` accepts and freezes the rest."""
+    policy = ParameterPolicy()
+    for name, p in model.named_parameters():
+        if trains(name):
+            policy.trainable.append(name)
+            policy.num_trainable += p.numel()
+        else:
             policy.frozen.append(name)
-        policy.num_trainable -= moved  # the counts follow the lists (the run's summary reports them)
-        policy.num_frozen += moved
-    return student, policy
-
-
-def _sparseformer_phases(ctx: PhaseContext) -> list[Phase]:
-    o = ctx.optim
-    return [Phase("align", o.steps, o.lr, o.min_lr, o.warmup_steps, ("embedding",), (alignment_term(ctx.loss),))]
-
-
-def _sparseformer_enter(student: nn.Module, policy, phase: Phase):
-    # bootstrap_student already set requires_grad; one phase, nothing to switch.
+            policy.num_frozen += p.numel()
     return policy
 
 
-def _embedding_forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    return {"embedding": student(images, pre_logits=pre_logits)}
-
-
-# ----------------------------------------------------------------------------- Sparsifiner
-
-
 @dataclass
-class SparsifinerOptions(SparsifyOptions):
-    """A recipe's `student:` section for `kind: sparsifiner`: the construction (`SparsifyOptions`)
-    and the two phases. `optim.*` is the sparse phase's; the reconstruct phase has its own steps,
-    learning rate and warm-up (the authors': 5 of 50 epochs at 3e-4, then 45 at 8e-5)."""
+class PhasedParameterPolicy:
+    """Which student parameters train in each phase: `policy["reconstruct"]`, `policy["sparse"]`."""
 
-    reconstruct_steps: int = 1000  # only the predictors train, on the teacher's attention maps
-    reconstruct_lr: float = 3e-4
-    reconstruct_warmup_steps: int = 100
-    reconstruct_weight: float = 0.01  # x sum over batch, heads, rows, keys; mean over blocks (the authors')
-    token_weight: float = 0.5  # sparse phase: + this x MSE of the final-normed patch tokens
-    kl_weight: float = 0.5  # sparse phase, supervised teachers: + this x KL(student logits || teacher logits)
-    kl_temperature: float = 1.0
+    phases: dict[str, ParameterPolicy] = field(default_factory=dict)
 
-    def __post_init__(self):
-        if self.reconstruct_steps < 0 or self.reconstruct_warmup_steps < 0:
-            raise ValueError(f"student.reconstruct_steps and reconstruct_warmup_steps must be >= 0, got "
-                             f"{self.reconstruct_steps} and {self.reconstruct_warmup_steps}")
-        if self.reconstruct_warmup_steps > self.reconstruct_steps:
-            raise ValueError(f"student.reconstruct_warmup_steps={self.reconstruct_warmup_steps} must not exceed "
-                             f"student.reconstruct_steps={self.reconstruct_steps}")
-        if not self.reconstruct_lr > 0 or self.kl_temperature <= 0:
-            raise ValueError("student.reconstruct_lr and kl_temperature must be above 0")
-        for key in ("reconstruct_weight", "token_weight", "kl_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"student.{key} must be >= 0, got {getattr(self, key)}")
+    def __getitem__(self, phase: str) -> ParameterPolicy:
+        if phase not in self.phases:
+            raise ValueError(f"unknown phase {phase!r}; the phases are {' and '.join(self.phases)}")
+        return self.phases[phase]
 
-    def construction(self) -> dict:
-        """The `sparsify` options alone."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SparsifyOptions)}
+    def apply(self, model: nn.Module, phase: str) -> ParameterPolicy:
+        """Set `requires_grad` for `phase` and put the model in that phase; returns the phase's policy."""
+        policy = self[phase].apply(model)
+        model.set_phase(phase)
+        return policy
+
+    def summary(self) -> str:
+        return "; ".join(f"{name}: {p.summary()}" for name, p in self.phases.items())
+
+    def counts(self) -> dict:
+        return {name: p.counts() for name, p in self.phases.items()}
+
+    def to_dict(self) -> dict:
+        return {name: p.to_dict() for name, p in self.phases.items()}
 
 
-def _sparsifiner_build(teacher: "Teacher", options) -> tuple[nn.Module, Any]:
-    from .sparsify import sparsify
-
-    return sparsify(teacher, **options.construction())
+# ----------------------------------------------------------------------------- evaluation and exports
 
 
-def _sparsifiner_phases(ctx: PhaseContext) -> list[Phase]:
-    from bootstrap.loss import attention_reconstruction_loss, token_loss
+@dataclass(frozen=True)
+class StudentEncoding:
+    """One pass of a student, as a transformers vision model returns it."""
 
-    opts, student, teacher, o = ctx.options, ctx.student, ctx.teacher, ctx.optim
-    sparse_blocks = list(student.sparse_blocks)
-    prefix = student.num_prefix_tokens
-
-    def reconstruct(out, target):
-        return attention_reconstruction_loss([out["approx_attn"][i] for i in sparse_blocks],
-                                             [target["attention"][i] for i in sparse_blocks], weight=1.0)
-
-    def tokens(out, target):  # the patch tokens: the prefix tokens (class token, registers) are aligned above
-        return token_loss(out["tokens"][:, prefix:], target["tokens"][:, prefix:])
-
-    sparse_terms = [alignment_term(ctx.loss)]
-    if opts.token_weight > 0:
-        sparse_terms.append(LossTerm("tokens", opts.token_weight, ("tokens",), tokens))
-    head = teacher.head_state_dict() if teacher.family == "supervised" else None
-    if head is not None and opts.kl_weight > 0:
-        weight = head["weight"].detach().clone()
-        bias = head.get("bias")
-        bias = None if bias is None else bias.detach().clone()
-        temp = opts.kl_temperature
-
-        def kl(out, target):
-            t_logits = F.linear(target["embedding"].float(), weight.to(target["embedding"].device),
-                                None if bias is None else bias.to(target["embedding"].device))
-            s_log = F.log_softmax(out["logits"].float() / temp, dim=-1)
-            return F.kl_div(s_log, F.log_softmax(t_logits / temp, dim=-1), log_target=True,
-                            reduction="batchmean") * temp ** 2
-
-        sparse_terms.append(LossTerm("kl", opts.kl_weight, ("embedding",), kl))
-    sparse_outputs = ("embedding", "tokens", "logits") if len(sparse_terms) > 1 else ("embedding",)
-    return [
-        Phase("reconstruct", opts.reconstruct_steps, opts.reconstruct_lr, o.min_lr, opts.reconstruct_warmup_steps,
-              ("approx_attn",), (LossTerm("reconstruct", opts.reconstruct_weight, ("attention",), reconstruct),)),
-        Phase("sparse", o.steps, o.lr, o.min_lr, o.warmup_steps, sparse_outputs, tuple(sparse_terms)),
-    ]
+    hidden_states: list[Tensor]  # num_blocks + 1 raw states [B, L, C], class token first
+    last_hidden_state: Tensor  # final-normed tokens [B, L, C]
+    pooled: Tensor  # pooled, normed feature [B, C]
+    embeds: Tensor  # projected output [B, D] (= pooled where the student has no projection)
 
 
-def _sparsifiner_enter(student: nn.Module, policy, phase: Phase):
-    return policy.apply(student, phase.name)  # requires_grad and student.set_phase
+@dataclass(frozen=True)
+class VisionDescription:
+    """What a transformers vision model needs of a family (`students.transformers_model`).
+
+    describe: saved config -> dict(hidden_size, num_hidden_layers, num_latent_tokens, class_token,
+        projection_dim): the token width, the number of blocks `forward_tokens` counts, the tokens
+        besides the class token, whether there is one, the projected width (0: none).
+    encode: (student, images) -> `StudentEncoding` in one pass.
+    """
+
+    describe: Callable[[Mapping[str, Any]], dict]
+    encode: Callable[[nn.Module, Tensor], StudentEncoding]
 
 
-def _sparsifiner_forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    if outputs == ("embedding",):
-        return {"embedding": student(images, pre_logits=pre_logits)}
-    # The reconstruct phase needs each block's approximation (maps); the sparse phase only tokens and logits.
-    details = student.forward_details(images, attention=False, maps="approx_attn" in outputs)
-    return {"embedding": details.pre_logits if pre_logits else details.output, "logits": details.output,
-            "tokens": details.tokens, "approx_attn": details.approx_attn}
+@dataclass(frozen=True)
+class ReportPicture:
+    """A picture the evaluation report draws of a student: ``draw(student, images, path, mean, std)``
+    writes a PNG of normalised ``images`` [B, 3, H, W]; ``key`` names it in report.json."""
+
+    key: str
+    file: str
+    draw: Callable[..., Any]
+    title: str
+    caption: str
 
 
-# ----------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class ExtraSection:
+    """A section of the report only a family has: ``measure(student, images) -> dict`` (JSON-able), and
+    ``markdown(section) -> lines`` of report.md."""
+
+    key: str
+    measure: Callable[[nn.Module, Tensor], dict]
+    markdown: Callable[[Mapping[str, Any]], list[str]]
 
 
+@dataclass(frozen=True)
+class StudentFamily:
+    """One row of the family table (`students.families.FAMILIES`).
 
+    name: the family's name (a recipe's ``student.kind``, a saved config's ``family`` field).
+    config: the config class (`from_dict`, `to_dict`, `to_json`, `replace`).
+    models: the model classes; the first is built from a config.
+    options: the recipe's ``student:`` options (a dataclass; ``kind`` is left out).
+    build, phases, enter, forward: training (see the module docstring).
+    steps: ``(options, optim) -> the steps of all phases``, without building anything.
+    describe: ``(student, config) -> dict`` of what the report says of a student (its tokens).
+    timm: the family's names in timm (`students.timm_registry.TimmNames`).
+    vision: what a transformers vision model needs (`VisionDescription`).
+    pictures, sections: what the evaluation report adds for this family.
+    """
 
-TRAININGS: dict[str, Callable[[], Training]] = {
-    "sparseformer": lambda: Training("sparseformer", BootstrapOptions, _sparseformer_build,
-                                     _sparseformer_phases, _sparseformer_enter, _embedding_forward,
-                                     lambda options, optim: optim.steps),
-    "sparsifiner": lambda: Training("sparsifiner", SparsifinerOptions, _sparsifiner_build,
-                                    _sparsifiner_phases, _sparsifiner_enter, _sparsifiner_forward,
-                                    lambda options, optim: options.reconstruct_steps + optim.steps),
-}
-DEFAULT_KIND = "sparseformer"
+    name: str
+    config: type
+    models: tuple[type, ...]
+    options: type
+    build: Callable[["Teacher", Any], tuple[nn.Module, Any]]
+    phases: Callable[[PhaseContext], list[Phase]]
+    enter: Callable[[nn.Module, Any, Phase], ParameterPolicy]
+    forward: Callable[[nn.Module, Tensor, tuple[str, ...], bool], dict[str, Any]]
+    steps: Callable[[Any, Any], int]
+    describe: Callable[[nn.Module], dict]
+    timm: Any  # students.timm_registry.TimmNames (which builds on this module)
+    vision: VisionDescription
+    pictures: tuple[ReportPicture, ...] = ()
+    sections: tuple[ExtraSection, ...] = ()
 
+    @property
+    def model(self) -> type:
+        return self.models[0]
 
-def training_for(kind: str) -> Training:
-    if kind not in TRAININGS:
-        import difflib
-
-        close = difflib.get_close_matches(str(kind), list(TRAININGS), n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown student kind {kind!r}.{hint} The kinds are {', '.join(TRAININGS)}")
-    return TRAININGS[kind]()
-
-
-def training_of(options: Any) -> Training:
-    """The `Training` whose options class `options` is an instance of."""
-    for kind in TRAININGS:
-        training = training_for(kind)
-        if isinstance(options, training.options):
-            return training
-    raise TypeError(f"{type(options).__name__} is not the options of any student kind ({', '.join(TRAININGS)})")
+    def new(self, config) -> nn.Module:
+        """A fresh model of this family from a config object or its dict."""
+        return self.model(self.config.from_dict(config))

@@ -1,8 +1,10 @@
-"""The alignment loss: how far the student's embedding is from the teacher's, for the same image.
+"""The loss functions the families' training phases are made of, and the alignment term they share.
 
+The alignment loss: how far the student's embedding is from the teacher's, for the same image.
 The paper does not state its loss (design notes); cosine distance is the default because
 CLIP zero-shot and retrieval only use the direction of an embedding. Smooth-L1 and MSE
-also match its length (or, with ``normalize``, compare the unit vectors).
+also match its length (or, with ``normalize``, compare the unit vectors). A token-level term
+compares final-normed tokens; a KL term compares logits (distillation from a classifier).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .family import LossTerm
 
 LOSS_TYPES = ("cosine", "smooth_l1", "mse")
 
@@ -41,35 +45,26 @@ def batch_cosine(student: Tensor, teacher: Tensor) -> Tensor:
     return F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
 
 
-# --------------------------------------------------------------------------
-# Sparsifiner's two phases (design note `sparsifiner.md`)
-# --------------------------------------------------------------------------
-def attention_reconstruction_loss(approx: list[Tensor], teacher_attention: list[Tensor],
-                                  weight: float = 0.01) -> Tensor:
-    """The reconstruct phase: ``weight · mean over blocks of Σ (approx − teacher_attention[:, :, P:])²``.
-
-    ``approx[i]`` is block i's low-rank approximation ``[B, H, N−P, N]`` (`Sparsifiner.forward_details`),
-    ``teacher_attention[i]`` the teacher's dense post-softmax map ``[B, H, N, N]``
-    (`Teacher.attention_maps`). The P prefix query rows (class token, registers), which always attend
-    densely, are left out: P is read from the shapes. The sum runs over batch, heads, rows and keys, as
-    the authors' loss (so it grows with the batch size).
-    """
-    if len(approx) != len(teacher_attention) or not approx:
-        raise ValueError(f"{len(approx)} approximations for {len(teacher_attention)} teacher attention maps: "
-                         f"give one teacher map per student block")
-    total = 0.0
-    for i, (a, t) in enumerate(zip(approx, teacher_attention)):
-        b, h, rows, n = a.shape
-        if t.shape[:2] != (b, h) or t.shape[-2:] != (n, n) or rows > n:
-            raise ValueError(f"block {i}: approximation {tuple(a.shape)} does not fit the teacher's attention "
-                             f"{tuple(t.shape)} (expected [B, H, N, N] with N = {n})")
-        total = total + (a.float() - t[:, :, n - rows:].float()).square().sum()
-    return weight * total / len(approx)
-
-
 def token_loss(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
     """The sparse phase's token-level term: MSE of the final-normed patch tokens ``[B, N, C]``."""
     if student_tokens.shape != teacher_tokens.shape:
         raise ValueError(f"student tokens {tuple(student_tokens.shape)} and teacher tokens "
                          f"{tuple(teacher_tokens.shape)} differ: compare the same tokens (patches, final-normed)")
     return F.mse_loss(student_tokens.float(), teacher_tokens.float())
+
+
+def kl_to_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(teacher || student) of the softened class distributions, times T² (Hinton et al.), batch mean."""
+    s_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def alignment_term(loss_cfg, weight: float = 1.0) -> LossTerm:
+    """The alignment of the student's output with the teacher's embedding (``loss_cfg``: the recipe's
+    ``loss:`` section: type, beta, normalize)."""
+
+    def fn(out, target):
+        return alignment_loss(out["embedding"], target["embedding"], loss_cfg.type, loss_cfg.beta, loss_cfg.normalize)
+
+    return LossTerm("align", weight, ("embedding",), fn)

@@ -20,7 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .registry import RELEASED, create_model, get_pretrained_cfg, get_teacher_spec
+from data.errors import UserError
+
+from .families import create_model
+from .run_folder import RunFolder
+from .sparseformer import RELEASED, get_pretrained_cfg, get_teacher_spec
 
 __all__ = ["convert", "main"]
 
@@ -31,12 +35,13 @@ def convert(source: str, out_dir: str | Path, *, weights: str | None = None, ove
     from . import transformers_model as stm
 
     if Path(source).is_dir():
-        from .export import read_run, teacher_pretrained_cfg
+        from .export import teacher_pretrained_cfg
 
         if weights is not None:
             raise ValueError("--weights is for a released model name; a run folder holds its own weights")
-        student, teacher, pcfg = read_run(Path(source))
-        if pcfg is None:  # an older run: its teacher's preprocessing
+        folder = RunFolder.finished(source)
+        student, teacher, pcfg = folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
+        if pcfg is None:  # an older run: its teacher's preprocessing (which its weights do not change)
             from teachers import create_teacher
 
             pcfg = teacher_pretrained_cfg(create_teacher(teacher))
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.source, args.out, weights=args.weights, overwrite=args.overwrite,
                       verify=not args.no_verify)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as e:
+    except (UserError, OSError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}\nload it with:\nimport students.transformers_model\nfrom transformers import AutoModel\n"

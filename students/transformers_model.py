@@ -33,7 +33,7 @@ CLIP's 576 or 577.
 
 The student inside is built by `build_student`, i.e. `students.families.student_from_config`, the one
 function that maps a saved config to a model of its family (SparseFormer or Sparsifiner). What the
-transformers model needs beyond that, per family, is one `VisionFamily` entry in `VISION_FAMILIES`:
+transformers model needs beyond that is the family's `vision` description (`students.family.VisionDescription`):
 its token counts from the config, and one pass that gives every hidden state.
 """
 
@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +52,6 @@ from torch import Tensor, nn
 from teachers.base import hidden_state_index
 
 from . import families
-from .config import SparseFormerConfig
-from .sparseformer import SparseFormer, first_block_unit
 
 try:
     import transformers
@@ -69,8 +67,6 @@ __all__ = [
     "StudentVisionConfig",
     "StudentVisionModel",
     "StudentVisionOutput",
-    "VISION_FAMILIES",
-    "VisionFamily",
     "attach_to_llava",
     "build_llava",
     "build_student",
@@ -83,78 +79,6 @@ __all__ = [
 
 MODEL_TYPE = "bootstrap_student"
 SELECT_STRATEGIES = ("default", "full")
-
-
-# --------------------------------------------------------------------------
-# Student families
-# --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StudentEncoding:
-    """One pass of a student: what the HF model returns."""
-
-    hidden_states: list[Tensor]  # num_blocks + 1 raw states [B, L, C], class token first
-    last_hidden_state: Tensor  # final-normed tokens [B, L, C]
-    pooled: Tensor  # pooled, normed feature [B, C]
-    embeds: Tensor  # projected output [B, D] (= pooled where the student has no projection)
-
-
-@dataclass(frozen=True)
-class VisionFamily:
-    """What the HF model needs of one student family, beyond `students.families` (which builds it).
-
-    describe: saved config -> dict(hidden_size, num_hidden_layers, num_latent_tokens, class_token,
-        projection_dim): the token width, the number of blocks `forward_tokens` counts, the tokens
-        besides the class token, whether there is one, the projected width (0: none).
-    encode: (student, images) -> `StudentEncoding` in one pass.
-    """
-
-    describe: Callable[[Mapping[str, Any]], dict]
-    encode: Callable[[nn.Module, Tensor], StudentEncoding]
-
-
-def _sparseformer_describe(config: Mapping[str, Any]) -> dict:
-    cfg = SparseFormerConfig.from_dict(config)
-    return dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_units - first_block_unit(cfg),
-                num_latent_tokens=cfg.num_latent_tokens, class_token=cfg.has_cls_token,
-                projection_dim=cfg.proj_dim)
-
-
-def _sparseformer_encode(student: SparseFormer, images: Tensor) -> StudentEncoding:
-    states = student.forward_hidden_states(images)
-    pooled = student.forward_head(states[-1], pre_logits=True)  # pools the raw tokens, then norms
-    return StudentEncoding(states, student.norm(states[-1]), pooled, student.proj(pooled))
-
-
-def _sparsifiner_describe(config: Mapping[str, Any]) -> dict:
-    from .sparsifiner import SparsifinerConfig
-
-    cfg = SparsifinerConfig.from_dict(config)
-    # Registers count as image tokens: LLaVA's 'default' drops only the first (class) token.
-    return dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
-                num_latent_tokens=cfg.num_tokens - int(cfg.class_token), class_token=cfg.class_token,
-                projection_dim=cfg.num_classes)
-
-
-def _sparsifiner_encode(student: nn.Module, images: Tensor) -> StudentEncoding:
-    states = student.forward_hidden_states(images)
-    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
-    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
-    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
-
-
-VISION_FAMILIES: dict[str, VisionFamily] = {
-    "sparseformer": VisionFamily(_sparseformer_describe, _sparseformer_encode),
-    "sparsifiner": VisionFamily(_sparsifiner_describe, _sparsifiner_encode),
-}
-
-
-def _vision_family(config: Mapping[str, Any]) -> tuple[str, VisionFamily]:
-    name = families.family_of(config).name
-    if name not in VISION_FAMILIES:
-        raise ValueError(f"student family {name!r} has no transformers vision model yet; add a VisionFamily entry "
-                         f"to students.transformers_model.VISION_FAMILIES (families with one: "
-                         f"{', '.join(VISION_FAMILIES)})")
-    return name, VISION_FAMILIES[name]
 
 
 def build_student(config: Mapping[str, Any]) -> nn.Module:
@@ -198,8 +122,9 @@ class StudentVisionConfig(PretrainedConfig):
         self.teacher = _json(teacher) if teacher is not None else None
         self.family = None
         if self.student_config is not None:
-            self.family, vision_family = _vision_family(self.student_config)
-            for key, value in vision_family.describe(self.student_config).items():
+            family = families.family_of(self.student_config)
+            self.family = family.name
+            for key, value in family.vision.describe(self.student_config).items():
                 setattr(self, key, value)
         if self.preprocess_cfg is not None:
             self.image_size = list(self.preprocess_cfg["input_size"][1:])
@@ -278,7 +203,7 @@ class StudentVisionModel(PreTrainedModel):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         dtype = next(self.student.parameters()).dtype
-        enc = VISION_FAMILIES[self.config.family].encode(self.student, pixel_values.to(dtype))
+        enc = families.family_named(self.config.family).vision.encode(self.student, pixel_values.to(dtype))
         # An index (even 0) or list of indices asks for hidden states; only None/False do not.
         want = output_hidden_states is not None and output_hidden_states is not False
         out = StudentVisionOutput(last_hidden_state=enc.last_hidden_state, pooler_output=enc.pooled,

@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from data.errors import UserError
+
 __all__ = [
     "ACTIVATIONS",
     "BLOCK_KEYS",
@@ -92,11 +94,11 @@ BLOCK_KEYS = (
 )
 
 
-class TeacherSpecError(ValueError):
+class TeacherSpecError(UserError, ValueError):
     """A teacher spec that does not say what to build (unknown kind/key, bad value)."""
 
 
-class UnsupportedTeacherError(ValueError):
+class UnsupportedTeacherError(UserError, ValueError):
     """A model that exists but is not a plain class-token ViT the student can inherit from."""
 
     def __init__(self, what: str, problems: Sequence[str] = ()):
@@ -104,7 +106,7 @@ class UnsupportedTeacherError(ValueError):
         super().__init__(f"{what} cannot be a teacher:{detail}\n{SUPPORTED_TEACHERS}")
 
 
-class TeacherWeightsError(RuntimeError):
+class TeacherWeightsError(UserError, RuntimeError):
     """Pretrained weights that could not be obtained or loaded."""
 
 
@@ -317,7 +319,7 @@ class Teacher(nn.Module):
     forward = embed
 
     def targets(self, images: Tensor, needs: Sequence[str]) -> dict[str, Any]:
-        """What a training phase's loss terms read from the teacher (`students.phases`), by name:
+        """What a training phase's loss terms read from the teacher (`students.family.Phase`), by name:
         ``embedding`` (`embed`), ``tokens`` (`final_tokens`: every final-normed token) and
         ``attention`` (`attention_maps`: each block's dense map)."""
         unknown = [n for n in needs if n not in ("embedding", "tokens", "attention")]

@@ -2,8 +2,8 @@
 
 import torch
 
-from eval.attention_cost import attention_cost
-from eval.attention_maps import kept_keys_figure
+from students.sparsifiner.cost import attention_cost
+from students.sparsifiner.pictures import kept_keys_figure
 from students import Sparsifiner, SparsifinerConfig
 
 # N = 17 tokens (1 prefix), H = 2 heads of d = 16, c = 8, K = 17 // 2 = 8, top-3 coefficients, budget 5.

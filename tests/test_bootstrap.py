@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from bootstrap.checkpoint import KILL_ENV, list_checkpoints, read_state
-from bootstrap.train import NONFINITE_ENV
+from bootstrap.stepper import NONFINITE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -318,7 +318,7 @@ def test_a_slow_machine_ends_the_demo_teachers_schedule_by_the_clock(tmp_path, m
 
 
 def test_cpu_threads_share_the_cores_unless_the_user_says_otherwise():
-    from bootstrap.train import cpu_threads
+    from bootstrap.launch import cpu_threads
 
     launcher = {"ACCELERATE_MIXED_PRECISION": "no"}  # what `accelerate launch` puts in the environment
     assert cpu_threads(3, local_processes=2, env={}, cores=8) == 3  # a number is used as it is
@@ -540,7 +540,7 @@ def test_a_missing_evaluation_set_is_named_before_training(recipe_file, tmp_path
 
 
 def test_launches_whose_processes_do_not_join_are_stopped():
-    from bootstrap.train import ProcessCountError, check_process_count
+    from bootstrap.launch import ProcessCountError, check_process_count
 
     check_process_count(2, {"WORLD_SIZE": "2"})
     check_process_count(1, {}, parent_cmdline=["python", "-m", "accelerate", "launch", "bootstrap/run.py"])

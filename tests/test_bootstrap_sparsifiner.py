@@ -131,12 +131,12 @@ def test_a_sparsifiner_run_is_evaluated_and_exported_like_any_run(sparsifiner_ru
 
 def test_a_head_the_aligned_output_skips_is_frozen_and_counted_so():
     """Supervised teacher, train_head: the pre-logits target leaves the head without gradient; the policy says so."""
-    from students.bootstrap import BootstrapOptions
-    from students.phases import training_for
+    from students.sparseformer.construct import BootstrapOptions
+    from students import family_named
     from test_teachers import SPECS, build
 
     teacher = build(SPECS["timm_vit"])
-    student, policy = training_for("sparseformer").build(teacher, BootstrapOptions(tokens=5, focus_width=32,
+    student, policy = family_named("sparseformer").build(teacher, BootstrapOptions(tokens=5, focus_width=32,
                                                                                    train_head=True))
     params = dict(student.named_parameters())
     assert not any(p.requires_grad for p in student.proj.parameters())

@@ -8,11 +8,11 @@ import torch
 
 from conftest import GOLDEN
 from students import SparseFormer
-from students.bootstrap import (
+from bootstrap.stepper import optimizer_param_groups
+from students.sparseformer.construct import (
     BootstrapOptions,
     bootstrap_student,
     inherited_units,
-    optimizer_param_groups,
     student_config,
 )
 from teachers import create_teacher

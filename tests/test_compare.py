@@ -8,7 +8,7 @@ import yaml
 
 from eval import evaluate_run
 from eval.compare import CompareError, compare, compare_runs, main
-from students.bootstrap import bootstrap_student
+from students.sparseformer.construct import bootstrap_student
 from test_eval import _one_thread  # noqa: F401  (autouse: one thread for tiny models, as in test_eval)
 from test_eval import CLIP_SPEC, STUDENT, TIMM_KWARGS, random_teacher, write_run
 

@@ -19,9 +19,9 @@ from eval.classify import classification_eval
 from eval.features import extract, teacher_student_step
 from eval.linear_probe import fit_probe, linear_probe
 from eval.metrics import agreement, topk_accuracy
-from eval.rois import PANEL_PX, draw_rois
+from students.sparseformer.pictures import PANEL_PX, draw_rois
 from eval.zeroshot import resolve_classnames, resolve_templates, zero_shot
-from students.bootstrap import bootstrap_student
+from students.sparseformer.construct import bootstrap_student
 from teachers import create_teacher
 
 DEMO_TEACHER = Path(__file__).resolve().parent / "fixtures" / "demo_teacher"
@@ -215,6 +215,10 @@ class HeadOnTeacher(nn.Module):
 
     def forward_head(self, tokens, pre_logits=False):
         return tokens[:, 0] if pre_logits else self.proj(tokens[:, 0])
+
+    def forward_outputs(self, x):  # the student contract: (pre_logits, output) of one pass
+        pre = self.forward_head(self.forward_features(x)[0], pre_logits=True)
+        return pre, self.proj(pre)
 
 
 def test_classification_through_the_inherited_head(demo):

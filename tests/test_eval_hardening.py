@@ -22,7 +22,7 @@ from eval.__main__ import main as eval_main
 from eval.features import extract, teacher_student_step
 from eval.linear_probe import fit_probe, train_labels_of
 from eval.zeroshot import resolve_classnames
-from students.bootstrap import bootstrap_student
+from students.sparseformer.construct import bootstrap_student
 from students.export import main as export_main
 from test_eval import _one_thread, clip_pair, demo, demo_teacher, write_run  # noqa: F401 (fixtures)
 
@@ -99,7 +99,7 @@ def test_probe_refuses_classes_the_train_split_never_saw_before_any_work(demo, c
     def no_features(*args, **kwargs):
         raise AssertionError("features were computed before the classes were checked")
 
-    monkeypatch.setattr("eval.report.extract", no_features)
+    monkeypatch.setattr("eval.bench.extract", no_features)
     with pytest.raises(ValueError, match=r"'hexagon'.*train split"):
         evaluate(student, teacher, str(folder), train_data=str(demo / "train"), **QUICK)
     run = tmp_path / "run"
@@ -235,7 +235,7 @@ def test_eval_cli_bad_input_is_one_line_and_exit_2(bad_inputs, capsys, case):
 
 
 EXPORT_CASES = {
-    "missing run": (["{r}/nowhere"], "run folder not found: {r}/nowhere"),
+    "missing run": (["{r}/nowhere"], "run folder {r}/nowhere does not exist"),
     "run is a file": (["{r}/afile"], "{r}/afile is a file, not a run folder"),
     "not a run": (["{r}/empty"], "is not a finished bootstrapping run"),
     "bad recipe YAML": (["{r}/bad_yaml"], "recipe.yaml is not valid YAML"),

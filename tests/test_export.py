@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 import students
 from conftest import GOLDEN, ROOT
 from students import SparseFormerConfig, get_config, get_pretrained_cfg
-from students.bootstrap import bootstrap_student
+from students.sparseformer.construct import bootstrap_student
 from students.export import ExportError, export_openclip, export_run, export_timm, main
-from students.timm_models import CONFIG_FILE, HASH_PREFIX, config_hash, released_name, timm_name
+from students.sparseformer.timm_names import CONFIG_FILE, HASH_PREFIX, config_hash, released_name, timm_name
 from teachers import create_teacher
 
 RELEASED = json.loads((GOLDEN / "released_configs.json").read_text())

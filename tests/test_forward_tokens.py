@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from students import MediaSparseFormer, SparseFormer
-from students.bootstrap import bootstrap_student, inherited_units
-from students.registry import v1_config
+from students.sparseformer.construct import bootstrap_student, inherited_units
+from students.sparseformer.released import v1_config
 from teachers import create_teacher
 
 TINY_CLIP_CFG = {

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from students import Sparsifiner, mask_kernel
-from students.sparsifiner import _csr_combination, attention_bias, topk_index
+from students import Sparsifiner
+from students.sparsifiner import mask_kernel
+from students.sparsifiner.model import _csr_combination, attention_bias, topk_index
 
 needs_kernel = pytest.mark.skipif(not mask_kernel.available(),
                                   reason=f"no compiled selection here: {mask_kernel.unavailable_reason()}")
@@ -115,7 +116,7 @@ def test_without_a_compiler_torchs_path_runs_and_says_why(monkeypatch, tmp_path,
     _fresh(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "no-such-compiler-here")
     x = approximations(0)
-    with caplog.at_level(logging.WARNING, logger="students.mask_kernel"):
+    with caplog.at_level(logging.WARNING, logger="students.sparsifiner.mask_kernel"):
         assert mask_kernel.select_bias(x, 17, 1, topk_index) is None
         assert not mask_kernel.available()
     assert "no-such-compiler-here" in mask_kernel.unavailable_reason()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny_towers
-from students.bootstrap import BootstrapOptions, bootstrap_student, inherited_units, student_config
+from students.sparseformer.construct import BootstrapOptions, bootstrap_student, inherited_units, student_config
 from teachers import SUPPORTED_TEACHERS, RandomTeacherWarning, create_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_defaults_scale_the_released_construction_to_so400m():
 
 
 def test_student_configs_round_trip_with_the_new_keys():
-    from students.config import SparseFormerConfig
+    from students.sparseformer.config import SparseFormerConfig
 
     for name in ("timm:tiny_siglip_map", "timm:tiny_qknorm_swiglu_avg", "timm:tiny_dinov2_swiglu"):
         cfg = bootstrap_student(_teacher(name))[0].config

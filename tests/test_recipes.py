@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bootstrap.config import Recipe, RecipeError, load_recipe
-from students.bootstrap import BootstrapOptions, student_config
+from students.sparseformer.construct import BootstrapOptions, student_config
 from test_bootstrap_student import RELEASED, _stub_teacher
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -48,14 +48,13 @@ def test_sparsifiner_recipes_build_the_papers_student(name, budget, basis, reduc
     """The paper's DeiT-S setting (and the CLIP one): 50 of 197 keys, K = 32, c = 32, every block sparse."""
     import warnings
 
-    from students.phases import training_of
     from teachers import create_teacher
 
     recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.train=/data/train"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         teacher = create_teacher({**recipe.teacher, "pretrained": False})
-    student, policy = training_of(recipe.student).build(teacher, recipe.student)
+    student, policy = recipe.family.build(teacher, recipe.student)
     cfg = student.config
     assert student.budgets == [budget] * 12 and student.sparse_blocks == list(range(12))
     assert (cfg.num_basis, cfg.reduced_dim) == (basis, reduced)

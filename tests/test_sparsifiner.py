@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from bootstrap.loss import attention_reconstruction_loss
+from students.sparsifiner.training import attention_reconstruction_loss
 from conftest import GOLDEN
 from students import ConfigError, Sparsifiner, SparsifinerConfig
 
@@ -159,7 +159,7 @@ def test_bad_images_and_phases_are_refused_clearly():
 
 
 def test_many_basis_rows_take_the_sparse_product_with_the_same_result():
-    from students.sparsifiner import MaskPredictor
+    from students.sparsifiner.model import MaskPredictor
 
     predictor = MaskPredictor(16, 65, 8, 32, share_inout_proj=False)  # K = 32 >= 4 * top-4: CSR product
     q, k = torch.randn(2, 3, 65, 16), torch.randn(2, 3, 65, 16)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from students import Sparsifiner, SparsifinerConfig, load_student, sparsify
 from students.export import export_openclip, export_timm
 from students.families import family_of
-from students.sparsifiner_timm import HASH_PREFIX, NAMED, timm_name
+from students.sparsifiner.timm_names import HASH_PREFIX, NAMED, timm_name
 from test_export import _clip_spec, _randomise, _teacher, images  # noqa: F401 (a fixture)
 from test_sparsifiner import FIX, _case, rel
 

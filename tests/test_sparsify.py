@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from bootstrap.loss import attention_reconstruction_loss, token_loss
+from students.losses import token_loss
+from students.sparsifiner.training import attention_reconstruction_loss
 from students import ConfigError, Sparsifiner, sparsify
 from teachers import RandomTeacherWarning, create_teacher
 # The teachers' own tiny specs: two open_clip towers (QuickGELU; GELU with LayerScale), a timm ViT with a

@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from bootstrap.config import LossConfig, OptimConfig
-from eval.attention_cost import attention_cost
-from eval.attention_maps import kept_keys_figure
+from students.sparsifiner.cost import attention_cost
+from students.sparsifiner.pictures import kept_keys_figure
 from students import ConfigError, Sparsifiner, SparsifinerConfig, sparsify
 from students.export import export_openclip, export_timm
-from students.phases import PhaseContext, SparsifinerOptions, training_for
-from students.sparsifiner_timm import register_config, timm_name
+from students import family_named
+from students.family import PhaseContext
+from students.sparsifiner import SparsifinerOptions
+from students.sparsifiner.timm_names import register_config, timm_name
 from teachers import RandomTeacherWarning, create_teacher
 from tiny_towers import TIMM_SPECS, openclip_spec
 
@@ -132,9 +134,9 @@ def test_output_shapes_and_the_pooled_output_reads_every_row(teacher):
 
 
 def test_both_phases_run_a_training_step(teacher):
-    """The run's phases (students.phases) on the student: reconstruct trains the predictors on the teacher's maps
+    """The run's phases (the family's `phases`) on the student: reconstruct trains the predictors on the teacher's maps
     (every query row without a class token), sparse the backbone on alignment + tokens (+ KL with a classifier)."""
-    training = training_for("sparsifiner")
+    training = family_named("sparsifiner")
     options = SparsifinerOptions(keep_rate=0.25, **SMALL)
     torch.manual_seed(0)
     student, policy = training.build(teacher, options)
@@ -256,16 +258,17 @@ def test_openclip_export_of_a_siglip_student_keeps_the_logit_bias(kind, tmp_path
 
 
 def test_the_reports_kept_keys_picture_and_cost_without_a_class_token(tmp_path):
-    from eval.report import EXTRA_COST, PICTURES
+    from students import FAMILIES
 
     teacher = make_teacher("openclip_siglip_map")
     student, _ = sparsify(teacher, **SMALL)
     student.eval()
     images = torch.randn(2, 3, 32, 32)
-    _, filename, draw, *_ = PICTURES["sparsifiner"]
-    draw(student, images, tmp_path / filename, teacher)
-    assert (tmp_path / filename).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cost = EXTRA_COST["sparsifiner"](student, images)
+    (picture,) = FAMILIES["sparsifiner"].pictures
+    picture.draw(student, images, tmp_path / picture.file, teacher.preprocess.mean, teacher.preprocess.std)
+    assert (tmp_path / picture.file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (section,) = FAMILIES["sparsifiner"].sections
+    cost = section.measure(student, images)
     assert [b["density"] for b in cost["blocks"]] == [0.25] * 3  # 4 of 16 keys in every row, none dense
 
 
@@ -278,7 +281,7 @@ def test_the_reports_kept_keys_picture_and_cost_without_a_class_token(tmp_path):
 def test_the_real_towers_map_onto_the_student_key_for_key(name, tokens, hidden):
     """The real architectures (on the meta device, no weights): every teacher parameter has the student's name
     and shape, LayerScale aside (folded into the block weights)."""
-    from students.sparsify import SparsifyOptions, sparsifier_config
+    from students.sparsifiner.construct import SparsifyOptions, sparsifier_config
     from teachers.timm_vit import TimmTeacher
 
     model = timm.create_model(name, device="meta")

@@ -19,8 +19,8 @@ import students.transformers_model as stm  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from data.transforms import eval_transform  # noqa: E402
 from students import SparseFormer, create_model  # noqa: E402
-from students.bootstrap import bootstrap_student  # noqa: E402
-from students.registry import v1_config  # noqa: E402
+from students.sparseformer.construct import bootstrap_student  # noqa: E402
+from students.sparseformer.released import v1_config  # noqa: E402
 from students.to_transformers import convert, main  # noqa: E402
 from teachers import create_teacher  # noqa: E402
 

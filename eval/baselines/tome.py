@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.errors import UserError
 from students.blocks import map_pool, pool_and_norm
 
 __all__ = ["Matching", "TeacherHead", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
@@ -53,7 +54,7 @@ __all__ = ["Matching", "TeacherHead", "ToMe", "ToMeError", "bipartite_soft_match
 R = Union[int, Sequence[int]]
 
 
-class ToMeError(ValueError):
+class ToMeError(UserError, ValueError):
     """A merging schedule the model cannot run."""
 
 
@@ -295,6 +296,11 @@ class ToMe(nn.Module):
 
     def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
         return self.forward_head(self.forward_features(images)[0], pre_logits=pre_logits)
+
+    def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre_logits, output)`` of one pass, as a student gives them."""
+        pre = self.forward(images, pre_logits=True)
+        return pre, self.proj(pre)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

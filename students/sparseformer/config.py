@@ -12,7 +12,12 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Union
+
+from data.schema import check_keys
+
+from ..blocks import ACTIVATIONS, MLP_LAYERS
+from ..family import ConfigError, read_json
 
 OP_NAMES = ("ATTN", "MLP", "ROI_ADJ", "SAMPLING_M", "PE_INJECT")
 ROI_OPS = ("ROI_ADJ", "SAMPLING_M", "PE_INJECT")
@@ -20,33 +25,6 @@ HEAD_OPS = ("avg", "cls", "map")
 # A head op and the timm `global_pool` (and teacher `pool`) that pools alike ('cls' is also accepted as a pool).
 HEAD_OP_TO_POOL = {"cls": "token", "avg": "avg", "map": "map"}
 POOL_TO_HEAD_OP = {"token": "cls", "cls": "cls", "avg": "avg", "map": "map"}
-
-
-class ConfigError(ValueError):
-    """A SparseFormer configuration that cannot describe a model."""
-
-
-def unknown_key_error(where: str, key: str, valid: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
-
-
-def reject_unknown_keys(where: str, d: Mapping[str, Any], cls: type) -> None:
-    """A `unknown_key_error` for the first key of `d` that is not a field of the dataclass `cls`."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in d:
-        if k not in names:
-            raise unknown_key_error(where, k, names)
-
-
-def read_json(path_or_text: str) -> Any:
-    """A config's JSON, given as the text itself or as the path of a file holding it."""
-    text = path_or_text
-    if not path_or_text.lstrip().startswith("{"):
-        with open(path_or_text) as f:
-            text = f.read()
-    return json.loads(text)
 
 
 @dataclass
@@ -103,13 +81,13 @@ class CompatibleConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "CompatibleConfig":
         d = dict(d or {})
-        reject_unknown_keys("compatible_config", d, cls)
+        check_keys(cls, d, "compatible_config", error=ConfigError)
         gs = d.pop("grid_sample_config", None)
         if isinstance(gs, GridSampleConfig):
             grid = gs
         else:
             gs = dict(gs or {})
-            reject_unknown_keys("compatible_config.grid_sample_config", gs, GridSampleConfig)
+            check_keys(GridSampleConfig, gs, "compatible_config.grid_sample_config", error=ConfigError)
             grid = GridSampleConfig(**gs)
         return cls(grid_sample_config=grid, **d)
 
@@ -121,8 +99,6 @@ class CompatibleConfig:
         return d
 
     def validate(self) -> None:
-        from .blocks import ACTIVATIONS, MLP_LAYERS
-
         if self.mlp_layer not in MLP_LAYERS:
             raise ConfigError(f"compatible_config.mlp_layer must be one of {', '.join(MLP_LAYERS)}, "
                               f"got {self.mlp_layer!r}")
@@ -168,7 +144,7 @@ class SparseFormerConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"a SparseFormer config must be a mapping or SparseFormerConfig, got {type(d).__name__}")
         d = dict(d)
-        reject_unknown_keys("SparseFormer config", d, cls)
+        check_keys(cls, d, "SparseFormer config", error=ConfigError)
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]

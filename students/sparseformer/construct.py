@@ -12,15 +12,17 @@ blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from .config import POOL_TO_HEAD_OP, SparseFormerConfig, reject_unknown_keys
-from .registry import btsp_config
-from .sparseformer import SFUnit, SparseFormer
+from data.schema import load
+
+from ..family import ConfigError, ParameterPolicy, policy_from
+from .config import POOL_TO_HEAD_OP, SparseFormerConfig
+from .model import SFUnit, SparseFormer
+from .released import btsp_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
@@ -46,59 +48,7 @@ class BootstrapOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BootstrapOptions":
-        d = dict(d or {})
-        reject_unknown_keys("student options", d, cls)
-        return cls(**d)
-
-
-@dataclass
-class ParameterPolicy:
-    """Which student parameters train and which stay frozen."""
-
-    trainable: list[str] = field(default_factory=list)
-    frozen: list[str] = field(default_factory=list)
-    num_trainable: int = 0
-    num_frozen: int = 0
-
-    def apply(self, model: nn.Module) -> "ParameterPolicy":
-        frozen = set(self.frozen)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
-        return self
-
-    def summary(self) -> str:
-        total = self.num_trainable + self.num_frozen
-        return (
-            f"student parameters: {total / 1e6:.2f}M, trainable {self.num_trainable / 1e6:.2f}M "
-            f"({100 * self.num_trainable / max(total, 1):.1f}%), frozen {self.num_frozen / 1e6:.2f}M"
-        )
-
-    def counts(self) -> dict:
-        return {"trainable": self.num_trainable, "frozen": self.num_frozen}
-
-    def to_dict(self) -> dict:
-        return {"num_trainable": self.num_trainable, "num_frozen": self.num_frozen,
-                "trainable": self.trainable, "frozen": self.frozen}
-
-
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """RoIs, embeddings, norms and biases are not decayed."""
-    return (
-        param.ndim <= 1
-        or name.endswith(".bias")
-        or "initial_roi" in name
-        or "embedding" in name
-        or "roi_offset_bias" in name
-    )
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups over the trainable parameters: decay on weight matrices only."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return load(cls, d, "student options", error=ConfigError, typed=False)
 
 
 def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
@@ -212,15 +162,7 @@ def parameter_policy(student: SparseFormer, finetune_blocks: int, train_head: bo
     ]
     if not train_head:
         frozen_prefixes += ["norm.", "attn_pool.", "proj."]
-    policy = ParameterPolicy()
-    for name, p in student.named_parameters():
-        if any(name.startswith(pre) for pre in frozen_prefixes):
-            policy.frozen.append(name)
-            policy.num_frozen += p.numel()
-        else:
-            policy.trainable.append(name)
-            policy.num_trainable += p.numel()
-    return policy
+    return policy_from(student, lambda name: not name.startswith(tuple(frozen_prefixes)))
 
 
 def bootstrap_student(teacher: "Teacher", **options: Any) -> tuple[SparseFormer, ParameterPolicy]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from teachers.base import hidden_state_index
 
-from . import blocks
+from .. import blocks
 from .config import HEAD_OP_TO_POOL, ROI_OPS, SparseFormerConfig
 
 # The 7x7 kernel of the early convolution must fit in the image.
@@ -579,6 +579,18 @@ class SparseFormer(nn.Module):
         """The head output [B, proj_dim] (with pre_logits: the pooled, normed feature [B, embed_dim])."""
         tokens, _ = self.forward_features(images, class_token_only=True)
         return self.forward_head(tokens, pre_logits=pre_logits)
+
+    def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre_logits, output)`` of one pass: the pooled, normed feature and the head's output."""
+        pre = self.forward_head(self.forward_features(images, class_token_only=True)[0], pre_logits=True)
+        return pre, self.proj(pre)
+
+    def no_weight_decay(self) -> set[str]:
+        """The parameters exempt from weight decay besides 1-D ones and biases (timm's convention): the
+        initial RoIs and the token, class and stage embeddings."""
+        return {name for name, _ in self.named_parameters()
+                if name.startswith(("initial_roi.", "initial_embedding.", "cls_embedding."))
+                or ".stage_embedding." in name}
 
     def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
         """The tokens after a block, [B, N, embed_dim] (N latent tokens, +1 with the class token first).

@@ -8,19 +8,11 @@ shapes of the released checkpoints.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Mapping
 
-import torch
-from torch import nn
-
+from ..timm_registry import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, OPENAI_CLIP_MEAN_STD
 from .config import SparseFormerConfig
-from .sparseformer import SparseFormer
 
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-OPENAI_CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 V1_COMPATIBLE = {
     "type_num_attn_heads": 1,
@@ -191,6 +183,11 @@ def get_config(name: str) -> SparseFormerConfig:
     return SparseFormerConfig.from_dict(_released(name)[0])
 
 
+def released_config(name: str) -> dict:
+    """The config dict of a released model (a ValueError naming the nearest name for an unknown one)."""
+    return dict(_released(name)[0])
+
+
 def get_pretrained_cfg(name: str) -> PretrainedCfg:
     return _released(name)[1]
 
@@ -205,112 +202,3 @@ def _released(name: str):
     return RELEASED[name]
 
 
-# --------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint whose keys or shapes do not fit the model."""
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from `.safetensors` or `.pth/.pt/.bin` (safely: weights_only=True).
-
-    A torch checkpoint may hold the weights at the top level or under a `model`
-    (or `state_dict`) key; a `module.` prefix left by DDP is removed.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(path, device="cpu")
-        except SafetensorError as e:  # truncated, or not safetensors at all
-            raise CheckpointMismatchError(f"cannot read {path} as a .safetensors file ({e}): is it complete, "
-                                          f"and a safetensors file?") from e
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with arbitrary objects, or not a torch file
-            from teachers.base import weights_load_reason
-
-            raise CheckpointMismatchError(
-                f"cannot read {path} as a weights-only torch checkpoint ({type(e).__name__}: "
-                f"{weights_load_reason(e)}). "
-                f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors."
-            ) from e
-        sd = obj
-        if isinstance(obj, Mapping):
-            for k in ("model", "state_dict", "model_state_dict"):
-                if k in obj and isinstance(obj[k], Mapping):
-                    sd = obj[k]
-                    break
-        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointMismatchError(
-                f"{path} does not hold a state dict (a mapping of names to tensors, at the top level or "
-                f"under 'model'); found {type(sd).__name__}"
-            )
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
-
-
-def load_checkpoint_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
-    """`load_state_dict(strict=True)` with an error that lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    misshaped = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or misshaped:
-
-        def block(title, items):
-            if not items:
-                return ""
-            shown = "\n    ".join(items[:20])
-            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
-            return f"\n  {title} ({len(items)}):\n    {shown}{more}"
-
-        raise CheckpointMismatchError(
-            f"{source} does not fit {type(model).__name__}"
-            + block("missing keys", missing)
-            + block("unexpected keys", unexpected)
-            + block("mis-shaped keys", misshaped)
-            + "\n  Check that the checkpoint was made for this configuration (model name or config JSON)."
-        )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
-    return model
-
-
-def create_model(name: str, pretrained: str | os.PathLike | None = None, **overrides: Any) -> SparseFormer:
-    """Build a released SparseFormer by name; `pretrained` is a local weights file.
-
-    `overrides` replace config fields (e.g. `drop_path_rate=0.1`). The model
-    carries `pretrained_cfg` (input size, mean, std, interpolation, crop_pct).
-    """
-    cfg_dict, pcfg = _released(name)
-    cfg = SparseFormerConfig.from_dict({**cfg_dict, **overrides})
-    model = SparseFormer(cfg)
-    model.pretrained_cfg = pcfg.to_timm()
-    if pretrained:
-        load_checkpoint_strict(model, load_state_dict_file(pretrained), source=str(pretrained))
-    return model
-
-
-def load_student(config_path: str | os.PathLike, weights: str | os.PathLike | None = None) -> nn.Module:
-    """Build a student from a config JSON (as a bootstrapping run writes it) and load its weights.
-
-    The config's `family` field picks the model (SparseFormer when absent; see `students.families`).
-    """
-    from .config import read_json
-    from .families import student_from_config
-
-    model = student_from_config(read_json(os.fspath(config_path)))
-    if weights:
-        load_checkpoint_strict(model, load_state_dict_file(weights), source=str(weights))
-    return model

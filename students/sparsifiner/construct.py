@@ -14,20 +14,21 @@ what the teacher computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
-from torch import nn
 
-from .bootstrap import ParameterPolicy
-from .config import ConfigError, reject_unknown_keys
-from .sparsifiner import PHASES, Sparsifiner, SparsifinerConfig
+from data.schema import load
+
+from ..family import ConfigError, PhasedParameterPolicy, policy_from
+from .config import SparsifinerConfig
+from .model import PHASES, Sparsifiner
 
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
-__all__ = ["PhasedParameterPolicy", "SparsifyOptions", "sparsifier_config", "sparsify"]
+__all__ = ["SparsifyOptions", "sparsifier_config", "sparsify"]
 
 
 @dataclass
@@ -46,9 +47,7 @@ class SparsifyOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SparsifyOptions":
-        d = dict(d or {})
-        reject_unknown_keys("Sparsifiner student options", d, cls)
-        return cls(**d)
+        return load(cls, d, "Sparsifiner student options", error=ConfigError, typed=False)
 
     def keep_rates(self, depth: int) -> list[float]:
         """One keep rate per teacher block (1.0 for the blocks left dense)."""
@@ -69,52 +68,13 @@ class SparsifyOptions:
         return out
 
 
-@dataclass
-class PhasedParameterPolicy:
-    """Which student parameters train in each phase: `policy["reconstruct"]`, `policy["sparse"]`."""
-
-    phases: dict[str, ParameterPolicy] = field(default_factory=dict)
-
-    def __getitem__(self, phase: str) -> ParameterPolicy:
-        if phase not in self.phases:
-            raise ValueError(f"unknown phase {phase!r}; the phases are {' and '.join(self.phases)}")
-        return self.phases[phase]
-
-    def apply(self, model: Sparsifiner, phase: str) -> ParameterPolicy:
-        """Set `requires_grad` for `phase` and put the model in that phase; returns the phase's policy."""
-        policy = self[phase].apply(model)
-        model.set_phase(phase)
-        return policy
-
-    def summary(self) -> str:
-        return "; ".join(f"{name}: {p.summary()}" for name, p in self.phases.items())
-
-    def counts(self) -> dict:
-        return {name: p.counts() for name, p in self.phases.items()}
-
-    def to_dict(self) -> dict:
-        return {name: p.to_dict() for name, p in self.phases.items()}
-
-
-def _split(model: nn.Module, trains) -> ParameterPolicy:
-    policy = ParameterPolicy()
-    for name, p in model.named_parameters():
-        if trains(name):
-            policy.trainable.append(name)
-            policy.num_trainable += p.numel()
-        else:
-            policy.frozen.append(name)
-            policy.num_frozen += p.numel()
-    return policy
-
-
 def parameter_policy(student: Sparsifiner, train_head: bool = True) -> PhasedParameterPolicy:
     """reconstruct: the predictors of the sparsified blocks; sparse: everything else (predictors frozen)."""
     sparse_predictors = tuple(f"blocks.{i}.attn.mask_predictor." for i in student.sparse_blocks)
     head = ("norm.", "head.", "fc_norm.")
     return PhasedParameterPolicy({
-        "reconstruct": _split(student, lambda n: n.startswith(sparse_predictors)),
-        "sparse": _split(student, lambda n: ".mask_predictor." not in n
+        "reconstruct": policy_from(student, lambda n: n.startswith(sparse_predictors)),
+        "sparse": policy_from(student, lambda n: ".mask_predictor." not in n
                          and (train_head or not n.startswith(head))),
     })
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from students.sparsifiner import sparse_product
+from .model import sparse_product
 
-__all__ = ["AttentionCost", "attention_cost", "predictor_macs"]
+__all__ = ["AttentionCost", "attention_cost", "attention_markdown", "measure_attention", "predictor_macs"]
 
 
 def predictor_macs(heads: int, tokens: int, prefix: int, head_dim: int, reduced_dim: int, num_basis: int,
@@ -80,3 +80,24 @@ def attention_cost(model, masks: list[Tensor] | None = None) -> AttentionCost:
         cost.executed_macs.append(dense + (predictor_macs(**pred, sparse_coef=run_sparse) if sparse else 0))
         cost.masked_macs.append(round(dense * density) + (predictor_macs(**pred, sparse_coef=True) if sparse else 0))
     return cost
+
+
+def measure_attention(student, images: Tensor) -> dict:
+    """The report's attention section: the cost counted as executed and under the masks of ``images``."""
+    import torch
+
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    return attention_cost(student, masks).to_dict()
+
+
+def attention_markdown(a) -> list[str]:
+    """The report's attention section as markdown lines."""
+    lines = ["## Attention (multiply-adds per image of QKᵀ, AV and the connectivity predictor)", "",
+             "| block | kept keys (density) | executed GMACs | under the mask GMACs |", "|---:|---:|---:|---:|"]
+    lines += [f"| {b['block']} | {100 * b['density']:.2f}% | {b['executed_gmacs']:.4f} | {b['masked_gmacs']:.4f} |"
+              for b in a["blocks"]]
+    lines += [f"| all | | {a['executed_gmacs']:.4f} | {a['masked_gmacs']:.4f} |", "",
+              f"Dense attention (QKᵀ and AV, no predictor): {a['dense_gmacs']:.4f} GMACs. Executed: what this "
+              f"code runs; under the mask: the paper's accounting (only the kept pairs, predictor included).", ""]
+    return lines

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kept_keys", "kept_keys_figure"]
+__all__ = ["draw_kept_keys", "kept_keys", "kept_keys_figure"]
 
 
 def kept_keys(masks: list[Tensor], block: int, query: int, num_prefix: int, head: int | None = None) -> Tensor:
@@ -64,3 +64,14 @@ def kept_keys_figure(images: Tensor, masks: list[Tensor], path: str | Path, *, b
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def draw_kept_keys(student, images: Tensor, path: str | Path, mean, std) -> Path:
+    """The evaluation report's picture (`kept_keys.png`): the keys a few query patches keep in the last
+    sparse block, head 0, of normalised ``images`` (``mean``, ``std``: their normalisation)."""
+    with torch.no_grad():
+        masks = student.forward_details(images, attention=False).attn_masks
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    block = student.sparse_blocks[-1] if student.sparse_blocks else -1
+    return kept_keys_figure(images * s + m, masks, path, block=block, num_prefix=student.num_prefix_tokens)

@@ -1,5 +1,5 @@
-"""Sparsifiner in timm's model registry (and open_clip's `local-dir:` loading), as `timm_models` does for
-SparseFormer.
+"""Sparsifiner in timm's model registry (and open_clip's `local-dir:` loading), through the one registration of
+`students.timm_registry`.
 
     timm.create_model("sparsifiner_deit_small_patch16_224")                          # random weights
     timm.create_model("sparsifiner_deit_small_patch16_224", checkpoint_path="w.safetensors")  # e.g. the authors'
@@ -14,26 +14,16 @@ registers it when open_clip opens the folder. A Sparsifiner runs at its config's
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-from pathlib import Path
 from typing import Any, Mapping
 
-from timm.models import register_model
+from ..timm_registry import IMAGENET_MEAN_STD, OPENAI_CLIP_MEAN_STD, TimmNames
+from .config import SparsifinerConfig, pair
+from .model import Sparsifiner
 
-from . import timm_models
-from .config import ConfigError
-from .registry import IMAGENET_MEAN_STD, OPENAI_CLIP_MEAN_STD
-from .sparsifiner import Sparsifiner, SparsifinerConfig, _pair
-
-__all__ = ["CONFIG_FILE", "GENERIC_NAME", "HASH_PREFIX", "NAMED", "config_hash", "pretrained_cfg_for",
+__all__ = ["CONFIG_FILE", "GENERIC_NAME", "HASH_PREFIX", "NAMED", "NAMES", "config_hash", "pretrained_cfg_for",
            "register_config", "register_folder", "released_name", "timm_name"]
 
-GENERIC_NAME = "sparsifiner"
-HASH_PREFIX = "sparsifiner_cfg_"
-CONFIG_FILE = "sparsifiner_config.json"
-HEAD = "head"  # the output layer's module name (SparseFormer's is `proj`)
+HEAD = "head"  # the output layer's module name
 _PAPER = ("arXiv:2303.13755",)
 _MODEL_KWARGS = ("num_classes", "global_pool", "in_chans", "drop_path_rate", "img_size", "device", "dtype")
 
@@ -49,7 +39,7 @@ NAMED: dict[str, tuple[dict, tuple]] = {
         IMAGENET_MEAN_STD),
 }
 
-# Read by timm's `register_model` for the generic name (the others are registered through `timm_models`).
+# Read by timm's `register_model`: the pretrained config of every name registered from this module.
 default_cfgs: dict[str, dict] = {}
 
 
@@ -68,26 +58,10 @@ def _architecture(d: Mapping[str, Any]) -> dict:
     return d
 
 
-def config_hash(config: SparsifinerConfig | Mapping[str, Any]) -> str:
-    d = SparsifinerConfig.from_dict(config).to_dict()
-    text = json.dumps(_architecture(d), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def released_name(config: SparsifinerConfig | Mapping[str, Any]) -> str | None:
-    arch = _architecture(SparsifinerConfig.from_dict(config).to_dict())
-    return next((n for n, (c, _) in NAMED.items()
-                 if _architecture(SparsifinerConfig.from_dict(c).to_dict()) == arch), None)
-
-
-def timm_name(config: SparsifinerConfig | Mapping[str, Any]) -> str:
-    return released_name(config) or HASH_PREFIX + config_hash(config)
-
-
 def pretrained_cfg_for(config: SparsifinerConfig, pretrained_cfg: Mapping[str, Any] | None = None) -> dict:
     """A timm pretrained config: the model's own input size; mean/std/resize from `pretrained_cfg`."""
     p = dict(pretrained_cfg or {})
-    h, w = _pair(config.img_size)
+    h, w = config.image_size
     size = tuple(p.get("input_size", (3, h, w)))
     if size != (3, h, w):
         raise ValueError(f"pretrained_cfg input_size {size} differs from the Sparsifiner's fixed size (3, {h}, {w})")
@@ -112,7 +86,7 @@ def _sparsifiner(config: SparsifinerConfig, num_classes: int | None = None, in_c
     if global_pool not in (None, "", config.global_pool):
         raise ValueError(f"global_pool={global_pool!r}: this Sparsifiner pools with {config.global_pool!r} (its "
                          f"config's global_pool); build it with that or leave global_pool unset")
-    if img_size is not None and _pair(img_size) != _pair(config.img_size):
+    if img_size is not None and pair(img_size) != config.image_size:
         raise ValueError(f"img_size={img_size}: this Sparsifiner's predictors fix its size to {config.img_size}")
     changes: dict[str, Any] = {}
     if num_classes is not None:
@@ -122,72 +96,17 @@ def _sparsifiner(config: SparsifinerConfig, num_classes: int | None = None, in_c
     return Sparsifiner(config.replace(**changes))
 
 
-def _build(variant: str, config: SparsifinerConfig, pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
-    return timm_models.build_with_cfg(variant, functools.partial(_sparsifiner, config), "a Sparsifiner",
-                                      _MODEL_KWARGS, pretrained, **kwargs)
+NAMES = TimmNames(
+    family="sparsifiner", what="a Sparsifiner", module=__name__, default_cfgs=default_cfgs,
+    config=SparsifinerConfig, factory=_sparsifiner, model_kwargs=_MODEL_KWARGS, head=HEAD,
+    config_file="sparsifiner_config.json",
+    named={name: (cfg, dict(mean=mean, std=std), _PAPER) for name, (cfg, (mean, std)) in NAMED.items()},
+    architecture=_architecture, pretrained_cfg_for=pretrained_cfg_for, export_fields=export_fields,
+    generic_cfg=dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1],
+                     interpolation="bicubic", crop_pct=1.0, first_conv="patch_embed.proj", classifier=HEAD,
+                     fixed_input_size=True, paper_ids=_PAPER),
+).install()
 
-
-def _register(name: str, config: SparsifinerConfig, pretrained_cfg: dict, doc: str) -> None:
-    timm_models._register(name, config, dict(pretrained_cfg, paper_ids=_PAPER), doc, build=_build)
-
-
-def _register_named() -> None:
-    for name, (cfg, (mean, std)) in NAMED.items():
-        config = SparsifinerConfig.from_dict(cfg)
-        _register(name, config, pretrained_cfg_for(config, dict(mean=mean, std=std)),
-                  f"Sparsifiner '{name}' (weights: a local file, checkpoint_path=...).")
-
-
-default_cfgs[GENERIC_NAME] = dict(input_size=(3, 224, 224), mean=IMAGENET_MEAN_STD[0], std=IMAGENET_MEAN_STD[1],
-                                  interpolation="bicubic", crop_pct=1.0, first_conv="patch_embed.proj",
-                                  classifier=HEAD, fixed_input_size=True, paper_ids=_PAPER)
-
-
-@register_model
-def sparsifiner(pretrained: bool = False, config: SparsifinerConfig | Mapping[str, Any] | None = None,
-                **kwargs: Any) -> Sparsifiner:
-    """Any Sparsifiner: `timm.create_model('sparsifiner', config=SparsifinerConfig or its dict)`."""
-    if config is None:
-        raise TypeError(f"timm.create_model('{GENERIC_NAME}') needs config=SparsifinerConfig (or its dict); "
-                        f"named models: {', '.join(NAMED)}")
-    cfg = SparsifinerConfig.from_dict(config)
-    own = {"num_classes": cfg.num_classes, "classifier": HEAD if cfg.num_classes else None,
-           "input_size": (3, *_pair(cfg.img_size))}
-    kwargs["pretrained_cfg_overlay"] = {**own, **(kwargs.get("pretrained_cfg_overlay") or {})}
-    return _build(GENERIC_NAME, cfg, pretrained, **kwargs)
-
-
-_REGISTERED: set[str] = set()
-
-
-def register_config(config: SparsifinerConfig | Mapping[str, Any],
-                    pretrained_cfg: Mapping[str, Any] | None = None) -> str:
-    """Register a configuration under its timm name (`timm_name`) and return the name."""
-    name = timm_name(config)
-    if name.startswith(HASH_PREFIX) and name not in _REGISTERED:
-        cfg = SparsifinerConfig.from_dict(config).replace(drop_path_rate=0.0)
-        _register(name, cfg, pretrained_cfg_for(cfg, pretrained_cfg),
-                  f"Sparsifiner configuration {name} (registered at run time).")
-        _REGISTERED.add(name)
-    return name
-
-
-def register_folder(folder: str | Path) -> str | None:
-    """Register the Sparsifiner stored in an export folder (`sparsifiner_config.json`); None if there is none."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        stored = SparsifinerConfig.from_json(str(path))
-    except (ConfigError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a valid Sparsifiner configuration ({e}); re-export the model") from e
-    pretrained_cfg = None
-    oc_path = Path(folder) / "open_clip_config.json"
-    if oc_path.is_file():
-        pretrained_cfg = timm_models._pretrained_cfg_from_openclip(
-            json.loads(oc_path.read_text()).get("preprocess_cfg", {}))
-    return register_config(stored, pretrained_cfg)
-
-
-_register_named()
-timm_models.FOLDER_REGISTRARS.append(register_folder)
+GENERIC_NAME, HASH_PREFIX, CONFIG_FILE = NAMES.generic_name, NAMES.hash_prefix, NAMES.config_file
+config_hash, released_name, timm_name = NAMES.config_hash, NAMES.released_name, NAMES.timm_name
+register_config, register_folder = NAMES.register_config, NAMES.register_folder

@@ -1,0 +1,125 @@
+"""Resolve, then run: everything a run derives from its recipe, decided once, before any training step.
+
+`resolve_run(recipe, accelerator)` turns the loaded recipe into the run's resolved recipe and its facts:
+
+* the demo's data and teacher (made or found in the cache) fill what a demo recipe leaves empty;
+* the data is checked (`bootstrap.launch.check_data`);
+* what the output folder holds: the checkpoint to resume from, whether its recipe is this one
+  (`bootstrap.resume`), whether the run already finished; a run started anew sets old checkpoints aside;
+* the teacher is built; a random-weight teacher's weights are saved in the run folder and the resolved
+  recipe names them, so that `recipe.yaml` rebuilds this very teacher in a fresh process (evaluation,
+  export, a resumed run);
+* the student family (`students.families`), from the `student:` section;
+* `recipe.yaml` (the resolved recipe) is written.
+
+The run, the target cache and the target source read the resolved recipe only; nothing writes into a recipe.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from students.family import StudentFamily
+from students.run_folder import RunFolder
+
+from .checkpoint import read_manifest, resolve_resume
+from .config import Recipe
+from .launch import check_data
+from .resume import check_same_recipe, finished_summary, set_aside_old_checkpoints
+
+__all__ = ["ResolvedRun", "resolve_run", "with_demo", "with_teacher_weights"]
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A recipe resolved for one run (see the module docstring)."""
+
+    recipe: Recipe
+    folder: RunFolder
+    resume_from: Path | None = None  # the checkpoint this run continues, if any
+    resume_state: dict | None = None  # its train state (step, phase, data position)
+    finished: dict | None = None  # the summary of a run that already ended (nothing is to be done)
+
+    @property
+    def family(self) -> StudentFamily:
+        return self.recipe.family
+
+    @property
+    def total_steps(self) -> int:
+        return self.family.steps(self.recipe.student, self.recipe.optim)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder.file(RunFolder.CHECKPOINTS)
+
+
+def with_demo(recipe: Recipe, accelerator, verbose: bool) -> Recipe:
+    """The recipe with the demo's data and teacher where a demo recipe leaves them empty (the main process makes
+    or finds them; the others then find them cached)."""
+    if recipe.demo is None:
+        return recipe
+    from .demo_teacher import prepare_demo
+
+    with accelerator.main_process_first():
+        return prepare_demo(recipe, verbose=verbose)
+
+
+def with_teacher_weights(recipe: Recipe, path: Path) -> Recipe:
+    """The recipe whose teacher spec names the weights file ``path``."""
+    return recipe.replace(teacher={**recipe.teacher, "pretrained": str(path.resolve())})
+
+
+def build_teacher(recipe: Recipe):
+    """The teacher of a resolved recipe, built as every process of the run builds it (after seeding: a random
+    teacher's weights are a function of `run.seed`)."""
+    from accelerate.utils import set_seed
+
+    from teachers import create_teacher
+
+    set_seed(recipe.run.seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        return create_teacher(recipe.teacher)
+
+
+def resolve_run(recipe: Recipe, accelerator, say: Callable[[str], None]) -> tuple[ResolvedRun, Any]:
+    """The resolved run and its teacher (None for a run that already finished); see the module docstring."""
+    from teachers import resolve_spec
+
+    folder = RunFolder(recipe.run.output_dir)
+    main = accelerator.is_main_process
+    recipe = with_demo(recipe, accelerator, verbose=main)
+    check_data(recipe)
+
+    resume_from = resolve_resume(recipe.run.resume, folder.file(RunFolder.CHECKPOINTS))
+    random_teacher = resolve_spec(recipe.teacher)[1] == "random"
+    resume_state = None
+    if resume_from is not None:
+        saved_teacher = resume_from.parent.parent / RunFolder.TEACHER_WEIGHTS
+        if random_teacher and saved_teacher.is_file():
+            recipe = with_teacher_weights(recipe, saved_teacher)  # the very teacher the run started with
+            random_teacher = False
+        resume_state = read_manifest(resume_from)["train_state"]
+        check_same_recipe(recipe, resume_from, folder.path)
+        steps = recipe.family.steps(recipe.student, recipe.optim)
+        done = finished_summary(folder, resume_state["step"], steps)
+        if done is not None:
+            return ResolvedRun(recipe, folder, resume_from, resume_state, finished=done), None
+    elif main:
+        set_aside_old_checkpoints(folder.file(RunFolder.CHECKPOINTS), say)
+    accelerator.wait_for_everyone()
+
+    teacher = build_teacher(recipe)
+    if random_teacher:
+        # recipe.yaml must rebuild this very teacher in a fresh process (evaluation, export).
+        path = folder.file(RunFolder.TEACHER_WEIGHTS)
+        if main:
+            folder.write_teacher_weights(teacher)
+        recipe = with_teacher_weights(recipe, path)
+    if main:
+        folder.write_recipe(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    return ResolvedRun(recipe, folder, resume_from, resume_state), teacher

@@ -1,0 +1,296 @@
+"""The evaluation bench: a teacher and the models to hold against it (students, training-free baselines), on the
+same images, in one pass, in one process.
+
+`run_bench(teacher, candidates, config)` extracts every model's features once and runs each section for every
+model, teacher against model:
+
+    zero-shot       where the teacher has a text tower (a CLIP: its classifier, logit scale and bias)
+    classification  where the teacher has a classifier whose classes are the evaluation set's
+    fidelity        always: the model's embedding against the teacher's, image by image
+    linear probe    `eval.probe` (one logistic regression per model on the same split)
+    cost            parameters, counted GFLOPs, img/s, peak memory
+    pictures and    what a student's family adds (`students.family.StudentFamily.pictures` and
+    family sections   `.sections`: RoIs, kept keys, attention cost)
+
+`python -m eval` is the bench with one student (`eval.report`), `python -m eval.compare` with many and ToMe
+(`eval.compare`); both render the same `BenchResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from students import family_of
+
+from .classify import classification_eval, head_applies
+from .cost import compare_cost
+from .features import aligned_output, extract, student_outputs, teacher_classifier
+from .fidelity import fidelity
+from .linear_probe import DEFAULT_CS, linear_probe, split_features, train_labels_of
+from .options import PRECISIONS, EvalConfig
+from .zeroshot import dataset_templates, resolve_classnames, resolve_templates, template_set_name, zero_shot_classifier
+from .zeroshot import zero_shot_eval
+
+__all__ = ["TEACHER", "BenchResult", "Candidate", "has_text_tower", "jsonable", "run_bench", "student_candidate"]
+
+TEACHER = "teacher"
+
+
+@dataclass
+class Candidate:
+    """A model held against the teacher: its name, its kind ('student', 'tome', ...), the module (its
+    ``forward_outputs`` gives ``(pre_logits, output)``), the module whose parameters its cost counts, and what
+    the report says of it."""
+
+    name: str
+    kind: str
+    model: nn.Module
+    params: nn.Module
+    info: dict = field(default_factory=dict)
+    family: Any = None  # a student's family (`students.family.StudentFamily`), for its pictures and sections
+
+
+def image_tower(teacher) -> nn.Module:
+    """The teacher's parameters an image passes through (open_clip: ``model.visual``)."""
+    return getattr(teacher.model, "visual", teacher.model)
+
+
+def describe_teacher(teacher) -> dict:
+    return dict(kind=teacher.kind, name=teacher.name, family=teacher.family, target=teacher.target,
+                embed_dim=teacher.embed_dim, depth=teacher.depth, width=teacher.width,
+                num_patches=teacher.num_patches, image_size=list(teacher.preprocess.size),
+                spec=jsonable(dict(teacher.spec)))
+
+
+def student_candidate(name: str, student: nn.Module, source: str | None = None) -> Candidate:
+    """A student of any family, described by its family (`students.family.StudentFamily.describe`)."""
+    try:
+        family = family_of(student)
+    except TypeError:  # e.g. a teacher standing in for a perfect student
+        family = None
+    info = dict(type=type(student).__name__, family=family.name if family else None)
+    cfg = getattr(student, "config", None)
+    if family is not None:
+        info.update(family.describe(student), embed_dim=cfg.embed_dim, output_dim=cfg.output_dim,
+                    model_type=getattr(cfg, "model_type", None))
+    if source is not None:
+        info["source"] = source
+    return Candidate(name, "student", student, student, info, family)
+
+
+def has_text_tower(teacher) -> bool:
+    """Whether the teacher can name classes (a CLIP text tower): zero-shot applies."""
+    return getattr(teacher, "tokenizer", None) is not None
+
+
+def jsonable(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+@dataclass
+class BenchResult:
+    """Every section, teacher against each model (``name -> result``); `probe` and `cost` hold every model."""
+
+    teacher: dict
+    device: str
+    config: dict
+    notes: list[str] = field(default_factory=list)
+    eval_set: dict | None = None
+    zero_shot: dict[str, dict] = field(default_factory=dict)
+    classification: dict[str, dict] = field(default_factory=dict)
+    fidelity: dict[str, dict] = field(default_factory=dict)
+    probe: dict | None = None
+    cost: dict | None = None
+    pictures: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {report key: file}
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {family section key: result}
+
+
+def _skips(loader) -> dict:
+    """``num_skipped`` and ``skipped`` (name and error of each sample that did not decode)."""
+    skipped = loader.skipped_report() if hasattr(loader, "skipped_report") else []
+    return dict(num_skipped=len(skipped), skipped=skipped)
+
+
+def probe_train_split(cfg: EvalConfig, transform, dataset_classnames):
+    """The probe's train split, ``(loader, classnames, train label of each eval class)``, or None (no
+    `train_data`, or no probe). The two sets' labels are matched by class name (refused where a class is missing)."""
+    from data.evalsets import build_eval_loader
+
+    if not cfg.probe or cfg.train_data is None:
+        return None
+    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
+    return loader, train_classnames, train_labels_of(dataset_classnames, train_classnames, jsonable(cfg.data),
+                                                     jsonable(cfg.train_data))
+
+
+def _step(teacher, candidates: Sequence[Candidate], logits: bool) -> Callable[[Tensor], dict]:
+    """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (and ``NAME:logits``,
+    the head outputs, with ``logits``), from one batch."""
+    head = teacher_classifier(teacher) if logits else None
+
+    def step(images):
+        t = teacher.embed(images)
+        out = {TEACHER: t}
+        if logits:
+            out[f"{TEACHER}:logits"] = head(t)
+        for c in candidates:
+            pre, o = student_outputs(c.model, images)
+            out[c.name] = aligned_output(teacher.target, pre, o)
+            if logits:
+                out[f"{c.name}:logits"] = o
+        return out
+
+    return step
+
+
+def _pair(features, name: str) -> dict:
+    """The teacher's and one model's features under the names the teacher-vs-student functions take."""
+    pair = {"teacher": features[TEACHER], "student": features[name]}
+    if "labels" in features:
+        pair["labels"] = features["labels"]
+    if f"{name}:logits" in features:
+        pair["teacher_logits"], pair["student_logits"] = features[f"{TEACHER}:logits"], features[f"{name}:logits"]
+    return pair
+
+
+def _probe(cfg: EvalConfig, test_features, probe_train, step, device, autocast_dtype, progress,
+           models: Sequence[str]) -> dict:
+    """Linear probe of each of ``models`` (keys of ``step``'s output) on the train split or half the eval set;
+    ``probe_train`` is ``(loader, classnames, train label of each eval class)`` or None."""
+    probe_args = dict(Cs=cfg.probe_cs or DEFAULT_CS, val_fraction=cfg.probe_val_fraction, seed=cfg.seed)
+    test = {k: test_features[k] for k in (*models, "labels")}
+    extra = {}
+    if probe_train is not None:
+        loader, train_classnames, train_label = probe_train
+        train = extract(loader, step, device, cfg.train_max_samples, autocast_dtype, desc="probe train features",
+                        progress=progress)
+        test["labels"] = train_label[test["labels"]]  # the evaluation set's labels in the train split's terms
+        split = f"train: {jsonable(cfg.train_data)}"
+        if len(train_label) != len(train_classnames) or not torch.equal(train_label, torch.arange(len(train_label))):
+            split += (f"; labels matched by class name ({len(train_label)} of the train split's "
+                      f"{len(train_classnames)} classes in the evaluation set)")
+        extra = {f"train_{k}": v for k, v in _skips(loader).items()}
+    else:
+        train, test = split_features(test, cfg.probe_test_fraction, cfg.seed)
+        split = f"the evaluation set split {1 - cfg.probe_test_fraction:.0%} train / {cfg.probe_test_fraction:.0%} test"
+    result = linear_probe(train, test, models=models, **probe_args)
+    result["split"] = split
+    result.update(extra)
+    return result
+
+
+def _first_images(loader, n: int) -> Tensor:
+    images = []
+    for batch in loader:
+        images.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        if sum(len(b) for b in images) >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+def _aligned_fn(model: nn.Module, target: str):
+    def fn(images):
+        return aligned_output(target, *student_outputs(model, images))
+
+    return fn
+
+
+def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pictures_dir: str | os.PathLike | None = None,
+              progress: bool = True, notes: Sequence[str] = ()) -> BenchResult:
+    """Hold every candidate against ``teacher`` on ``cfg.data`` (see the module docstring). With ``pictures_dir``,
+    the students' pictures are drawn there (`cfg.rois`)."""
+    from data.evalsets import build_eval_loader
+
+    names = [c.name for c in candidates]
+    if TEACHER in names or len(set(names)) != len(names):
+        raise ValueError(f"the models need distinct names other than '{TEACHER}', got {names}")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast_dtype = PRECISIONS[cfg.precision]
+    result = BenchResult(describe_teacher(teacher), str(device), jsonable(cfg.to_dict()), list(notes))
+    training = {c.name: c.model.training for c in candidates}
+    teacher.to(device)
+    for c in candidates:
+        c.model.eval().to(device)
+    try:
+        if cfg.data is not None:
+            _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir,
+                      build_eval_loader)
+        else:
+            result.notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and pictures skipped, "
+                                "cost only")
+        if cfg.cost:
+            fns = {TEACHER: (teacher.embed, image_tower(teacher))}
+            fns.update({c.name: (_aligned_fn(c.model, teacher.target), c.params) for c in candidates})
+            result.cost = compare_cost(fns, teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device,
+                                       iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
+                                       autocast_dtype=autocast_dtype)
+    finally:
+        for c in candidates:
+            c.model.train(training[c.name])
+    return result
+
+
+def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir,
+              build_eval_loader) -> None:
+    transform = teacher.eval_transform()
+    loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+    # Class names are checked before any feature is computed: the prompts' and the probe's.
+    zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames) if has_text_tower(teacher) else None
+    probe_train = probe_train_split(cfg, transform, dataset_classnames)
+    want_logits = teacher_classifier(teacher) is not None
+    if want_logits:
+        why = head_applies(teacher, len(dataset_classnames))
+        if why:
+            result.notes.append(f"classification skipped: {why}")
+            want_logits = False
+    features = extract(loader, _step(teacher, candidates, want_logits), device, cfg.max_samples, autocast_dtype,
+                       desc="eval features", progress=progress)
+    result.eval_set = dict(source=jsonable(cfg.data), num_images=int(features[TEACHER].shape[0]),
+                           num_classes=len(dataset_classnames), classnames=list(dataset_classnames), **_skips(loader))
+    names = [c.name for c in candidates]
+    if zero_shot_names is not None:
+        # None: the evaluation set's own templates if its dataset.json lists some, else openai.
+        templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
+        classifier = zero_shot_classifier(teacher, zero_shot_names, templates, device)
+        bias = getattr(teacher, "logit_bias", None)
+        scale = teacher.logit_scale if bias is not None else 100.0
+        for name in names:
+            zs = zero_shot_eval(_pair(features, name), classifier, scale, bias)
+            zs["templates"] = "the evaluation set's" if templates is not cfg.templates else template_set_name(templates)
+            zs["num_templates"] = len(resolve_templates(templates))
+            result.zero_shot[name] = zs
+    if want_logits:
+        result.classification = {name: classification_eval(_pair(features, name)) for name in names}
+    result.fidelity = {name: fidelity(features[name], features[TEACHER]) for name in [TEACHER, *names]}
+    if cfg.probe:
+        result.probe = _probe(cfg, features, probe_train, _step(teacher, candidates, False), device, autocast_dtype,
+                              progress, models=[TEACHER, *names])
+    students = [c for c in candidates if c.family is not None]
+    if cfg.rois and pictures_dir is not None and any(c.family.pictures for c in students):
+        images = _first_images(loader, cfg.roi_images).to(device)
+        mean, std = teacher.preprocess.mean, teacher.preprocess.std
+        for c in students:
+            for picture in c.family.pictures:
+                file = picture.file if len(students) == 1 else f"{c.name}-{picture.file}"
+                picture.draw(c.model, images, Path(pictures_dir) / file, mean, std)
+                result.pictures.setdefault(c.name, {})[picture.key] = file
+    if cfg.cost and any(c.family.sections for c in students):
+        images = _first_images(loader, cfg.cost_batch_size).to(device)
+        for c in students:
+            for section in c.family.sections:
+                result.sections.setdefault(c.name, {})[section.key] = section.measure(c.model, images)

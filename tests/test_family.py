@@ -1,0 +1,82 @@
+"""The student-family interface: every family of the table fills it, and the run's optimizer asks the student
+which parameters are exempt from weight decay (timm's `no_weight_decay()`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from bootstrap.stepper import TrainingForward, optimizer_param_groups
+from conftest import GOLDEN, ROOT
+from students import FAMILIES, SparseFormer, Sparsifiner, SparsifinerConfig, Student, family_of, student_from_config
+
+TINY_SPARSIFINER = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                        reduce_n_factor=2, basis_coef_topk=2)
+
+
+def _groups(student) -> tuple[set[str], set[str]]:
+    """Names of the decayed and of the exempt trainable parameters, as the run's optimizer groups them."""
+    module = TrainingForward(student, None, (), False)
+    decay, no_decay = optimizer_param_groups(module, 0.05)
+    names = {id(p): n.removeprefix("student.") for n, p in module.named_parameters()}
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+
+
+def test_a_sparsifiner_s_position_embedding_and_prefix_tokens_get_no_weight_decay():
+    """As timm's VisionTransformer.no_weight_decay() and the authors' optimizer: pos_embed, cls_token and the
+    registers are exempt (the optimizer once decided by SparseFormer parameter names and decayed them)."""
+    student = Sparsifiner(SparsifinerConfig(**TINY_SPARSIFINER, reg_tokens=2)).set_phase("sparse")
+    decayed, exempt = _groups(student)
+    assert {"pos_embed", "cls_token", "reg_token"} <= exempt
+    assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
+    assert all(n.endswith(".bias") or student.get_parameter(n).ndim <= 1 or n in ("pos_embed", "cls_token",
+                                                                                 "reg_token") for n in exempt)
+
+
+@pytest.mark.parametrize("name", ["tiny_btsp_clip", "tiny_v1", "tiny_btsp_augreg"])
+def test_a_sparseformer_s_exemptions_are_its_rois_embeddings_norms_and_biases(name):
+    """The same parameters as the rule the run applied before the family interface (RoIs, embeddings, 1-D
+    parameters and biases): a resumed run's optimizer state keeps its groups."""
+    student = SparseFormer(json.loads((GOLDEN / f"{name}.json").read_text())["config"])
+    decayed, exempt = _groups(student)
+    old_rule = {n for n, p in student.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or "initial_roi" in n
+                or "embedding" in n or "roi_offset_bias" in n}
+    assert exempt == old_rule and decayed == {n for n, _ in student.named_parameters()} - old_rule
+    assert "initial_roi.weight" in exempt and "initial_embedding.weight" in exempt
+    assert any("stage_embedding" in n for n in exempt) == student.config.compatible_config.use_stage_embedding
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_every_family_fills_the_interface(family):
+    config = family.config.from_dict(TINY_SPARSIFINER) if family.name == "sparsifiner" else \
+        family.config.from_dict(json.loads((GOLDEN / "tiny_btsp_clip.json").read_text())["config"])
+    student = student_from_config(json.loads(config.to_json()))
+    assert type(student) is family.model and isinstance(student, Student) and family_of(student) is family
+    assert family_of(json.loads(config.to_json())) is family
+    assert family.options() is not None and family.timm.generic_name in timm.list_models(family.name)
+    description = family.vision.describe(config.to_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        encoding = family.vision.encode(student.eval(), images)
+        pre, out = student.forward_outputs(images)
+        torch.testing.assert_close(out, student(images))
+        torch.testing.assert_close(pre, student(images, pre_logits=True))
+    assert len(encoding.hidden_states) == description["num_hidden_layers"] + 1
+    assert encoding.last_hidden_state.shape[1] == description["num_latent_tokens"] + int(description["class_token"])
+    info = family.describe(student)
+    assert {"latent_tokens", "cls_token", "tokens", "token_text"} <= set(info)
+
+
+def test_import_students_alone_registers_every_family_with_timm_and_open_clip():
+    """A fresh process that imports nothing but `students` (and timm) builds each family's named models."""
+    code = ("import students, timm\n"
+            "for name in ('sparseformer_btsp_openai_clip_base', 'sparsifiner_deit_small_patch16_224'):\n"
+            "    print(type(timm.create_model(name, device='meta')).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["SparseFormer", "Sparsifiner"]
