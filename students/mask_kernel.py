@@ -26,7 +26,9 @@ compiler and the CPU's flags, in well under a second. Without a compiler, or wit
 `SPARSIFINER_CPU_KERNEL=0`, both return None and the caller runs torch's path (a one-line warning says why,
 once). Plain C called through ctypes (which releases the GIL), no torch extension build. Where torch's
 parallel backend is OpenMP the rows run in torch's own pool (the library binds to the libgomp.so.1 torch
-loaded, not a second runtime); a compiler without -fopenmp gets a pthreads build.
+loaded, not a second runtime); a compiler without -fopenmp gets a pthreads build. Both calls are torch custom
+operators (`torch.library.custom_op`, with fake implementations giving the mask's shape), so a Sparsifiner
+compiles whole under `torch.compile(fullgraph=True)` with the kernel in its graph.
 """
 
 from __future__ import annotations
@@ -281,6 +283,7 @@ def _load():
     return _lib
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided once when tracing, not a graph break
 def available() -> bool:
     """Whether the compiled selection can run here (compiles it on the first call)."""
     return _load() is not None
@@ -295,15 +298,20 @@ def _applies(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
 
 
-def _finish(bias: Tensor, tied: Tensor, approx_rows, budget: int, rows: int, num_prefix: int,
-            topk_index) -> Tensor:
+def _topk_index(x: Tensor, k: int) -> Tensor:
+    """`students.sparsifiner.topk_index` on float32 rows (their int32 bit patterns, as it takes them): the same
+    top-k call, so among tied values the same choice as torch's path."""
+    return x.view(torch.int32).topk(k, dim=-1, sorted=False).indices
+
+
+def _finish(bias: Tensor, tied: Tensor, approx_rows, budget: int, rows: int, num_prefix: int) -> Tensor:
     """Redo the tied rows with torch's top-k (its own choice among equal values), from the same approx rows
     (`approx_rows(which)` gives them)."""
     redo = tied.nonzero().squeeze(1)
     if redo.numel():
         n = bias.shape[-1]
         flat = approx_rows(redo)
-        fixed = torch.full_like(flat, float("-inf")).scatter_(-1, topk_index(flat, budget), 0.0)
+        fixed = torch.full_like(flat, float("-inf")).scatter_(-1, _topk_index(flat, budget), 0.0)
         bias.view(-1, n)[(redo // rows) * n + num_prefix + redo % rows] = fixed
     return bias
 
@@ -314,26 +322,72 @@ def _empty_bias(b: int, h: int, n: int, num_prefix: int) -> Tensor:
     return bias
 
 
-def select_bias(approx: Tensor, budget: int, num_prefix: int, topk_index) -> Tensor | None:
-    """The additive mask [B, H, N, N] (float32: 0 kept, -inf dropped) of each approx row's `budget` largest
-    keys, prefix rows all kept; exactly `attention_bias`'s. None where the kernel does not apply (not a CPU
-    float32 tensor, or no kernel): the caller then runs torch's path. `topk_index` redoes tied rows."""
-    if not _applies(approx) or approx.dim() != 4 or budget < 1:
-        return None
+def _fake_bias(b: int, h: int, n: int, like: Tensor) -> Tensor:
+    return like.new_empty((b, h, n, n))
+
+
+# The kernel calls are torch custom operators, so that `torch.compile(fullgraph=True)` keeps them in the graph
+# (a ctypes call cannot be traced): each is opaque to the compiler, which sees only the mask's shape (the fake
+# implementations). Neither fails: where the kernel cannot allocate its row buffer every row is marked tied and
+# so redone by torch's top-k.
+@torch.library.custom_op("sparseformer_bootstrap::sparsifiner_select_bias", mutates_args=())
+def _select_bias_op(approx: Tensor, budget: int, num_prefix: int) -> Tensor:
     b, h, rows, n = approx.shape
-    if rows + num_prefix != n or budget >= n or _load() is None:
-        return None
     x = approx.contiguous()
     bias = _empty_bias(b, h, n, num_prefix)
     tied = torch.empty(b * h * rows, dtype=torch.uint8)
     if _lib.sparsifiner_select_bias(x.data_ptr(), b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
                                     tied.data_ptr(), torch.get_num_threads()):
+        tied.fill_(1)
+    return _finish(bias, tied, lambda which: x.view(-1, n)[which], budget, rows, num_prefix)
+
+
+@_select_bias_op.register_fake
+def _(approx, budget, num_prefix):
+    b, h, _, n = approx.shape
+    return _fake_bias(b, h, n, approx)
+
+
+@torch.library.custom_op("sparseformer_bootstrap::sparsifiner_combine_select_bias", mutates_args=())
+def _combine_select_bias_op(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int) -> Tensor:
+    b, h, rows, terms = values.shape
+    n = basis.shape[1]
+    index, values, basis = index.contiguous(), values.contiguous(), basis.contiguous()
+    bias = _empty_bias(b, h, n, num_prefix)
+    tied = torch.empty(b * h * rows, dtype=torch.uint8)
+    if _lib.sparsifiner_combine_select_bias(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms,
+                                            b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
+                                            tied.data_ptr(), torch.get_num_threads()):
+        tied.fill_(1)
+
+    def approx_rows(which: Tensor) -> Tensor:
+        out = torch.empty(which.numel(), n)
+        _lib.sparsifiner_combine_rows(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms, n,
+                                      which.contiguous().data_ptr(), which.numel(), out.data_ptr())
+        return out
+
+    return _finish(bias, tied, approx_rows, budget, rows, num_prefix)
+
+
+@_combine_select_bias_op.register_fake
+def _(index, values, basis, budget, num_prefix):
+    b, h = values.shape[:2]
+    return _fake_bias(b, h, basis.shape[1], values)
+
+
+def select_bias(approx: Tensor, budget: int, num_prefix: int) -> Tensor | None:
+    """The additive mask [B, H, N, N] (float32: 0 kept, -inf dropped) of each approx row's `budget` largest
+    keys, prefix rows all kept; exactly `attention_bias`'s. None where the kernel does not apply (not a CPU
+    float32 tensor, or no kernel): the caller then runs torch's path."""
+    if not _applies(approx) or approx.dim() != 4 or budget < 1:
         return None
-    return _finish(bias, tied, lambda which: x.view(-1, n)[which], budget, rows, num_prefix, topk_index)
+    b, h, rows, n = approx.shape
+    if rows + num_prefix != n or budget >= n or not available():
+        return None
+    return _select_bias_op(approx, budget, num_prefix)
 
 
-def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int,
-                        topk_index) -> Tensor | None:
+def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int) -> Tensor | None:
     """`select_bias` of the approximation Σ_t values[..., t] · basis[index[..., t]] ([B, H, N-P, N]) without
     forming it: each row is summed, selected and written in one pass. The sum runs in the terms' order, a
     product then a sum, as torch's CSR product (`students.sparsifiner._csr_combination`) does, so the rows
@@ -342,20 +396,6 @@ def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: in
         return None
     b, h, rows, terms = values.shape
     n = basis.shape[1]
-    if index.shape != values.shape or rows + num_prefix != n or not 1 <= budget < n or _load() is None:
+    if index.shape != values.shape or rows + num_prefix != n or not 1 <= budget < n or not available():
         return None
-    index, values, basis = index.contiguous(), values.contiguous(), basis.contiguous()
-    bias = _empty_bias(b, h, n, num_prefix)
-    tied = torch.empty(b * h * rows, dtype=torch.uint8)
-    if _lib.sparsifiner_combine_select_bias(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms,
-                                            b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
-                                            tied.data_ptr(), torch.get_num_threads()):
-        return None  # out of memory in the kernel: torch's path
-
-    def approx_rows(which: Tensor) -> Tensor:
-        out = torch.empty(which.numel(), n)
-        _lib.sparsifiner_combine_rows(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms, n,
-                                      which.contiguous().data_ptr(), which.numel(), out.data_ptr())
-        return out
-
-    return _finish(bias, tied, approx_rows, budget, rows, num_prefix, topk_index)
+    return _combine_select_bias_op(index, values, basis, budget, num_prefix)

@@ -47,7 +47,8 @@ class Counting:
 def test_compiled_selection_is_exactly_torchs_mask(prefix, budget, monkeypatch):
     x = approximations(budget * 10 + prefix, prefix=prefix)
     redo = Counting()
-    fast = mask_kernel.select_bias(x, budget, prefix, redo)
+    monkeypatch.setattr(mask_kernel, "_topk_index", redo)
+    fast = mask_kernel.select_bias(x, budget, prefix)
     assert fast is not None and fast.dtype == torch.float32 and fast.shape == (2, 3, 65, 65)
     assert torch.equal(fast, torch_bias(x, budget, prefix, monkeypatch))
     assert ((fast[:, :, prefix:] == 0).sum(-1) == budget).all() and (fast[:, :, :prefix] == 0).all()
@@ -75,7 +76,8 @@ def combination_terms(seed, b=2, h=3, n=65, prefix=1, num_basis=24, terms=4):
 def test_fused_combination_and_selection_give_the_csr_paths_bits(prefix, budget, monkeypatch):
     index, values, basis = combination_terms(budget + prefix, prefix=prefix)
     redo = Counting()
-    fused = mask_kernel.combine_select_bias(index, values, basis, budget, prefix, redo)
+    monkeypatch.setattr(mask_kernel, "_topk_index", redo)
+    fused = mask_kernel.combine_select_bias(index, values, basis, budget, prefix)
     approx = _csr_combination(index, values, basis)
     assert fused is not None and torch.equal(fused, torch_bias(approx, budget, prefix, monkeypatch))
     # The tied rows went back to torch.topk, from the same approx rows; at budget 64 of 65 a zero key is often
@@ -116,7 +118,7 @@ def test_without_a_compiler_torchs_path_runs_and_says_why(monkeypatch, tmp_path,
     monkeypatch.setenv("CC", "no-such-compiler-here")
     x = approximations(0)
     with caplog.at_level(logging.WARNING, logger="students.mask_kernel"):
-        assert mask_kernel.select_bias(x, 17, 1, topk_index) is None
+        assert mask_kernel.select_bias(x, 17, 1) is None
         assert not mask_kernel.available()
     assert "no-such-compiler-here" in mask_kernel.unavailable_reason()
     assert len([r for r in caplog.records if "torch.topk is used instead" in r.getMessage()]) == 1  # once
@@ -133,7 +135,7 @@ def test_a_compiler_without_openmp_or_native_flags_still_builds_it(monkeypatch, 
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     x = approximations(3)
-    fast = mask_kernel.select_bias(x, 17, 1, topk_index)
+    fast = mask_kernel.select_bias(x, 17, 1)
     assert fast is not None and mask_kernel.unavailable_reason() is None
     assert torch.equal(fast, torch_bias(x, 17, 1, monkeypatch))
 
@@ -141,7 +143,7 @@ def test_a_compiler_without_openmp_or_native_flags_still_builds_it(monkeypatch, 
 def test_it_can_be_switched_off(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
     monkeypatch.setenv(mask_kernel.ENV_SWITCH, "0")
-    assert mask_kernel.select_bias(approximations(0), 17, 1, topk_index) is None
+    assert mask_kernel.select_bias(approximations(0), 17, 1) is None
     assert mask_kernel.unavailable_reason() == f"{mask_kernel.ENV_SWITCH}=0"
     assert not list(tmp_path.rglob("*.so"))
 
@@ -169,6 +171,30 @@ def test_it_runs_in_torchs_openmp_runtime_not_a_second_one():
 
 def test_other_inputs_are_left_to_torch():
     x = approximations(0)
-    assert mask_kernel.select_bias(x.double(), 17, 1, topk_index) is None
-    assert mask_kernel.select_bias(x.requires_grad_(), 17, 1, topk_index) is None
-    assert mask_kernel.select_bias(x.detach()[:, :, :10], 17, 1, topk_index) is None  # not [N - P, N]
+    assert mask_kernel.select_bias(x.double(), 17, 1) is None
+    assert mask_kernel.select_bias(x.requires_grad_(), 17, 1) is None
+    assert mask_kernel.select_bias(x.detach()[:, :, :10], 17, 1) is None  # not [N - P, N]
+
+
+@needs_kernel
+def test_a_kernel_that_cannot_allocate_leaves_every_row_to_torchs_top_k(monkeypatch):
+    """The kernel reports failure (its row buffer could not be allocated) having written nothing: every row is
+    then redone by torch's top-k, so the mask is still exactly torch's."""
+    lib = mask_kernel._lib
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def sparsifiner_select_bias(self, *args):
+            return 1
+
+        def sparsifiner_combine_select_bias(self, *args):
+            return 1
+
+    monkeypatch.setattr(mask_kernel, "_lib", Failing())
+    x = approximations(5)
+    assert torch.equal(mask_kernel.select_bias(x, 17, 1), torch_bias(x, 17, 1, monkeypatch))
+    index, values, basis = combination_terms(5)
+    want = torch_bias(_csr_combination(index, values, basis), 17, 1, monkeypatch)
+    assert torch.equal(mask_kernel.combine_select_bias(index, values, basis, 17, 1), want)
