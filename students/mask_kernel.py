@@ -20,9 +20,9 @@ entries equal it than places left), which of them topk keeps is its own choice, 
 and redone with `torch.topk` from the same approx row. Ties are rare except at 0 (a sparse approximation
 with fewer non-zero entries than the budget).
 
-Built on first use with the system C compiler (`$CC`, else `cc`) into
-`$SPARSEFORMER_CACHE/kernels` (default `~/.cache/sparseformer-bootstrap/kernels`), keyed by the source, the
-compiler and the CPU's flags, in well under a second. Without a compiler, or with
+Built on first use in each process with the system C compiler (`$CC`, else `cc`), in about 0.15 s, into a
+private temporary folder that is removed once the library is loaded: nothing is cached, so no library that
+someone else placed in a cache folder is ever loaded. Without a compiler, or with
 `SPARSIFINER_CPU_KERNEL=0`, both return None and the caller runs torch's path (a one-line warning says why,
 once). Plain C called through ctypes (which releases the GIL), no torch extension build. Where torch's
 parallel backend is OpenMP the rows run in torch's own pool (the library binds to the libgomp.so.1 torch
@@ -34,10 +34,8 @@ compiles whole under `torch.compile(fullgraph=True)` with the kernel in its grap
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -204,35 +202,14 @@ _reason: str | None = None  # why the kernel is unavailable (None: not tried yet
 _tried = False
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap"
-    return Path(root).expanduser() / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(cc: str, flags: list[str]) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"sparsifiner_select_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "select.c"
-            src.write_text(SOURCE)
-            out = Path(tmp) / path.name
-            done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[:500]}")
-            os.replace(out, path)  # atomic: processes that compile at once never load a half-written file
-    return path
+def _build(cc: str, flags: list[str], folder: Path) -> Path:
+    src = folder / "select.c"
+    src.write_text(SOURCE)
+    out = folder / "sparsifiner_select.so"
+    done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[:500]}")
+    return out
 
 
 def _compile() -> ctypes.CDLL:
@@ -246,14 +223,22 @@ def _compile() -> ctypes.CDLL:
     # -fopenmp, some compilers no -march=native).
     openmp = ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
     attempts = [base + ["-march=native"] + openmp, base + ["-march=native"], base]
-    for flags in attempts if openmp else attempts[1:]:
+    # Built by this process into a folder of its own (mkdtemp: mode 0700, a fresh name), loaded, and the
+    # folder removed (the process keeps its mapping). No library from a shared or copied cache is ever loaded,
+    # so none can run code or pose as the kernel; the build takes about 0.15 s once per process.
+    with tempfile.TemporaryDirectory(prefix="sparsifiner-kernel-") as folder:
+        for flags in attempts if openmp else attempts[1:]:
+            try:
+                path = _build(cc, flags, Path(folder))
+                break
+            except RuntimeError:
+                if flags is attempts[-1]:
+                    raise
         try:
-            path = _build(cc, flags)
-            break
-        except RuntimeError:
-            if flags is attempts[-1]:
-                raise
-    lib = ctypes.CDLL(str(path))
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise RuntimeError(f"the kernel built in {tempfile.gettempdir()} did not load ({e}); if that folder "
+                               f"is mounted noexec, set TMPDIR to one that is not") from None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sparsifiner_select_bias.restype = i32
     lib.sparsifiner_select_bias.argtypes = [p, i64, i32, i32, i32, i32, p, p, i32]
