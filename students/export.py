@@ -7,9 +7,14 @@ OpenCLIP (`export_openclip`, for students of CLIP teachers)::
     FOLDER/sparseformer_config.json     the student's SparseFormerConfig
     FOLDER/README.md
 
-    import students, open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:FOLDER")
-    tokenizer = open_clip.get_tokenizer("local-dir:FOLDER")
+    from students.export import load_openclip_export
+    model, preprocess, tokenizer = load_openclip_export("FOLDER")
+
+which is `open_clip.create_model_and_transforms("local-dir:FOLDER")` and
+`open_clip.get_tokenizer("local-dir:FOLDER")` (after `import students` those work
+directly too) once the folder's config is checked to ask for no code of its own:
+an HF tokenizer with `trust_remote_code: true` would run the folder's Python, so
+such a folder is refused unless `trust_remote_code=True` is passed.
 
 The image tower is open_clip's `TimmModel` around the student: `visual.trunk`
 is the SparseFormer without its projection (`forward` returns the pooled,
@@ -70,8 +75,8 @@ from .families import family_of
 from .registry import load_student
 from .sparseformer import SparseFormer
 
-__all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg", "read_run",
-           "teacher_pretrained_cfg"]
+__all__ = ["export_openclip", "export_run", "export_timm", "load_openclip_export", "main", "openclip_model_cfg",
+           "read_run", "teacher_pretrained_cfg"]
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -336,7 +341,8 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
         {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
     _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
     (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
-                                                  config_file=tm.CONFIG_FILE))
+                                                  config_file=tm.CONFIG_FILE,
+                                                  snippet=_openclip_snippet("THIS_FOLDER", indent="    ")))
     if verify:
         _verify_openclip(student, clip, getattr(teacher, "tokenizer", None), out, pcfg)
     return out
@@ -348,13 +354,39 @@ _README = """\
 The image tower is the student `{name}` (timm model name), registered with
 timm by the `students` package of sparseformer-bootstrap:
 
-    import students, open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")
-    tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")
+{snippet}
+
+`load_openclip_export` checks that the folder's config asks for no Python of its own to run (an HF
+tokenizer with `trust_remote_code: true`) and then calls open_clip's
+`create_model_and_transforms` and `get_tokenizer` on `local-dir:THIS_FOLDER`.
 
 `{config_file}` is the student's configuration (also readable by
 `students.load_student`).
 """
+
+
+def _openclip_snippet(folder: str | Path, indent: str = "") -> str:
+    return (f"{indent}from students.export import load_openclip_export\n"
+            f"{indent}model, preprocess, tokenizer = load_openclip_export({str(folder)!r})")
+
+
+def load_openclip_export(folder: str | Path, *, trust_remote_code: bool = False, **kwargs: Any):
+    """`(model, preprocess, tokenizer)` of an OpenCLIP model folder (an export, or any `local-dir:` folder):
+    `open_clip.create_model_and_transforms` (`kwargs` go to it) and `open_clip.get_tokenizer`, once its
+    `open_clip_config.json` is checked to ask for no Python of its own to run. open_clip hands a config's
+    `text_cfg.tokenizer_kwargs` to transformers' `AutoTokenizer`, which with `trust_remote_code: true` imports
+    the tokenizer's Python files from the folder: such a folder is refused unless `trust_remote_code=True`."""
+    import open_clip
+
+    from teachers.openclip import local_dir_remote_code, remote_code_refusal
+
+    name = f"local-dir:{folder}"
+    asked = local_dir_remote_code(name)
+    if asked and not trust_remote_code:
+        raise ExportError(remote_code_refusal(str(Path(folder) / OPENCLIP_CONFIG), asked,
+                                              "load_openclip_export(..., trust_remote_code=True)"))
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def _verify_openclip(student: SparseFormer, clip: nn.Module, tokenizer: Any, out: Path, pcfg: Mapping) -> None:
@@ -486,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (out / OPENCLIP_CONFIG).is_file():
-        how = (f"import students, open_clip\n"
-               f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out}')\n"
-               f"tokenizer = open_clip.get_tokenizer('local-dir:{out}')")
+        how = _openclip_snippet(out)
     else:
         how = f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
     print(f"exported to {out}\nload it with:\n{how}")
