@@ -35,6 +35,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from data.outputs import open_append, replacing, write_text
+
 from .checkpoint import (TrainState, atomic_write_text, list_checkpoints, load_checkpoint, read_manifest,
                          resolve_resume, save_checkpoint)
 from .config import Recipe, RecipeError
@@ -158,17 +160,17 @@ class MetricsLog:
         self.accelerator, self.path = accelerator, path
         if accelerator.is_main_process:
             if resume_step is None:
-                path.write_text("")
+                write_text(path, "")
             elif path.exists():  # drop what was logged after the checkpoint we resume from
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
@@ -201,10 +203,9 @@ def plot_alignment(history: list[dict], path: Path) -> None:
     ax.legend(loc="lower right")
     ax.set_title("held-out alignment")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _nonfinite_steps() -> set[int]:
@@ -368,7 +369,10 @@ def train(recipe: Recipe) -> dict:
     keys_file = None
     if recipe.run.log_sample_keys:
         (out / "sample_keys").mkdir(exist_ok=True)
-        keys_file = open(out / "sample_keys" / f"rank-{rank}.txt", "a" if resume_from else "w")
+        keys = out / "sample_keys" / f"rank-{rank}.txt"
+        if not resume_from:
+            write_text(keys, "")
+        keys_file = open_append(keys)
 
     heldout = None
     if d.val is not None:
@@ -761,9 +765,8 @@ def save_teacher_weights(teacher, out: Path) -> Path:
 
     path = out / "teacher_weights.safetensors"
     if not path.exists():
-        tmp = out / "teacher_weights.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}, str(tmp))
     return path
 
 
@@ -773,8 +776,7 @@ def save_student(student: nn.Module, state_dict: dict, out: Path) -> None:
 
     # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    tmp = out / "student.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "student.safetensors")
-    (out / "student_config.json").write_text(student.config.to_json())
-    (out / "pretrained_cfg.json").write_text(json.dumps(getattr(student, "pretrained_cfg", {}), indent=1) + "\n")
+    with replacing(out / "student.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out / "student_config.json", student.config.to_json())
+    write_text(out / "pretrained_cfg.json", json.dumps(getattr(student, "pretrained_cfg", {}), indent=1) + "\n")

@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from data.outputs import replacing, write_text
+
 from .baselines.tome import ToMe
 from .classify import classification_eval, head_applies
 from .cost import compare_cost
@@ -343,7 +345,8 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
     t = report["teacher"]
     fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and ToMe on the same images", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp)
     return str(path)
 
 
@@ -366,8 +369,8 @@ def write_compare(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     picture = draw_pareto(report, out_dir / "pareto.png")
     if picture:
         paths["picture"] = Path(picture)
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    paths["markdown"].write_text(to_markdown(report, "pareto.png" if picture else None))
+    write_text(paths["json"], json.dumps(_jsonable(report), indent=1) + "\n")
+    write_text(paths["markdown"], to_markdown(report, "pareto.png" if picture else None))
     return {k: str(v) for k, v in paths.items()}
 
 

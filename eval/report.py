@@ -63,6 +63,8 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from data.outputs import write_text
+
 from .classify import classification_eval, head_applies
 from .cost import compare_cost
 from .features import aligned_output, extract, student_outputs, teacher_student_step
@@ -402,8 +404,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md")
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    paths["markdown"].write_text(to_markdown(report))
+    write_text(paths["json"], json.dumps(_jsonable(report), indent=1) + "\n")  # new files: never through a symlink
+    write_text(paths["markdown"], to_markdown(report))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -70,6 +70,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from data.outputs import new_files_into, replacing, write_text
+
 from . import timm_models
 from .families import family_of
 from .registry import load_student
@@ -119,8 +121,9 @@ def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: 
     from safetensors.torch import save_file
 
     # safetensors refuses shared or strided storage: write independent contiguous CPU copies.
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path),
-              metadata=metadata)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(tmp),
+                  metadata=metadata)
 
 
 def _check_student(student: Any):
@@ -198,7 +201,7 @@ def export_timm(student: SparseFormer, out_dir: str | Path, *, pretrained_cfg: M
         # timm passes model_args to the entrypoint: `sparseformer(config=...)` rebuilds this architecture.
         config["model_args"] = {"config": cfg.replace(drop_path_rate=0.0).to_dict()}
     config["pretrained_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pcfg.items()}
-    (out / TIMM_CONFIG).write_text(json.dumps(config, indent=2))
+    write_text(out / TIMM_CONFIG, json.dumps(config, indent=2))
     _save_tensors(student.state_dict(), out / TIMM_WEIGHTS, {"format": "pt"})
     if verify:
         _verify_timm(student, out, pcfg)
@@ -298,7 +301,8 @@ def _save_hf_tokenizer(teacher: Any, out: Path) -> None:
         raise ExportError("the teacher's text config names an HF tokenizer (hf_tokenizer_name), which "
                           "open_clip loads from the export folder: export from a teachers.Teacher whose "
                           "tokenizer has save_pretrained")
-    tokenizer.save_pretrained(str(out))
+    with new_files_into(out) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
@@ -336,11 +340,11 @@ def export_openclip(student: SparseFormer, teacher: Any, out_dir: str | Path, *,
     oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
     if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
         _save_hf_tokenizer(teacher, out)
-    (out / tm.CONFIG_FILE).write_text(student.config.replace(drop_path_rate=0.0).to_json())
-    (out / OPENCLIP_CONFIG).write_text(json.dumps(
+    write_text(out / tm.CONFIG_FILE, student.config.replace(drop_path_rate=0.0).to_json())
+    write_text(out / OPENCLIP_CONFIG, json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
     _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
-    (out / "README.md").write_text(_README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
+    write_text(out / "README.md", _README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
                                                   config_file=tm.CONFIG_FILE,
                                                   snippet=_openclip_snippet("THIS_FOLDER", indent="    ")))
     if verify:
