@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
+from data.outputs import write_text
 
 COMPLETE = "COMPLETE"
 STATE_JSON = "state.json"
@@ -177,12 +178,8 @@ def resolve_resume(resume: str, root: str | os.PathLike) -> Path | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A new file, on disk, renamed over ``path`` (never written through a symlink there)."""
+    write_text(path, text, durable=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from eval.fidelity import fidelity
-from students.run_folder import write_atomic
+from data.outputs import write_bytes
 
 from .stepper import NonFiniteLossError
 
@@ -72,7 +72,7 @@ def plot_alignment(history: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def format_result(result: dict) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from students.run_folder import write_atomic
+from data.outputs import open_append, write_text
 
 __all__ = ["LogWindow", "MetricsLog"]
 
@@ -21,17 +21,17 @@ class MetricsLog:
         self.accelerator, self.path = accelerator, path
         if accelerator.is_main_process:
             if resume_step is None:
-                write_atomic(path, "")
+                write_text(path, "")
             elif path.exists():  # drop what was logged after the checkpoint we resume from
                 kept = [line for line in path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                write_atomic(path, "".join(line + "\n" for line in kept))
+                write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 

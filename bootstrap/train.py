@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import time
 
+from data.outputs import open_append, write_text
 from students.family import PhaseContext
 from students.run_folder import RunFolder
 
@@ -142,7 +143,10 @@ def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: Run
     keys_file = None
     if recipe.run.log_sample_keys:
         out.file("sample_keys").mkdir(exist_ok=True)
-        keys_file = open(out.file("sample_keys") / f"rank-{rank}.txt", "a" if resumed else "w")
+        keys = out.file("sample_keys") / f"rank-{rank}.txt"
+        if not resumed:
+            write_text(keys, "")
+        keys_file = open_append(keys)
     return TrainBatches(loader, state, recipe.run.seed, rank, keys_file)
 
 

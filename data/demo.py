@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .outputs import write_text
 from .shards import ShardSink, prepare_out_dir, write_dataset_json
 
 DEMO_CLASSNAMES = ["circle", "square", "triangle", "star", "cross", "ring", "heart", "moon", "arrow", "diamond"]
@@ -293,7 +294,7 @@ def make_demo_dataset(out_dir, num: int = 2400, seed: int = 0, size: int = 64, v
             "num_classes": len(DEMO_CLASSNAMES), "templates": list(DEMO_TEMPLATES),
             "keys": ["cls", "json", "png", "txt"] if len(indices) else [],
         })
-    (out / "demo.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_text(out / "demo.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
 

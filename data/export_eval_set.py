@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .evalsets import SkippedSample, eval_dataset, iter_eval_samples
 from .prompts import dataset_templates, name_or_list_file, resolve_classnames, resolve_templates
+from .outputs import write_text
 from .shards import ShardSink
 
 FORMATS = ("clip_benchmark",)
@@ -98,9 +99,9 @@ def export_clip_benchmark(source, out_dir: str | Path, *, split: str = "test",
         shards = sink.close()
     if not n:
         raise ValueError(f"no image of {source} could be read ({len(skipped)} skipped)")
-    (split_dir / "nshards.txt").write_text(f"{len(shards)}\n")
-    (out / CLIP_BENCHMARK_CLASSNAMES).write_text("\n".join(names) + "\n")
-    (out / CLIP_BENCHMARK_TEMPLATES).write_text("\n".join(prompts) + "\n")
+    write_text(split_dir / "nshards.txt", f"{len(shards)}\n")
+    write_text(out / CLIP_BENCHMARK_CLASSNAMES, "\n".join(names) + "\n")
+    write_text(out / CLIP_BENCHMARK_TEMPLATES, "\n".join(prompts) + "\n")
     return dict(out_dir=str(out), split=split, num_samples=n, num_shards=len(shards), classnames=names,
                 templates=prompts, skipped=skipped)
 

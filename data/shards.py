@@ -36,6 +36,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from .errors import UserError
+from .outputs import write_text
 
 DATASET_JSON = "dataset.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -373,10 +374,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_dataset_json(out_dir: str | os.PathLike, info: dict) -> dict:
     """Write ``info`` as the folder's dataset.json (last, so a crashed run leaves none)."""
-    path = Path(out_dir) / DATASET_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text(Path(out_dir) / DATASET_JSON, json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
 
 

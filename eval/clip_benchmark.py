@@ -13,6 +13,10 @@ equal ``python -m eval``'s on the same images, class names and templates (tests/
 test_clip_benchmark.py checks every prediction). For ``local-dir:`` models ``--pretrained``
 is ignored. On a CPU pass ``--no_amp``: CLIP_benchmark's default autocast is bfloat16 there.
 
+A ``local-dir:`` model whose ``open_clip_config.json`` asks for an HF tokenizer with
+``trust_remote_code: true`` would have transformers import that folder's Python: such a model is
+refused unless ``--trust-remote-code`` (this command's own flag, not passed on) is given.
+
 CLIP_benchmark is an optional extra: ``pip install -e ".[clip_benchmark]"``. Its 1.6.2
 ``accuracy`` calls ``float()`` on a one-element array, which numpy >= 2.4 refuses
 (LAION-AI/CLIP_benchmark#147); where it does, this module puts in the same computation.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import sys
 
 INSTALL = 'pip install -e ".[clip_benchmark]"'
+TRUST_REMOTE_CODE = "--trust-remote-code"
 
 
 def _accuracy(output, target, topk=(1,)):
@@ -43,8 +48,28 @@ def _fix_accuracy() -> None:
         zeroshot_classification.accuracy = linear_probe.accuracy = _accuracy
 
 
+def _remote_code_refusal(argv: list[str]) -> str | None:
+    """Why a ``local-dir:`` model among the arguments (``--model``, ``--model=``, ``model,pretrained`` pairs)
+    is refused: its config asks for remote code. None when none does."""
+    from teachers.openclip import local_dir_remote_code, remote_code_refusal
+
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        for part in value.split(","):
+            asked = local_dir_remote_code(part)
+            if asked:
+                return remote_code_refusal(f"the model {part}", asked, TRUST_REMOTE_CODE)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    trusted = TRUST_REMOTE_CODE in argv
+    argv = [a for a in argv if a != TRUST_REMOTE_CODE]
+    refusal = None if trusted else _remote_code_refusal(argv)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         from clip_benchmark import cli
     except ImportError as exn:

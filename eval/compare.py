@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from data.errors import UserError
-from students.run_folder import RunFolder, RunFolderError, write_atomic
+from data.outputs import replacing, write_text
+from students.run_folder import RunFolder, RunFolderError
 
 from .baselines.tome import ToMe
 from .bench import TEACHER, Candidate, image_tower, jsonable, run_bench, student_candidate
@@ -246,7 +247,8 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
     t = report["teacher"]
     fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and ToMe on the same images", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp)
     return str(path)
 
 
@@ -269,8 +271,8 @@ def write_compare(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     picture = draw_pareto(report, out_dir / "pareto.png")
     if picture:
         paths["picture"] = Path(picture)
-    write_atomic(paths["json"], json.dumps(jsonable(report), indent=1) + "\n")
-    write_atomic(paths["markdown"], to_markdown(report, "pareto.png" if picture else None))
+    write_text(paths["json"], json.dumps(jsonable(report), indent=1) + "\n")
+    write_text(paths["markdown"], to_markdown(report, "pareto.png" if picture else None))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from students import FAMILIES
-from students.run_folder import RunFolder, write_atomic
+from data.outputs import write_text
+from students.run_folder import RunFolder
 
 from .bench import jsonable, run_bench, student_candidate
 from .options import EvalConfig
@@ -91,8 +92,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(json=out_dir / "report.json", markdown=out_dir / "report.md")
-    write_atomic(paths["json"], json.dumps(jsonable(report), indent=1) + "\n")
-    write_atomic(paths["markdown"], to_markdown(report))
+    write_text(paths["json"], json.dumps(jsonable(report), indent=1) + "\n")
+    write_text(paths["markdown"], to_markdown(report))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -7,9 +7,14 @@ OpenCLIP (`export_openclip`, for students of CLIP teachers)::
     FOLDER/<family>_config.json         the student's config (e.g. sparseformer_config.json)
     FOLDER/README.md
 
-    import students, open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:FOLDER")
-    tokenizer = open_clip.get_tokenizer("local-dir:FOLDER")
+    from students.export import load_openclip_export
+    model, preprocess, tokenizer = load_openclip_export("FOLDER")
+
+which is `open_clip.create_model_and_transforms("local-dir:FOLDER")` and
+`open_clip.get_tokenizer("local-dir:FOLDER")` (after `import students` those work
+directly too) once the folder's config is checked to ask for no code of its own:
+an HF tokenizer with `trust_remote_code: true` would run the folder's Python, so
+such a folder is refused unless `trust_remote_code=True` is passed.
 
 The image tower is open_clip's `TimmModel` around the student: `visual.trunk`
 is the student without its output layer (`forward` returns the pooled,
@@ -67,12 +72,13 @@ import torch
 from torch import nn
 
 from data.errors import UserError
+from data.outputs import new_files_into, replacing, write_text
 
 from .families import family_of
-from .run_folder import RunFolder, write_atomic
+from .run_folder import RunFolder
 
-__all__ = ["export_openclip", "export_run", "export_timm", "main", "openclip_model_cfg", "read_run",
-           "teacher_pretrained_cfg"]
+__all__ = ["export_openclip", "export_run", "export_timm", "load_openclip_export", "main", "openclip_model_cfg",
+           "read_run", "teacher_pretrained_cfg"]
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -115,8 +121,9 @@ def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: 
     from safetensors.torch import save_file
 
     # safetensors refuses shared or strided storage: write independent contiguous CPU copies.
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path),
-              metadata=metadata)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(tmp),
+                  metadata=metadata)
 
 
 def _check_student(student: Any):
@@ -195,7 +202,7 @@ def export_timm(student: nn.Module, out_dir: str | Path, *, pretrained_cfg: Mapp
         # timm passes model_args to the entrypoint: `sparseformer(config=...)` rebuilds this architecture.
         config["model_args"] = {"config": cfg.replace(drop_path_rate=0.0).to_dict()}
     config["pretrained_cfg"] = {k: list(v) if isinstance(v, tuple) else v for k, v in pcfg.items()}
-    write_atomic(out / TIMM_CONFIG, json.dumps(config, indent=2))
+    write_text(out / TIMM_CONFIG, json.dumps(config, indent=2))
     _save_tensors(student.state_dict(), out / TIMM_WEIGHTS, {"format": "pt"})
     if verify:
         _verify_timm(student, out, pcfg)
@@ -295,7 +302,8 @@ def _save_hf_tokenizer(teacher: Any, out: Path) -> None:
         raise ExportError("the teacher's text config names an HF tokenizer (hf_tokenizer_name), which "
                           "open_clip loads from the export folder: export from a teachers.Teacher whose "
                           "tokenizer has save_pretrained")
-    tokenizer.save_pretrained(str(out))
+    with new_files_into(out) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def export_openclip(student: nn.Module, teacher: Any, out_dir: str | Path, *,
@@ -333,12 +341,13 @@ def export_openclip(student: nn.Module, teacher: Any, out_dir: str | Path, *,
     oc_cfg = openclip_model_cfg(student, teacher_cfg, pcfg)
     if (oc_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"):
         _save_hf_tokenizer(teacher, out)
-    write_atomic(out / tm.config_file, student.config.replace(drop_path_rate=0.0).to_json())
-    write_atomic(out / OPENCLIP_CONFIG, json.dumps(
+    write_text(out / tm.config_file, student.config.replace(drop_path_rate=0.0).to_json())
+    write_text(out / OPENCLIP_CONFIG, json.dumps(
         {"model_cfg": oc_cfg, "preprocess_cfg": _openclip_preprocess_cfg(pcfg, resize_mode)}, indent=2))
     _save_tensors(_openclip_state_dict(student, clip), out / OPENCLIP_WEIGHTS, {"format": "pt"})
-    write_atomic(out / "README.md", _README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
-                                                    config_file=tm.config_file))
+    write_text(out / "README.md", _README.format(name=oc_cfg["vision_cfg"]["timm_model_name"],
+                                                  config_file=tm.config_file,
+                                                  snippet=_openclip_snippet("THIS_FOLDER", indent="    ")))
     if verify:
         _verify_openclip(student, clip, getattr(teacher, "tokenizer", None), out, pcfg)
     return out
@@ -350,13 +359,39 @@ _README = """\
 The image tower is the student `{name}` (timm model name), registered with
 timm by the `students` package of sparseformer-bootstrap:
 
-    import students, open_clip
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")
-    tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")
+{snippet}
+
+`load_openclip_export` checks that the folder's config asks for no Python of its own to run (an HF
+tokenizer with `trust_remote_code: true`) and then calls open_clip's
+`create_model_and_transforms` and `get_tokenizer` on `local-dir:THIS_FOLDER`.
 
 `{config_file}` is the student's configuration (also readable by
 `students.load_student`).
 """
+
+
+def _openclip_snippet(folder: str | Path, indent: str = "") -> str:
+    return (f"{indent}from students.export import load_openclip_export\n"
+            f"{indent}model, preprocess, tokenizer = load_openclip_export({str(folder)!r})")
+
+
+def load_openclip_export(folder: str | Path, *, trust_remote_code: bool = False, **kwargs: Any):
+    """`(model, preprocess, tokenizer)` of an OpenCLIP model folder (an export, or any `local-dir:` folder):
+    `open_clip.create_model_and_transforms` (`kwargs` go to it) and `open_clip.get_tokenizer`, once its
+    `open_clip_config.json` is checked to ask for no Python of its own to run. open_clip hands a config's
+    `text_cfg.tokenizer_kwargs` to transformers' `AutoTokenizer`, which with `trust_remote_code: true` imports
+    the tokenizer's Python files from the folder: such a folder is refused unless `trust_remote_code=True`."""
+    import open_clip
+
+    from teachers.openclip import local_dir_remote_code, remote_code_refusal
+
+    name = f"local-dir:{folder}"
+    asked = local_dir_remote_code(name)
+    if asked and not trust_remote_code:
+        raise ExportError(remote_code_refusal(str(Path(folder) / OPENCLIP_CONFIG), asked,
+                                              "load_openclip_export(..., trust_remote_code=True)"))
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def _verify_openclip(student: nn.Module, clip: nn.Module, tokenizer: Any, out: Path, pcfg: Mapping) -> None:
@@ -453,9 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if (out / OPENCLIP_CONFIG).is_file():
-        how = (f"import students, open_clip\n"
-               f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{out}')\n"
-               f"tokenizer = open_clip.get_tokenizer('local-dir:{out}')")
+        how = _openclip_snippet(out)
     else:
         how = f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
     print(f"exported to {out}\nload it with:\n{how}")

@@ -9,8 +9,8 @@
     RUN/metrics.jsonl            one line per logged step (and TensorBoard under tb/)
     RUN/checkpoints/step-*/      the checkpoints (`bootstrap.checkpoint`)
 
-The run writes through `RunFolder` (each file atomically: a temporary file renamed over the name,
-which replaces a symlink there rather than writing through it); the evaluation (`python -m eval`,
+The run writes through `RunFolder` (each file as a new file renamed over its name, `data.outputs`: never
+half-written, and a symlink there is replaced rather than written through); the evaluation (`python -m eval`,
 `eval.compare`), the exports (`python -m students.export`, `python -m students.to_transformers`) read
 through `RunFolder.finished`, which checks the folder once, in the same words for all of them.
 """
@@ -25,8 +25,9 @@ from typing import Any, Mapping
 from torch import nn
 
 from data.errors import UserError
+from data.outputs import write_bytes, write_text
 
-__all__ = ["NotARunError", "RunFolder", "RunFolderError", "write_atomic"]
+__all__ = ["NotARunError", "RunFolder", "RunFolderError", "yaml_problem"]
 
 
 class NotARunError(UserError, FileNotFoundError):
@@ -36,20 +37,6 @@ class NotARunError(UserError, FileNotFoundError):
 class RunFolderError(UserError, ValueError):
     """A run folder whose files cannot be used as they are (a recipe that is not YAML, a teacher that cannot be
     rebuilt, ...)."""
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, synced and renamed over the name:
-    a reader sees the old file or the new one, never half of one, and a symlink at ``path`` is replaced, not
-    written through."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def yaml_problem(exn: Exception) -> str:
@@ -93,7 +80,9 @@ class RunFolder:
 
     # ------------------------------------------------------------------ writing (the run)
     def write_text(self, name: str, text: str) -> Path:
-        return write_atomic(self.file(name), text)
+        path = self.file(name)
+        write_text(path, text)
+        return path
 
     def write_recipe(self, text: str) -> Path:
         self._recipe = None
@@ -105,7 +94,7 @@ class RunFolder:
 
         # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-        write_atomic(self.file(self.STUDENT_WEIGHTS), save(tensors, metadata={"format": "pt"}))
+        write_bytes(self.file(self.STUDENT_WEIGHTS), save(tensors, metadata={"format": "pt"}))
         self.write_text(self.STUDENT_CONFIG, student.config.to_json())
         self.write_text(self.PRETRAINED_CFG, json.dumps(getattr(student, "pretrained_cfg", {}), indent=1) + "\n")
 
@@ -115,7 +104,7 @@ class RunFolder:
 
         path = self.file(self.TEACHER_WEIGHTS)
         if not path.exists():
-            write_atomic(path, save({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}))
+            write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}))
         return path
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:

@@ -49,6 +49,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from data.outputs import new_files_into, write_text
 from teachers.base import hidden_state_index
 
 from . import families
@@ -356,9 +357,11 @@ def save_folder(vision: StudentVisionModel, out_dir: str | os.PathLike, *, overw
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a model ({', '.join(existing)}); choose another folder or "
                               f"pass overwrite=True (--overwrite)")
-    vision.save_pretrained(out)
-    image_processor(vision.config).save_pretrained(out)
-    (out / "README.md").write_text(_README.format(tokens=vision.config.num_image_tokens,
+    out.mkdir(parents=True, exist_ok=True)
+    with new_files_into(out) as tmp:  # new files, renamed over what is there (never written through a symlink)
+        vision.save_pretrained(tmp)
+        image_processor(vision.config).save_pretrained(tmp)
+    write_text(out / "README.md", _README.format(tokens=vision.config.num_image_tokens,
                                                   blocks=vision.config.num_hidden_layers))
     if verify:
         reloaded = AutoModel.from_pretrained(out).eval()

@@ -17,6 +17,8 @@ Keys:
         warns with `RandomTeacherWarning`).
     model_kwargs (timm): passed to timm.create_model (depth, embed_dim, img_size, reg_tokens, ...).
     model_cfg (openclip): a full open_clip model config {embed_dim, vision_cfg, text_cfg, quick_gelu?}.
+    trust_remote_code (openclip): true lets an HF tokenizer run the Python files that come with it, where
+        the model's config asks for that (`tokenizer_kwargs.trust_remote_code`); refused otherwise.
     cache_dir: where downloaded weights are cached (default: the Hugging Face cache).
     image_size: input size (int or [H, W]); DINOv2 builds at 518 unless told 224.
 """
@@ -33,7 +35,7 @@ __all__ = ["KINDS", "SPEC_KEYS", "create_teacher", "resolve_spec"]
 
 KINDS = ("openclip", "timm")
 _COMMON_KEYS = ("kind", "model", "pretrained", "cache_dir", "image_size")
-_KIND_KEYS = {"openclip": ("model_cfg",), "timm": ("model_kwargs",)}
+_KIND_KEYS = {"openclip": ("model_cfg", "trust_remote_code"), "timm": ("model_kwargs",)}
 SPEC_KEYS = _COMMON_KEYS + tuple(k for keys in _KIND_KEYS.values() for k in keys)
 
 _WEIGHT_SUFFIXES = {"openclip": (".safetensors", ".pt", ".pth", ".bin"),
@@ -70,6 +72,8 @@ def resolve_spec(spec: Mapping[str, Any]) -> tuple[dict, str, Any]:
     for key, types in (("model_kwargs", Mapping), ("model_cfg", Mapping), ("cache_dir", (str, os.PathLike))):
         if spec.get(key) is not None and not isinstance(spec[key], types):
             raise TeacherSpecError(f"'{key}' must be a {getattr(types, '__name__', 'path')}, got {spec[key]!r}")
+    if not isinstance(spec.get("trust_remote_code", False), bool):
+        raise TeacherSpecError(f"trust_remote_code must be true or false, got {spec['trust_remote_code']!r}")
     if spec.get("cache_dir") is not None:
         spec["cache_dir"] = str(spec["cache_dir"])
     spec["image_size"] = _image_size(spec.get("image_size"))

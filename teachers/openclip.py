@@ -34,7 +34,8 @@ from .base import (
 from .timm_vit import TimmTower
 from .timm_vit import structure_problems as timm_structure_problems
 
-__all__ = ["OpenClipTeacher", "OpenClipTimmTeacher", "create_openclip_teacher", "supported_openclip_models"]
+__all__ = ["OpenClipTeacher", "OpenClipTimmTeacher", "create_openclip_teacher", "local_dir_remote_code",
+           "remote_code_keys", "remote_code_refusal", "supported_openclip_models"]
 
 # vision_cfg switches that select open_clip's CustomResidualAttentionBlock; the
 # student's timm-layout block has none of them.
@@ -123,6 +124,40 @@ def supported_openclip_models() -> list[str]:
     return list(_supported_openclip_models())
 
 
+# --------------------------------------------------------------------------- remote code
+def remote_code_keys(cfg: Any, where: str = "") -> list[str]:
+    """Where an open_clip config asks transformers to run Python that comes with the model: every
+    `trust_remote_code` key with a true value, as a dotted path. open_clip hands `text_cfg.tokenizer_kwargs`
+    to `AutoTokenizer.from_pretrained`, which then imports the tokenizer's own Python files (for a
+    `local-dir:` model, from that folder); a key of that name anywhere else is counted too."""
+    found = []
+    items = cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg) if isinstance(cfg, list) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if key == "trust_remote_code" and value:
+            found.append(path)
+        else:
+            found += remote_code_keys(value, path)
+    return found
+
+
+def local_dir_remote_code(model: str) -> list[str]:
+    """`remote_code_keys` of the `open_clip_config.json` of a `local-dir:FOLDER` model name ([] for any other
+    name, or a config that cannot be read: open_clip then says what is wrong with it)."""
+    if not model.startswith("local-dir:"):
+        return []
+    try:
+        return remote_code_keys(json.loads((Path(model[len("local-dir:"):]) / "open_clip_config.json").read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+def remote_code_refusal(source: str, keys: list[str], opt_in: str) -> str:
+    """The one line that refuses a config asking for remote code, naming the keys and the opt-in."""
+    return (f"{source} asks transformers to run Python files that come with it ({', '.join(keys)}: true), "
+            f"which could do anything; refused. If you trust where it came from, opt in with {opt_in}")
+
+
 # --------------------------------------------------------------------------- build
 _CFG_DIR: Path | None = None
 
@@ -177,6 +212,10 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
                 f"unknown open_clip model '{name}'.{closest(name, open_clip.list_models())} Supported: "
                 f"{', '.join(supported_openclip_models())}; or give a model_cfg mapping for a custom ViT")
         arch = name
+    asked = remote_code_keys(cfg)
+    if asked and not spec.get("trust_remote_code"):
+        raise TeacherSpecError(remote_code_refusal(f"the config of open_clip model '{name}'", asked,
+                                                   "trust_remote_code: true in the teacher spec"))
     problems = config_problems(cfg)
     if problems:
         raise UnsupportedTeacherError(f"open_clip model '{name}'", problems)

@@ -263,7 +263,10 @@ def test_cli_exports_a_clip_run_that_a_fresh_process_reloads(tmp_path, clip_pair
 
     assert main([str(run)]) == 0
     out = run / "export_openclip"
-    assert f"local-dir:{out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"exported to {out}\nload it with:\n")
+    snippet = printed.split("load it with:\n", 1)[1]  # run below as printed, in a fresh process
+    assert "load_openclip_export" in (out / "README.md").read_text()
     assert main([str(run)]) == 2 and "--overwrite" in capsys.readouterr().err
 
     tokens = teacher.tokenizer(CLASSNAMES)
@@ -271,11 +274,10 @@ def test_cli_exports_a_clip_run_that_a_fresh_process_reloads(tmp_path, clip_pair
         expected = {"images": images, "image": student(images), "text": teacher.encode_text(tokens)}
     save_file(expected, str(tmp_path / "expected.safetensors"))
     script = f"""
-import students, open_clip, torch
+import torch
 from safetensors.torch import load_file
 e = load_file({str(tmp_path / 'expected.safetensors')!r})
-model, _, _ = open_clip.create_model_and_transforms({'local-dir:' + str(out)!r})
-tokenizer = open_clip.get_tokenizer({'local-dir:' + str(out)!r})
+{snippet}
 model.eval().requires_grad_(False)  # frozen like the teacher (same attention kernel)
 torch.set_num_threads({torch.get_num_threads()})  # as here: small matrix products round by thread count
 with torch.no_grad():

@@ -3,6 +3,9 @@
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +51,8 @@ class Counting:
 def test_compiled_selection_is_exactly_torchs_mask(prefix, budget, monkeypatch):
     x = approximations(budget * 10 + prefix, prefix=prefix)
     redo = Counting()
-    fast = mask_kernel.select_bias(x, budget, prefix, redo)
+    monkeypatch.setattr(mask_kernel, "_topk_index", redo)
+    fast = mask_kernel.select_bias(x, budget, prefix)
     assert fast is not None and fast.dtype == torch.float32 and fast.shape == (2, 3, 65, 65)
     assert torch.equal(fast, torch_bias(x, budget, prefix, monkeypatch))
     assert ((fast[:, :, prefix:] == 0).sum(-1) == budget).all() and (fast[:, :, :prefix] == 0).all()
@@ -76,7 +80,8 @@ def combination_terms(seed, b=2, h=3, n=65, prefix=1, num_basis=24, terms=4):
 def test_fused_combination_and_selection_give_the_csr_paths_bits(prefix, budget, monkeypatch):
     index, values, basis = combination_terms(budget + prefix, prefix=prefix)
     redo = Counting()
-    fused = mask_kernel.combine_select_bias(index, values, basis, budget, prefix, redo)
+    monkeypatch.setattr(mask_kernel, "_topk_index", redo)
+    fused = mask_kernel.combine_select_bias(index, values, basis, budget, prefix)
     approx = _csr_combination(index, values, basis)
     assert fused is not None and torch.equal(fused, torch_bias(approx, budget, prefix, monkeypatch))
     # The tied rows went back to torch.topk, from the same approx rows; at budget 64 of 65 a zero key is often
@@ -117,7 +122,7 @@ def test_without_a_compiler_torchs_path_runs_and_says_why(monkeypatch, tmp_path,
     monkeypatch.setenv("CC", "no-such-compiler-here")
     x = approximations(0)
     with caplog.at_level(logging.WARNING, logger="students.sparsifiner.mask_kernel"):
-        assert mask_kernel.select_bias(x, 17, 1, topk_index) is None
+        assert mask_kernel.select_bias(x, 17, 1) is None
         assert not mask_kernel.available()
     assert "no-such-compiler-here" in mask_kernel.unavailable_reason()
     assert len([r for r in caplog.records if "torch.topk is used instead" in r.getMessage()]) == 1  # once
@@ -134,7 +139,7 @@ def test_a_compiler_without_openmp_or_native_flags_still_builds_it(monkeypatch, 
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     x = approximations(3)
-    fast = mask_kernel.select_bias(x, 17, 1, topk_index)
+    fast = mask_kernel.select_bias(x, 17, 1)
     assert fast is not None and mask_kernel.unavailable_reason() is None
     assert torch.equal(fast, torch_bias(x, 17, 1, monkeypatch))
 
@@ -142,20 +147,107 @@ def test_a_compiler_without_openmp_or_native_flags_still_builds_it(monkeypatch, 
 def test_it_can_be_switched_off(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
     monkeypatch.setenv(mask_kernel.ENV_SWITCH, "0")
-    assert mask_kernel.select_bias(approximations(0), 17, 1, topk_index) is None
+    assert mask_kernel.select_bias(approximations(0), 17, 1) is None
     assert mask_kernel.unavailable_reason() == f"{mask_kernel.ENV_SWITCH}=0"
     assert not list(tmp_path.rglob("*.so"))
 
 
+PLANTED = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+  FILE *f = fopen(getenv("PLANTED_MARKER"), "w");
+  if (f) fclose(f);
+}
+/* the kernel's three symbols, writing nothing: a mask of whatever the memory held */
+int sparsifiner_select_bias(void) { return 0; }
+int sparsifiner_combine_select_bias(void) { return 0; }
+void sparsifiner_combine_rows(void) {}
+"""
+
+# A process that builds or loads the kernel (cache folder and temporary folder given by the environment),
+# checks its masks against torch's path and names the kernel library it mapped.
+PROCESS = """
+import torch
+from pathlib import Path
+from students.sparsifiner import mask_kernel
+from students.sparsifiner.model import attention_bias, topk_index
+g = torch.Generator().manual_seed(0)
+x = torch.rand(2, 3, 64, 65, generator=g)
+fast = mask_kernel.select_bias(x, 17, 1)
+assert fast is not None, mask_kernel.unavailable_reason()
+want = torch.full((2, 3, 65, 65), float("-inf"))
+want[:, :, :1] = 0.0
+want[:, :, 1:].scatter_(-1, topk_index(x, 17), 0.0)
+assert torch.equal(fast, want), "not torch's mask"
+maps = Path("/proc/self/maps").read_text().splitlines() if Path("/proc/self/maps").exists() else []
+print("mapped", sorted({line.split(maxsplit=5)[-1] for line in maps if "sparsifiner" in line}))
+"""
+
+
+def _process(tmp_path, cache):
+    env = dict(os.environ, SPARSEFORMER_CACHE=str(cache), TMPDIR=str(tmp_path / "tmp"),
+               PLANTED_MARKER=str(tmp_path / "planted-ran"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", PROCESS], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 @needs_kernel
-def test_it_is_compiled_once_into_the_cache(monkeypatch, tmp_path):
+def test_a_library_planted_in_the_cache_folder_is_never_loaded(tmp_path):
+    """A cache folder can be shared or copied: whatever library sits in it (here one whose constructor creates
+    a file and whose kernel symbols write nothing) is not loaded; the kernel is built afresh in a private
+    folder of the process and its masks are torch's."""
+    cache = tmp_path / "cache"
+    _process(tmp_path, cache)  # a first process, and whatever it leaves in the cache folder
+    kernels = cache / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED)
+    for lib in [*kernels.glob("*.so"), kernels / "sparsifiner_select_0123456789abcdef.so"]:
+        subprocess.run([shutil.which(os.environ.get("CC") or "cc"), "-shared", "-fPIC", str(src), "-o", str(lib)],
+                       check=True)
+    out = _process(tmp_path, cache)
+    assert not (tmp_path / "planted-ran").exists()
+    assert str(cache) not in out
+
+
+@needs_kernel
+def test_it_is_built_once_per_process_in_a_private_folder_that_is_then_gone(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
-    assert mask_kernel.available()
-    built = list((tmp_path / "kernels").glob("sparsifiner_select_*.so"))
-    assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))
-    stamp = built[0].stat().st_mtime_ns
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    log = tmp_path / "cc.log"
+    wrapper = tmp_path / "logging-cc"
+    wrapper.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexec {shutil.which(os.environ.get('CC') or 'cc')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    x = approximations(1)
+    want = torch_bias(x, 17, 1, monkeypatch)
+    assert torch.equal(mask_kernel.select_bias(x, 17, 1), want)
+    assert torch.equal(mask_kernel.select_bias(x, 17, 1), want)  # the loaded library, reused
+    builds = log.read_text().splitlines()
+    assert len(builds) == 1 and str(private) in builds[0]  # compiled once, into the private folder
+    assert not list(private.iterdir())  # removed once loaded (the process keeps its mapping)
+    assert not (tmp_path / "kernels").exists()  # nothing written to, or read from, the cache folder
+
+
+@needs_kernel
+def test_a_temporary_folder_that_cannot_hold_libraries_is_named_in_one_line(monkeypatch, tmp_path, caplog):
     _fresh(monkeypatch, tmp_path)
-    assert mask_kernel.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+    def noexec(path, *args, **kwargs):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(mask_kernel.ctypes, "CDLL", noexec)
+    with caplog.at_level(logging.WARNING, logger="students.sparsifiner.mask_kernel"):
+        assert mask_kernel.select_bias(approximations(0), 17, 1) is None
+    assert "set TMPDIR" in mask_kernel.unavailable_reason()
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
 
 
 @needs_kernel
@@ -170,6 +262,30 @@ def test_it_runs_in_torchs_openmp_runtime_not_a_second_one():
 
 def test_other_inputs_are_left_to_torch():
     x = approximations(0)
-    assert mask_kernel.select_bias(x.double(), 17, 1, topk_index) is None
-    assert mask_kernel.select_bias(x.requires_grad_(), 17, 1, topk_index) is None
-    assert mask_kernel.select_bias(x.detach()[:, :, :10], 17, 1, topk_index) is None  # not [N - P, N]
+    assert mask_kernel.select_bias(x.double(), 17, 1) is None
+    assert mask_kernel.select_bias(x.requires_grad_(), 17, 1) is None
+    assert mask_kernel.select_bias(x.detach()[:, :, :10], 17, 1) is None  # not [N - P, N]
+
+
+@needs_kernel
+def test_a_kernel_that_cannot_allocate_leaves_every_row_to_torchs_top_k(monkeypatch):
+    """The kernel reports failure (its row buffer could not be allocated) having written nothing: every row is
+    then redone by torch's top-k, so the mask is still exactly torch's."""
+    lib = mask_kernel._lib
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def sparsifiner_select_bias(self, *args):
+            return 1
+
+        def sparsifiner_combine_select_bias(self, *args):
+            return 1
+
+    monkeypatch.setattr(mask_kernel, "_lib", Failing())
+    x = approximations(5)
+    assert torch.equal(mask_kernel.select_bias(x, 17, 1), torch_bias(x, 17, 1, monkeypatch))
+    index, values, basis = combination_terms(5)
+    want = torch_bias(_csr_combination(index, values, basis), 17, 1, monkeypatch)
+    assert torch.equal(mask_kernel.combine_select_bias(index, values, basis, 17, 1), want)

@@ -196,14 +196,18 @@ def test_schedules_and_bad_r(teacher):
         ToMe(teacher, "8")
 
 
-def test_agrees_with_the_authors_code():
-    """Logits of facebookresearch/ToMe's own timm patch on a tiny ViT (tests/fixtures/tome_reference, made by
-    make_tome_reference.py), capped schedule included."""
+@pytest.mark.parametrize("model", ["cls_token", "no_cls_mean", "no_cls_map"])
+def test_agrees_with_the_authors_code(model):
+    """Logits of facebookresearch/ToMe's own timm patch on tiny ViTs (tests/fixtures/tome_reference, made by
+    make_tome_reference.py), capped schedules included: one with a class token, and two without one (pooled
+    by the mean and by a MAP head), where the authors keep the unmerged tokens in their matching order."""
     folder = FIXTURES / "tome_reference"
-    info = json.loads((folder / "reference.json").read_text())
-    teacher = create_teacher({**info["spec"], "pretrained": str(folder / "model.safetensors")})
-    io = load_file(str(folder / "io.safetensors"))
-    for r in info["schedules"]:
+    ref = json.loads((folder / "reference.json").read_text())["models"][model]
+    weights, io = ref["files"]
+    teacher = create_teacher({**ref["spec"], "pretrained": str(folder / weights)})
+    assert teacher.num_prefix_tokens == (1 if model == "cls_token" else 0)
+    io = load_file(str(folder / io))
+    for r in ref["schedules"]:
         tome = ToMe(teacher, r)
         with torch.no_grad():
             torch.testing.assert_close(tome(io["images"]), io[f"r={r}"], rtol=0, atol=1e-5)

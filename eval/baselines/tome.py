@@ -8,7 +8,9 @@ merging ``r`` tokens in every block. In each block, between the attention and th
    most cosine-similar token of B; the ``r`` A tokens with the most similar partners are merged
    into them. The class token and any other prefix tokens (registers) never merge and no token
    merges into them; a tower without them (SigLIP) may merge any token. With qk-norm the keys are
-   the normed ones, as the attention's.
+   the normed ones, as the attention's. The tokens leave in the order the next block's split uses, as
+   in the authors' code: the prefix tokens, the kept A tokens, the B tokens; the kept A tokens in token
+   order where prefix tokens are protected, else in the order of their best similarity.
 2. *Size-weighted merging*: every token carries its size ``s`` (how many patches it stands
    for, 1 at first); a merged token is the size-weighted mean of its members, of size their sum.
 3. *Proportional attention*: ``softmax(q k^T / sqrt(d) + log s)``, so that a token of size ``s``
@@ -31,8 +33,8 @@ sizes, as timm's head computes it under the authors' patch.
 
 ``ToMe`` wraps the teacher and runs its own modules (``Teacher.block_modules``): no weight is
 copied, changed or patched, and at ``r = 0`` it computes what the teacher computes. On a timm
-ViT its logits agree with the authors' ``tome.patch.timm`` to 1e-7 (capped schedules too;
-``tests/fixtures/tome_reference``).
+ViT its logits agree with the authors' ``tome.patch.timm`` to 1e-7, with a class token and without
+one (mean and MAP pooling), capped schedules too (``tests/fixtures/tome_reference``).
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def plan(r: R, num_patches: int, depth: int, num_prefix_tokens: int = 1, model: 
 class Matching:
     """One merge step found by ``bipartite_soft_matching`` (indices into the A and B sets)."""
 
-    unmerged: Tensor  # [B, |A| - r, 1] A tokens kept, in their order (prefix tokens first)
+    unmerged: Tensor  # [B, |A| - r, 1] A tokens kept: in token order (prefix tokens first), or without prefix
+    #                   tokens in the order of their best similarity, highest first (as the authors' code)
     src: Tensor  # [B, r, 1] A tokens merged away
     dst: Tensor  # [B, r, 1] the B token each of them merges into
     num_prefix: int
@@ -138,7 +141,7 @@ class Matching:
     def merge(self, x: Tensor, mode: str = "sum") -> Tensor:
         """``x`` [B, T, C] reduced to [B, T - r, C]: each src row reduced (``mode``) into its dst row.
 
-        Order: the prefix tokens (their original order), the kept A tokens, then the B tokens.
+        Order: the prefix tokens (their original order), the kept A tokens (``unmerged``), then the B tokens.
         """
         a, b = x[:, ::2], x[:, 1::2]
         n, ta, c = a.shape
@@ -174,7 +177,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Matc
         best, partner = scores.max(dim=-1)
         # Stable: equal similarities merge in token order, so a result never depends on the sort kernel.
         order = best.argsort(dim=-1, descending=True, stable=True)[..., None]
-        src, unmerged = order[:, :r], order[:, r:].sort(dim=1).values
+        src, unmerged = order[:, :r], order[:, r:]
+        if num_prefix:  # As the authors: back to token order only to keep the protected tokens first. Without
+            unmerged = unmerged.sort(dim=1).values  # them the kept tokens stay in matching order, which decides
+        # the sets A and B of the next block (the pooling, a mean or a MAP head, does not depend on the order).
         dst = partner[..., None].gather(1, src)
     return Matching(unmerged=unmerged, src=src, dst=dst, num_prefix=num_prefix)
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from data.outputs import replacing
+
 # Pixels per panel side; the PNG is (stages + 1) * PANEL_PX wide and images * PANEL_PX high.
 PANEL_PX = 256
 _DPI = 100
@@ -97,7 +99,8 @@ def draw_rois(student: nn.Module, images: Tensor, path: str | os.PathLike, mean:
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.1 / rows, wspace=0.03, hspace=0.03)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=_DPI, format="png")
     return dict(path=str(path), width=cols * PANEL_PX, height=rows * PANEL_PX, rows=rows, columns=cols)
 
 

@@ -20,22 +20,22 @@ entries equal it than places left), which of them topk keeps is its own choice, 
 and redone with `torch.topk` from the same approx row. Ties are rare except at 0 (a sparse approximation
 with fewer non-zero entries than the budget).
 
-Built on first use with the system C compiler (`$CC`, else `cc`) into
-`$SPARSEFORMER_CACHE/kernels` (default `~/.cache/sparseformer-bootstrap/kernels`), keyed by the source, the
-compiler and the CPU's flags, in well under a second. Without a compiler, or with
+Built on first use in each process with the system C compiler (`$CC`, else `cc`), in about 0.15 s, into a
+private temporary folder that is removed once the library is loaded: nothing is cached, so no library that
+someone else placed in a cache folder is ever loaded. Without a compiler, or with
 `SPARSIFINER_CPU_KERNEL=0`, both return None and the caller runs torch's path (a one-line warning says why,
 once). Plain C called through ctypes (which releases the GIL), no torch extension build. Where torch's
 parallel backend is OpenMP the rows run in torch's own pool (the library binds to the libgomp.so.1 torch
-loaded, not a second runtime); a compiler without -fopenmp gets a pthreads build.
+loaded, not a second runtime); a compiler without -fopenmp gets a pthreads build. Both calls are torch custom
+operators (`torch.library.custom_op`, with fake implementations giving the mask's shape), so a Sparsifiner
+compiles whole under `torch.compile(fullgraph=True)` with the kernel in its graph.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -202,35 +202,14 @@ _reason: str | None = None  # why the kernel is unavailable (None: not tried yet
 _tried = False
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap"
-    return Path(root).expanduser() / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(cc: str, flags: list[str]) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"sparsifiner_select_{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src = Path(tmp) / "select.c"
-            src.write_text(SOURCE)
-            out = Path(tmp) / path.name
-            done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[:500]}")
-            os.replace(out, path)  # atomic: processes that compile at once never load a half-written file
-    return path
+def _build(cc: str, flags: list[str], folder: Path) -> Path:
+    src = folder / "select.c"
+    src.write_text(SOURCE)
+    out = folder / "sparsifiner_select.so"
+    done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[:500]}")
+    return out
 
 
 def _compile() -> ctypes.CDLL:
@@ -244,14 +223,22 @@ def _compile() -> ctypes.CDLL:
     # -fopenmp, some compilers no -march=native).
     openmp = ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
     attempts = [base + ["-march=native"] + openmp, base + ["-march=native"], base]
-    for flags in attempts if openmp else attempts[1:]:
+    # Built by this process into a folder of its own (mkdtemp: mode 0700, a fresh name), loaded, and the
+    # folder removed (the process keeps its mapping). No library from a shared or copied cache is ever loaded,
+    # so none can run code or pose as the kernel; the build takes about 0.15 s once per process.
+    with tempfile.TemporaryDirectory(prefix="sparsifiner-kernel-") as folder:
+        for flags in attempts if openmp else attempts[1:]:
+            try:
+                path = _build(cc, flags, Path(folder))
+                break
+            except RuntimeError:
+                if flags is attempts[-1]:
+                    raise
         try:
-            path = _build(cc, flags)
-            break
-        except RuntimeError:
-            if flags is attempts[-1]:
-                raise
-    lib = ctypes.CDLL(str(path))
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise RuntimeError(f"the kernel built in {tempfile.gettempdir()} did not load ({e}); if that folder "
+                               f"is mounted noexec, set TMPDIR to one that is not") from None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sparsifiner_select_bias.restype = i32
     lib.sparsifiner_select_bias.argtypes = [p, i64, i32, i32, i32, i32, p, p, i32]
@@ -281,6 +268,7 @@ def _load():
     return _lib
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided once when tracing, not a graph break
 def available() -> bool:
     """Whether the compiled selection can run here (compiles it on the first call)."""
     return _load() is not None
@@ -295,15 +283,20 @@ def _applies(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
 
 
-def _finish(bias: Tensor, tied: Tensor, approx_rows, budget: int, rows: int, num_prefix: int,
-            topk_index) -> Tensor:
+def _topk_index(x: Tensor, k: int) -> Tensor:
+    """`students.sparsifiner.topk_index` on float32 rows (their int32 bit patterns, as it takes them): the same
+    top-k call, so among tied values the same choice as torch's path."""
+    return x.view(torch.int32).topk(k, dim=-1, sorted=False).indices
+
+
+def _finish(bias: Tensor, tied: Tensor, approx_rows, budget: int, rows: int, num_prefix: int) -> Tensor:
     """Redo the tied rows with torch's top-k (its own choice among equal values), from the same approx rows
     (`approx_rows(which)` gives them)."""
     redo = tied.nonzero().squeeze(1)
     if redo.numel():
         n = bias.shape[-1]
         flat = approx_rows(redo)
-        fixed = torch.full_like(flat, float("-inf")).scatter_(-1, topk_index(flat, budget), 0.0)
+        fixed = torch.full_like(flat, float("-inf")).scatter_(-1, _topk_index(flat, budget), 0.0)
         bias.view(-1, n)[(redo // rows) * n + num_prefix + redo % rows] = fixed
     return bias
 
@@ -314,26 +307,72 @@ def _empty_bias(b: int, h: int, n: int, num_prefix: int) -> Tensor:
     return bias
 
 
-def select_bias(approx: Tensor, budget: int, num_prefix: int, topk_index) -> Tensor | None:
-    """The additive mask [B, H, N, N] (float32: 0 kept, -inf dropped) of each approx row's `budget` largest
-    keys, prefix rows all kept; exactly `attention_bias`'s. None where the kernel does not apply (not a CPU
-    float32 tensor, or no kernel): the caller then runs torch's path. `topk_index` redoes tied rows."""
-    if not _applies(approx) or approx.dim() != 4 or budget < 1:
-        return None
+def _fake_bias(b: int, h: int, n: int, like: Tensor) -> Tensor:
+    return like.new_empty((b, h, n, n))
+
+
+# The kernel calls are torch custom operators, so that `torch.compile(fullgraph=True)` keeps them in the graph
+# (a ctypes call cannot be traced): each is opaque to the compiler, which sees only the mask's shape (the fake
+# implementations). Neither fails: where the kernel cannot allocate its row buffer every row is marked tied and
+# so redone by torch's top-k.
+@torch.library.custom_op("sparseformer_bootstrap::sparsifiner_select_bias", mutates_args=())
+def _select_bias_op(approx: Tensor, budget: int, num_prefix: int) -> Tensor:
     b, h, rows, n = approx.shape
-    if rows + num_prefix != n or budget >= n or _load() is None:
-        return None
     x = approx.contiguous()
     bias = _empty_bias(b, h, n, num_prefix)
     tied = torch.empty(b * h * rows, dtype=torch.uint8)
     if _lib.sparsifiner_select_bias(x.data_ptr(), b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
                                     tied.data_ptr(), torch.get_num_threads()):
+        tied.fill_(1)
+    return _finish(bias, tied, lambda which: x.view(-1, n)[which], budget, rows, num_prefix)
+
+
+@_select_bias_op.register_fake
+def _(approx, budget, num_prefix):
+    b, h, _, n = approx.shape
+    return _fake_bias(b, h, n, approx)
+
+
+@torch.library.custom_op("sparseformer_bootstrap::sparsifiner_combine_select_bias", mutates_args=())
+def _combine_select_bias_op(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int) -> Tensor:
+    b, h, rows, terms = values.shape
+    n = basis.shape[1]
+    index, values, basis = index.contiguous(), values.contiguous(), basis.contiguous()
+    bias = _empty_bias(b, h, n, num_prefix)
+    tied = torch.empty(b * h * rows, dtype=torch.uint8)
+    if _lib.sparsifiner_combine_select_bias(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms,
+                                            b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
+                                            tied.data_ptr(), torch.get_num_threads()):
+        tied.fill_(1)
+
+    def approx_rows(which: Tensor) -> Tensor:
+        out = torch.empty(which.numel(), n)
+        _lib.sparsifiner_combine_rows(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms, n,
+                                      which.contiguous().data_ptr(), which.numel(), out.data_ptr())
+        return out
+
+    return _finish(bias, tied, approx_rows, budget, rows, num_prefix)
+
+
+@_combine_select_bias_op.register_fake
+def _(index, values, basis, budget, num_prefix):
+    b, h = values.shape[:2]
+    return _fake_bias(b, h, basis.shape[1], values)
+
+
+def select_bias(approx: Tensor, budget: int, num_prefix: int) -> Tensor | None:
+    """The additive mask [B, H, N, N] (float32: 0 kept, -inf dropped) of each approx row's `budget` largest
+    keys, prefix rows all kept; exactly `attention_bias`'s. None where the kernel does not apply (not a CPU
+    float32 tensor, or no kernel): the caller then runs torch's path."""
+    if not _applies(approx) or approx.dim() != 4 or budget < 1:
         return None
-    return _finish(bias, tied, lambda which: x.view(-1, n)[which], budget, rows, num_prefix, topk_index)
+    b, h, rows, n = approx.shape
+    if rows + num_prefix != n or budget >= n or not available():
+        return None
+    return _select_bias_op(approx, budget, num_prefix)
 
 
-def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int,
-                        topk_index) -> Tensor | None:
+def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: int, num_prefix: int) -> Tensor | None:
     """`select_bias` of the approximation Σ_t values[..., t] · basis[index[..., t]] ([B, H, N-P, N]) without
     forming it: each row is summed, selected and written in one pass. The sum runs in the terms' order, a
     product then a sum, as torch's CSR product (`students.sparsifiner._csr_combination`) does, so the rows
@@ -342,20 +381,6 @@ def combine_select_bias(index: Tensor, values: Tensor, basis: Tensor, budget: in
         return None
     b, h, rows, terms = values.shape
     n = basis.shape[1]
-    if index.shape != values.shape or rows + num_prefix != n or not 1 <= budget < n or _load() is None:
+    if index.shape != values.shape or rows + num_prefix != n or not 1 <= budget < n or not available():
         return None
-    index, values, basis = index.contiguous(), values.contiguous(), basis.contiguous()
-    bias = _empty_bias(b, h, n, num_prefix)
-    tied = torch.empty(b * h * rows, dtype=torch.uint8)
-    if _lib.sparsifiner_combine_select_bias(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms,
-                                            b * h * rows, n, budget, rows, num_prefix, bias.data_ptr(),
-                                            tied.data_ptr(), torch.get_num_threads()):
-        return None  # out of memory in the kernel: torch's path
-
-    def approx_rows(which: Tensor) -> Tensor:
-        out = torch.empty(which.numel(), n)
-        _lib.sparsifiner_combine_rows(index.data_ptr(), values.data_ptr(), basis.data_ptr(), terms, n,
-                                      which.contiguous().data_ptr(), which.numel(), out.data_ptr())
-        return out
-
-    return _finish(bias, tied, approx_rows, budget, rows, num_prefix, topk_index)
+    return _combine_select_bias_op(index, values, basis, budget, num_prefix)

@@ -178,7 +178,7 @@ def attention_bias(approx: Tensor, budget: int, num_prefix: int, dtype: torch.dt
     On a CPU in float32 the compiled selection (`students.sparsifiner.mask_kernel`) writes the same mask about 4x faster
     than the top-k, fill and scatter below."""
     if dtype == torch.float32:
-        bias = mask_kernel.select_bias(approx, budget, num_prefix, topk_index)
+        bias = mask_kernel.select_bias(approx, budget, num_prefix)
         if bias is not None:
             return bias
     b, h, rows, n = approx.shape
@@ -252,7 +252,7 @@ class SparsifinerAttention(nn.Module):
         formed."""
         terms = self.mask_predictor.sparse_terms(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk)
         if q.dtype == torch.float32 and csr_product(terms[1], terms[2].shape[0]):
-            bias = mask_kernel.combine_select_bias(*terms, self.budget, self.num_prefix, topk_index)
+            bias = mask_kernel.combine_select_bias(*terms, self.budget, self.num_prefix)
             if bias is not None:
                 return bias
         return attention_bias(combine(*terms), self.budget, self.num_prefix, q.dtype)

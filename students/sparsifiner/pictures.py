@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from data.outputs import replacing
+
 __all__ = ["draw_kept_keys", "kept_keys", "kept_keys_figure"]
 
 
@@ -61,7 +63,8 @@ def kept_keys_figure(images: Tensor, masks: list[Tensor], path: str | Path, *, b
     fig.suptitle(f"keys kept per query patch (block {block}, {which})", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
