@@ -25,7 +25,9 @@ another, so every rank yields exactly ``len(loader)`` full batches per epoch:
   of ``epoch_samples`` — webdataset's ``with_epoch``, with the share computed here so that
   ranks agree. Needs no sample counts when ``epoch_samples`` is given.
 
-A sample that does not decode is skipped, counted and named in a warning. So that a rank
+A sample that does not decode (or has more than ``max_pixels`` pixels) is skipped, counted and
+named in a warning; so are the samples a shard did not deliver because it broke off (a corrupt
+member header, a cut) or held fewer than its sample count says. So that a rank
 still produces its full count of batches, a worker that comes up short re-uses recently
 decoded samples of its own (with fresh augmentation) to fill its last batches;
 ``loader.stats`` reports how many samples were skipped and how many were filled in.
@@ -39,6 +41,7 @@ offset) % K``, rendered with ``transform.apply``) and its target rides in the ba
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import random
 from collections import deque
@@ -49,8 +52,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from .decode import SkipCounter, decode_sample
-from .shards import ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts
+from .decode import DEFAULT_MAX_PIXELS, SkipCounter, decode_sample
+from .shards import (ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts,
+                     shard_shortfall)
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -143,12 +147,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int] | None, transform: Callable, batch_size: int,
                  num_batches: int, rank: int, world_size: int, resampled: bool, shuffle_buffer: int, seed: int,
-                 shardshuffle: bool, targets=None):
+                 shardshuffle: bool, targets=None, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         super().__init__()
         self.urls, self.counts, self.transform = list(urls), counts, transform
         # data.targets.TargetStore or None: cached teacher targets read beside the image shards.
         self.targets = targets
-        self._read = iter_shard if targets is None else targets.iter_shard
+        self._read = functools.partial(iter_shard, allow_pipe=allow_pipe) if targets is None else targets.iter_shard
+        self.max_pixels = max_pixels
         self.batch_size, self.num_batches = batch_size, num_batches
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed, self.shardshuffle = resampled, shuffle_buffer, seed, shardshuffle
@@ -169,12 +175,15 @@ class TrainStream(IterableDataset):
         empty = 0
         while True:
             n = 0
-            url = self.urls[rng.randrange(len(self.urls))]
+            index = rng.randrange(len(self.urls))
+            url, count = self.urls[index], self.counts[index] if self.counts else None
             try:
                 for n, sample in enumerate(self._read(url), 1):
                     yield sample
+                if count is not None and n < count:  # a whole tar file short of its listed samples
+                    raise shard_shortfall(url, n, count)
             except (ShardError, FileNotFoundError) as exn:
-                counter.bad_shard(url, exn, 0)
+                counter.bad_shard(url, exn, max(0, count - n) if count is not None else 0)
             # Guard against spinning forever on shards that are all empty.
             empty = empty + 1 if n == 0 else 0
             if empty > 10 * len(self.urls) + 10:
@@ -198,7 +207,8 @@ class TrainStream(IterableDataset):
                                  counter)
 
     def _decode(self, raw: dict) -> dict:
-        sample = decode_sample(raw)  # an image that does not decode is skipped before its target is read
+        # An image that does not decode (or is too large) is skipped before its target is read.
+        sample = decode_sample(raw, self.max_pixels)
         if self.targets is not None:
             sample["targets"] = self.targets.decode(raw)
         return sample
@@ -316,6 +326,8 @@ def build_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     targets=None,
+    allow_pipe: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -336,6 +348,8 @@ def build_train_loader(
         targets: a ``data.targets.TargetStore`` (cached teacher targets, made for these shards):
             each image is the view of this epoch that the cache stores, rendered with
             ``transform.apply`` (a ``ReplayableTrainTransform``), and the batch carries its target.
+        allow_pipe: let ``pipe:`` shard URLs run their shell commands (see ``resolve_shards``).
+        max_pixels: images with more pixels are skipped and counted before decoding (None: no limit).
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
@@ -354,7 +368,7 @@ def build_train_loader(
         raise TypeError("cached targets replay their views: the transform must be a data.transforms."
                         f"ReplayableTrainTransform (teacher.train_transform() gives one), got {type(transform).__name__}")
     rank, world_size = dist_info(rank, world_size)
-    urls = resolve_shards(shards)
+    urls = resolve_shards(shards, allow_pipe)
     counts = None
     if not resampled or epoch_samples is None:
         counts = shard_sample_counts(urls)
@@ -369,5 +383,5 @@ def build_train_loader(
         epoch_samples = sum(counts)
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
     dataset = TrainStream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
-                          shuffle_buffer, seed, shardshuffle, targets)
+                          shuffle_buffer, seed, shardshuffle, targets, allow_pipe, max_pixels)
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)
