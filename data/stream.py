@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .decode import DEFAULT_MAX_PIXELS, SkipCounter, decode_sample
 from .shards import (ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts,
                      shard_shortfall)
+from .targets import TargetsError
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -249,6 +250,17 @@ class TrainStream(IterableDataset):
                 batch = []
 
 
+def _without_worker_traceback(exn: Exception) -> Exception:
+    """A worker's exception as DataLoader re-raises it carries the worker's traceback in its message
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): the same type with the
+    original one-line message, for errors whose message is meant for the user."""
+    text = str(exn)
+    if "\nOriginal Traceback" not in text:
+        return exn
+    last = text.rstrip().splitlines()[-1]
+    return type(exn)(last.split(": ", 1)[1] if ": " in last else last)
+
+
 def _exactly(samples: Iterator[dict], n: int, keep: int, where: str) -> Iterator[tuple[dict, bool]]:
     """Yield exactly ``n`` samples as ``(sample, padded)``: those of ``samples``, then — when
     skipped samples left it short — the last ``keep`` good ones again, so that every rank keeps
@@ -303,10 +315,13 @@ class TrainLoader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
         count = 0
-        for images, extras in loader:
-            self.stats.update(extras)
-            count += 1
-            yield images, extras
+        try:
+            for images, extras in loader:
+                self.stats.update(extras)
+                count += 1
+                yield images, extras
+        except TargetsError as exn:  # raised in a worker: its message, without the worker's traceback
+            raise _without_worker_traceback(exn) from None
         if count != len(self):  # cannot happen by construction; would hang distributed training
             raise RuntimeError(f"rank {self.rank} produced {count} batches instead of {len(self)}")
 
