@@ -35,6 +35,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from data.decode import DEFAULT_MAX_PIXELS
+
 from .checkpoint import (TrainState, atomic_write_text, list_checkpoints, load_checkpoint, read_manifest,
                          resolve_resume, save_checkpoint)
 from .config import Recipe, RecipeError
@@ -118,22 +120,12 @@ class _Batches:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
 
 
-def load_heldout(shards, transform, limit: int) -> tuple[Tensor, list[str]]:
+def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Tensor, list[str]]:
     """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set."""
-    from data.decode import decode_sample
-    from data.shards import iter_shard, resolve_shards
+    from data.evalsets import first_images
 
-    images, keys = [], []
-    for url in resolve_shards(shards):
-        for raw in iter_shard(url):
-            sample = decode_sample(raw)
-            images.append(transform(sample["image"]))
-            keys.append(f"{url}#{sample['__key__']}")
-            if len(images) >= limit:
-                return torch.stack(images), keys
-    if not images:
-        raise ValueError(f"the held-out shards {shards} hold no images")
-    return torch.stack(images), keys
+    return first_images(shards, transform, limit, allow_pipe, max_pixels)
 
 
 @torch.no_grad()
@@ -362,7 +354,8 @@ def train(recipe: Recipe) -> dict:
     loader = build_train_loader(
         d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
-        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle, targets=targets.store)
+        seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle, targets=targets.store,
+        allow_pipe=d.allow_pipe, max_pixels=d.max_pixels)
     batches = _Batches(loader, state, recipe.run.seed, rank)
     batch_iter = iter(batches)
     keys_file = None
@@ -372,7 +365,7 @@ def train(recipe: Recipe) -> dict:
 
     heldout = None
     if d.val is not None:
-        images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+        images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
         heldout = (images, targets.heldout(
             keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, accelerator.autocast)))
 
@@ -640,15 +633,19 @@ def check_data(recipe: Recipe) -> None:
     from data.evalsets import check_eval_source
     from data.shards import check_shards, resolve_shards
 
-    check_shards(resolve_shards(recipe.data.train))
-    if recipe.data.val is not None:
-        check_shards(resolve_shards(recipe.data.val))
+    d = recipe.data
+    for key in ("train", "val"):
+        if getattr(d, key) is not None:
+            try:
+                check_shards(resolve_shards(getattr(d, key), d.allow_pipe))
+            except ValueError as exc:  # e.g. a pipe: URL without data.allow_pipe
+                raise RecipeError(f"data.{key}: {exc}") from None
     if recipe.run.final_report:  # the report at the end must not be the first to find its data missing
         for key in ("data", "train_data"):
             source = getattr(recipe.eval, key)
             if source is not None:
                 try:
-                    check_eval_source(source, f"eval.{key}")
+                    check_eval_source(source, f"eval.{key}", d.allow_pipe)
                 except (ValueError, OSError) as exc:
                     raise RecipeError(str(exc)) from None
 
@@ -669,7 +666,7 @@ def check_output_dir(out: Path, rank: int = 0) -> None:
 RESUME_SAFE_KEYS = ("run.resume", "run.stop_after", "run.progress", "run.cpu_threads", "run.log_sample_keys",
                     "run.final_report", "run.keep_checkpoints", "run.log_every", "run.eval_every",
                     "run.checkpoint_every", "run.max_nonfinite", "run.output_dir", "data.num_workers",
-                    "data.eval_batch_size", "demo.cache_dir", "eval", "export", "name")
+                    "data.eval_batch_size", "data.allow_pipe", "demo.cache_dir", "eval", "export", "name")
 
 
 def recipe_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
