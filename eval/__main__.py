@@ -92,6 +92,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-probe", dest="probe", action="store_const", const=False)
     p.add_argument("--no-cost", dest="cost", action="store_const", const=False)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pipe", action="store_true",
+                   help="let pipe:CMD shard URLs (given here or in the run folder's recipe) run CMD; printed first")
 
 
 def eval_options(args: argparse.Namespace) -> dict:
@@ -126,7 +128,8 @@ def _evaluate(args) -> int:
     options = eval_options(args)
     progress = not args.no_progress
     if args.run_dir:
-        report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress, **options)
+        report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress,
+                              allow_pipe=args.allow_pipe, **options)
         out = args.out or args.run_dir
     else:
         from data.evalsets import check_eval_source
@@ -136,12 +139,13 @@ def _evaluate(args) -> int:
         cfg = EvalConfig.from_dict(options)
         for what, value in (("--data", args.data), ("--train-data", cfg.train_data if cfg.probe else None)):
             if value is not None:
-                check_eval_source(value, what)
+                check_eval_source(value, what, args.allow_pipe)
         out = prepare_out_dir(args.out or "eval_report")
         spec = _teacher_spec(args.teacher)
         student = _student(args.student, args.weights)
         teacher = create_teacher(spec)
-        report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress)
+        report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress,
+                          allow_pipe=args.allow_pipe)
     print(json.dumps({k: report[k] for k in ("zero_shot", "classification", "linear_probe", "fidelity")
                       if k in report}, indent=1))
     print(f"report written to {Path(out) / 'report.md'} and {Path(out) / 'report.json'}")

@@ -104,7 +104,7 @@ def _per_model(result_of_pair, names: Sequence[str]) -> tuple[dict, dict]:
 def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
             out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
             sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
-            **options) -> dict:
+            allow_pipe: bool = False, **options) -> dict:
     """Compare ``teacher``, its students ``models`` (name -> module with ``forward(images, pre_logits=...)``)
     and ToMe at each ``r`` in ``tome`` (an int per block or a list per block), on the same images.
 
@@ -145,7 +145,8 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     try:
         if cfg.data is not None:
             transform = teacher.eval_transform()
-            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
+                                                           allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
             want_logits = teacher.family == "supervised"
             if want_logits:
                 why = head_applies(teacher, len(dataset_classnames))
@@ -172,7 +173,7 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
                 report["classification"] = _accuracy_section(t, per)
             report["fidelity"] = {n: fidelity(features[n], features[TEACHER]) for n in [TEACHER, *names]}
             if cfg.probe:
-                probe = _probe(cfg, features, probe_train_split(cfg, transform, dataset_classnames),
+                probe = _probe(cfg, features, probe_train_split(cfg, transform, dataset_classnames, allow_pipe),
                                _step(teacher, everything, False), device, autocast_dtype, progress,
                                models=[TEACHER, *names])
                 report["linear_probe"] = probe
@@ -408,7 +409,8 @@ def _file_digest(path: str) -> str:
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
-                 eval_source=None, progress: bool = True, link: bool = True, **options) -> dict:
+                 eval_source=None, progress: bool = True, link: bool = True, allow_pipe: bool = False,
+                 **options) -> dict:
     """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring)."""
     from teachers import create_teacher
 
@@ -441,7 +443,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out
         notes.append(f"the runs' eval: options differ; those of {first} were used")
     report = compare(students, teacher, eval_source if eval_source is not None else cfg.data, tome=tome,
                      out_dir=out_dir, config=cfg, sources={n: n for n in names}, notes=notes, progress=progress,
-                     **options)
+                     allow_pipe=allow_pipe, **options)
     if link:
         link_reports(names, out_dir / "compare.md")
     return report
@@ -472,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.shards import UnsafeURLError
+
     from .__main__ import eval_options
     from .baselines.tome import ToMeError
 
@@ -479,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
     try:
         report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
-                              progress=not args.no_progress, **eval_options(args))
-    except (CompareError, ToMeError, FileNotFoundError) as exc:
+                              progress=not args.no_progress, allow_pipe=args.allow_pipe, **eval_options(args))
+    except (CompareError, ToMeError, FileNotFoundError, UnsafeURLError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(to_markdown(report, None))
     print(f"comparison written to {out / 'compare.md'}, {out / 'compare.json'}"

@@ -33,6 +33,7 @@ the recipe's ``eval:`` mapping, whose keys are the fields of ``EvalConfig``:
       num_workers: 2
       max_samples: null       # cap on evaluation images (null: all)
       train_max_samples: null # cap on linear-probe training images
+      max_pixels: 64000000    # larger images are skipped and counted before decoding (null: no limit of ours)
       probe: true             # linear probe
       probe_cs: null          # C grid (null: 1e-2 ... 1e4)
       probe_val_fraction: 0.2 # held-out part of the train split that chooses C
@@ -45,6 +46,9 @@ the recipe's ``eval:`` mapping, whose keys are the fields of ``EvalConfig``:
       roi_images: 4
       device: null            # null: cuda if available, else cpu
       precision: fp32         # fp32 | bf16 | fp16 autocast for features and throughput
+
+A ``pipe:`` shard URL runs a shell command: it is refused unless the caller opts in
+(``allow_pipe=True``: ``--allow-pipe`` on the command line), never by a key of the run folder.
 
 Relative paths in ``eval:`` are tried from the working directory, then from the run folder.
 """
@@ -62,6 +66,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from data.decode import DEFAULT_MAX_PIXELS
 
 from .classify import classification_eval, head_applies
 from .cost import compare_cost
@@ -91,6 +97,7 @@ class EvalConfig:
     num_workers: int = 2
     max_samples: Union[int, None] = None
     train_max_samples: Union[int, None] = None
+    max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
     probe: bool = True
     probe_cs: Union[list, None] = None
     probe_val_fraction: float = 0.2
@@ -123,10 +130,10 @@ class EvalConfig:
         if self.precision not in _PRECISIONS:
             raise ValueError(f"eval precision {self.precision!r}: choose one of {', '.join(_PRECISIONS)}")
         at_least = dict(batch_size=1, cost_batch_size=1, cost_iters=1, roi_images=1, num_workers=0,
-                        max_samples=1, train_max_samples=1)
+                        max_samples=1, train_max_samples=1, max_pixels=1)
         for key, low in at_least.items():
             value = getattr(self, key)
-            optional = key.endswith("max_samples")
+            optional = key.startswith(("max_", "train_max_"))
             if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
                                                and value >= low):
                 continue
@@ -248,11 +255,13 @@ def _jsonable(obj):
 
 
 def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.PathLike | None = None,
-             config: EvalConfig | Mapping[str, Any] | None = None, progress: bool = True, **options) -> dict:
+             config: EvalConfig | Mapping[str, Any] | None = None, progress: bool = True, allow_pipe: bool = False,
+             **options) -> dict:
     """Evaluate ``student`` against ``teacher`` (see the module docstring); returns the report dict.
 
     ``eval_source`` (or ``config.data``) is the labelled evaluation set; ``options`` are
     ``EvalConfig`` fields overriding ``config``. With ``out_dir`` the report files are written.
+    ``allow_pipe`` lets ``pipe:`` shard URLs run their commands.
     """
     from data.evalsets import build_eval_loader
 
@@ -276,11 +285,12 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
     try:
         transform = teacher.eval_transform()
         if cfg.data is not None:
-            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+            loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
+                                                           allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
             # Class names are checked before any feature is computed: the prompts' and the probe's.
             if "zero_shot" in sections:
                 zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames)
-            probe_train = probe_train_split(cfg, transform, dataset_classnames)
+            probe_train = probe_train_split(cfg, transform, dataset_classnames, allow_pipe)
             want_logits = "classification" in sections
             if want_logits:
                 why = head_applies(teacher, len(dataset_classnames))
@@ -335,14 +345,15 @@ def _skips(loader) -> dict:
     return dict(num_skipped=len(skipped), skipped=skipped)
 
 
-def probe_train_split(cfg: EvalConfig, transform, dataset_classnames):
+def probe_train_split(cfg: EvalConfig, transform, dataset_classnames, allow_pipe: bool = False):
     """The probe's train split, ``(loader, classnames, train label of each eval class)``, or None (no
     `train_data`, or no probe). The two sets' labels are matched by class name (refused where a class is missing)."""
     from data.evalsets import build_eval_loader
 
     if not cfg.probe or cfg.train_data is None:
         return None
-    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
+    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers,
+                                                 allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
     return loader, train_classnames, train_labels_of(dataset_classnames, train_classnames, _jsonable(cfg.data),
                                                      _jsonable(cfg.train_data))
 
@@ -605,9 +616,10 @@ def load_run_student(run_dir: str | os.PathLike) -> nn.Module:
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os.PathLike | None = None,
-                 progress: bool = True, **options) -> dict:
+                 progress: bool = True, allow_pipe: bool = False, **options) -> dict:
     """Evaluate a bootstrapping run's student against its teacher; writes the report into ``out_dir``
-    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys.
+    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys;
+    ``allow_pipe`` lets ``pipe:`` URLs run their commands (the run folder cannot opt in itself).
 
     The run folder, the options and the data paths are checked before any model is built."""
     from data.evalsets import check_eval_source
@@ -619,9 +631,10 @@ def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os
     source = eval_source if eval_source is not None else cfg.data
     checked = cfg.replace(**options)
     if source is not None:
-        check_eval_source(source, "evaluation data")
+        check_eval_source(source, "evaluation data", allow_pipe)
         if checked.probe and checked.train_data is not None:
-            check_eval_source(checked.train_data, "linear-probe train data")
+            check_eval_source(checked.train_data, "linear-probe train data", allow_pipe)
     out_dir = prepare_out_dir(out_dir if out_dir is not None else run_dir)
     student, teacher, recipe = load_run(run_dir, recipe)
-    return evaluate(student, teacher, source, out_dir=out_dir, config=cfg, progress=progress, **options)
+    return evaluate(student, teacher, source, out_dir=out_dir, config=cfg, progress=progress, allow_pipe=allow_pipe,
+                    **options)
