@@ -24,9 +24,13 @@ def _teacher_spec(value: str) -> dict:
     from .report import yaml_problem
 
     path = Path(value)
-    if not path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. an inline mapping longer than a file name may be
+        is_file = False
+    if not is_file and path.suffix.lower() in (".yaml", ".yml", ".json"):
         raise FileNotFoundError(f"--teacher: the teacher spec file {value} does not exist")
-    text = path.read_text() if path.is_file() else value
+    text = path.read_text() if is_file else value
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exn:
