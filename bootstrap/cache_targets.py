@@ -354,6 +354,8 @@ def default_out(recipe: Recipe, views: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.shards import UnsafeURLError
+
     parser = argparse.ArgumentParser(prog="python -m bootstrap.cache_targets", usage=USAGE,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or default_out(recipe, args.views)
         cache_targets(recipe, args.views, out, dtype=args.dtype, tokens=args.tokens, batch_size=args.batch_size,
                       num_workers=args.num_workers, progress=not args.no_progress)
-    except (RecipeError, TargetsError, FileNotFoundError) as exc:
+    except (RecipeError, TargetsError, FileNotFoundError, UnsafeURLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
