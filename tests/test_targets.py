@@ -642,3 +642,12 @@ def test_a_second_caching_process_waits_then_finds_the_folder_done(cache16, reci
         if not path.name.startswith("."):
             assert (out / path.name).read_bytes() == path.read_bytes()  # used as it was, not made again
             assert (out / path.name).stat().st_mtime_ns == path.stat().st_mtime_ns
+
+
+def test_the_caching_command_refuses_a_pipe_url_with_one_line(recipe_file, demo_data, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    url = f"pipe:touch {marker}; cat {demo_data / 'train' / 'shard-000000.tar'}"
+    assert cache_here(recipe_file, tmp_path / "targets", f"data.train='{url}'", "--views", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs a shell command" in err[0] and "data.allow_pipe: true" in err[0]
+    assert not marker.exists()
