@@ -16,8 +16,11 @@ the recipe's precision (``run.mixed_precision``), on every process of ``accelera
 (image shards are split between ranks; ``--num-workers`` DataLoader workers per rank decode and
 augment). Each target shard is written to a temporary file and renamed when complete, so a
 killed run leaves no half-written shard, and running the same command again continues with
-the shards still missing. The manifest's ``complete`` flag is set last; training refuses a
-folder without it.
+the shards still missing. The manifest's ``complete`` flag is set last, with the SHA-256 of
+every target shard; training refuses a folder without it. One process fills a folder at a
+time (a lock file, ``.lock`` in it): a second command or run on the same folder waits, then
+finds it complete. An image shard that turns out corrupt, or ends before the samples its
+``dataset.json`` counts, is named; its unread samples are cached as skipped (training skips them).
 
 Token targets (``--tokens``): also the teacher's final-normed tokens of every view
 (``[L, width]`` each, for a token-level loss such as Sparsifiner's sparse phase; about 200x the
@@ -28,6 +31,7 @@ phases that need them run the teacher online.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -42,9 +46,10 @@ import torch
 from bootstrap.config import Recipe, load_recipe
 from data.errors import UserError
 from data.targets import (CACHE_FIELDS, DTYPES, TARGET_SHARD, TargetsError, encode_sample, encode_skipped,
-                          first_difference, make_manifest, read_manifest, save_heldout, view_generator,
+                          file_sha256, first_difference, make_manifest, read_manifest, save_heldout, view_generator,
                           weights_sha256, write_manifest)
 
+LOCK = ".lock"  # the lock file in a targets folder
 USAGE = "usage: python -m bootstrap.cache_targets RECIPE.yaml [section.key=value ...] --views K [--out DIR]"
 
 
@@ -55,7 +60,7 @@ def run_manifest(recipe: Recipe, teacher, transform, views: int, dtype: str, tok
     """The manifest of ``recipe``'s targets (what a targets folder for it must record)."""
     from data.shards import resolve_shards, shard_sample_counts
 
-    urls = resolve_shards(recipe.data.train)
+    urls = resolve_shards(recipe.data.train, recipe.data.allow_pipe)
     counts = shard_sample_counts(urls)
     unknown = [u for u, c in zip(urls, counts) if c is None]
     if unknown:
@@ -66,7 +71,7 @@ def run_manifest(recipe: Recipe, teacher, transform, views: int, dtype: str, tok
         teacher_spec=recipe.teacher, weights_sha256=weights_sha256(teacher), augment=transform.settings(),
         train_urls=urls, train_counts=counts, views=views, dtype=dtype, target_shape=[teacher.embed_dim],
         tokens_shape=[teacher.num_prefix_tokens + teacher.num_patches, teacher.width] if tokens else None,
-        seed=recipe.run.seed, precision=recipe.run.mixed_precision,
+        seed=recipe.run.seed, precision=recipe.run.mixed_precision, max_pixels=d.max_pixels,
         heldout=None if d.val is None else {"val": d.val if isinstance(d.val, str) else list(d.val),
                                             "samples": d.heldout_samples})
 
@@ -85,42 +90,57 @@ def final_tokens(teacher, images: torch.Tensor) -> torch.Tensor:
 class _Views(torch.utils.data.IterableDataset):
     """Chunks of K views per image, whole shards per worker, in shard order.
 
-    Yields ``{"shard", "entries": [(key, views | None, error | None)], "images", "last"}``; a
-    shard's last chunk has ``last=True``. Each worker takes every n-th of the given shards.
+    Yields ``{"shard", "entries": [(key, views | None, error | None)], "images", "last", "lost"}``;
+    a shard's last chunk has ``last=True`` and, when the shard broke off or ended before its
+    counted samples, ``lost=(samples, error)``: those samples get skipped entries. Each worker
+    takes every n-th of the given shards.
     """
 
-    def __init__(self, urls: list[str], shards: list[int], transform, views: int, seed: int, chunk: int):
+    def __init__(self, urls: list[str], shards: list[int], transform, views: int, seed: int, chunk: int,
+                 counts: list[int], max_pixels: int | None):
         super().__init__()
         self.urls, self.shards, self.transform = urls, shards, transform
         self.views, self.seed, self.chunk = views, seed, chunk
+        self.counts, self.max_pixels = counts, max_pixels
 
     def __iter__(self):
         from data.decode import DecodeError, decode_sample
-        from data.shards import iter_shard
+        from data.shards import ShardError, iter_shard, shard_shortfall
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in self.shards[worker::workers]:
             entries, images = [], []
-            for raw in iter_shard(self.urls[index]):
-                try:
-                    sample = decode_sample(raw)
-                except DecodeError as exn:
-                    entries.append((raw["__key__"], None, str(exn)))
-                    continue
-                key = sample["__key__"]
-                params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
-                          for v in range(self.views)]
-                images.extend(self.transform.apply(sample["image"], p) for p in params)
-                entries.append((key, params, None))
-                if len(entries) >= self.chunk:
-                    yield self._chunk(index, entries, images, False)
-                    entries, images = [], []
-            yield self._chunk(index, entries, images, True)
+            read, error = 0, None
+            try:
+                for raw in iter_shard(self.urls[index]):
+                    read += 1
+                    try:
+                        sample = decode_sample(raw, self.max_pixels)
+                    except DecodeError as exn:
+                        entries.append((raw["__key__"], None, str(exn)))
+                        continue
+                    key = sample["__key__"]
+                    params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
+                              for v in range(self.views)]
+                    images.extend(self.transform.apply(sample["image"], p) for p in params)
+                    entries.append((key, params, None))
+                    if len(entries) >= self.chunk:
+                        yield self._chunk(index, entries, images, False)
+                        entries, images = [], []
+                if read < self.counts[index]:
+                    error = str(shard_shortfall(self.urls[index], read, self.counts[index]))
+            except (ShardError, FileNotFoundError) as exn:
+                error = str(exn)
+            lost = max(0, self.counts[index] - read)
+            # Stand-ins for the samples the shard did not give: its target shard keeps its count.
+            entries.extend((f"unread-{n:06d}", None, error) for n in range(read, read + lost))
+            yield self._chunk(index, entries, images, True, (lost, error) if error else None)
 
     @staticmethod
-    def _chunk(index, entries, images, last) -> dict:
-        return {"shard": index, "entries": entries, "images": torch.stack(images) if images else None, "last": last}
+    def _chunk(index, entries, images, last, lost=None) -> dict:
+        return {"shard": index, "entries": entries, "images": torch.stack(images) if images else None, "last": last,
+                "lost": lost}
 
 
 def _chunks(dataset: _Views, num_workers: int) -> Iterator[dict]:
@@ -143,10 +163,8 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     the training run makes them (same seed, so random-weight teachers agree).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    import webdataset as wds
+    from data.locks import cache_lock
 
-    from data.shards import count_tar_samples, resolve_shards
 
     if dtype not in DTYPES:
         raise TargetsError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -172,7 +190,22 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     transform = teacher.train_transform(**d.augment)
     manifest = run_manifest(recipe, teacher, transform, views, dtype, tokens)
     out = Path(out).expanduser()
-    urls = resolve_shards(d.train)
+    # One process (the main one of one command or run) fills the folder at a time; another waits, then finds it done.
+    with cache_lock(out / LOCK, f"the targets in {out}") if main else contextlib.nullcontext():
+        return _fill(recipe, accelerator, teacher, home, transform, manifest, out, views, dtype, tokens, batch_size,
+                     num_workers, progress)
+
+
+def _fill(recipe: Recipe, accelerator, teacher, home, transform, manifest: dict, out: Path, views: int, dtype: str,
+          tokens: bool, batch_size: int | None, num_workers: int | None, progress: bool) -> dict:
+    """`cache_targets` once the folder is this command's (the main process holds its lock)."""
+    from tqdm.auto import tqdm
+    import webdataset as wds
+
+    from data.shards import count_tar_samples, resolve_shards
+
+    main, device, d = accelerator.is_main_process, accelerator.device, recipe.data
+    urls = resolve_shards(d.train, d.allow_pipe)
     counts = [s["num_samples"] for s in manifest["train_shards"]]
 
     def done(i: int) -> bool:
@@ -182,7 +215,7 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
         except Exception:  # noqa: BLE001 - an unreadable leftover is rewritten
             return False
 
-    old = None
+    old, finished = None, False
     if main:
         out.mkdir(parents=True, exist_ok=True)
         old = read_manifest(out)
@@ -194,7 +227,8 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
         for stale in out.glob("*.tmp"):  # what a killed run was writing
             stale.unlink()
         # Incomplete until this pass ends, also where a shard of a complete folder went missing.
-        if old is None or not old.get("complete") or not all(done(i) for i in range(len(urls))):
+        finished = old is not None and old.get("complete") and all(done(i) for i in range(len(urls)))
+        if not finished:
             write_manifest(out, manifest)
     accelerator.wait_for_everyone()
     if not main and read_manifest(out) is None:
@@ -204,7 +238,7 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     todo = [i for i in range(rank, len(urls), world) if not done(i)]
     workers = d.num_workers if num_workers is None else num_workers
     batch = batch_size or d.eval_batch_size
-    dataset = _Views(urls, todo, transform, views, recipe.run.seed, chunk=max(1, batch // views))
+    dataset = _Views(urls, todo, transform, views, recipe.run.seed, max(1, batch // views), counts, d.max_pixels)
     np_dtype = DTYPES[dtype]
     total = sum(counts[i] for i in todo) * views
     bar = tqdm(total=total, desc=f"caching targets (rank {rank})" if world > 1 else "caching targets", unit="img",
@@ -239,14 +273,21 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
             del writers[i]
             if written[0] != counts[i]:
                 tmp.unlink()
-                raise TargetsError(f"image shard {urls[i]} gave {written[0]} samples, its dataset.json says "
-                                   f"{counts[i]}: re-create the shard folder's dataset.json")
+                raise TargetsError(f"image shard {urls[i]} holds {written[0]} samples, more than the {counts[i]} "
+                                   f"counted for it: the shard or its dataset.json changed; re-create the shard "
+                                   f"folder with python -m data.make_shards")
+            if chunk["lost"]:
+                lost, error = chunk["lost"]
+                bar.write(f"skipped {lost} of the {counts[i]} samples of image shard {urls[i]}, which could not be "
+                          f"read ({error}); training skips them too", file=sys.stdout)
             os.replace(tmp, out / (TARGET_SHARD % i))  # complete: only now does the shard exist
     bar.close()
     seconds = time.perf_counter() - t_start
 
     accelerator.wait_for_everyone()
-    if main:
+    if main and finished:  # found complete (e.g. made by the command this one waited for)
+        print(f"targets: {out} is complete already; train with data.targets={out}", flush=True)
+    elif main:
         missing = [i for i in range(len(urls)) if not done(i)]
         if missing:
             raise TargetsError(f"target shards {[TARGET_SHARD % i for i in missing[:5]]} are missing after the pass; "
@@ -262,6 +303,8 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
                                  "rank0_views": images_done}
         elif old is not None and "stats" in old:
             manifest["stats"] = old["stats"]
+        manifest["shard_sha256"] = [file_sha256(out / (TARGET_SHARD % i))
+                                    for i in tqdm(range(len(urls)), desc="checksums", disable=len(urls) < 100)]
         manifest["complete"] = True
         write_manifest(out, manifest)
         if images_done:
@@ -271,7 +314,7 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
               f"train with data.targets={out}", flush=True)
     accelerator.wait_for_everyone()
     teacher.to(home)
-    return read_manifest(out) if not main else manifest
+    return read_manifest(out) if not main or finished else manifest
 
 
 @torch.inference_mode()
@@ -290,7 +333,7 @@ def _cache_heldout(recipe: Recipe, teacher, out: Path, device, accelerator) -> N
     from bootstrap.heldout import embed_all, load_heldout
 
     d = recipe.data
-    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
     with torch.inference_mode():
         embed = embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast)
     save_heldout(out, embed, keys)
@@ -302,6 +345,7 @@ def default_out(recipe: Recipe, views: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+
     parser = argparse.ArgumentParser(prog="python -m bootstrap.cache_targets", usage=USAGE,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")

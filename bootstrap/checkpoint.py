@@ -150,6 +150,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key in ("train_state", "files"):
         if not isinstance(manifest.get(key), dict):
             raise CheckpointError(f"{file}: '{key}' is missing or not a mapping; the checkpoint is damaged")
+    try:  # every value an integer, as a run writes them (a string step would fail later, in arithmetic)
+        TrainState().load_state_dict(manifest["train_state"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; the checkpoint is damaged or was edited: resume from an earlier "
+                              f"checkpoint or start anew (run.resume=none)") from None
     return manifest
 
 

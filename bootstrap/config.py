@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
+from data.decode import DEFAULT_MAX_PIXELS
 from data.errors import UserError
 from data.schema import load
 from eval.options import EvalConfig
@@ -73,6 +74,9 @@ class DataConfig:
     targets: Union[str, None] = None
     heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
     eval_batch_size: int = 256
+    # Images with more pixels are skipped and counted, from their header, before decoding (null: PIL's limits only).
+    max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
+    allow_pipe: bool = False  # let `pipe:CMD` shard URLs in train/val/eval data run CMD (printed first)
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ class Recipe:
             # One image would retrieve itself among one: "retrieval 1.000, chance 1.000" says nothing.
             raise RecipeError(f"data.heldout_samples must be at least 2 (retrieval needs several images), "
                               f"got {d.heldout_samples}; set data.val=null for no held-out check")
+        if d.max_pixels is not None and d.max_pixels < 1:
+            raise RecipeError(f"data.max_pixels must be at least 1 or null (no limit of ours), got {d.max_pixels}")
         if d.epoch_samples is not None and d.epoch_samples < 1:
             raise RecipeError(f"data.epoch_samples must be at least 1 or null (the dataset size), got {d.epoch_samples}")
         if r.stop_after is not None and r.stop_after < 1:

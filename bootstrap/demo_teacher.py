@@ -44,9 +44,7 @@ teacher settings and the data, so a change to either trains a new one. Cache roo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -78,16 +76,11 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock on `path` (a file next to the cached folder): one process builds, others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """An exclusive lock on `path` (a file next to the cached folder): one process builds, others wait (saying so)."""
+    from data.locks import cache_lock
+
+    return cache_lock(path, f"the cached {path.parent.name} {path.stem}")
 
 
 def _data_args(demo: DemoConfig) -> dict:

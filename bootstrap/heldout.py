@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from eval.fidelity import fidelity
+from data.decode import DEFAULT_MAX_PIXELS
 from data.outputs import write_bytes
 
 from .stepper import NonFiniteLossError
@@ -18,22 +19,12 @@ from .stepper import NonFiniteLossError
 __all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_alignment"]
 
 
-def load_heldout(shards, transform, limit: int) -> tuple[Tensor, list[str]]:
+def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Tensor, list[str]]:
     """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set."""
-    from data.decode import decode_sample
-    from data.shards import iter_shard, resolve_shards
+    from data.evalsets import first_images
 
-    images, keys = [], []
-    for url in resolve_shards(shards):
-        for raw in iter_shard(url):
-            sample = decode_sample(raw)
-            images.append(transform(sample["image"]))
-            keys.append(f"{url}#{sample['__key__']}")
-            if len(images) >= limit:
-                return torch.stack(images), keys
-    if not images:
-        raise ValueError(f"the held-out shards {shards} hold no images")
-    return torch.stack(images), keys
+    return first_images(shards, transform, limit, allow_pipe, max_pixels)
 
 
 @torch.no_grad()

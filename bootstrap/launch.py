@@ -116,15 +116,19 @@ def check_data(recipe: Recipe) -> None:
     from data.evalsets import check_eval_source
     from data.shards import check_shards, resolve_shards
 
-    check_shards(resolve_shards(recipe.data.train))
-    if recipe.data.val is not None:
-        check_shards(resolve_shards(recipe.data.val))
+    d = recipe.data
+    for key in ("train", "val"):
+        if getattr(d, key) is not None:
+            try:
+                check_shards(resolve_shards(getattr(d, key), d.allow_pipe))
+            except ValueError as exc:  # e.g. a pipe: URL without data.allow_pipe
+                raise RecipeError(f"data.{key}: {exc}") from None
     if recipe.run.final_report:  # the report at the end must not be the first to find its data missing
         for key in ("data", "train_data"):
             source = getattr(recipe.eval, key)
             if source is not None:
                 try:
-                    check_eval_source(source, f"eval.{key}")
+                    check_eval_source(source, f"eval.{key}", d.allow_pipe)
                 except (ValueError, OSError) as exc:
                     raise RecipeError(str(exc)) from None
 

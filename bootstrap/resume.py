@@ -25,7 +25,7 @@ __all__ = ["RESUME_SAFE_KEYS", "check_same_recipe", "finished_summary", "recipe_
 RESUME_SAFE_KEYS = ("run.resume", "run.stop_after", "run.progress", "run.cpu_threads", "run.log_sample_keys",
                     "run.final_report", "run.keep_checkpoints", "run.log_every", "run.eval_every",
                     "run.checkpoint_every", "run.max_nonfinite", "run.output_dir", "data.num_workers",
-                    "data.eval_batch_size", "demo.cache_dir", "eval", "export", "name")
+                    "data.eval_batch_size", "data.allow_pipe", "demo.cache_dir", "eval", "export", "name")
 
 
 def recipe_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

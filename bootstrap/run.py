@@ -39,7 +39,7 @@ def finish_run(recipe, run_dir: Path) -> bool:
 
     steps = []
     if recipe.run.final_report:
-        steps.append(("evaluation report", evaluate_run, {}, "python -m eval"))
+        steps.append(("evaluation report", evaluate_run, {"allow_pipe": recipe.data.allow_pipe}, "python -m eval"))
     if recipe.export.enabled:
         steps.append(("export", export_run, {"overwrite": True}, "python -m students.export"))
     ok = True

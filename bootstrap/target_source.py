@@ -7,9 +7,11 @@ for what its phase needs (`students.family.Phase.needs`: embedding, tokens, atte
   embeds every batch.
 * ``data.targets: DIR``, `CachedTargets`: a folder from ``python -m bootstrap.cache_targets``.
   It is checked against the run (teacher spec and weights hash, augmentation, image shards;
-  incomplete, missing or corrupt targets are refused, naming what is wrong); the loader then
+  incomplete, missing or corrupt targets are refused, naming what is wrong; every target shard
+  is checked against its SHA-256 when read, and a few cached views and held-out targets against
+  the teacher's own embedding of them, once at the start); the loader then
   replays the stored views (the pixels the teacher saw) and ships each view's target with
-  the batch. The teacher's forward never runs in training: the teacher is still built, on
+  the batch. The teacher's forward never runs in the loop: the teacher is still built, on
   the CPU, because bootstrapping copies its last blocks, norm and head into the student and
   its weights hash identifies the cache, but it is not moved to the device. The held-out
   check reads the cached held-out targets; only when the cache has none for the run's
@@ -113,7 +115,7 @@ def run_epochs(recipe, world_size: int) -> int:
     from data.stream import batches_per_rank
 
     d = recipe.data
-    samples = d.epoch_samples or sum(c or 0 for c in shard_sample_counts(resolve_shards(d.train)))
+    samples = d.epoch_samples or sum(c or 0 for c in shard_sample_counts(resolve_shards(d.train, d.allow_pipe)))
     per_epoch = batches_per_rank(samples, world_size, d.batch_size)
     steps = recipe.family.steps(recipe.student, recipe.optim)  # all phases
     return max(1, math.ceil(steps * recipe.optim.grad_accum / per_epoch))
@@ -133,7 +135,7 @@ def auto_dir(recipe, teacher, views: int) -> Path:
     d = recipe.data
     key = {"teacher": teacher_identity(recipe.teacher), "weights": weights_sha256(teacher), "train": d.train, "augment": d.augment, "val": d.val,
            "heldout": d.heldout_samples, "views": views, "seed": recipe.run.seed,
-           "precision": recipe.run.mixed_precision, "version": 1}
+           "precision": recipe.run.mixed_precision, "max_pixels": d.max_pixels, "version": 2}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return root / "targets" / digest
 
@@ -141,8 +143,9 @@ def auto_dir(recipe, teacher, views: int) -> Path:
 def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], None] = print):
     """The run's `OnlineTargets` or `CachedTargets` (``recipe.data.targets``); with cached targets
     the folder is checked against this run first (``data.targets.TargetsError`` naming the field)."""
+    from data.evalsets import first_images
     from data.shards import resolve_shards
-    from data.targets import RUN_FIELDS, open_targets, read_manifest, warn_view_reuse
+    from data.targets import CHECK_SAMPLES, RUN_FIELDS, check_against_teacher, open_targets, read_manifest, warn_view_reuse
 
     from .cache_targets import run_manifest
 
@@ -162,7 +165,13 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     views = manifest.get("views", 1)
     wanted = run_manifest(recipe, teacher, transform, views, manifest.get("dtype", "float16"),
                           manifest.get("tokens_shape") is not None)
-    store = open_targets(folder, {k: wanted[k] for k in RUN_FIELDS}, resolve_shards(d.train))
+    store = open_targets(folder, {k: wanted[k] for k in RUN_FIELDS}, resolve_shards(d.train, d.allow_pipe))
+    # A manifest can be edited: a few cached views and held-out targets are embedded again by the teacher.
+    heldout = None if d.val is None else first_images(d.val, teacher.eval_transform(), CHECK_SAMPLES, d.allow_pipe,
+                                                      d.max_pixels)
+    home = next(teacher.parameters()).device
+    check_against_teacher(store, lambda x: teacher.embed(x.to(home)).float().cpu(), transform, heldout,
+                          max_pixels=d.max_pixels)
     if accelerator.is_main_process:
         warn_view_reuse(store.views, epochs)
     say(f"cached targets: {folder} ({store.views} views per image, {manifest.get('dtype')}); the teacher stays on "

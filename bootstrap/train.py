@@ -139,7 +139,7 @@ def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: Run
         d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=accelerator.num_processes, shardshuffle=d.shardshuffle,
-        targets=targets.store)
+        targets=targets.store, allow_pipe=d.allow_pipe, max_pixels=d.max_pixels)
     keys_file = None
     if recipe.run.log_sample_keys:
         out.file("sample_keys").mkdir(exist_ok=True)
@@ -155,7 +155,7 @@ def _heldout_check(run, teacher, targets, accelerator, metrics) -> HeldoutCheck 
     d = run.recipe.data
     if d.val is None:
         return None
-    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples)
+    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
     device, autocast = accelerator.device, accelerator.autocast
     held = targets.heldout(keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, autocast))
     return HeldoutCheck(images, held, d.eval_batch_size, accelerator, teacher.target != "proj", metrics,

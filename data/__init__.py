@@ -9,6 +9,7 @@
 * ``data.evalsets``: ``build_eval_loader``, ``FolderEvalSet``, ``ShardEvalSet`` (with class names).
 * ``data.demo``: ``make_demo_dataset`` (also ``python -m data.demo``), ``DEMO_CLASSNAMES``,
   ``DEMO_TEMPLATES``.
+* ``data.locks``: ``cache_lock``, for cache folders that several processes may fill at once.
 
 Submodules are imported on use, so ``import data`` stays light.
 """

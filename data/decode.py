@@ -16,9 +16,20 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from .shards import IMAGE_KEYS
+
+#: Training and evaluation images with more pixels than this are skipped (and counted) before
+#: they are decoded (recipe key ``data.max_pixels``). 64 MP is above what cameras write (the
+#: largest full-frame sensors give 61 MP) and well below PIL's own limits (a warning at 89 MP,
+#: an error at 179 MP), so no photograph is lost, while a panorama, scan or hostile file of
+#: 144 MP (seconds and 1.4 GB to decode, per sample) is. Decoding 64 MP takes about 200 MB.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# PIL's modes of 16-bit grey images (PNG, TIFF: I;16...; 16-bit PGM: I), which convert("RGB") clips at 255.
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class DecodeError(ValueError):
@@ -29,28 +40,61 @@ class DecodeError(ValueError):
         self.sample_id = sample_id
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Decode a raw sample into ``{"image": PIL RGB, "cls": int (-1 if none), "txt": str, ...}``.
 
     The image is the first of ``IMAGE_KEYS`` present (``jpg`` for img2dataset and ImageNet
     shards, ``png`` for the demo). ``cls`` is -1 and ``txt`` empty when the sample has none.
+    See ``open_image`` for ``max_pixels`` and 16-bit images.
 
     Raises:
-        DecodeError: no image key, undecodable/truncated image, or malformed ``cls``.
+        DecodeError: no image key, undecodable/truncated image, one above ``max_pixels``, or
+            malformed ``cls``.
     """
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
         ext = next((k for k in IMAGE_KEYS if k in sample), None)
         if ext is None:
             raise ValueError(f"no image in sample (keys: {sorted(k for k in sample if not k.startswith('__'))})")
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            image = img.convert("RGB")  # convert() loads the pixels: truncated data fails here
+        image = open_image(sample[ext], max_pixels)
         label = int(sample["cls"]) if "cls" in sample else -1
         text = sample["txt"].decode("utf-8") if "txt" in sample else ""
     except Exception as exn:  # PIL raises many exception types for bad bytes
         raise DecodeError(f"cannot decode sample {key!r} in shard {url}: {type(exn).__name__}: {exn}",
                           f"{url}#{key}") from exn
     return {"image": image, "cls": label, "txt": text, "__key__": key, "__url__": url}
+
+
+class TooManyPixels(ValueError):
+    """An image larger than the pixel limit (checked from its header, before decoding)."""
+
+
+def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (bytes, a path or a file object) to RGB, after checking its size against
+    ``max_pixels`` (None: no limit of ours) from its header.
+
+    16-bit grey images are scaled to 8 bits by their high byte, as PIL and libpng do for 48-bit
+    RGB, so a 16-bit grey picture and its 48-bit RGB copy give the same pixels.
+
+    Raises:
+        TooManyPixels: the image is larger than ``max_pixels``.
+        Exception: whatever PIL raises for bytes it cannot decode (truncated, corrupt).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with warnings.catch_warnings():
+        # PIL warns of decompression bombs when it opens one: the size is checked here instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise TooManyPixels(f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
+                                f"(data.max_pixels / eval.max_pixels); it is not decoded")
+        if img.mode in _WIDE_GREY:
+            grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+            return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+        return img.convert("RGB")  # convert() loads the pixels: truncated data fails here
 
 
 class SkipCounter:

@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .locks import cache_lock
 from .outputs import write_text
+
 from .shards import ShardSink, prepare_out_dir, write_dataset_json
 
 DEMO_CLASSNAMES = ["circle", "square", "triangle", "star", "cross", "ring", "heart", "moon", "arrow", "diamond"]
@@ -276,6 +278,12 @@ def make_demo_dataset(out_dir, num: int = 2400, seed: int = 0, size: int = 64, v
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
+    with cache_lock(out / ".demo.lock", f"the demo dataset in {out}"):  # two processes would write the same files
+        return _write_demo_dataset(out, n_val, num, seed, size, val_fraction, shard_size)
+
+
+def _write_demo_dataset(out: Path, n_val: int, num: int, seed: int, size: int, val_fraction: float,
+                        shard_size: int) -> dict:
     splits = {"val": range(0, n_val), "train": range(n_val, num)}
     result = {"format": "data.demo", "version": DEMO_DATA_VERSION, "classnames": list(DEMO_CLASSNAMES),
               "templates": list(DEMO_TEMPLATES), "num": num, "seed": seed, "size": size,

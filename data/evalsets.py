@@ -9,10 +9,12 @@ Both yield ``(image_tensor, label)`` and expose ``.classnames``. Every sample is
 order; with several DataLoader workers the shards are divided among them. Evaluation is not
 split across ranks: run it on one rank, or on all of them with the same result.
 
-An image that does not decode is skipped, warned about and named: the data set yields a
-``SkippedSample`` in its place, and ``EvalLoader`` (what ``build_eval_loader`` returns) leaves
-it out of the batch and records it in ``loader.skipped`` (name -> error), in the main process
-whatever the number of workers.
+An image that does not decode (or has more than ``max_pixels`` pixels) is skipped, warned about
+and named: the data set yields a ``SkippedSample`` in its place, and ``EvalLoader`` (what
+``build_eval_loader`` returns) leaves it out of the batch and records it in ``loader.skipped``
+(name -> error), in the main process whatever the number of workers. A shard that turns out
+corrupt, or ends before the samples its ``dataset.json`` counts, gives one ``SkippedSample``
+per sample it did not deliver (``shard#<unread sample i of n>``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 from torchvision.datasets import ImageFolder
 
-from .decode import DecodeError, SkipCounter, decode_sample
-from .shards import DATASET_JSON, _local, is_remote, iter_shard, read_dataset_info, resolve_shards, shard_sample_counts
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, SkipCounter, decode_sample, open_image
+from .shards import (DATASET_JSON, ShardError, _local, check_command_urls, is_remote, iter_shard, read_dataset_info,
+                     resolve_shards, shard_sample_counts, shard_shortfall)
 
 
 class SkippedSample(NamedTuple):
@@ -48,11 +51,11 @@ class FolderEvalSet(ImageFolder):
 
     ``classnames`` replaces the folder names (e.g. ImageNet's ``n01440764`` -> ``"tench"``); it
     must list one name per class folder, in sorted folder order. An image that cannot be read
-    gives a ``SkippedSample`` (see the module docstring).
+    (or has more than ``max_pixels`` pixels) gives a ``SkippedSample`` (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 classnames: Sequence[str] | None = None):
+                 classnames: Sequence[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"evaluation folder {root} does not exist")
@@ -63,12 +66,13 @@ class FolderEvalSet(ImageFolder):
         if classnames is not None and len(classnames) != len(self.classes):
             raise ValueError(f"{len(classnames)} class names given for the {len(self.classes)} class folders of {root}")
         self.classnames = list(classnames) if classnames is not None else list(self.classes)
+        self.max_pixels = max_pixels
         self._skips = SkipCounter()
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            image = self.loader(path)  # PIL: open and convert to RGB, which reads every pixel
+            image = open_image(path, self.max_pixels)  # RGB: reads every pixel
         except Exception as exn:  # PIL raises many exception types for bad bytes
             error = DecodeError(f"cannot read evaluation image {path}: {type(exn).__name__}: {exn}", path)
             error.__cause__ = exn
@@ -89,9 +93,11 @@ class ShardEvalSet(IterableDataset):
     them in any case).
     """
 
-    def __init__(self, shards, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+    def __init__(self, shards, transform: Callable | None = None, classnames: Sequence[str] | None = None,
+                 allow_pipe: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         super().__init__()
-        self.urls = resolve_shards(shards)
+        self.urls = resolve_shards(shards, allow_pipe)
+        self.allow_pipe, self.max_pixels = allow_pipe, max_pixels
         self.transform = transform
         if classnames is None:
             classnames = _classnames_from_dataset_json(self.urls)
@@ -102,8 +108,8 @@ class ShardEvalSet(IterableDataset):
             )
         self.classnames = list(classnames)
         self.skipped = 0
-        counts = shard_sample_counts(self.urls)
-        self._len = None if any(c is None for c in counts) else sum(counts)
+        self.counts = shard_sample_counts(self.urls)
+        self._len = None if any(c is None for c in self.counts) else sum(self.counts)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -114,11 +120,15 @@ class ShardEvalSet(IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counter = SkipCounter()
-        raw = (s for url in self.urls[worker::num_workers] for s in iter_shard(url))
+        shards = list(zip(self.urls, self.counts))[worker::num_workers]
+        raw = (s for url, count in shards for s in _whole_shard(url, count, counter, self.allow_pipe))
         try:
             for item in raw:
+                if isinstance(item, SkippedSample):
+                    yield item
+                    continue
                 try:
-                    sample = decode_sample(item)
+                    sample = decode_sample(item, self.max_pixels)
                 except DecodeError as exn:
                     yield _skip(counter, exn)
                     continue
@@ -133,6 +143,24 @@ class ShardEvalSet(IterableDataset):
             self.skipped += counter.count
 
 
+def _whole_shard(url: str, count: int | None, counter: SkipCounter, allow_pipe: bool) -> Iterator:
+    """The raw samples of a shard, then a ``SkippedSample`` for each of the ``count`` it should hold
+    that it did not deliver (a corrupt member header, a cut, fewer samples than listed), warned about."""
+    read = 0
+    try:
+        for read, sample in enumerate(iter_shard(url, allow_pipe), 1):
+            yield sample
+        if count is None or read >= count:
+            return
+        error = shard_shortfall(url, read, count)
+    except (ShardError, FileNotFoundError) as exn:
+        error = exn
+    counter.bad_shard(url, error, max(0, count - read) if count is not None else 1)
+    counter.drain_bad_shards()
+    for name in counter.drain():
+        yield SkippedSample(name, str(error))
+
+
 def _classnames_from_dataset_json(urls: Sequence[str]) -> list[str] | None:
     folders = {os.path.dirname(u) for u in urls if not is_remote(u)}
     names = [(read_dataset_info(f or ".") or {}).get("classnames") for f in sorted(folders)]
@@ -145,16 +173,17 @@ def _classnames_from_dataset_json(urls: Sequence[str]) -> list[str] | None:
 _PATTERN_CHARS = "{*?["
 
 
-def check_eval_source(source, what: str = "evaluation data") -> None:
+def check_eval_source(source, what: str = "evaluation data", allow_pipe: bool = False) -> None:
     """Fail early, naming ``source``, when it cannot be an evaluation set: a local path that does
-    not exist (and is no shard pattern), or a file that is not a ``.tar`` shard. Cheap: no image
-    is read (``build_eval_loader`` checks the rest)."""
+    not exist (and is no shard pattern), a file that is not a ``.tar`` shard, or a ``pipe:`` URL
+    without ``allow_pipe``. Cheap: no image is read (``build_eval_loader`` checks the rest)."""
     sources = source if isinstance(source, (list, tuple)) else [source]
     if not sources:
         raise ValueError(f"{what}: an empty list of shards")
     for src in sources:
         if not isinstance(src, (str, os.PathLike)):
             raise ValueError(f"{what}: {src!r} is not a path; give an ImageFolder root or labelled shards")
+        check_command_urls([os.fspath(src)], allow_pipe, what)
         if is_remote(os.fspath(src)):
             continue
         path = Path(_local(os.fspath(src))).expanduser()
@@ -206,12 +235,13 @@ class EvalLoader(DataLoader):
         return [{"name": name, "error": error} for name, error in self.skipped.items()]
 
 
-def eval_dataset(source, transform: Callable | None = None, classnames: Sequence[str] | None = None):
+def eval_dataset(source, transform: Callable | None = None, classnames: Sequence[str] | None = None,
+                 allow_pipe: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """The ``FolderEvalSet`` or ``ShardEvalSet`` of ``source`` (see ``build_eval_loader``)."""
-    check_eval_source(source)
+    check_eval_source(source, allow_pipe=allow_pipe)
     if _is_shard_source(source):
-        return ShardEvalSet(source, transform, classnames)
-    return FolderEvalSet(source, transform, classnames)
+        return ShardEvalSet(source, transform, classnames, allow_pipe, max_pixels)
+    return FolderEvalSet(source, transform, classnames, max_pixels)
 
 
 def iter_eval_samples(dataset) -> Iterator:
@@ -222,17 +252,42 @@ def iter_eval_samples(dataset) -> Iterator:
 
 
 def build_eval_loader(source, transform: Callable, batch_size: int = 256, num_workers: int = 4,
-                      classnames: Sequence[str] | None = None, pin_memory: bool = False):
+                      classnames: Sequence[str] | None = None, pin_memory: bool = False, allow_pipe: bool = False,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Loader over an evaluation set; returns ``(loader, classnames)``.
 
     ``source`` is an ImageFolder root (class sub-folders), or labelled shards (a folder with
     ``.tar`` files / ``dataset.json``, a pattern, or a list). Batches are ``(images [B, 3, H, W],
     labels [B])``; the last batch may be smaller, and so may one that held samples that do not
-    decode (``loader.skipped`` names them).
+    decode (``loader.skipped`` names them). ``allow_pipe`` lets ``pipe:`` shard URLs run their
+    commands (``data.shards.resolve_shards``); images above ``max_pixels`` are skipped.
     """
-    dataset = eval_dataset(source, transform, classnames)
+    dataset = eval_dataset(source, transform, classnames, allow_pipe, max_pixels)
     if isinstance(dataset, ShardEvalSet):
         num_workers = min(num_workers, len(dataset.urls))  # more workers than shards would only idle
     loader = EvalLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=False)
     return loader, dataset.classnames
+
+
+def first_images(shards, transform: Callable, limit: int, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
+    """The first ``limit`` images of ``shards`` in shard order, transformed and stacked, with the
+    ``shard#key`` of each (a run's fixed held-out set). Images that do not decode are left out
+    with a warning; a shard that turns out unreadable raises ``ShardError``."""
+    images, keys = [], []
+    counter = SkipCounter()
+    for url in resolve_shards(shards, allow_pipe):
+        for raw in iter_shard(url, allow_pipe):
+            try:
+                sample = decode_sample(raw, max_pixels)
+            except DecodeError as exn:
+                counter(exn)
+                continue
+            images.append(transform(sample["image"]))
+            keys.append(f"{url}#{sample['__key__']}")
+            if len(images) >= limit:
+                return torch.stack(images), keys
+    if not images:
+        raise ValueError(f"the held-out shards {shards} hold no images that decode")
+    return torch.stack(images), keys

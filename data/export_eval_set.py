@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,9 +32,9 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .evalsets import SkippedSample, eval_dataset, iter_eval_samples
-from .prompts import dataset_templates, name_or_list_file, resolve_classnames, resolve_templates
 from .outputs import write_text
-from .shards import ShardSink
+from .prompts import dataset_templates, name_or_list_file, resolve_classnames, resolve_templates
+from .shards import ShardSink, is_remote
 
 FORMATS = ("clip_benchmark",)
 CLIP_BENCHMARK_CLASSNAMES = "classnames.txt"
@@ -61,13 +62,15 @@ def clip_benchmark_templates(templates) -> list[str]:
 
 def export_clip_benchmark(source, out_dir: str | Path, *, split: str = "test",
                           classnames: str | Sequence[str] | None = None, templates: str | Sequence[str] | None = None,
-                          maxcount: int = 10000, overwrite: bool = False, progress: bool = True) -> dict:
+                          maxcount: int = 10000, overwrite: bool = False, progress: bool = True,
+                          allow_pipe: bool = False) -> dict:
     """Write evaluation set ``source`` in CLIP_benchmark's ``wds/`` layout (module docstring).
 
-    ``classnames`` and ``templates`` as in ``python -m eval`` (None: the set's own). Returns
+    ``classnames`` and ``templates`` as in ``python -m eval`` (None: the set's own); ``allow_pipe``
+    lets ``pipe:`` shard URLs run their commands. OUT must lie apart from the set. Returns
     ``dict(out_dir, split, num_samples, num_shards, classnames, templates, skipped=[{name, error}])``.
     """
-    dataset = eval_dataset(source)  # no transform: PIL images, as evaluation decodes them
+    dataset = eval_dataset(source, allow_pipe=allow_pipe)  # no transform: PIL images, as evaluation decodes them
     names = resolve_classnames(classnames, dataset.classnames)
     if any("\n" in n for n in names):
         raise ValueError("a class name holds a line break: classnames.txt has one name per line")
@@ -76,6 +79,7 @@ def export_clip_benchmark(source, out_dir: str | Path, *, split: str = "test",
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"the output folder {out} is a file; choose another OUT")
+    check_apart(source, dataset, out)
     split_dir = out / split
     old = sorted(split_dir.glob("*.tar")) if split_dir.is_dir() else []
     if old and not overwrite:
@@ -106,6 +110,25 @@ def export_clip_benchmark(source, out_dir: str | Path, *, split: str = "test",
                 templates=prompts, skipped=skipped)
 
 
+def check_apart(source, dataset, out: Path) -> None:
+    """Refuse an output folder that is, holds or lies inside the evaluation set being read: the export
+    replaces the shards of ``OUT/SPLIT`` (``--overwrite``) and adds folders, which would delete or change
+    its own input."""
+    sources = source if isinstance(source, (list, tuple)) else [source]
+    inputs = [Path(os.fspath(s)).expanduser() for s in sources if not is_remote(os.fspath(s))]
+    inputs += [Path(u) for u in getattr(dataset, "urls", []) if not is_remote(u)]
+    inputs += [Path(dataset.root)] if hasattr(dataset, "root") else []
+    target = out.expanduser().resolve()
+    for path in inputs:
+        path = path.resolve()
+        if path == target or target in path.parents:
+            raise ValueError(f"OUT {out} holds the evaluation set being exported ({path}): the export would replace its "
+                             f"own input; choose an OUT apart from the evaluation set")
+        if path.is_dir() and path in target.parents:
+            raise ValueError(f"OUT {out} lies inside the evaluation set being exported ({path}): the export would add "
+                             f"its files to its own input; choose an OUT apart from the evaluation set")
+
+
 def _length(dataset) -> int | None:
     try:
         return len(dataset)
@@ -126,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxcount", type=int, default=10000, help="most samples per shard (default 10000)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT/SPLIT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-pipe", action="store_true", help="let pipe: shard URLs run their shell commands")
     args = parser.parse_args(argv)
     try:
         info = export_clip_benchmark(args.eval_set, args.out_dir, split=args.split,
                                      classnames=name_or_list_file(args.classnames),
                                      templates=name_or_list_file(args.templates), maxcount=args.maxcount,
-                                     overwrite=args.overwrite, progress=not args.quiet)
+                                     overwrite=args.overwrite, progress=not args.quiet, allow_pipe=args.allow_pipe)
     except (OSError, ValueError) as exn:  # user errors: a message, not a traceback
         print(f"error: {exn}", file=sys.stderr)
         return 2

@@ -98,7 +98,7 @@ def open_append(path: str | os.PathLike) -> TextIO:
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as exn:
+    except OSError:
         if path.is_symlink():
             raise SymlinkRefused(f"{path} is a symlink (to {os.readlink(path)}); an output is never written "
                                  f"through one: remove it") from None

@@ -22,6 +22,8 @@ import io
 import json
 import os
 import random
+import re
+import sys
 import tarfile
 import warnings
 import zlib
@@ -33,7 +35,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from .errors import UserError
 from .outputs import write_text
@@ -61,12 +63,61 @@ class ShardError(UserError, RuntimeError):
     """A shard exists but cannot be read as a tar archive (truncated, corrupt, not a tar)."""
 
 
+class UnsafeURLError(UserError, ValueError):
+    """A shard URL that would run a shell command (``pipe:``), given without the opt-in."""
+
+
+#: The opt-ins that let ``pipe:`` shard URLs run their commands, as users spell them.
+PIPE_OPT_IN = "data.allow_pipe: true in the recipe, --allow-pipe on the eval command line"
+
+# URL schemes whose URL is a command that webdataset's gopen runs through the shell. Its other
+# schemes (http, https, gs, ais, ...) run a fixed program with the URL as one argument.
+_COMMAND_SCHEMES = ("pipe",)
+
+
 # ----------------------------------------------------------------------------- finding shards
+
+
+def runs_command(url: str) -> bool:
+    """Whether opening ``url`` runs a shell command (``pipe:CMD``; webdataset reads schemes in any case)."""
+    scheme, sep, _ = url.partition(":")
+    return bool(sep) and scheme.lower() in _COMMAND_SCHEMES
 
 
 def is_remote(url: str) -> bool:
     """Whether ``url`` is read through a pipe or a network scheme rather than a local path."""
-    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+    return runs_command(url) or ("://" in url and not url.startswith("file://"))
+
+
+def check_command_urls(urls: Sequence[str], allow_pipe: bool, what: str = "shard URL") -> None:
+    """Refuse URLs that run a shell command unless ``allow_pipe``; with it, print each command
+    (once per process) before anything runs it.
+
+    Raises:
+        UnsafeURLError: naming the URL, its command and the opt-in.
+    """
+    commands = [u for u in urls if runs_command(u)]
+    if not commands:
+        return
+    if not allow_pipe:
+        scheme, _, command = commands[0].partition(":")
+        raise UnsafeURLError(
+            f"{what} {scheme}:`{_shorter(command)}` runs a shell command; a shard URL in a recipe, a run folder or on "
+            f"a command line runs nothing unless you opt in ({PIPE_OPT_IN})")
+    new = [u for u in commands if u not in _ANNOUNCED]
+    _ANNOUNCED.update(new)
+    for url in new[:3]:
+        print(f"{what}: running the shell command `{url.partition(':')[2]}` (pipe: allowed)", file=sys.stderr,
+              flush=True)
+    if len(new) > 3:
+        print(f"{what}: ... and {len(new) - 3} more such commands", file=sys.stderr, flush=True)
+
+
+_ANNOUNCED: set[str] = set()  # pipe: URLs already printed by this process
+
+
+def _shorter(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _local(url: str) -> str:
@@ -101,20 +152,33 @@ def _shards_in_folder(folder: Path) -> list[str]:
         subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.tar")))
         if subs:
             hint = f"; its sub-folders {subs} hold shards: pass one of those (e.g. {folder / subs[0]})"
+        elif _holds_images(folder):
+            hint = (f"; it holds images: write them into shards first with `python -m data.make_shards {folder} "
+                    f"OUT` and pass OUT")
         raise FileNotFoundError(f"shard folder {folder} contains no .tar shards{hint}")
     return urls
 
 
-def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` or one of its sub-folders (an ImageNet class folder) holds an image file."""
+    for sub in (folder, *(p for p in folder.iterdir() if p.is_dir())):
+        if any(_is_image_file(p) for p in sub.iterdir() if p.is_file()):
+            return True
+    return False
+
+
+def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], allow_pipe: bool = False) -> list[str]:
     """Resolve a shard specification to a sorted list of shard URLs.
 
     ``spec`` may be a brace pattern (``"/data/shard-{000000..000146}.tar"``), a glob
     (``"/data/*.tar"``), several of these joined by ``::``, a folder of shards (its
     ``dataset.json`` listing is used when present), the path of a ``dataset.json``, a
-    ``pipe:``/``http://`` URL, or a list of any of these. Local shards must exist.
+    ``http://`` URL, a ``pipe:`` URL (its command runs when the shard is read: refused unless
+    ``allow_pipe``, and then printed), or a list of any of these. Local shards must exist.
 
     Raises:
         FileNotFoundError: naming the pattern when it matches nothing, or the missing shards.
+        UnsafeURLError: a ``pipe:`` URL without ``allow_pipe``.
         ValueError: when ``spec`` is empty.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec or [])
@@ -125,7 +189,9 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         text = os.fspath(item)
         for part in text.split("::"):
             urls.extend(_resolve_one(part, text))
-    return sorted(set(urls))
+    urls = sorted(set(urls))
+    check_command_urls(urls, allow_pipe)
+    return urls
 
 
 def _resolve_one(part: str, spec: str) -> list[str]:
@@ -154,6 +220,46 @@ def _resolve_one(part: str, spec: str) -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- reading tar headers
+
+
+class CorruptMemberError(tarfile.ReadError):
+    """A member header in the middle of a tar archive that does not decode."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar header that fails to decode after the first one is an error.
+
+    ``tarfile`` takes such a header for the end of the archive and stops without a word, so a
+    damaged header in the middle of a shard would silently drop every sample after it.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        offset = tar.offset
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exn:
+            if offset == 0:
+                raise  # the first header: tarfile reports "not a tar file" itself
+            raise CorruptMemberError(f"the member header at byte {offset} is corrupt ({exn}): the rest of the "
+                                     f"archive cannot be read") from None
+
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, which it skips
+
+
+def _tar_files(stream, url: str) -> Iterator[dict]:
+    """The regular files of a tar stream as ``{"fname", "data", "__url__"}`` (webdataset's
+    ``tar_file_iterator``, with a corrupt header mid-archive raising instead of ending it)."""
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)
+    for info in tar:
+        if not info.isreg() or info.name is None or _SKIP_META.match(info.name):
+            continue
+        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+        tar.members = []  # a stream is read once: keep no headers
+
+
 # ----------------------------------------------------------------------------- counting samples
 
 
@@ -162,7 +268,7 @@ def count_tar_samples(path: str) -> int:
     keys = 0
     last = None
     try:
-        with tarfile.open(_local(path), "r:*") as tar:
+        with tarfile.open(_local(path), "r:*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isreg():
                     continue
@@ -213,26 +319,41 @@ def shard_sample_counts(urls: Sequence[str], scan: bool = True) -> list[int | No
 # ----------------------------------------------------------------------------- reading
 
 
-def iter_shard(url: str) -> Iterator[dict]:
+def iter_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
     """Yield the raw samples of one shard: dicts of ``{ext: bytes}`` plus ``__key__``/``__url__``.
+
+    A ``pipe:`` URL runs its command only with ``allow_pipe`` (see ``resolve_shards``).
 
     Raises:
         FileNotFoundError: the shard cannot be opened (naming it).
-        ShardError: the shard is not a readable tar archive (naming it).
+        ShardError: the shard is not a readable tar archive, or a member header in it is
+            corrupt (naming it; the samples before it have been yielded).
+        UnsafeURLError: a ``pipe:`` URL without ``allow_pipe``.
     """
+    check_command_urls([url], allow_pipe)
     try:
         stream = open(_local(url), "rb") if not is_remote(url) else wds.gopen(url, "rb")
     except OSError as exn:
         raise FileNotFoundError(f"cannot open shard {url}: {exn.strerror or exn}") from exn
     with stream:
-        try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
-        except _TAR_ERRORS as exn:
-            raise ShardError(
-                f"shard {url} is corrupt or not a tar file ({exn}); re-create it with "
-                "`python -m data.make_shards` or leave it out of the shard list"
-            ) from exn
+        yield from iter_tar_stream(stream, url)
+
+
+def iter_tar_stream(stream, url: str) -> Iterator[dict]:
+    """The raw samples of an open tar stream (``url`` names it); raises ``ShardError`` as ``iter_shard``."""
+    try:
+        yield from group_by_keys(_tar_files(stream, url))
+    except _TAR_ERRORS as exn:
+        raise ShardError(
+            f"shard {url} is corrupt or not a tar file ({exn}); re-create it with "
+            "`python -m data.make_shards` or leave it out of the shard list"
+        ) from exn
+
+
+def shard_shortfall(url: str, read: int, expected: int) -> ShardError:
+    """The error of a shard that ended (as a whole tar file) before the samples its listing counts."""
+    return ShardError(f"shard {url} ended after {read} samples, fewer than the {expected} its {DATASET_JSON} "
+                      f"(or sample count) gives it; re-create it with `python -m data.make_shards` or leave it out")
 
 
 def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]],
@@ -248,17 +369,21 @@ def iter_segments(urls: Sequence[str], segments: Iterable[tuple[int, int, int]],
     """
     reader = reader or iter_shard
     for index, start, stop in segments:
-        n = -1
+        read = 0  # samples of the shard read so far
         try:
-            for n, sample in enumerate(reader(urls[index])):
-                if n >= stop:
+            for sample in reader(urls[index]):
+                if read >= stop:
                     break
-                if n >= start:
+                read += 1
+                if read > start:
                     yield sample
+            else:
+                if read < stop:  # a whole tar file that holds fewer samples than counted
+                    raise shard_shortfall(urls[index], read, stop)
         except (ShardError, FileNotFoundError) as exn:
             if on_bad_shard is None:
                 raise
-            on_bad_shard(urls[index], exn, stop - max(start, n))
+            on_bad_shard(urls[index], exn, stop - max(start, read))
 
 
 def check_shard(url: str) -> None:

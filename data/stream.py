@@ -25,7 +25,9 @@ another, so every rank yields exactly ``len(loader)`` full batches per epoch:
   of ``epoch_samples`` — webdataset's ``with_epoch``, with the share computed here so that
   ranks agree. Needs no sample counts when ``epoch_samples`` is given.
 
-A sample that does not decode is skipped, counted and named in a warning. So that a rank
+A sample that does not decode (or has more than ``max_pixels`` pixels) is skipped, counted and
+named in a warning; so are the samples a shard did not deliver because it broke off (a corrupt
+member header, a cut) or held fewer than its sample count says. So that a rank
 still produces its full count of batches, a worker that comes up short re-uses recently
 decoded samples of its own (with fresh augmentation) to fill its last batches;
 ``loader.stats`` reports how many samples were skipped and how many were filled in.
@@ -39,6 +41,7 @@ offset) % K``, rendered with ``transform.apply``) and its target rides in the ba
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import random
 from collections import deque
@@ -49,8 +52,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from .decode import SkipCounter, decode_sample
-from .shards import ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts
+from .decode import DEFAULT_MAX_PIXELS, SkipCounter, decode_sample
+from .shards import (ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts,
+                     shard_shortfall)
+from .targets import TargetsError
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -143,12 +148,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int] | None, transform: Callable, batch_size: int,
                  num_batches: int, rank: int, world_size: int, resampled: bool, shuffle_buffer: int, seed: int,
-                 shardshuffle: bool, targets=None):
+                 shardshuffle: bool, targets=None, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         super().__init__()
         self.urls, self.counts, self.transform = list(urls), counts, transform
         # data.targets.TargetStore or None: cached teacher targets read beside the image shards.
         self.targets = targets
-        self._read = iter_shard if targets is None else targets.iter_shard
+        self._read = functools.partial(iter_shard, allow_pipe=allow_pipe) if targets is None else targets.iter_shard
+        self.max_pixels = max_pixels
         self.batch_size, self.num_batches = batch_size, num_batches
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed, self.shardshuffle = resampled, shuffle_buffer, seed, shardshuffle
@@ -169,12 +176,15 @@ class TrainStream(IterableDataset):
         empty = 0
         while True:
             n = 0
-            url = self.urls[rng.randrange(len(self.urls))]
+            index = rng.randrange(len(self.urls))
+            url, count = self.urls[index], self.counts[index] if self.counts else None
             try:
                 for n, sample in enumerate(self._read(url), 1):
                     yield sample
+                if count is not None and n < count:  # a whole tar file short of its listed samples
+                    raise shard_shortfall(url, n, count)
             except (ShardError, FileNotFoundError) as exn:
-                counter.bad_shard(url, exn, 0)
+                counter.bad_shard(url, exn, max(0, count - n) if count is not None else 0)
             # Guard against spinning forever on shards that are all empty.
             empty = empty + 1 if n == 0 else 0
             if empty > 10 * len(self.urls) + 10:
@@ -198,7 +208,8 @@ class TrainStream(IterableDataset):
                                  counter)
 
     def _decode(self, raw: dict) -> dict:
-        sample = decode_sample(raw)  # an image that does not decode is skipped before its target is read
+        # An image that does not decode (or is too large) is skipped before its target is read.
+        sample = decode_sample(raw, self.max_pixels)
         if self.targets is not None:
             sample["targets"] = self.targets.decode(raw)
         return sample
@@ -237,6 +248,17 @@ class TrainStream(IterableDataset):
                         extras["target_tokens"] = torch.stack([b[3]["tokens"] for b in batch])
                 yield images, extras
                 batch = []
+
+
+def _without_worker_traceback(exn: Exception) -> Exception:
+    """A worker's exception as DataLoader re-raises it carries the worker's traceback in its message
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): the same type with the
+    original one-line message, for errors whose message is meant for the user."""
+    text = str(exn)
+    if "\nOriginal Traceback" not in text:
+        return exn
+    last = text.rstrip().splitlines()[-1]
+    return type(exn)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 def _exactly(samples: Iterator[dict], n: int, keep: int, where: str) -> Iterator[tuple[dict, bool]]:
@@ -293,10 +315,13 @@ class TrainLoader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
         count = 0
-        for images, extras in loader:
-            self.stats.update(extras)
-            count += 1
-            yield images, extras
+        try:
+            for images, extras in loader:
+                self.stats.update(extras)
+                count += 1
+                yield images, extras
+        except TargetsError as exn:  # raised in a worker: its message, without the worker's traceback
+            raise _without_worker_traceback(exn) from None
         if count != len(self):  # cannot happen by construction; would hang distributed training
             raise RuntimeError(f"rank {self.rank} produced {count} batches instead of {len(self)}")
 
@@ -316,6 +341,8 @@ def build_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     targets=None,
+    allow_pipe: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -336,6 +363,8 @@ def build_train_loader(
         targets: a ``data.targets.TargetStore`` (cached teacher targets, made for these shards):
             each image is the view of this epoch that the cache stores, rendered with
             ``transform.apply`` (a ``ReplayableTrainTransform``), and the batch carries its target.
+        allow_pipe: let ``pipe:`` shard URLs run their shell commands (see ``resolve_shards``).
+        max_pixels: images with more pixels are skipped and counted before decoding (None: no limit).
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
@@ -354,7 +383,7 @@ def build_train_loader(
         raise TypeError("cached targets replay their views: the transform must be a data.transforms."
                         f"ReplayableTrainTransform (teacher.train_transform() gives one), got {type(transform).__name__}")
     rank, world_size = dist_info(rank, world_size)
-    urls = resolve_shards(shards)
+    urls = resolve_shards(shards, allow_pipe)
     counts = None
     if not resampled or epoch_samples is None:
         counts = shard_sample_counts(urls)
@@ -369,5 +398,5 @@ def build_train_loader(
         epoch_samples = sum(counts)
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
     dataset = TrainStream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
-                          shuffle_buffer, seed, shardshuffle, targets)
+                          shuffle_buffer, seed, shardshuffle, targets, allow_pipe, max_pixels)
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)

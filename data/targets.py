@@ -21,11 +21,17 @@ match. View choice: epoch ``e`` uses view ``(e + offset(key)) % K``, ``offset`` 
 key, so consecutive epochs show an image in different views and a batch mixes view indices.
 
 The manifest records what the targets depend on; a folder made for another teacher (spec or
-weights hash), augmentation, image shards, view count or dtype is refused, naming the field.
+weights hash), augmentation, image shards, pixel limit, view count or dtype is refused, naming
+the field. It also records the SHA-256 of every target shard (``shard_sha256``): a shard is
+hashed when it is opened (once per shard and process) and refused if it changed or was swapped
+in from another cache. A manifest can be edited, so a run also re-embeds a few cached views and
+held-out images with its own teacher (`check_against_teacher`) and refuses targets that differ.
+Manifests of version 1 (no checksums) are refused: their shards cannot be verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -37,18 +43,19 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_sample
 from .errors import UserError
-from .shards import ShardError, count_tar_samples, iter_shard
+from .shards import ShardError, count_tar_samples, iter_shard, iter_tar_stream
 
 MANIFEST = "targets.json"
 TARGET_SHARD = "targets-%06d.tar"
 HELDOUT = "heldout.safetensors"
 FORMAT = "sparseformer-bootstrap/teacher-targets"
-VERSION = 1
+VERSION = 2  # 2: per-shard SHA-256 (shard_sha256) and max_pixels
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 # Fields of the manifest that a training run must match, in the order they are checked and named.
-RUN_FIELDS = ("format", "version", "teacher", "weights_sha256", "augment", "train_shards")
+RUN_FIELDS = ("format", "version", "teacher", "weights_sha256", "augment", "train_shards", "max_pixels")
 # ... and that a rerun of the caching command must match to continue where it stopped.
 CACHE_FIELDS = RUN_FIELDS + ("views", "dtype", "target_shape", "tokens_shape", "seed", "precision", "heldout")
 
@@ -99,7 +106,7 @@ def shard_entries(urls: Sequence[str], counts: Sequence[int]) -> list[dict]:
 def make_manifest(*, teacher_spec: Mapping, weights_sha256: str, augment: Mapping, train_urls: Sequence[str],
                   train_counts: Sequence[int], views: int, dtype: str, target_shape: Sequence[int],
                   tokens_shape: Sequence[int] | None = None, seed: int = 0, precision: str = "no",
-                  heldout: Mapping | None = None) -> dict:
+                  heldout: Mapping | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """The manifest of a targets folder (``complete`` False until every shard is written)."""
     if dtype not in DTYPES:
         raise TargetsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -108,6 +115,7 @@ def make_manifest(*, teacher_spec: Mapping, weights_sha256: str, augment: Mappin
     return {
         "format": FORMAT, "version": VERSION, "teacher": teacher_identity(teacher_spec),
         "weights_sha256": weights_sha256, "augment": dict(augment), "train_shards": shard_entries(train_urls, train_counts),
+        "max_pixels": max_pixels,
         "views": int(views), "dtype": dtype, "target_shape": list(target_shape),
         "tokens_shape": None if tokens_shape is None else list(tokens_shape),
         "seed": int(seed), "precision": precision, "heldout": dict(heldout) if heldout else None,
@@ -152,6 +160,42 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     except (OSError, json.JSONDecodeError) as exn:
         raise TargetsError(f"cannot read {path}: {exn}; delete the folder and run bootstrap.cache_targets again") \
             from exn
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in chunks."""
+    with open(path, "rb") as f:
+        return _sha256_of(f)
+
+
+def _sha256_of(f) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Target shards this process has verified, by (path, device, inode, size, mtime): each is hashed once.
+_VERIFIED: set[tuple] = set()
+
+
+def _open_verified(path: str, sha256: str | None):
+    """``path`` opened for reading after checking its SHA-256 against the manifest's (once per process)."""
+    f = open(path, "rb")
+    try:
+        st = os.fstat(f.fileno())
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            if sha256 is None or _sha256_of(f) != sha256:
+                raise TargetsError(f"target shard {path} is not the one cached (its SHA-256 differs from {MANIFEST}): "
+                                   f"it was changed or replaced after caching; delete the targets folder and run "
+                                   f"bootstrap.cache_targets again")
+            _VERIFIED.add(key)
+            f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Mapping) -> None:
@@ -203,7 +247,10 @@ class TargetStore:
         self.manifest = dict(manifest)
         self.views = int(manifest["views"])
         self.tokens = manifest.get("tokens_shape") is not None
+        self.image_urls = list(image_urls)
         self._target_of = {url: str(self.folder / (TARGET_SHARD % i)) for i, url in enumerate(image_urls)}
+        hashes = manifest.get("shard_sha256") or []
+        self._sha256_of = {str(self.folder / (TARGET_SHARD % i)): h for i, h in enumerate(hashes)}
 
     def target_url(self, image_url: str) -> str:
         try:
@@ -216,9 +263,10 @@ class TargetStore:
         return view_index(epoch, key, self.views)
 
     def iter_shard(self, url: str) -> Iterator[dict]:
-        """The raw samples of image shard ``url``, each with its target sample under ``"__targets__"``."""
+        """The raw samples of image shard ``url``, each with its target sample under ``"__targets__"``;
+        the target shard is checked against its SHA-256 in the manifest first (``TargetsError``)."""
         target_url = self.target_url(url)
-        targets = iter_shard(target_url)
+        targets = self._iter_targets(target_url)
         for n, sample in enumerate(iter_shard(url)):
             try:
                 target = next(targets, None)
@@ -232,6 +280,10 @@ class TargetStore:
                     f"{target_url} does not match ({found}); the image shards changed since caching: run "
                     f"bootstrap.cache_targets again")
             yield {**sample, "__targets__": target}
+
+    def _iter_targets(self, path: str) -> Iterator[dict]:
+        with _open_verified(path, self._sha256_of.get(path)) as f:
+            yield from iter_tar_stream(f, path)
 
     def decode(self, sample: dict) -> dict:
         """``{"views": [...], "embed": float32 tensor [K, D], "tokens": ... | None}`` of a raw target
@@ -265,6 +317,11 @@ def open_targets(folder: str | os.PathLike, wanted: Mapping, image_urls: Sequenc
     if manifest is None:
         raise TargetsError(f"data.targets={folder} holds no {MANIFEST}: make the targets with "
                            f"`python -m bootstrap.cache_targets RECIPE --views K --out {folder}`")
+    if manifest.get("format") == FORMAT and manifest.get("version") == 1:
+        # Refused rather than trusted with a warning: nothing tells its shards from changed ones.
+        raise TargetsError(f"the targets in {folder} were made by an older version, without the SHA-256 of each "
+                           f"shard, so they cannot be verified: delete {folder} and make them again with "
+                           f"bootstrap.cache_targets (data.targets=auto makes them by itself)")
     diff = first_difference(manifest, wanted)
     if diff is not None:
         raise TargetsError(f"the targets in {folder} were made for another run: {diff}. Cache them for this "
@@ -273,6 +330,11 @@ def open_targets(folder: str | os.PathLike, wanted: Mapping, image_urls: Sequenc
         done = len(list(folder.glob("targets-*.tar")))
         raise TargetsError(f"the targets in {folder} are not complete ({done} of {len(manifest['train_shards'])} "
                            f"shards): run the same bootstrap.cache_targets command again to finish them")
+    hashes = manifest.get("shard_sha256")
+    if not (isinstance(hashes, list) and len(hashes) == len(manifest["train_shards"])
+            and all(isinstance(h, str) for h in hashes)):
+        raise TargetsError(f"{folder / MANIFEST} does not list the SHA-256 of each target shard: it is damaged or was "
+                           f"edited; delete {folder} and run bootstrap.cache_targets again")
     for i, entry in enumerate(manifest["train_shards"]):
         path = folder / (TARGET_SHARD % i)
         if not path.is_file():
@@ -333,3 +395,63 @@ def load_heldout_targets(folder: str | os.PathLike, keys: Sequence[str]) -> torc
 def _name_key(sample_id: str) -> str:
     url, _, key = sample_id.rpartition("#")
     return f"{os.path.basename(url)}#{key}"
+
+
+# ----------------------------------------------------------------------------- against the teacher
+
+#: Cached views (of the first image shard) and held-out images a run re-embeds with its teacher.
+CHECK_SAMPLES = 4
+#: Largest relative difference (L2) between a cached target and the teacher's embedding of the
+#: same pixels. float16 storage and mixed precision stay well below it; another teacher, flipped
+#: signs or rescaled targets are far above.
+CHECK_TOLERANCE = 0.1
+
+
+def compare_targets(cached: torch.Tensor, fresh: torch.Tensor, names: Sequence[str], what: str,
+                    folder: str | os.PathLike, tolerance: float = CHECK_TOLERANCE) -> None:
+    """Raise ``TargetsError`` naming the row of ``cached`` farthest from ``fresh`` (the teacher's
+    embeddings of the same images) when it differs by more than ``tolerance`` (relative L2)."""
+    cached, fresh = cached.float().reshape(len(names), -1), fresh.float().reshape(len(names), -1)
+    error = (cached - fresh).norm(dim=1) / fresh.norm(dim=1).clamp_min(1e-12)
+    worst = int(error.argmax())
+    if not error[worst] <= tolerance:  # NaN fails too
+        cosine = float(torch.nn.functional.cosine_similarity(cached[worst], fresh[worst], dim=0))
+        raise TargetsError(f"the targets in {folder} were not made by this run's teacher: {what} {names[worst]} differs "
+                           f"from the teacher's embedding by {float(error[worst]):.3f} (relative; cosine {cosine:.3f}, "
+                           f"at most {tolerance} expected); the cache is of another teacher or was changed: delete it "
+                           f"and run bootstrap.cache_targets again")
+
+
+def check_against_teacher(store: TargetStore, embed, transform, heldout=None, samples: int = CHECK_SAMPLES,
+                          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Re-embed a few cached views with the run's teacher and compare (``compare_targets``).
+
+    ``embed`` maps normalised images ``[B, 3, H, W]`` to the teacher's embeddings; ``transform``
+    is the run's ``ReplayableTrainTransform`` (it renders the stored view parameters). The first
+    ``samples`` decodable images of the first image shard are checked, each in another view.
+    ``heldout``: ``(images, keys)`` of the run's first held-out images (un-augmented), checked
+    against ``heldout.safetensors`` when the cache holds their targets.
+    """
+    images, cached, names = [], [], []
+    with contextlib.closing(store.iter_shard(store.image_urls[0])) as raws:
+        for raw in raws:
+            try:
+                sample = decode_sample(raw, max_pixels)
+            except DecodeError:
+                continue  # cached as skipped too
+            target = store.decode(raw)
+            view = len(images) % store.views
+            images.append(transform.apply(sample["image"], target["views"][view]))
+            cached.append(target["embed"][view])
+            names.append(f"{raw['__key__']!r} (view {view}, shard {os.path.basename(store.image_urls[0])})")
+            if len(images) >= samples:
+                break
+    with torch.no_grad():
+        if images:
+            compare_targets(torch.stack(cached), embed(torch.stack(images)), names, "the target of image",
+                            store.folder)
+        if heldout is not None:
+            held = load_heldout_targets(store.folder, heldout[1][:samples])
+            if held is not None:
+                compare_targets(held, embed(heldout[0][:samples]), heldout[1][:samples], "the held-out target of",
+                                store.folder)

@@ -27,9 +27,13 @@ def _teacher_spec(value: str) -> dict:
     import yaml
 
     path = Path(value)
-    if not path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. an inline mapping longer than a file name may be
+        is_file = False
+    if not is_file and path.suffix.lower() in (".yaml", ".yml", ".json"):
         raise FileNotFoundError(f"--teacher: the teacher spec file {value} does not exist")
-    text = path.read_text() if path.is_file() else value
+    text = path.read_text() if is_file else value
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exn:
@@ -91,7 +95,8 @@ def _evaluate(args) -> int:
     options = eval_options(args)
     progress = not args.no_progress
     if args.run_dir:
-        report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress, **options)
+        report = evaluate_run(args.run_dir, args.data, out_dir=args.out, progress=progress,
+                              allow_pipe=args.allow_pipe, **options)
         out = args.out or args.run_dir
     else:
         from data.evalsets import check_eval_source
@@ -101,12 +106,13 @@ def _evaluate(args) -> int:
         cfg = EvalConfig.from_dict(options)
         for what, value in (("--data", args.data), ("--train-data", cfg.train_data if cfg.probe else None)):
             if value is not None:
-                check_eval_source(value, what)
+                check_eval_source(value, what, args.allow_pipe)
         out = prepare_out_dir(args.out or "eval_report")
         spec = _teacher_spec(args.teacher)
         student = _student(args.student, args.weights)
         teacher = create_teacher(spec)
-        report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress)
+        report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress,
+                          allow_pipe=args.allow_pipe)
     print(json.dumps({k: report[k] for k in ("zero_shot", "classification", "linear_probe", "fidelity")
                       if k in report}, indent=1))
     print(f"report written to {Path(out) / 'report.md'} and {Path(out) / 'report.json'}")

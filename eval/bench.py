@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from data.evalsets import build_eval_loader
 from students import family_of
 
 from .classify import classification_eval, head_applies
@@ -126,14 +127,13 @@ def _skips(loader) -> dict:
     return dict(num_skipped=len(skipped), skipped=skipped)
 
 
-def probe_train_split(cfg: EvalConfig, transform, dataset_classnames):
+def probe_train_split(cfg: EvalConfig, transform, dataset_classnames, allow_pipe: bool = False):
     """The probe's train split, ``(loader, classnames, train label of each eval class)``, or None (no
     `train_data`, or no probe). The two sets' labels are matched by class name (refused where a class is missing)."""
-    from data.evalsets import build_eval_loader
-
     if not cfg.probe or cfg.train_data is None:
         return None
-    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers)
+    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers,
+                                                 allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
     return loader, train_classnames, train_labels_of(dataset_classnames, train_classnames, jsonable(cfg.data),
                                                      jsonable(cfg.train_data))
 
@@ -211,11 +211,10 @@ def _aligned_fn(model: nn.Module, target: str):
 
 
 def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pictures_dir: str | os.PathLike | None = None,
-              progress: bool = True, notes: Sequence[str] = ()) -> BenchResult:
+              progress: bool = True, notes: Sequence[str] = (), allow_pipe: bool = False) -> BenchResult:
     """Hold every candidate against ``teacher`` on ``cfg.data`` (see the module docstring). With ``pictures_dir``,
-    the students' pictures are drawn there (`cfg.rois`)."""
-    from data.evalsets import build_eval_loader
-
+    the students' pictures are drawn there (`cfg.rois`). ``allow_pipe`` lets ``pipe:`` shard URLs run their
+    commands."""
     names = [c.name for c in candidates]
     if TEACHER in names or len(set(names)) != len(names):
         raise ValueError(f"the models need distinct names other than '{TEACHER}', got {names}")
@@ -228,8 +227,7 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
         c.model.eval().to(device)
     try:
         if cfg.data is not None:
-            _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir,
-                      build_eval_loader)
+            _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe)
         else:
             result.notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and pictures skipped, "
                                 "cost only")
@@ -245,13 +243,13 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
     return result
 
 
-def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir,
-              build_eval_loader) -> None:
+def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe) -> None:
     transform = teacher.eval_transform()
-    loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers)
+    loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
+                                                   allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
     # Class names are checked before any feature is computed: the prompts' and the probe's.
     zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames) if has_text_tower(teacher) else None
-    probe_train = probe_train_split(cfg, transform, dataset_classnames)
+    probe_train = probe_train_split(cfg, transform, dataset_classnames, allow_pipe)
     want_logits = teacher_classifier(teacher) is not None
     if want_logits:
         why = head_applies(teacher, len(dataset_classnames))

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from data.errors import UserError
+from data.evalsets import check_eval_source
 from data.outputs import replacing, write_text
 from students.run_folder import RunFolder, RunFolderError
 
@@ -49,7 +50,7 @@ class CompareError(UserError, ValueError):
 def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
             out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
             sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
-            **options) -> dict:
+            allow_pipe: bool = False, **options) -> dict:
     """Compare ``teacher``, its students ``models`` (name -> student) and ToMe at each ``r`` in ``tome`` (an int
     per block or a list per block), on the same images (`eval.bench`).
 
@@ -70,7 +71,7 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
             notes.append(f"{m.name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
                          f"so it merges {m.schedule} per block")
-    bench = run_bench(teacher, candidates, cfg, progress=progress, notes=notes)
+    bench = run_bench(teacher, candidates, cfg, progress=progress, notes=notes, allow_pipe=allow_pipe)
     report: dict[str, Any] = dict(
         teacher=bench.teacher, device=bench.device, config=bench.config, notes=bench.notes,
         models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
@@ -313,7 +314,8 @@ def _file_digest(path: str) -> str:
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
-                 eval_source=None, progress: bool = True, link: bool = True, **options) -> dict:
+                 eval_source=None, progress: bool = True, link: bool = True, allow_pipe: bool = False,
+                 **options) -> dict:
     """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring)."""
     if not run_dirs:
         raise CompareError("give at least one run folder")
@@ -335,17 +337,22 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out
                 f"{first} and {name} have different teachers: {json.dumps(specs[first], default=str)} "
                 f"vs {json.dumps(specs[name], default=str)}; eval.compare compares the students of one "
                 f"teacher (compare each group of runs on its own)")
+    cfg = run_eval_options(folders[first])
+    source = eval_source if eval_source is not None else cfg.data
+    checked = cfg.replace(**options)
+    if source is not None:  # before any model is built
+        check_eval_source(source, "evaluation data", allow_pipe)
+        if checked.probe and checked.train_data is not None:
+            check_eval_source(checked.train_data, "linear-probe train data", allow_pipe)
     teacher = folders[first].build_teacher()
     students = {name: folder.load_student() for name, folder in folders.items()}
-    cfg = run_eval_options(folders[first])
     out_dir = Path(out_dir) if out_dir is not None else Path(first).parent / "compare"
     notes = []
     evals = {name: folder.recipe().get("eval") or {} for name, folder in folders.items()}
     if any(evals[n] != evals[first] for n in names):
         notes.append(f"the runs' eval: options differ; those of {first} were used")
-    report = compare(students, teacher, eval_source if eval_source is not None else cfg.data, tome=tome,
-                     out_dir=out_dir, config=cfg, sources={n: n for n in names}, notes=notes, progress=progress,
-                     **options)
+    report = compare(students, teacher, source, tome=tome, out_dir=out_dir, config=cfg, sources={n: n for n in names},
+                     notes=notes, progress=progress, allow_pipe=allow_pipe, **options)
     if link:
         link_reports(names, out_dir / "compare.md")
     return report
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
     try:
         report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
-                              progress=not args.no_progress, **eval_options(args))
+                              progress=not args.no_progress, allow_pipe=args.allow_pipe, **eval_options(args))
     except (UserError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(to_markdown(report, None))

@@ -25,8 +25,11 @@
       roi_images: 4
       device: null            # null: cuda if available, else cpu
       precision: fp32         # fp32 | bf16 | fp16 autocast for features and throughput
+      max_pixels: 64000000    # larger images are skipped and counted before decoding (null: no limit of ours)
 
 Relative paths in ``eval:`` of a run's recipe are tried from the working directory, then from the run folder.
+A ``pipe:`` shard URL runs a shell command: it is refused unless the caller opts in (``allow_pipe=True``:
+``--allow-pipe`` on the command line), never by a key of the run folder.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from data.decode import DEFAULT_MAX_PIXELS
 from data.schema import load
 
 __all__ = ["EvalConfig", "PRECISIONS", "add_eval_options", "eval_options"]
@@ -69,6 +73,7 @@ class EvalConfig:
     roi_images: int = 4
     device: Union[str, None] = None
     precision: str = "fp32"
+    max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "EvalConfig":
@@ -83,10 +88,10 @@ class EvalConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"eval precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         at_least = dict(batch_size=1, cost_batch_size=1, cost_iters=1, roi_images=1, num_workers=0,
-                        max_samples=1, train_max_samples=1)
+                        max_samples=1, train_max_samples=1, max_pixels=1)
         for key, low in at_least.items():
             value = getattr(self, key)
-            optional = key.endswith("max_samples")
+            optional = key.startswith(("max_", "train_max_"))
             if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool)
                                                and value >= low):
                 continue
@@ -131,6 +136,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-probe", dest="probe", action="store_const", const=False)
     p.add_argument("--no-cost", dest="cost", action="store_const", const=False)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pipe", action="store_true",
+                   help="let pipe:CMD shard URLs (given here or in the run folder's recipe) run CMD; printed first")
 
 
 def eval_options(args: argparse.Namespace) -> dict:

@@ -39,17 +39,19 @@ STUDENT = "student"
 
 
 def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.PathLike | None = None,
-             config: EvalConfig | Mapping[str, Any] | None = None, progress: bool = True, **options) -> dict:
+             config: EvalConfig | Mapping[str, Any] | None = None, progress: bool = True, allow_pipe: bool = False,
+             **options) -> dict:
     """Evaluate ``student`` against ``teacher`` (see the module docstring); returns the report dict.
 
     ``eval_source`` (or ``config.data``) is the labelled evaluation set; ``options`` are
     ``EvalConfig`` fields overriding ``config``. With ``out_dir`` the report files are written.
+    ``allow_pipe`` lets ``pipe:`` shard URLs run their commands.
     """
     cfg = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
     cfg = cfg.replace(data=eval_source, **options)
     out_dir = prepare_out_dir(out_dir) if out_dir is not None else None
     candidate = student_candidate(STUDENT, student)
-    bench = run_bench(teacher, [candidate], cfg, pictures_dir=out_dir, progress=progress)
+    bench = run_bench(teacher, [candidate], cfg, pictures_dir=out_dir, progress=progress, allow_pipe=allow_pipe)
     info = {k: v for k, v in candidate.info.items() if k != "source"}
     report: dict[str, Any] = dict(teacher=bench.teacher, student=info, config=bench.config, device=bench.device,
                                   notes=bench.notes)
@@ -231,9 +233,10 @@ def load_run(run_dir: str | os.PathLike):
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os.PathLike | None = None,
-                 progress: bool = True, **options) -> dict:
+                 progress: bool = True, allow_pipe: bool = False, **options) -> dict:
     """Evaluate a bootstrapping run's student against its teacher; writes the report into ``out_dir``
-    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys.
+    (default: the run folder). ``eval_source`` and ``options`` override the recipe's ``eval:`` keys;
+    ``allow_pipe`` lets ``pipe:`` URLs run their commands (the run folder cannot opt in itself).
 
     The run folder, the options and the data paths are checked before any model is built."""
     from data.evalsets import check_eval_source
@@ -244,12 +247,13 @@ def evaluate_run(run_dir: str | os.PathLike, eval_source=None, out_dir: str | os
     source = eval_source if eval_source is not None else cfg.data
     checked = cfg.replace(**options)
     if source is not None:
-        check_eval_source(source, "evaluation data")
+        check_eval_source(source, "evaluation data", allow_pipe)
         if checked.probe and checked.train_data is not None:
-            check_eval_source(checked.train_data, "linear-probe train data")
+            check_eval_source(checked.train_data, "linear-probe train data", allow_pipe)
     out_dir = prepare_out_dir(out_dir if out_dir is not None else folder.path)
     student, teacher = folder.load_student(), folder.build_teacher()
-    return evaluate(student, teacher, source, out_dir=out_dir, config=cfg, progress=progress, **options)
+    return evaluate(student, teacher, source, out_dir=out_dir, config=cfg, progress=progress, allow_pipe=allow_pipe,
+                    **options)
 
 
 def run_eval_options(folder: RunFolder) -> EvalConfig:

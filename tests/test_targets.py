@@ -6,7 +6,10 @@ K = 3 views: caching it takes a few seconds.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import shutil
 import sys
 import tarfile
 import warnings
@@ -163,7 +166,10 @@ def test_cache_folder_layout_and_manifest(cache32, demo_data):
     assert len(manifest["weights_sha256"]) == 64
     assert manifest["augment"]["scale"] == [0.5, 1.0] and manifest["augment"]["size"] == [32, 32]
     names = sorted(p.name for p in cache32.iterdir())
-    assert names == sorted([MANIFEST, "heldout.safetensors"] + [TARGET_SHARD % i for i in range(len(info["shards"]))])
+    shards = [TARGET_SHARD % i for i in range(len(info["shards"]))]
+    assert names == sorted([".lock", MANIFEST, "heldout.safetensors"] + shards)  # .lock: one process fills it
+    assert manifest["version"] == 2 and manifest["max_pixels"] == 64_000_000
+    assert manifest["shard_sha256"] == [hashlib.sha256((cache32 / name).read_bytes()).hexdigest() for name in shards]
 
 
 def test_replayed_views_and_their_targets_equal_the_cached_ones(cache32, cache16, recipe_file, demo_data):
@@ -284,8 +290,9 @@ def test_targets_for_other_image_shards_are_refused(cache16, tmp_path):
                                                       "'num_samples': 20}")
 
 
-def _rewrite_shard(path: Path, change) -> None:
-    """Rewrite a target shard's members through `change(name, data) -> (name, data) | None`."""
+def _rewrite_shard(path: Path, change, rehash: bool = True) -> None:
+    """Rewrite a target shard's members through `change(name, data) -> (name, data) | None`; `rehash`
+    records the new shard's SHA-256 in the manifest (as someone forging a cache would)."""
     members = []
     with tarfile.open(path) as tar:
         for m in tar:
@@ -300,6 +307,12 @@ def _rewrite_shard(path: Path, change) -> None:
             import io
 
             tar.addfile(info, io.BytesIO(new[1]))
+    if rehash:
+        manifest_path = path.parent / MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        manifest["shard_sha256"][int(path.name[len("targets-"):-len(".tar")])] = \
+            hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:
@@ -320,13 +333,14 @@ def _first_batches(store, demo_data, teacher):
 
 def test_an_image_without_a_target_names_its_key_and_shard(cache16, recipe_file, demo_data, tmp_path):
     out = _copy(cache16, tmp_path)
-    # The second sample's target carries another key (as if the image shards had changed).
-    with tarfile.open(demo_data / "train" / "shard-000000.tar") as tar:
+    # The second sample's target carries another key (as if the image shards had changed); in the second
+    # shard, which the start's check against the teacher does not read (that would find it first).
+    with tarfile.open(demo_data / "train" / "shard-000001.tar") as tar:
         key = tar.getnames()[4].split(".")[0]
-    _rewrite_shard(out / (TARGET_SHARD % 0), lambda n, d: (n.replace(key, "x" + key), d))
+    _rewrite_shard(out / (TARGET_SHARD % 1), lambda n, d: (n.replace(key, "x" + key), d))
     source, teacher = store_of(out, recipe_file)
     with pytest.raises(TargetsError, match=rf"no cached target for image '{key}' \(sample 1\) of shard "
-                                           r".*shard-000000.tar: target shard .*targets-000000.tar"):
+                                           r".*shard-000001.tar: target shard .*targets-000001.tar"):
         _first_batches(source.store, demo_data, teacher)
 
 
@@ -337,12 +351,12 @@ def test_a_corrupt_target_shard_is_named(cache16, recipe_file, demo_data, tmp_pa
     with pytest.raises(TargetsError, match=r"target shard .*targets-000002.tar (is corrupt|holds \d+ targets)"):
         store_of(out, recipe_file)
     out = _copy(cache16, tmp_path / "b")
-    # A damaged target inside an intact tar: named with its key and shard when read.
-    with tarfile.open(out / (TARGET_SHARD % 0)) as tar:
+    # A damaged target inside an intact tar (and a fitting checksum): named with its key and shard when read.
+    with tarfile.open(out / (TARGET_SHARD % 1)) as tar:
         key = tar.getnames()[4].split(".")[0]
-    _rewrite_shard(out / (TARGET_SHARD % 0), lambda n, d: (n, d[:40]) if n == f"{key}.emb.npy" else (n, d))
+    _rewrite_shard(out / (TARGET_SHARD % 1), lambda n, d: (n, d[:40]) if n == f"{key}.emb.npy" else (n, d))
     source, teacher = store_of(out, recipe_file)
-    with pytest.raises(TargetsError, match=rf"target of '{key}' in .*targets-000000.tar is corrupt"):
+    with pytest.raises(TargetsError, match=rf"target of '{key}' in .*targets-000001.tar is corrupt"):
         _first_batches(source.store, demo_data, teacher)
 
 
@@ -379,6 +393,7 @@ def test_cached_run_equals_online_steps_on_the_same_views(cache32, recipe_file, 
     and run the teacher online; the cached run never calls the teacher's forward."""
     import bootstrap.train as train_module
     from bootstrap.target_source import CachedTargets
+    from data.targets import CHECK_SAMPLES
     from teachers.base import Teacher
 
     cached_out = tmp_path / "cached"
@@ -386,7 +401,8 @@ def test_cached_run_equals_online_steps_on_the_same_views(cache32, recipe_file, 
     original = Teacher.embed
     monkeypatch.setattr(Teacher, "embed", lambda self, x: calls.append(x.shape[0]) or original(self, x))
     assert run_here(recipe_file, cached_out, f"data.targets={cache32}") == 0
-    assert calls == []  # held-out targets come from the cache too
+    # Only the check of a few cached views and held-out targets at the start: held-out targets come from the cache.
+    assert calls == [CHECK_SAMPLES, CHECK_SAMPLES]
 
     class OnlineOnTheSameViews(CachedTargets):
         def embed(self, images, extras):
@@ -401,7 +417,7 @@ def test_cached_run_equals_online_steps_on_the_same_views(cache32, recipe_file, 
     monkeypatch.setattr(train_module, "target_source", replay_online)
     online_out = tmp_path / "online"
     assert run_here(recipe_file, online_out, f"data.targets={cache32}") == 0
-    assert sum(calls) == 8 * 6 + 0  # the online run's teacher embedded every batch (held-out: cached)
+    assert sum(calls) == 2 * CHECK_SAMPLES + 8 * 6 + 2 * CHECK_SAMPLES  # the online run's teacher embedded every batch
     assert_same_weights(weights(cached_out), weights(online_out))
     held = [json.loads(line) for line in (cached_out / "metrics.jsonl").read_text().splitlines()
             if "heldout/cosine" in line]
@@ -449,3 +465,189 @@ def test_bad_targets_stop_the_run_with_one_line(recipe_file, tmp_path, capsys):
     assert err[-1].startswith("error: data.targets=") and "holds no targets.json" in err[-1]
     with pytest.raises(RecipeError, match="data.targets must be a targets folder"):
         load_recipe(recipe_file, ["data.targets=' '"])
+
+
+# ----------------------------------------------------------------------------- issue 32, item 11: trusted by manifest alone
+
+
+def _negated(name: str, data: bytes):
+    if not name.endswith(".emb.npy"):
+        return name, data
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, -np.load(io.BytesIO(data)), allow_pickle=False)
+    return name, buf.getvalue()
+
+
+def test_a_changed_or_swapped_target_shard_is_refused_when_read(cache16, cache32, recipe_file, demo_data, tmp_path,
+                                                                 monkeypatch):
+    import data.targets
+
+    out = _copy(cache16, tmp_path)
+    _rewrite_shard(out / (TARGET_SHARD % 1), _negated, rehash=False)  # float16 signs flipped: cosine -1
+    source, teacher = store_of(out, recipe_file)  # the start checks shard 0 only
+    with pytest.raises(TargetsError, match=r"targets-000001.tar is not the one cached \(its SHA-256 differs from "
+                                           r"targets.json\): it was changed or replaced after caching"):
+        _first_batches(source.store, demo_data, teacher)
+    from data.stream import build_train_loader
+
+    loader = build_train_loader(str(demo_data / "train"), teacher.train_transform(scale=[0.5, 1.0], hflip=0.5), 6, 2,
+                                shuffle_buffer=0, seed=0, rank=0, world_size=1, targets=source.store)
+    with pytest.raises(TargetsError) as caught:  # found in a worker process: the same one line
+        list(loader)
+    assert str(caught.value).startswith(f"target shard {out / (TARGET_SHARD % 1)} is not the one cached")
+    assert "\n" not in str(caught.value)
+    out = _copy(cache16, tmp_path / "swapped")
+    shutil.copy(cache32 / (TARGET_SHARD % 2), out / (TARGET_SHARD % 2))  # from another cache (float32, tokens)
+    source, teacher = store_of(out, recipe_file)
+    with pytest.raises(TargetsError, match=r"targets-000002.tar is not the one cached"):
+        _first_batches(source.store, demo_data, teacher)
+    # An intact cache: each shard is hashed once in this process, however often it is read.
+    hashed = []
+    original = data.targets._sha256_of
+    monkeypatch.setattr(data.targets, "_sha256_of", lambda f: hashed.append(f.name) or original(f))
+    out = _copy(cache16, tmp_path / "intact")
+    source, teacher = store_of(out, recipe_file)
+    for _ in range(2):
+        _first_batches(source.store, demo_data, teacher)
+    assert sorted(hashed) == [str(out / (TARGET_SHARD % i)) for i in range(3)]
+
+
+def test_a_forged_cache_is_told_apart_by_the_teacher(cache16, recipe_file, tmp_path):
+    """Manifests can be edited: targets of another teacher, or negated ones, with fitting checksums and weights
+    hash are refused by re-embedding a few cached views and held-out images, naming what differs."""
+    from safetensors.torch import load_file, save_file
+
+    out = _copy(cache16, tmp_path)
+    for i in range(3):
+        _rewrite_shard(out / (TARGET_SHARD % i), _negated)
+    with pytest.raises(TargetsError, match=r"were not made by this run's teacher: the target of image '\d+' \(view 0, "
+                                           r"shard shard-000000.tar\) differs from the teacher's embedding by 2.000 "
+                                           r"\(relative; cosine -1.000, at most 0.1 expected\)"):
+        store_of(out, recipe_file)
+    out = _copy(cache16, tmp_path / "heldout")
+    held = load_file(str(out / "heldout.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "heldout.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file({"embed": held["embed"].roll(1, 0)}, str(out / "heldout.safetensors"), metadata=metadata)
+    with pytest.raises(TargetsError, match=r"the held-out target of .*#\d+ differs from the teacher's embedding"):
+        store_of(out, recipe_file)
+    # A whole cache of another (random) teacher, its manifest given this teacher's weights hash.
+    other = tmp_path / "other"
+    assert cache_here(recipe_file, other, "run.seed=1", "--views", str(K)) == 0
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["weights_sha256"] = json.loads((cache16 / MANIFEST).read_text())["weights_sha256"]
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TargetsError, match="were not made by this run's teacher"):
+        store_of(other, recipe_file)
+
+
+def test_a_manifest_without_checksums_is_refused(cache16, recipe_file, tmp_path):
+    out = _copy(cache16, tmp_path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["shard_sha256"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TargetsError, match="does not list the SHA-256 of each target shard: it is damaged or was "
+                                           "edited; delete"):
+        store_of(out, recipe_file)
+    manifest["version"] = 1  # as an earlier version wrote it
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TargetsError, match=rf"were made by an older version, without the SHA-256 of each shard, so "
+                                           rf"they cannot be verified: delete {out} and make them again"):
+        store_of(out, recipe_file)
+
+
+# ----------------------------------------------------------------------------- item 13: a corrupt image shard
+
+
+def test_a_corrupt_image_shard_is_cached_as_skipped_and_named(demo_data, tmp_path, capsys):
+    from data.stream import build_train_loader
+
+    data = tmp_path / "train"
+    shutil.copytree(demo_data / "train", data)
+    shard = data / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[4 * 5].offset  # the first header of sample 5 (cls, json, png, txt each)
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 148:offset + 156] = b"9999999\0"
+    shard.write_bytes(bytes(raw))
+    recipe = write_recipe(tmp_path / "recipe.yaml", demo_data)
+    recipe.write_text(recipe.read_text().replace(str(demo_data / "train"), str(data)))
+    out = tmp_path / "targets"
+    capsys.readouterr()
+    assert cache_here(recipe, out, "--views", "1") == 0
+    said = capsys.readouterr().out
+    assert (f"skipped 16 of the 20 samples of image shard {shard}, which could not be read (shard {shard} is corrupt "
+            f"or not a tar file (the member header at byte {offset} is corrupt") in said
+    source, teacher = store_of(out, recipe)
+    loader = build_train_loader(str(data), teacher.train_transform(scale=[0.5, 1.0], hflip=0.5), 6, 0,
+                                shuffle_buffer=0, seed=0, rank=0, world_size=1, targets=source.store)
+    with pytest.warns(RuntimeWarning, match=rf"skipping the rest of shard {shard} \(16 samples\)"):
+        batches = list(loader)
+    assert len(batches) == 10 and loader.stats.skipped == 16 and loader.stats.bad_shards == [str(shard)]
+
+
+# ----------------------------------------------------------------------------- item 16: one cache folder, two processes
+
+
+class _WaitSaid:
+    """stderr that signals once the waiting message is written."""
+
+    def __init__(self):
+        import io
+        import threading
+
+        self.text, self.event = io.StringIO(), threading.Event()
+
+    def write(self, text):
+        if "waiting for another process" in text:
+            self.event.set()
+        return self.text.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_second_caching_process_waits_then_finds_the_folder_done(cache16, recipe_file, tmp_path, capsys):
+    """What two runs with data.targets=auto in one cache folder meet: one fills it (here: a thread holding the
+    lock, that copies a finished cache in once the other waits), the other waits, says so, then uses it."""
+    import threading
+
+    from filelock import FileLock
+
+    out = tmp_path / "targets"
+    out.mkdir()
+    said, held = _WaitSaid(), threading.Event()
+
+    def fill():
+        with FileLock(str(out / ".lock")):
+            held.set()
+            said.event.wait(60)
+            for path in cache16.iterdir():
+                if not path.name.startswith("."):
+                    shutil.copy2(path, out / path.name)
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    assert held.wait(60)
+    with contextlib.redirect_stderr(said):
+        assert cache_here(recipe_file, out, "--views", str(K)) == 0
+    filler.join()
+    assert f"waiting for another process that is making the targets in {out}" in said.text.getvalue()
+    assert f"targets: {out} is complete already" in capsys.readouterr().out
+    for path in cache16.iterdir():
+        if not path.name.startswith("."):
+            assert (out / path.name).read_bytes() == path.read_bytes()  # used as it was, not made again
+            assert (out / path.name).stat().st_mtime_ns == path.stat().st_mtime_ns
+
+
+def test_the_caching_command_refuses_a_pipe_url_with_one_line(recipe_file, demo_data, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    url = f"pipe:touch {marker}; cat {demo_data / 'train' / 'shard-000000.tar'}"
+    assert cache_here(recipe_file, tmp_path / "targets", f"data.train='{url}'", "--views", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs a shell command" in err[0] and "data.allow_pipe: true" in err[0]
+    assert not marker.exists()

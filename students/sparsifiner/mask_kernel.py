@@ -257,6 +257,8 @@ def _load():
         if not _tried:
             if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
                 _reason = f"{ENV_SWITCH}=0"
+                log.warning("Sparsifiner's compiled CPU key selection is off (%s); torch.topk is used instead "
+                            "(the same masks, slower).", _reason)
             else:
                 try:
                     _lib = _compile()

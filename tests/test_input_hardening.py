@@ -1,0 +1,113 @@
+"""Recipes, run folders and command lines against input a user receives (issue 32, items 7 and 17).
+
+Each test reproduced its problem first: ``pipe:`` URLs in a recipe, a run folder's recipe.yaml and
+on the command line ran their command; a string step in state.json ended in a traceback; an
+inline ``--teacher`` mapping was taken for a file name ("File name too long");
+``SPARSIFINER_CPU_KERNEL=0`` printed nothing although documented to.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from test_bootstrap import demo_data, recipe_file, run_here  # noqa: F401 (fixtures)
+from test_eval import clip_pair, demo, write_run  # noqa: F401 (fixtures)
+
+
+def _pipe(marker, shard) -> str:
+    return f"pipe:touch {marker}; cat {shard}"
+
+
+# ----------------------------------------------------------------------------- item 7: pipe: URLs
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.val", "eval.data"])
+def test_a_pipe_url_in_a_recipe_is_refused_before_any_work(recipe_file, demo_data, tmp_path, capsys, key):  # noqa: F811
+    marker = tmp_path / "pwned"
+    url = _pipe(marker, demo_data / "train" / "shard-000000.tar")
+    extra = ["run.final_report=true"] if key == "eval.data" else []
+    assert run_here(recipe_file, tmp_path / "run", f"{key}='{url}'", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {key}") and "data.allow_pipe: true" in err[0]
+    assert not marker.exists() and not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_the_recipe_opt_in_lets_training_stream_through_a_pipe(recipe_file, demo_data, tmp_path, capfd):  # noqa: F811
+    marker = tmp_path / "ran"
+    url = f"pipe:touch {marker}; cat {demo_data / 'train'}/shard-{{000000..000002}}.tar"
+    assert run_here(recipe_file, tmp_path / "run", f"data.train='{url}'", "data.allow_pipe=true",
+                    "data.resampled=true", "data.epoch_samples=60", "optim.steps=2", "run.eval_every=2") == 0
+    assert marker.exists() and "running the shell command `touch" in capfd.readouterr().err
+
+
+def test_eval_refuses_pipe_urls_of_a_run_folder_and_the_command_line(clip_pair, demo, tmp_path, capsys):  # noqa: F811
+    from eval.__main__ import main as eval_main
+    from eval.compare import main as compare_main
+
+    teacher, student = clip_pair
+    marker = tmp_path / "pwned"
+    url = _pipe(marker, demo / "val" / "shard-000000.tar")
+    run, other = tmp_path / "run", tmp_path / "other"
+    write_run(run, teacher, student, {"data": url, "num_workers": 0})
+    write_run(other, teacher, student, {"data": str(demo / "val"), "num_workers": 0})
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"] = {"allow_pipe": True}  # a run folder cannot opt in for the one who evaluates it
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    for argv in ([str(run)], [str(other), "--data", url], ["--student", str(run / "student_config.json"),
+                                                           "--teacher", str(run / "recipe.yaml"), "--data", url]):
+        assert eval_main([*argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "runs a shell command" in err[0] and "--allow-pipe" in err[0], err
+    for argv in ([str(run), str(other)], [str(other), str(run), "--data", url]):
+        with pytest.raises(SystemExit, match="runs a shell command.*--allow-pipe"):
+            compare_main([*argv, "--out", str(tmp_path / "cmp"), "--no-progress", "--no-probe", "--no-cost"])
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- item 17: smaller ones
+
+
+def test_a_state_json_step_that_is_no_integer_is_one_line(recipe_file, tmp_path, capsys):  # noqa: F811
+    from bootstrap.checkpoint import COMPLETE, FORMAT, STATE_JSON
+
+    ckpt = tmp_path / "checkpoints" / "step-0000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / COMPLETE).write_text("")
+    (ckpt / STATE_JSON).write_text(json.dumps({"format": FORMAT, "train_state": {"step": "4"}, "files": {}}))
+    assert run_here(recipe_file, tmp_path / "run", f"run.resume={ckpt}") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train state 'step' = '4' is not what a run writes" in err[0] and str(ckpt) in err[0]
+
+
+def test_an_inline_teacher_mapping_of_any_length_is_read_as_yaml():
+    from eval.__main__ import _teacher_spec
+
+    spec = "{kind: openclip, model: ViT-B-16, pretrained: openai, " + ", ".join(f"k{i}: {i}" for i in range(60)) + "}"
+    assert len(spec) > 255  # longer than a file name may be
+    assert _teacher_spec(spec)["model"] == "ViT-B-16"
+
+
+def test_switching_the_mask_kernel_off_says_so_once():
+    code = ("from students.sparsifiner import mask_kernel as m\n"
+            "assert not m.available() and not m.available() and m.unavailable_reason() == 'SPARSIFINER_CPU_KERNEL=0'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "SPARSIFINER_CPU_KERNEL": "0"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SPARSIFINER_CPU_KERNEL=0" in lines[0] and "torch.topk is used instead" in lines[0]
+
+
+def test_the_pixel_limit_is_a_recipe_key():
+    from bootstrap.config import RecipeError, load_recipe
+
+    base = {"teacher": {"kind": "openclip"}, "data": {"train": "x"}}
+    assert load_recipe(base=base).data.max_pixels == 64_000_000
+    assert load_recipe(base=base, overrides=["data.max_pixels=null"]).data.max_pixels is None
+    with pytest.raises(RecipeError, match="data.max_pixels must be at least 1 or null"):
+        load_recipe(base=base, overrides=["data.max_pixels=0"])
