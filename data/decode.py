@@ -9,10 +9,20 @@ Counting happens where decoding happens — inside DataLoader workers — so a w
 cannot be read from the main process directly. The training stream therefore ships the
 names of the samples skipped since its previous batch inside that batch
 (``extras["skipped"]``) and ``data.stream.TrainLoader.stats`` adds them up in the main process.
+
+Decode paths (``DECODE_PATHS``, the recipe's ``data.decode``, ``DEFAULT_DECODE`` unless set):
+``full`` decodes every image whole with PIL before the augmentation; ``reduced`` keeps a JPEG's
+bytes until the crop of its view is known (``decode_sample(..., lazy=True)`` gives an
+``EncodedImage``) and then decodes it 2, 4 or 8 times smaller in the DCT domain when the crop
+still covers the output size at that scale (``data.transforms``). ``check_decode_path`` says in one line what
+is wrong with a path name and how to fix it (benchmarks/data_speed.py also times
+torchvision's and torchcodec's CPU decoders and batched GPU decoding, which are not paths of
+the training stream).
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import warnings
 
@@ -29,11 +39,84 @@ class DecodeError(ValueError):
         self.sample_id = sample_id
 
 
-def decode_sample(sample: dict) -> dict:
+DECODE_PATHS = ("reduced", "full")
+DEFAULT_DECODE = "full"
+
+
+def check_decode_path(name: str) -> None:
+    """Raise ``ValueError`` (one line: the problem and the fix) unless ``name`` is a decode path.
+    The message starts with the value, so callers can prefix the key."""
+    choose = f"choose {' or '.join(DECODE_PATHS)} (default {DEFAULT_DECODE})"
+    if name in ("cuda", "gpu", "nvjpeg", "torchcodec-cuda"):
+        raise ValueError(f"{name!r} is not a training decode path: the training stream decodes in CPU loader workers "
+                         f"(GPU decoding is measured by python benchmarks/data_speed.py --paths cuda, on a machine "
+                         f"with a CUDA GPU); {choose}")
+    if name in ("torchvision", "torchcodec"):
+        raise ValueError(f"{name!r} is not a training decode path: benchmarks/data_speed.py measures its CPU decoder, "
+                         f"no faster than PIL here (torchvision.io's decoders are deprecated since torchvision 0.29); "
+                         f"{choose}")
+    if name not in DECODE_PATHS:
+        close = difflib.get_close_matches(str(name), DECODE_PATHS, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"{name!r} is not a decode path; {choose}.{hint}")
+
+
+class EncodedImage:
+    """A JPEG's bytes with only its header read: ``size`` (width, height) is known, the pixels
+    are decoded when a view asks for them, whole or reduced.
+
+    ``decode(reduce)`` returns ``(RGB PIL image, factor)``: with ``reduce`` 2, 4 or 8, libjpeg
+    decodes the image that many times smaller in the DCT domain (pixel ``i`` of the result
+    covers pixels ``[i * factor, (i + 1) * factor)`` of the full image); ``factor`` is the
+    reduction it applied. A decoding failure raises ``DecodeError`` naming the sample. Decoded
+    pixels are kept per reduction, so several views of one image decode it once per reduction.
+    """
+
+    __slots__ = ("data", "size", "sample_id", "_decoded")
+
+    def __init__(self, data: bytes, size: tuple[int, int], sample_id: str = ""):
+        self.data, self.size, self.sample_id = data, tuple(size), sample_id
+        self._decoded: dict = {}
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
+        if reduce not in self._decoded:
+            try:
+                img = Image.open(io.BytesIO(self.data))
+                factor = 1
+                if reduce > 1:
+                    # draft() picks the largest of 8, 4, 2 not above min(width // w, height // h).
+                    drafted = img.draft("RGB", (self.size[0] // reduce, self.size[1] // reduce))
+                    if drafted is not None:
+                        factor = round(self.size[0] / drafted[1][2])
+                img.load()  # truncated data fails here
+                # convert() would copy an RGB image; the decoded one serves as it is.
+                image = img if img.mode == "RGB" else img.convert("RGB")
+            except Exception as exn:  # PIL raises many exception types for bad bytes
+                raise DecodeError(f"cannot decode image {self.sample_id}: {type(exn).__name__}: {exn}",
+                                  self.sample_id) from exn
+            self._decoded[reduce] = (image, factor)
+        return self._decoded[reduce]
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.sample_id or 'JPEG'}, size={self.size}, {len(self.data)} bytes)"
+
+
+def decode_sample(sample: dict, lazy: bool = False) -> dict:
     """Decode a raw sample into ``{"image": PIL RGB, "cls": int (-1 if none), "txt": str, ...}``.
 
     The image is the first of ``IMAGE_KEYS`` present (``jpg`` for img2dataset and ImageNet
     shards, ``png`` for the demo). ``cls`` is -1 and ``txt`` empty when the sample has none.
+    ``lazy=True`` reads only the header of a JPEG and gives an ``EncodedImage`` (decoded by the
+    transform, at the size its view needs; a truncated JPEG then fails there, with a
+    ``DecodeError``); other formats are decoded here as without it.
 
     Raises:
         DecodeError: no image key, undecodable/truncated image, or malformed ``cls``.
@@ -44,7 +127,10 @@ def decode_sample(sample: dict) -> dict:
         if ext is None:
             raise ValueError(f"no image in sample (keys: {sorted(k for k in sample if not k.startswith('__'))})")
         with Image.open(io.BytesIO(sample[ext])) as img:
-            image = img.convert("RGB")  # convert() loads the pixels: truncated data fails here
+            if lazy and img.format == "JPEG":
+                image = EncodedImage(sample[ext], img.size, f"{url}#{key}")
+            else:
+                image = img.convert("RGB")  # convert() loads the pixels: truncated data fails here
         label = int(sample["cls"]) if "cls" in sample else -1
         text = sample["txt"].decode("utf-8") if "txt" in sample else ""
     except Exception as exn:  # PIL raises many exception types for bad bytes
