@@ -105,15 +105,16 @@ class _Views(torch.utils.data.IterableDataset):
         for index in self.shards[worker::workers]:
             entries, images = [], []
             for raw in iter_shard(self.urls[index]):
-                try:
-                    sample = decode_sample(raw)
+                try:  # decoded as the training stream decodes it (data.decode), so replays are exact
+                    sample = decode_sample(raw, lazy=self.transform.lazy)
+                    key = sample["__key__"]
+                    params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
+                              for v in range(self.views)]
+                    views = [self.transform.apply(sample["image"], p) for p in params]
                 except DecodeError as exn:
                     entries.append((raw["__key__"], None, str(exn)))
                     continue
-                key = sample["__key__"]
-                params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
-                          for v in range(self.views)]
-                images.extend(self.transform.apply(sample["image"], p) for p in params)
+                images.extend(views)
                 entries.append((key, params, None))
                 if len(entries) >= self.chunk:
                     yield self._chunk(index, entries, images, False)
@@ -178,7 +179,7 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     home = next(teacher.parameters()).device
     teacher.to(device).eval()
     d = recipe.data
-    transform = teacher.train_transform(**d.augment)
+    transform = teacher.train_transform(decode=d.decode, **d.augment)
     manifest = run_manifest(recipe, teacher, transform, views, dtype, tokens)
     out = Path(out).expanduser()
     urls = resolve_shards(d.train)

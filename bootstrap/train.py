@@ -314,8 +314,8 @@ def train(recipe: Recipe) -> dict:
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached
     # (data.targets): it stays on the CPU (the student inherits its weights) and runs only for what
     # the cache does not hold.
-    targets = target_source(recipe, teacher, teacher.train_transform(**recipe.data.augment), accelerator,
-                            say=lambda text: _say(accelerator, text))
+    targets = target_source(recipe, teacher, teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment),
+                            accelerator, say=lambda text: _say(accelerator, text))
     training = training_of(recipe.student)
     try:
         student, policy = training.build(teacher, recipe.student)
@@ -360,7 +360,7 @@ def train(recipe: Recipe) -> dict:
     # -------------------------------------------------------------------- data
     d = recipe.data
     loader = build_train_loader(
-        d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
+        d.train, teacher.train_transform(decode=d.decode, **d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=world, shardshuffle=d.shardshuffle, targets=targets.store)
     batches = _Batches(loader, state, recipe.run.seed, rank)

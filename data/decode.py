@@ -40,7 +40,7 @@ class DecodeError(ValueError):
 
 
 DECODE_PATHS = ("reduced", "full")
-DEFAULT_DECODE = "full"
+DEFAULT_DECODE = "reduced"
 
 
 def check_decode_path(name: str) -> None:

@@ -1,5 +1,5 @@
-"""JPEG decode paths (data.decode): reduced decoding against full decoding, and shards
-re-encoded at a maximum size.
+"""JPEG decode paths (data.decode): reduced decoding against full decoding, replay of cached
+views decoded that way, the recipe key, and shards re-encoded at a maximum size.
 
 Images are small JPEGs with a natural-image-like 1/f spectrum (textured at every scale, so a
 crop box off by a pixel, or a wrong reduction, shows as a large difference).
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image, JpegImagePlugin
 
 from data.decode import EncodedImage, decode_sample
@@ -144,11 +145,100 @@ def test_a_truncated_jpeg_decoded_late_is_skipped_and_counted(tmp_path):
 # ----------------------------------------------------------------------------- cached targets replay
 
 
+@pytest.fixture(scope="module")
+def jpeg_recipe(tmp_path_factory) -> Path:
+    """The tiny recipe of test_targets (32 px views, scale 0.5-1) on 24 JPEGs of 100-300 px:
+    views decode whole, 2x and 4x smaller."""
+    from test_bootstrap import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("jpegs")
+    (root / "train").mkdir()
+    rng = np.random.default_rng(0)
+    with ShardSink(root / "train", maxcount=12) as sink:
+        for i in range(24):
+            height, width = (int(v) for v in rng.integers(100, 300, 2))
+            sink.write({"__key__": f"{i:06d}", "jpg": natural_jpeg(height, width, seed=i), "cls": b"0"})
+        shards = sink.close()
+    write_dataset_json(root / "train", {"num_samples": 24, "shards": shards})
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["data"].update(train=str(root / "train"), val=None)
+    recipe["run"]["cpu_threads"] = 1
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cached_views_replay_exactly_with_reduced_decoding(jpeg_recipe, tmp_path):
+    """The caching pass and the training stream decode the same way (data.decode=reduced, the
+    default): each replayed view is exactly the pixels the teacher embedded, and a cache made
+    with another decode path is refused, naming the field."""
+    from bootstrap.config import load_recipe
+    from data.stream import build_train_loader
+    from data.targets import TargetsError, view_generator
+    from test_targets import K, cache_here, store_of
+
+    torch.set_num_threads(1)
+    out = tmp_path / "targets"
+    assert cache_here(jpeg_recipe, out, "--views", str(K), "--dtype", "float32", "--batch-size", "6") == 0
+    assert json.loads((out / "targets.json").read_text())["augment"]["decode"] == "reduced"
+    source, teacher = store_of(out, jpeg_recipe)
+    transform = teacher.train_transform(scale=[0.5, 1.0], hflip=0.5)
+    assert transform.decode == "reduced"
+    train = load_recipe(jpeg_recipe).data.train
+    raws = {s["__key__"]: s for u in resolve_shards(train) for s in iter_shard(u)}
+    loader = build_train_loader(train, transform, 6, 0, shuffle_buffer=10, seed=0, rank=0, world_size=1,
+                                targets=source.store)
+    factors = set()
+    for images, extras in loader:
+        for image, key, view in zip(images, extras["__key__"], extras["view"].tolist()):
+            lazy = decode_sample(raws[key], lazy=True)["image"]
+            drawn = transform.draw(lazy, view_generator(0, key, view))
+            assert torch.equal(image, transform.apply(lazy, drawn))  # the very pixels the teacher saw
+            factors.add(reduction(*drawn["crop"][2:], *transform.size))
+        with torch.inference_mode():
+            assert torch.equal(extras["target"], teacher.embed(images))
+    assert {2, 4} <= factors  # the replayed views include reduced decodes
+
+    recipe = load_recipe(jpeg_recipe, [f"data.targets={out}", "data.decode=full"])
+    from bootstrap.target_source import target_source
+
+    class _Acc:
+        device, num_processes, is_main_process = torch.device("cpu"), 1, True
+
+    with pytest.raises(TargetsError, match="made for another run: augment.decode: the cache has 'reduced', this run "
+                                           "has 'full'"):
+        target_source(recipe, teacher, teacher.train_transform(decode="full", **recipe.data.augment), _Acc(),
+                      say=lambda t: None)
+
+
 def test_caches_from_before_the_decode_key_count_as_full_decoding(tmp_path):
     from data.targets import read_manifest
 
     (tmp_path / "targets.json").write_text(json.dumps({"augment": {"size": [32, 32]}, "views": 1}))
     assert read_manifest(tmp_path)["augment"]["decode"] == "full"
+
+
+# ----------------------------------------------------------------------------- the recipe key
+
+
+def test_recipe_key_picks_the_decode_path_and_bad_values_get_one_line():
+    from bootstrap.config import RecipeError, load_recipe
+
+    assert load_recipe("recipes/demo.yaml").data.decode == "reduced"
+    assert load_recipe("recipes/demo.yaml", ["data.decode=full"]).data.decode == "full"
+    with pytest.raises(RecipeError, match=r"^data.decode='redcued' is not a decode path; choose reduced or full "
+                                          r"\(default reduced\). Did you mean 'reduced'\?$"):
+        load_recipe("recipes/demo.yaml", ["data.decode=redcued"])
+    # A GPU decoder asked of the CPU workers: one line that says where GPU decoding is measured.
+    with pytest.raises(RecipeError, match=r"^data.decode='cuda' is not a training decode path: the training stream "
+                                          r"decodes in CPU loader workers \(.*--paths cuda.*\); choose reduced or "
+                                          r"full \(default reduced\)$"):
+        load_recipe("recipes/demo.yaml", ["data.decode=cuda"])
+    with pytest.raises(RecipeError, match=r"^data.decode='torchcodec' is not a training decode path: .*no faster "
+                                          r"than PIL.*; choose reduced or full"):
+        load_recipe("recipes/demo.yaml", ["data.decode=torchcodec"])
+    with pytest.raises(ValueError, match="decode 'fast' is not a decode path"):
+        train_transform(32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode="fast")
 
 
 def test_the_demo_pngs_render_as_before():
