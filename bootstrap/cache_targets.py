@@ -115,15 +115,16 @@ class _Views(torch.utils.data.IterableDataset):
             try:
                 for raw in iter_shard(self.urls[index]):
                     read += 1
-                    try:
-                        sample = decode_sample(raw, self.max_pixels)
+                    try:  # decoded as the training stream decodes it (data.decode), so replays are exact
+                        sample = decode_sample(raw, self.max_pixels, lazy=self.transform.lazy)
+                        key = sample["__key__"]
+                        params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
+                                  for v in range(self.views)]
+                        views = [self.transform.apply(sample["image"], p) for p in params]
                     except DecodeError as exn:
                         entries.append((raw["__key__"], None, str(exn)))
                         continue
-                    key = sample["__key__"]
-                    params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
-                              for v in range(self.views)]
-                    images.extend(self.transform.apply(sample["image"], p) for p in params)
+                    images.extend(views)
                     entries.append((key, params, None))
                     if len(entries) >= self.chunk:
                         yield self._chunk(index, entries, images, False)
@@ -187,7 +188,7 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
     home = next(teacher.parameters()).device
     teacher.to(device).eval()
     d = recipe.data
-    transform = teacher.train_transform(**d.augment)
+    transform = teacher.train_transform(decode=d.decode, **d.augment)
     manifest = run_manifest(recipe, teacher, transform, views, dtype, tokens)
     out = Path(out).expanduser()
     # One process (the main one of one command or run) fills the folder at a time; another waits, then finds it done.

@@ -33,7 +33,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
 
-from data.decode import DEFAULT_MAX_PIXELS
+from data.decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, check_decode_path
 from data.errors import UserError
 from data.schema import load
 from eval.options import EvalConfig
@@ -69,6 +69,8 @@ class DataConfig:
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
     # ^ teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    # How training views decode JPEGs: reduced (smaller, in the DCT domain, where the crop allows) | full
+    decode: str = DEFAULT_DECODE
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
     targets: Union[str, None] = None
@@ -264,6 +266,10 @@ class Recipe:
             # A negative max norm flips every gradient (the student would train away from the teacher).
             raise RecipeError(f"optim.grad_clip must be above 0 or null (no clipping), got {o.grad_clip}")
         check_augment(d.augment)
+        try:
+            check_decode_path(d.decode)
+        except ValueError as exc:
+            raise RecipeError(f"data.decode={exc}") from None
         if d.targets is not None and not d.targets.strip():
             raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         if self.demo is not None:

@@ -134,6 +134,7 @@ def auto_dir(recipe, teacher, views: int) -> Path:
         root = Path(os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap").expanduser()
     d = recipe.data
     key = {"teacher": teacher_identity(recipe.teacher), "weights": weights_sha256(teacher), "train": d.train, "augment": d.augment, "val": d.val,
+           "decode": d.decode,
            "heldout": d.heldout_samples, "views": views, "seed": recipe.run.seed,
            "precision": recipe.run.mixed_precision, "max_pixels": d.max_pixels, "version": 2}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

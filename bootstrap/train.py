@@ -59,7 +59,8 @@ def train(recipe: Recipe) -> dict:
 
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached (data.targets):
     # it stays on the CPU (the student inherits its weights) and runs only for what the cache does not hold.
-    targets = target_source(recipe, teacher, teacher.train_transform(**recipe.data.augment), accelerator, say=say)
+    targets = target_source(recipe, teacher, teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment),
+                            accelerator, say=say)
     stepper = _stepper(run, teacher, targets, accelerator, say)
     state = TrainState()
     stepper.begin(state, run.resume_from, run.resume_state)
@@ -136,7 +137,7 @@ def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: Run
 
     d, rank = recipe.data, accelerator.process_index
     loader = build_train_loader(
-        d.train, teacher.train_transform(**d.augment), d.batch_size, d.num_workers,
+        d.train, teacher.train_transform(decode=d.decode, **d.augment), d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=accelerator.num_processes, shardshuffle=d.shardshuffle,
         targets=targets.store, allow_pipe=d.allow_pipe, max_pixels=d.max_pixels)

@@ -1,7 +1,9 @@
 """Data for bootstrapping: WebDataset shards, the training stream, evaluation sets and the demo set.
 
 * ``data.shards``: ``make_shards`` (also ``python -m data.make_shards``), ``resolve_shards``,
-  ``shard_sample_counts``, shard reading.
+  ``shard_sample_counts``, shard reading; ``data.reencode``: ``--max-size`` re-encoding.
+* ``data.decode``: ``decode_sample``, skipping undecodable samples, the decode paths
+  (``data.decode`` in a recipe) and ``EncodedImage`` (a JPEG decoded when its view is known).
 * ``data.stream``: ``build_train_loader`` — per-rank loader with equal batch counts on all ranks.
 * ``data.transforms``: ``train_transform`` (a ``ReplayableTrainTransform``) / ``eval_transform``.
 * ``data.targets``: cached teacher targets (written by ``python -m bootstrap.cache_targets``):

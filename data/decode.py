@@ -9,10 +9,20 @@ Counting happens where decoding happens — inside DataLoader workers — so a w
 cannot be read from the main process directly. The training stream therefore ships the
 names of the samples skipped since its previous batch inside that batch
 (``extras["skipped"]``) and ``data.stream.TrainLoader.stats`` adds them up in the main process.
+
+Decode paths (``DECODE_PATHS``, the recipe's ``data.decode``, ``DEFAULT_DECODE`` unless set):
+``full`` decodes every image whole with PIL before the augmentation; ``reduced`` keeps a JPEG's
+bytes until the crop of its view is known (``decode_sample(..., lazy=True)`` gives an
+``EncodedImage``) and then decodes it 2, 4 or 8 times smaller in the DCT domain when the crop
+still covers the output size at that scale (``data.transforms``). ``check_decode_path`` says in one line what
+is wrong with a path name and how to fix it (benchmarks/data_speed.py also times
+torchvision's and torchcodec's CPU decoders and batched GPU decoding, which are not paths of
+the training stream).
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import warnings
 
@@ -40,12 +50,85 @@ class DecodeError(ValueError):
         self.sample_id = sample_id
 
 
-def decode_sample(sample: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+DECODE_PATHS = ("reduced", "full")
+DEFAULT_DECODE = "reduced"
+
+
+def check_decode_path(name: str) -> None:
+    """Raise ``ValueError`` (one line: the problem and the fix) unless ``name`` is a decode path.
+    The message starts with the value, so callers can prefix the key."""
+    choose = f"choose {' or '.join(DECODE_PATHS)} (default {DEFAULT_DECODE})"
+    if name in ("cuda", "gpu", "nvjpeg", "torchcodec-cuda"):
+        raise ValueError(f"{name!r} is not a training decode path: the training stream decodes in CPU loader workers "
+                         f"(GPU decoding is measured by python benchmarks/data_speed.py --paths cuda, on a machine "
+                         f"with a CUDA GPU); {choose}")
+    if name in ("torchvision", "torchcodec"):
+        raise ValueError(f"{name!r} is not a training decode path: benchmarks/data_speed.py measures its CPU decoder, "
+                         f"no faster than PIL here (torchvision.io's decoders are deprecated since torchvision 0.29); "
+                         f"{choose}")
+    if name not in DECODE_PATHS:
+        close = difflib.get_close_matches(str(name), DECODE_PATHS, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"{name!r} is not a decode path; {choose}.{hint}")
+
+
+class EncodedImage:
+    """A JPEG's bytes with only its header read: ``size`` (width, height) is known, the pixels
+    are decoded when a view asks for them, whole or reduced.
+
+    ``decode(reduce)`` returns ``(RGB PIL image, factor)``: with ``reduce`` 2, 4 or 8, libjpeg
+    decodes the image that many times smaller in the DCT domain (pixel ``i`` of the result
+    covers pixels ``[i * factor, (i + 1) * factor)`` of the full image); ``factor`` is the
+    reduction it applied. A decoding failure raises ``DecodeError`` naming the sample. Decoded
+    pixels are kept per reduction, so several views of one image decode it once per reduction.
+    """
+
+    __slots__ = ("data", "size", "sample_id", "_decoded")
+
+    def __init__(self, data: bytes, size: tuple[int, int], sample_id: str = ""):
+        self.data, self.size, self.sample_id = data, tuple(size), sample_id
+        self._decoded: dict = {}
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
+        if reduce not in self._decoded:
+            try:
+                img = Image.open(io.BytesIO(self.data))
+                factor = 1
+                if reduce > 1:
+                    # draft() picks the largest of 8, 4, 2 not above min(width // w, height // h).
+                    drafted = img.draft("RGB", (self.size[0] // reduce, self.size[1] // reduce))
+                    if drafted is not None:
+                        factor = round(self.size[0] / drafted[1][2])
+                img.load()  # truncated data fails here
+                # convert() would copy an RGB image; the decoded one serves as it is.
+                image = img if img.mode == "RGB" else img.convert("RGB")
+            except Exception as exn:  # PIL raises many exception types for bad bytes
+                raise DecodeError(f"cannot decode image {self.sample_id}: {type(exn).__name__}: {exn}",
+                                  self.sample_id) from exn
+            self._decoded[reduce] = (image, factor)
+        return self._decoded[reduce]
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.sample_id or 'JPEG'}, size={self.size}, {len(self.data)} bytes)"
+
+
+def decode_sample(sample: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS, lazy: bool = False) -> dict:
     """Decode a raw sample into ``{"image": PIL RGB, "cls": int (-1 if none), "txt": str, ...}``.
 
     The image is the first of ``IMAGE_KEYS`` present (``jpg`` for img2dataset and ImageNet
     shards, ``png`` for the demo). ``cls`` is -1 and ``txt`` empty when the sample has none.
     See ``open_image`` for ``max_pixels`` and 16-bit images.
+    ``lazy=True`` reads only the header of a JPEG and gives an ``EncodedImage`` (decoded by the
+    transform, at the size its view needs; a truncated JPEG then fails there, with a
+    ``DecodeError``); other formats are decoded here as without it.
 
     Raises:
         DecodeError: no image key, undecodable/truncated image, one above ``max_pixels``, or
@@ -56,7 +139,7 @@ def decode_sample(sample: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
         ext = next((k for k in IMAGE_KEYS if k in sample), None)
         if ext is None:
             raise ValueError(f"no image in sample (keys: {sorted(k for k in sample if not k.startswith('__'))})")
-        image = open_image(sample[ext], max_pixels)
+        image = open_image(sample[ext], max_pixels, lazy_id=f"{url}#{key}" if lazy else None)
         label = int(sample["cls"]) if "cls" in sample else -1
         text = sample["txt"].decode("utf-8") if "txt" in sample else ""
     except Exception as exn:  # PIL raises many exception types for bad bytes
@@ -69,12 +152,15 @@ class TooManyPixels(ValueError):
     """An image larger than the pixel limit (checked from its header, before decoding)."""
 
 
-def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               lazy_id: str | None = None) -> Image.Image | EncodedImage:
     """Decode an image (bytes, a path or a file object) to RGB, after checking its size against
     ``max_pixels`` (None: no limit of ours) from its header.
 
     16-bit grey images are scaled to 8 bits by their high byte, as PIL and libpng do for 48-bit
-    RGB, so a 16-bit grey picture and its 48-bit RGB copy give the same pixels.
+    RGB, so a 16-bit grey picture and its 48-bit RGB copy give the same pixels. With ``lazy_id``
+    (the sample's name), a JPEG given as bytes is not decoded here: it comes back as an
+    `EncodedImage`, which a view decodes at the size it needs.
 
     Raises:
         TooManyPixels: the image is larger than ``max_pixels``.
@@ -91,6 +177,8 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Ima
         if max_pixels is not None and width * height > max_pixels:
             raise TooManyPixels(f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
                                 f"(data.max_pixels / eval.max_pixels); it is not decoded")
+        if lazy_id is not None and img.format == "JPEG" and isinstance(source, io.BytesIO):
+            return EncodedImage(source.getvalue(), img.size, lazy_id)
         if img.mode in _WIDE_GREY:
             grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
             return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")

@@ -1,12 +1,14 @@
 """Convert an image folder or a list of image paths into WebDataset shards.
 
-    python -m data.make_shards SRC OUT_DIR [--maxcount N] [--maxsize BYTES]
+    python -m data.make_shards SRC OUT_DIR [--maxcount N] [--maxsize BYTES] [--max-size S]
 
 SRC is a folder with one sub-folder per class (ImageNet layout), a flat folder of images, or
 a text file with one image path per line (optionally ``PATH<TAB>CLASS``). OUT_DIR receives
 ``shard-000000.tar``, ... (image bytes as they are, ``cls`` when the class is known, ``json``
 with source path and class name) and ``dataset.json`` (samples per shard, class names).
-Unreadable files are reported and skipped.
+Unreadable files are reported and skipped. ``--max-size S`` re-encodes JPEGs whose shorter side
+is above S px to a shorter side of S (quality 95, as img2dataset's keep_ratio; ``data.reencode``)
+and prints the bytes it saved; S below the training crop (``--crop``, 224) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .reencode import check_max_size, saved_line
 from .shards import make_shards
 
 
@@ -37,16 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="processes reading images (default 0: this one)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--max-size", type=int, default=None, metavar="S",
+                        help="re-encode JPEGs whose shorter side is above S px to shorter side S (quality 95)")
+    parser.add_argument("--crop", type=int, default=224, help="the training crop the shards are for: --max-size "
+                        "must not be below it (default 224)")
     args = parser.parse_args(argv)
     try:
+        check_max_size(args.max_size, args.crop)
         info = make_shards(args.src, args.out_dir, args.maxcount, int(args.maxsize), classes=args.classes,
                            shuffle=args.shuffle, seed=args.seed, verify=args.verify, workers=args.workers,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet, max_size=args.max_size)
     except (OSError, ValueError) as exn:  # user errors: a message, not a traceback
         print(f"make_shards: error: {exn}", file=sys.stderr)
         return 2
     classes = f", {info['num_classes']} classes" if info["classnames"] else ", no classes"
     print(f"wrote {info['num_samples']} samples in {len(info['shards'])} shard(s){classes} to {args.out_dir}")
+    if args.max_size is not None:
+        print(saved_line(args.max_size, info["reencoded"]))
     return 0
 
 

@@ -27,6 +27,7 @@ import sys
 import tarfile
 import warnings
 import zlib
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -39,6 +40,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from .errors import UserError
 from .outputs import write_text
+
+from .reencode import file_size, read_image_at_most, summary
 
 DATASET_JSON = "dataset.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -601,6 +604,7 @@ def make_shards(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    max_size: int | None = None,
 ) -> dict:
     """Write the images of ``src`` into WebDataset shards in ``out_dir``.
 
@@ -618,6 +622,9 @@ def make_shards(
         workers: processes reading and verifying images (0: in this process).
         overwrite: replace shards already in ``out_dir``.
         progress: show a progress bar.
+        max_size: re-encode JPEGs whose shorter side is larger, to that shorter side
+            (``data.reencode``); dataset.json then records ``max_size`` and ``reencoded``
+            (images, bytes before and after).
 
     Returns:
         The dataset.json content: ``num_samples``, ``shards`` (name and sample count each),
@@ -634,7 +641,9 @@ def make_shards(
     pool = Pool(workers) if workers > 0 else None
     try:
         jobs = [(path, verify) for path, _, _ in items]
-        results = pool.imap(_read_image, jobs, chunksize=16) if pool else map(_read_image, jobs)
+        read = _read_image if max_size is None else partial(read_image_at_most, max_size=max_size, read=_read_image)
+        results = pool.imap(read, jobs, chunksize=16) if pool else map(read, jobs)
+        before, after = [], []  # bytes of each written image, as read and as stored (--max-size)
         bar = tqdm(zip(items, results), total=len(items), desc="writing shards", unit="img", disable=not progress)
         with ShardSink(out, maxcount, maxsize) as sink:
             written = 0
@@ -648,6 +657,9 @@ def make_shards(
                 if classname is not None:
                     sample["cls"] = str(label[classname]).encode()
                 sink.write(sample)
+                if max_size is not None:
+                    before.append(file_size(path))
+                    after.append(len(data))
                 keys.update(k for k in sample if not k.startswith("__"))
                 written += 1
             shards = sink.close()
@@ -671,4 +683,7 @@ def make_shards(
         "keys": sorted(keys),
         "skipped": skipped,
     }
+    if max_size is not None:
+        info["max_size"] = int(max_size)
+        info["reencoded"] = summary(before, after)
     return write_dataset_json(out, info)

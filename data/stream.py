@@ -53,8 +53,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from .decode import DEFAULT_MAX_PIXELS, SkipCounter, decode_sample
-from .shards import (ShardError, is_remote, iter_segments, iter_shard, resolve_shards, shard_sample_counts,
-                     shard_shortfall)
+from .shards import (ShardError, is_remote, iter_segments, iter_shard, read_dataset_info, resolve_shards,
+                     shard_sample_counts, shard_shortfall)
 from .targets import TargetsError
 
 
@@ -119,6 +119,19 @@ def plan_segments(counts: Sequence[int], order: Sequence[int], start: int, lengt
         left -= take
         pos = (pos + take) % total
     return out
+
+
+def check_max_size(urls: Sequence[str], size: Sequence[int] | None) -> None:
+    """Refuse shards that ``make_shards --max-size`` shrank below the views' ``size`` (their
+    dataset.json's ``max_size``, the shorter side): every full-image view would enlarge them."""
+    if not size:
+        return
+    for folder in sorted({os.path.dirname(u) for u in urls if not is_remote(u)}):
+        max_size = (read_dataset_info(folder or ".") or {}).get("max_size")
+        if max_size is not None and int(max_size) < max(size):
+            raise ValueError(f"the shards in {folder} were re-encoded to a shorter side of {max_size} px (make_shards "
+                             f"--max-size), below this run's {max(size)} px views: make them again from the originals "
+                             f"with --max-size {max(size)} or more")
 
 
 @dataclass
@@ -208,10 +221,13 @@ class TrainStream(IterableDataset):
                                  counter)
 
     def _decode(self, raw: dict) -> dict:
-        # An image that does not decode (or is too large) is skipped before its target is read.
-        sample = decode_sample(raw, self.max_pixels)
+        # An image that does not decode (or is too large) is skipped before its target is read; a transform that
+        # decodes JPEGs itself (at the size its view needs) gets their bytes.
+        sample = decode_sample(raw, self.max_pixels, lazy=getattr(self.transform, "lazy", False))
         if self.targets is not None:
             sample["targets"] = self.targets.decode(raw)
+        # Rendered here, where a JPEG that turns out not to decode is skipped and counted like any other.
+        sample["view"] = self._view(sample)
         return sample
 
     def _view(self, sample: dict) -> tuple[torch.Tensor, dict | None]:
@@ -227,7 +243,8 @@ class TrainStream(IterableDataset):
     def _batches(self, samples: Iterator[tuple[dict, bool]], counter: SkipCounter) -> Iterator[tuple[torch.Tensor, dict]]:
         batch = []
         for sample, padded in samples:
-            image, target = self._view(sample)
+            # A sample re-used to fill the batch gets a fresh view (it decoded before).
+            image, target = sample.pop("view") if "view" in sample else self._view(sample)
             batch.append((image, sample, padded, target))
             if len(batch) == self.batch_size:
                 images = torch.stack([b[0] for b in batch])
@@ -384,6 +401,7 @@ def build_train_loader(
                         f"ReplayableTrainTransform (teacher.train_transform() gives one), got {type(transform).__name__}")
     rank, world_size = dist_info(rank, world_size)
     urls = resolve_shards(shards, allow_pipe)
+    check_max_size(urls, getattr(transform, "size", None))
     counts = None
     if not resampled or epoch_samples is None:
         counts = shard_sample_counts(urls)

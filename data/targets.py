@@ -156,10 +156,14 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exn:
         raise TargetsError(f"cannot read {path}: {exn}; delete the folder and run bootstrap.cache_targets again") \
             from exn
+    if isinstance(manifest.get("augment"), dict):
+        # Caches made before the decode path was recorded decoded every image whole.
+        manifest["augment"].setdefault("decode", "full")
+    return manifest
 
 
 def file_sha256(path: str | os.PathLike) -> str:

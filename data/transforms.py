@@ -11,6 +11,16 @@ generator with exactly torchvision's calls, so it gives what the equivalent
 gives; ``draw(image, generator)`` draws the same parameters from a given generator (a seed
 per image and view) and ``apply(image, params)`` applies given parameters exactly. Cached
 teacher targets (``data.targets``) store the parameters of every view and replay them.
+
+Its ``decode`` path (``data.decode.DECODE_PATHS``) says how a JPEG given as an
+``EncodedImage`` (``decode_sample(..., lazy=True)``) becomes pixels. ``reduced`` draws the
+crop box in full-image coordinates from the header's size, decodes at the largest
+DCT reduction (8, 4 or 2) that still leaves the crop at least the output size (``reduction``),
+and resizes the crop's exact, fractional box of the reduced image: the same geometry as the
+full decode, pixels within a few grey levels of it (BENCHMARKS.md has the measured bound). A
+view whose crop is smaller than twice the output (most views of ImageNet's 500 x 375 images at
+224) decodes whole and gives exactly the full path's pixels, as do images that are not JPEGs.
+``full`` decodes whole. A PIL image is always rendered the ``full`` way.
 """
 
 from __future__ import annotations
@@ -18,11 +28,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+
+from .decode import DEFAULT_DECODE, EncodedImage, check_decode_path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,6 +78,43 @@ def _jitter_ranges(color_jitter) -> list[tuple[float, float] | None]:
 
 _JITTER_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
+# JPEG's DCT-domain reductions (libjpeg's 1/2, 1/4, 1/8), largest first.
+_REDUCTIONS = (8, 4, 2)
+
+
+def reduction(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) at which a crop of ``crop_height x crop_width``
+    full-image pixels still covers at least ``out_height x out_width`` pixels, so that the
+    resize after it still shrinks (or keeps) the crop and never enlarges it."""
+    for factor in _REDUCTIONS:
+        if crop_height >= factor * out_height and crop_width >= factor * out_width:
+            return factor
+    return 1
+
+
+def resized_crop_reduced(image: Image.Image, factor: int, top: int, left: int, height: int, width: int,
+                         size: Sequence[int], interpolation: InterpolationMode) -> Image.Image:
+    """``F.resized_crop`` of the full image's box ``(top, left, height, width)``, done on ``image``,
+    that image decoded ``factor`` times smaller (its pixel ``i`` covers full pixels ``[i * factor,
+    (i + 1) * factor)``): the box becomes fractional there, and PIL resizes exactly that box.
+
+    As ``F.resized_crop`` does on the full image, the filter sees only the crop's pixels: the
+    reduced image is first cut at the whole pixels around the box."""
+    x0, y0 = left / factor, top / factor
+    x1, y1 = (left + width) / factor, (top + height) / factor
+    ix0, iy0 = math.floor(x0), math.floor(y0)
+    ix1, iy1 = min(image.width, math.ceil(x1)), min(image.height, math.ceil(y1))
+    region = image.crop((ix0, iy0, ix1, iy1))
+    return region.resize((int(size[1]), int(size[0])), F.pil_modes_mapping[interpolation],
+                         box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+
+
+def _to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(F.to_tensor(image), mean, std)`` for an RGB PIL image, bit for bit, with
+    fewer copies (to_tensor copies the pixels twice, normalize clones the result)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
 
 def _to_rgb(image):
     """Grey-scale / RGBA / palette images to RGB (what both libraries' transforms assume)."""
@@ -81,11 +132,14 @@ class ReplayableTrainTransform:
 
     (``jitter``: torchvision's random order of brightness 0 / contrast 1 / saturation 2 /
     hue 3 with their factors) and ``apply(image, params)`` renders exactly that view.
-    ``settings()`` names everything that decides what a view looks like (for cache manifests).
+    ``settings()`` names everything that decides what a view looks like (for cache manifests),
+    the decode path included. ``image`` is a PIL image or an ``EncodedImage`` (JPEG bytes,
+    decoded as ``decode`` says; see the module doc); ``lazy`` tells a loader which to give.
     """
 
     def __init__(self, size, mean, std, interpolation="bicubic", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 hflip: float = 0.5, color_jitter=None, grayscale: float = 0.0, antialias: bool = True):
+                 hflip: float = 0.5, color_jitter=None, grayscale: float = 0.0, antialias: bool = True,
+                 decode: str = DEFAULT_DECODE):
         self.size = _size2(size)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.interpolation = interpolation_mode(interpolation)
@@ -95,6 +149,18 @@ class ReplayableTrainTransform:
         self.jitter = _jitter_ranges(color_jitter)
         if not (0 <= self.hflip <= 1 and 0 <= self.grayscale <= 1):
             raise ValueError(f"hflip and grayscale are probabilities in [0, 1], got {hflip} and {grayscale}")
+        try:
+            check_decode_path(decode)
+        except ValueError as exn:
+            raise ValueError(f"decode {exn}") from None
+        self.decode = decode
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether this transform wants JPEGs as ``EncodedImage`` (``decode_sample(raw, lazy=...)``)."""
+        return self.decode == "reduced"
 
     # ------------------------------------------------------------------ parameters
     def draw(self, image, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -138,16 +204,30 @@ class ReplayableTrainTransform:
 
     # ------------------------------------------------------------------ rendering
     def apply(self, image, params: dict[str, Any]) -> torch.Tensor:
-        """Render the view ``params`` (from ``draw``) of ``image`` (PIL): normalised ``[3, H, W]``."""
+        """Render the view ``params`` (from ``draw``) of ``image`` (PIL or ``EncodedImage``):
+        normalised ``[3, H, W]``. A JPEG that does not decode raises ``data.decode.DecodeError``."""
         top, left, h, w = params["crop"]
+        if isinstance(image, EncodedImage):
+            factor = reduction(h, w, *self.size) if self.decode == "reduced" else 1
+            image, factor = image.decode(factor)
+            if factor > 1:
+                image = resized_crop_reduced(image, factor, top, left, h, w, self.size, self.interpolation)
+                return self._finish(image, params)
         image = F.resized_crop(image, top, left, h, w, list(self.size), self.interpolation, antialias=self.antialias)
+        return self._finish(image, params)
+
+    def _finish(self, image, params: dict[str, Any]) -> torch.Tensor:
+        """Flip, jitter, grayscale and normalise a resized PIL crop."""
         if params["flip"]:
             image = F.hflip(image)
         for op, factor in params["jitter"]:
             image = _JITTER_OPS[op](image, factor)
         if params["gray"]:
             image = F.rgb_to_grayscale(image, num_output_channels=len(image.getbands()))
-        return F.normalize(F.to_tensor(_to_rgb(image)), self.mean, self.std)
+        return self._to_tensor(_to_rgb(image))
+
+    def _to_tensor(self, image) -> torch.Tensor:
+        return _to_normalized_tensor(image, self._mean, self._std)
 
     def __call__(self, image) -> torch.Tensor:
         return self.apply(image, self.draw(image))
@@ -157,7 +237,8 @@ class ReplayableTrainTransform:
         return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation.value, "antialias": self.antialias,
                 "scale": list(self.scale), "ratio": list(self.ratio), "hflip": self.hflip,
-                "color_jitter": [None if r is None else list(r) for r in self.jitter], "grayscale": self.grayscale}
+                "color_jitter": [None if r is None else list(r) for r in self.jitter], "grayscale": self.grayscale,
+                "decode": self.decode}
 
     def __repr__(self) -> str:
         return f"ReplayableTrainTransform({', '.join(f'{k}={v}' for k, v in self.settings().items())})"
@@ -173,6 +254,7 @@ def train_transform(
     hflip: float = 0.5,
     color_jitter: float | Sequence[float] | None = None,
     grayscale: float = 0.0,
+    decode: str = DEFAULT_DECODE,
 ) -> ReplayableTrainTransform:
     """RandomResizedCrop + horizontal flip (+ colour jitter, random grayscale), then normalise.
 
@@ -185,10 +267,62 @@ def train_transform(
         color_jitter: None/0 disables; a float ``x`` jitters brightness, contrast and saturation
             by ``x``; a sequence is ``(brightness, contrast, saturation[, hue])``.
         grayscale: probability of converting to grayscale.
+        decode: how JPEGs given as ``EncodedImage`` are decoded: ``reduced`` or ``full`` (see
+            the module doc).
 
     Returns a ``ReplayableTrainTransform`` (its views can be drawn from a seed and replayed).
     """
-    return ReplayableTrainTransform(size, mean, std, interpolation, scale, ratio, hflip, color_jitter, grayscale)
+    return ReplayableTrainTransform(size, mean, std, interpolation, scale, ratio, hflip, color_jitter, grayscale,
+                                    decode=decode)
+
+
+class EvalTransform:
+    """Resize (the shorter side to ``resize``, or to ``(h, w)``), centre-crop ``size``, normalise.
+
+    On a PIL image these are torchvision's ``Resize``, ``CenterCrop``, ``ToTensor`` and
+    ``Normalize`` (``steps``). An ``EncodedImage`` is decoded as ``decode`` says: ``reduced``
+    decodes at the largest DCT reduction that keeps the resized size (the whole image is the
+    crop here). The evaluation loaders give PIL images (whole decodes, as published accuracies
+    are measured); ``benchmarks/data_speed.py`` measures what ``reduced`` would gain there.
+    """
+
+    def __init__(self, size, mean, std, interpolation="bicubic", resize=None, decode: str = "full"):
+        self.size = _size2(size)
+        self.resize = resize if resize is not None else self.size[0]
+        self.interpolation = interpolation_mode(interpolation)
+        check_decode_path(decode)
+        self.decode = decode
+        self._mean = torch.tensor(tuple(float(m) for m in mean)).view(-1, 1, 1)
+        self._std = torch.tensor(tuple(float(s) for s in std)).view(-1, 1, 1)
+        self.steps = T.Compose([T.Resize(self.resize, interpolation=self.interpolation, antialias=True),
+                                T.CenterCrop(self.size), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(h, w)`` of an image of ``width x height`` after ``Resize`` (torchvision's rounding)."""
+        if not isinstance(self.resize, int):
+            return tuple(self.resize)
+        short, long = (width, height) if width <= height else (height, width)
+        long = int(self.resize * long / short)
+        return (long, self.resize) if width <= height else (self.resize, long)
+
+    @property
+    def lazy(self) -> bool:
+        return self.decode == "reduced"
+
+    def __call__(self, image) -> torch.Tensor:
+        if not isinstance(image, EncodedImage):
+            return self.steps(image)
+        width, height = image.size
+        out_h, out_w = self.resized_size(width, height)
+        factor = reduction(height, width, out_h, out_w) if self.decode == "reduced" else 1
+        pixels, factor = image.decode(factor)
+        if factor == 1:
+            return self.steps(pixels)
+        pixels = resized_crop_reduced(pixels, factor, 0, 0, height, width, (out_h, out_w), self.interpolation)
+        return _to_normalized_tensor(F.center_crop(pixels, list(self.size)), self._mean, self._std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, resize={self.resize}, {self.interpolation.value}, decode={self.decode})"
 
 
 def eval_transform(
@@ -197,22 +331,18 @@ def eval_transform(
     std: Sequence[float],
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
-) -> T.Compose:
+    decode: str = "full",
+) -> EvalTransform:
     """Resize the shorter side to ``size / crop_pct``, centre-crop ``size``, normalise.
 
     ``crop_pct=1.0`` is CLIP's preprocessing (resize to ``size``, centre crop); 0.875 is the
-    classic ImageNet evaluation.
+    classic ImageNet evaluation. ``decode`` applies to ``EncodedImage`` inputs (``EvalTransform``).
     """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = _size2(size)
     resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
-    return T.Compose([
-        T.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
-        T.CenterCrop((h, w)),
-        T.ToTensor(),
-        T.Normalize(tuple(mean), tuple(std)),
-    ])
+    return EvalTransform((h, w), mean, std, interpolation, resize, decode)
 
 
 def transforms_from_config(cfg: dict, train: bool = False, **overrides):

@@ -511,7 +511,7 @@ class Teacher(nn.Module):
                       T.CenterCrop(p.size)]
         return T.Compose([*resize, _to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
 
-    def train_transform(self, **aug_overrides: Any) -> Callable:
+    def train_transform(self, decode: str | None = None, **aug_overrides: Any) -> Callable:
         """Train transform: random resized crop, flip, optional colour jitter, normalise.
 
         Defaults follow the teacher's library (`default_train_aug`: open_clip
@@ -521,6 +521,7 @@ class Teacher(nn.Module):
         `data.transforms.ReplayableTrainTransform`: the same random draws as
         torchvision's Compose of these steps, and its views can be drawn from
         a seed and replayed exactly (cached teacher targets rely on it).
+        `decode` picks how it decodes JPEGs (`data.decode.DECODE_PATHS`; None: the default).
         """
         from data.transforms import ReplayableTrainTransform
 
@@ -533,7 +534,8 @@ class Teacher(nn.Module):
         p = self.preprocess
         return ReplayableTrainTransform(p.size, p.mean, p.std, p.interpolation, scale=aug["scale"],
                                         ratio=aug["ratio"], hflip=aug["hflip"] or 0.0,
-                                        color_jitter=aug["color_jitter"])
+                                        color_jitter=aug["color_jitter"],
+                                        **({} if decode is None else {"decode": decode}))
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 from conftest import ROOT
 
@@ -75,11 +76,40 @@ def test_train_speed_times_teacher_student_and_data(tmp_path):
     assert r["caching"]["img_per_s"] > 0 and r["caching"]["teacher_inference_img_per_s"] > 0
 
 
-def test_data_speed_reads_every_generated_image():
-    out = run_script("data_speed.py", "--images", "24", "--workers", "0", "1", "--batch-size", "8", "--size", "64")
-    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\d+$", line)]
-    # The first batch warms up untimed: 24 images in batches of 8 leave 16 timed.
-    assert [(r[0], r[3]) for r in rows] == [("0", "16"), ("1", "16")]
+def test_data_speed_times_each_decode_path_and_the_reduced_difference():
+    out = run_script("data_speed.py", "--images", "12", "--rounds", "1", "--batch-size", "4", "--size", "64",
+                     "--paths", "today", "full", "reduced", "torchvision", "--max-size", "96", "--diff-views", "2")
+    rows = table_rows(out)
+    labels = ["today", "full", "reduced", "torchvision", "reduced, --max-size 96 shards"]
+    assert [(r[0], r[1]) for r in rows] == [(kind, label) for kind in ("train", "eval") for label in labels]
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][4] == rows[5][4] == "1.00"  # ratios against today
+    assert re.search(r"generated 12 JPEGs .* mean \d+ x \d+ px, \d+ KB, .* load average", out)
+    # 12 images x 2 views, and one evaluation view each: how many decoded smaller, and how far from full.
+    assert re.search(r"train: \d+ of 24 views decoded smaller; difference mean [\d.]+, 99.9th percentile \d+, max \d+",
+                     out)
+    assert re.search(r"eval: \d+ of 12 views decoded smaller", out)
+
+
+def test_data_speed_names_what_a_path_it_cannot_run_needs(tmp_path):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("data_speed", ROOT / "benchmarks" / "data_speed.py")
+    data_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_speed)
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_speed.py"), "--paths", "cuda"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            "data_speed.py: error: decode path 'cuda' needs a CUDA GPU (torch.cuda.is_available() is False here): run "
+            "it on a GPU machine, or leave it out of --paths")
+    # The batched GPU path's code, run with the CPU as its device.
+    data_speed.make_jpeg_shards(tmp_path, 6, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's decoders are deprecated since 0.29
+        for train in (True, False):
+            assert data_speed.gpu_rate(tmp_path, "cuda", 32, 2, train=train, device="cpu") > 0
 
 
 def test_tome_speed_puts_tome_at_2x_and_4x_fewer_flops_beside_the_student():
