@@ -1,12 +1,16 @@
-"""Convert an image folder or a list of image paths into WebDataset shards.
+"""Convert an image or video folder, or a list of image or video paths, into WebDataset shards.
 
-    python -m data.make_shards SRC OUT_DIR [--maxcount N] [--maxsize BYTES]
+    python -m data.make_shards SRC OUT_DIR [--maxcount N] [--maxsize BYTES] [--media auto|image|video]
 
 SRC is a folder with one sub-folder per class (ImageNet layout), a flat folder of images, or
 a text file with one image path per line (optionally ``PATH<TAB>CLASS``). OUT_DIR receives
 ``shard-000000.tar``, ... (image bytes as they are, ``cls`` when the class is known, ``json``
 with source path and class name) and ``dataset.json`` (samples per shard, class names).
 Unreadable files are reported and skipped.
+
+Videos (a folder of them, with or without class sub-folders, or a ``.csv`` / ``.jsonl`` table of
+``path``, ``caption``, ``label``) become video shards in video2dataset's layout: see
+``data.video_shards``.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import argparse
 import sys
 
 from .shards import make_shards
+from .video_shards import detect_media, make_video_shards
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.make_shards", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="image folder (class sub-folders or flat) or text file of image paths")
+    parser.add_argument("src", help="image or video folder (class sub-folders or flat), text file of paths, or "
+                        "CSV/JSONL table of videos (path, caption, label)")
     parser.add_argument("out_dir", help="output folder for shard-NNNNNN.tar and dataset.json")
     parser.add_argument("--maxcount", type=int, default=10000, help="most samples per shard (default 10000)")
     parser.add_argument("--maxsize", type=float, default=1e9, help="most bytes per shard (default 1e9)")
@@ -32,17 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                         help="keep the source order (default: shuffle, so shards mix classes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
-    parser.add_argument("--verify", choices=("full", "header", "none"), default="full",
-                        help="decode every image (full, default), check headers only, or nothing")
+    parser.add_argument("--verify", choices=("full", "header", "none"), default=None,
+                        help="decode every image / video frame (full; default for images), check headers only "
+                        "(videos: decode the first frame; default for videos), or nothing")
     parser.add_argument("--workers", type=int, default=0, help="processes reading images (default 0: this one)")
+    parser.add_argument("--media", choices=("auto", "image", "video"), default="auto",
+                        help="what SRC holds (default: detect from the files)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        info = make_shards(args.src, args.out_dir, args.maxcount, int(args.maxsize), classes=args.classes,
-                           shuffle=args.shuffle, seed=args.seed, verify=args.verify, workers=args.workers,
-                           overwrite=args.overwrite, progress=not args.quiet)
-    except (OSError, ValueError) as exn:  # user errors: a message, not a traceback
+        video = (args.media if args.media != "auto" else detect_media(args.src)) == "video"
+        write = make_video_shards if video else make_shards
+        info = write(args.src, args.out_dir, args.maxcount, int(args.maxsize), classes=args.classes,
+                     shuffle=args.shuffle, seed=args.seed, verify=args.verify or ("header" if video else "full"),
+                     workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+    except (OSError, ValueError, ImportError) as exn:  # user errors (ImportError: no PyAV): a message, not a traceback
         print(f"make_shards: error: {exn}", file=sys.stderr)
         return 2
     classes = f", {info['num_classes']} classes" if info["classnames"] else ", no classes"

@@ -316,6 +316,7 @@ def build_train_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     targets=None,
+    make_stream: Callable[..., TrainStream] = TrainStream,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -336,6 +337,8 @@ def build_train_loader(
         targets: a ``data.targets.TargetStore`` (cached teacher targets, made for these shards):
             each image is the view of this epoch that the cache stores, rendered with
             ``transform.apply`` (a ``ReplayableTrainTransform``), and the batch carries its target.
+        make_stream: builds the per-rank ``TrainStream`` from its arguments (the video stream,
+            ``data.video_stream``, passes a subclass that decodes clips).
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
@@ -368,6 +371,6 @@ def build_train_loader(
     if epoch_samples is None:
         epoch_samples = sum(counts)
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
-    dataset = TrainStream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
+    dataset = make_stream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
                           shuffle_buffer, seed, shardshuffle, targets)
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)
