@@ -9,6 +9,10 @@
 * ``data.targets``: cached teacher targets (written by ``python -m bootstrap.cache_targets``):
   manifest, target shards read beside the image shards, view choice.
 * ``data.evalsets``: ``build_eval_loader``, ``FolderEvalSet``, ``ShardEvalSet`` (with class names).
+* Video: ``data.video`` (decoding through PyAV or torchcodec, ``decode_video_sample``),
+  ``data.video_transforms`` (``ClipSampling``, ``ReplayableClipTransform``, ``ClipEvalTransform``),
+  ``data.video_stream`` (``build_video_train_loader``, ``build_video_eval_loader``),
+  ``data.video_shards`` (``make_video_shards``: what ``python -m data.make_shards`` does for videos).
 * ``data.demo``: ``make_demo_dataset`` (also ``python -m data.demo``), ``DEMO_CLASSNAMES``,
   ``DEMO_TEMPLATES``.
 * ``data.locks``: ``cache_lock``, for cache folders that several processes may fill at once.

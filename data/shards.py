@@ -165,7 +165,7 @@ def _shards_in_folder(folder: Path) -> list[str]:
 def _holds_images(folder: Path) -> bool:
     """Whether ``folder`` or one of its sub-folders (an ImageNet class folder) holds an image file."""
     for sub in (folder, *(p for p in folder.iterdir() if p.is_dir())):
-        if any(_is_image_file(p) for p in sub.iterdir() if p.is_file()):
+        if any(_is_media_file(p) for p in sub.iterdir() if p.is_file()):
             return True
     return False
 
@@ -506,49 +506,51 @@ def write_dataset_json(out_dir: str | os.PathLike, info: dict) -> dict:
     return info
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def _is_media_file(path: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bool:
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
-def list_source(src: str | os.PathLike, classes: bool | None = None) -> tuple[list[tuple[str, str, str | None]], list[str] | None]:
+def list_source(src: str | os.PathLike, classes: bool | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                what: str = "images") -> tuple[list[tuple[str, str, str | None]], list[str] | None]:
     """List the images of a source as ``[(path, json_path, classname | None)]`` plus class names.
 
     ``src`` is a folder with class sub-folders (ImageNet layout: each sub-folder is a class,
     images anywhere below it), a flat folder of images, or a text file with one image path
     per line, optionally followed by a TAB and a class name (relative paths are relative to
     the text file; lines starting with ``#`` are comments). ``classes=False`` treats a folder with
-    sub-folders as unlabelled (all images below it); None detects the layout.
+    sub-folders as unlabelled (all images below it); None detects the layout. ``extensions`` and
+    ``what`` list other files the same way (videos: ``data.video.VIDEO_EXTENSIONS``, ``"videos"``).
     """
     src = Path(src).expanduser()
     if src.is_file():
         return _list_text_file(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"source {src} is neither a folder of images nor a text file of paths")
+        raise FileNotFoundError(f"source {src} is neither a folder of {what} nor a text file of paths")
     subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top = sorted(p for p in src.iterdir() if p.is_file() and _is_image_file(p))
+    top = sorted(p for p in src.iterdir() if p.is_file() and _is_media_file(p, extensions))
     if classes is None:
         classes = bool(subdirs) and not top
         if subdirs and top:
-            warnings.warn(f"{src} holds both images and sub-folders: treating it as unlabelled "
+            warnings.warn(f"{src} holds both {what} and sub-folders: treating it as unlabelled "
                           "(pass classes=True / --classes to use the sub-folders as classes)")
     items: list[tuple[str, str, str | None]] = []
     if not classes:
-        files = sorted(p for p in src.rglob("*") if p.is_file() and _is_image_file(p))
+        files = sorted(p for p in src.rglob("*") if p.is_file() and _is_media_file(p, extensions))
         items = [(str(p), str(p.relative_to(src)), None) for p in files]
         classnames = None
     else:
         classnames = []
         for sub in subdirs:
-            files = sorted(p for p in sub.rglob("*") if p.is_file() and _is_image_file(p))
+            files = sorted(p for p in sub.rglob("*") if p.is_file() and _is_media_file(p, extensions))
             if not files:
-                warnings.warn(f"class folder {sub} holds no images; it is left out of the classes")
+                warnings.warn(f"class folder {sub} holds no {what}; it is left out of the classes")
                 continue
             classnames.append(sub.name)
             items.extend((str(p), str(p.relative_to(src)), sub.name) for p in files)
         if top:
-            warnings.warn(f"{len(top)} images directly in {src} have no class folder and are left out")
+            warnings.warn(f"{len(top)} {what} directly in {src} have no class folder and are left out")
     if not items:
-        raise ValueError(f"no images found in {src} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"no {what} found in {src} (looked for {', '.join(extensions)})")
     return items, classnames
 
 

@@ -360,6 +360,7 @@ def build_train_loader(
     targets=None,
     allow_pipe: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    make_stream: Callable[..., TrainStream] = TrainStream,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -382,6 +383,8 @@ def build_train_loader(
             ``transform.apply`` (a ``ReplayableTrainTransform``), and the batch carries its target.
         allow_pipe: let ``pipe:`` shard URLs run their shell commands (see ``resolve_shards``).
         max_pixels: images with more pixels are skipped and counted before decoding (None: no limit).
+        make_stream: builds the per-rank ``TrainStream`` from its arguments (the video stream,
+            ``data.video_stream``, passes a subclass that decodes clips).
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
@@ -415,6 +418,6 @@ def build_train_loader(
     if epoch_samples is None:
         epoch_samples = sum(counts)
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
-    dataset = TrainStream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
+    dataset = make_stream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
                           shuffle_buffer, seed, shardshuffle, targets, allow_pipe, max_pixels)
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)
