@@ -102,6 +102,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
+    if teacher.extras():
+        raise ValueError(f"a SparseFormer student cannot inherit from teacher {teacher.kind}:{teacher.name}: it has "
+                         f"{' and '.join(teacher.extras())}; choose a teacher without them")
     n = teacher.depth
     drop = n // 3 if opts.drop_blocks is None else opts.drop_blocks
     if not 0 <= drop < n:

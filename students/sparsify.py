@@ -125,6 +125,9 @@ def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerC
     ph, pw = teacher.patch_size
     if ph != pw:
         raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
+    if teacher.extras():
+        raise ValueError(f"a Sparsifiner cannot be made of teacher {teacher.kind}:{teacher.name}: it has "
+                         f"{' and '.join(teacher.extras())}; choose a teacher without them")
     stem = teacher.stem_state_dict()
     head = teacher.head_state_dict()
     h, w = teacher.preprocess.size
