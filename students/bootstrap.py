@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from teachers.base import teacher_extras
+
 from .config import POOL_TO_HEAD_OP, SparseFormerConfig, reject_unknown_keys
 from .registry import btsp_config
 from .sparseformer import SFUnit, SparseFormer
@@ -102,9 +104,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
-    if teacher.extras():
+    if teacher_extras(teacher):
         raise ValueError(f"a SparseFormer student cannot inherit from teacher {teacher.kind}:{teacher.name}: it has "
-                         f"{' and '.join(teacher.extras())}; choose a teacher without them")
+                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
     n = teacher.depth
     drop = n // 3 if opts.drop_blocks is None else opts.drop_blocks
     if not 0 <= drop < n:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
+from teachers.base import teacher_extras
+
 from .bootstrap import ParameterPolicy
 from .config import ConfigError, reject_unknown_keys
 from .sparsifiner import PHASES, Sparsifiner, SparsifinerConfig
@@ -125,9 +127,9 @@ def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerC
     ph, pw = teacher.patch_size
     if ph != pw:
         raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
-    if teacher.extras():
+    if teacher_extras(teacher):
         raise ValueError(f"a Sparsifiner cannot be made of teacher {teacher.kind}:{teacher.name}: it has "
-                         f"{' and '.join(teacher.extras())}; choose a teacher without them")
+                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
     stem = teacher.stem_state_dict()
     head = teacher.head_state_dict()
     h, w = teacher.preprocess.size

@@ -45,6 +45,7 @@ __all__ = [
     "UnsupportedTeacherError",
     "closest",
     "hidden_state_index",
+    "teacher_extras",
 ]
 
 # What a teacher can be read from (and where the students cannot yet inherit it). Quoted in every
@@ -406,15 +407,8 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     def extras(self) -> list[str]:
-        """What the teacher computes beyond a ViT of timm `Block`s (with the MLP kinds, qk-norm and LayerScale
-        above) pooled over the tokens after its prefix: rotary positions (`rope`), EVA-02 CLIP's extra
-        LayerNorms (`attn_norm`, `mlp_norm`), a MAP head that reads the prefix tokens too
-        (`pool_include_prefix`); [] for none."""
-        extras = [f"rotary position embeddings ('{self.rope.kind}')"] if self.rope is not None else []
-        return extras + [what for what, has in (("a LayerNorm on the attention output", self.attn_norm),
-                                                ("a LayerNorm inside the MLP", self.mlp_norm),
-                                                ("a MAP head reading the prefix tokens", self.pool_include_prefix))
-                         if has]
+        """`teacher_extras(self)`."""
+        return teacher_extras(self)
 
     def run_block(self, i: int, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """The teacher's own block i applied to tokens [B, L, width] (batch-first).
@@ -602,6 +596,19 @@ class Teacher(nn.Module):
         return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "
                 f"depth={self.depth}, width={self.width}, heads={self.num_heads}, grid={self.grid_size}, "
                 f"embed_dim={self.embed_dim}")
+
+
+def teacher_extras(teacher: Any) -> list[str]:
+    """What a teacher computes beyond a ViT of timm `Block`s (with the MLP kinds, qk-norm and LayerScale of
+    `Teacher`) pooled over the tokens after its prefix: rotary positions (`rope`), EVA-02 CLIP's extra
+    LayerNorms (`attn_norm`, `mlp_norm`), a MAP head that reads the prefix tokens too (`pool_include_prefix`);
+    [] for none. Read with the plain ViT's defaults, so that any object describing a teacher will do."""
+    rope = getattr(teacher, "rope", None)
+    extras = [f"rotary position embeddings ('{rope.kind}')"] if rope is not None else []
+    return extras + [what for what, attr in (("a LayerNorm on the attention output", "attn_norm"),
+                                             ("a LayerNorm inside the MLP", "mlp_norm"),
+                                             ("a MAP head reading the prefix tokens", "pool_include_prefix"))
+                     if getattr(teacher, attr, False)]
 
 
 def _to_rgb(image):
