@@ -5,6 +5,7 @@
     target = teacher.embed(images)            # [B, teacher.embed_dim]
     teacher.block_state_dict(i)               # block i in timm Block layout, LayerScale folded
     teacher.norm_state_dict(), teacher.head_state_dict()
+    teacher.rope                              # rotary teachers (PE-Core, EVA-02, DINOv3): RotaryPositions, else None
 
 See `teachers.factory` for the spec keys and `teachers.base.Teacher` for the interface.
 """
@@ -21,6 +22,7 @@ from .base import (
     UnsupportedTeacherError,
 )
 from .factory import KINDS, SPEC_KEYS, create_teacher, resolve_spec
+from .rope import RotaryPositions
 
 __all__ = [
     "BLOCK_KEYS",
@@ -28,6 +30,7 @@ __all__ = [
     "KINDS",
     "Preprocess",
     "RandomTeacherWarning",
+    "RotaryPositions",
     "SPEC_KEYS",
     "SUPPORTED_TEACHERS",
     "Teacher",

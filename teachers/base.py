@@ -7,7 +7,8 @@ from it, whatever library built it:
 
 * the alignment target, `embed(images) -> [B, embed_dim]`;
 * its architecture (depth, width, heads, patch grid, MLP kind and activation,
-  qk-norm, eps, pooling);
+  qk-norm, eps, pooling), and for a tower with rotary position embeddings how
+  its blocks rotate a token at any position on the patch grid (`rope`);
 * its weights in one layout, timm's ViT layout, so that the last blocks, the
   final norm, the pooling head and the head can be copied into the student
   (`block_state_dict`, `norm_state_dict`, `pool_state_dict`, `head_state_dict`).
@@ -18,15 +19,19 @@ them to prove that the copied weights reproduce the teacher exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from data.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .rope import RotaryPositions
 
 __all__ = [
     "ACTIVATIONS",
@@ -42,9 +47,10 @@ __all__ = [
     "UnsupportedTeacherError",
     "closest",
     "hidden_state_index",
+    "teacher_extras",
 ]
 
-# What the bootstrapping construction can inherit from. Quoted in every
+# What a teacher can be read from (and where the students cannot yet inherit it). Quoted in every
 # "unsupported teacher" error so the user sees the alternatives at once.
 SUPPORTED_TEACHERS = """\
 Supported teachers are ViTs with pre-norm blocks, pooled by the class token, by the mean of the
@@ -67,13 +73,24 @@ patch tokens ('avg') or by a MAP attention head ('map'), with or without a class
     vit_*_patch14_reg4_dinov2, SwiGLU for giant), SigLIP and SigLIP 2 image
     towers (vit_base_patch16_siglip_224, vit_so400m_patch14_siglip_384,
     vit_base_patch16_siglip_224.v2_webli, *_siglip_gap_*), timm's CLIP image
-    towers (vit_*_clip_*, as image-only teachers).
-Not supported: ResNet and ConvNeXt CLIPs (RN50, convnext_*, ...), CoCa, towers
-with rotary position embeddings (EVA-02, PE-Core), hybrid CNN-ViTs
-(vit_*_r50_*, vit_tiny_r_s16_p8_*), NaFlex and relative-position ViTs,
+    towers (vit_*_clip_*, as image-only teachers); and timm Eva towers with
+    rotary position embeddings of timm's kinds 'cat', 'mixed' and 'dinov3'
+    (prefix tokens unrotated), EvaAttention or AttentionRope, LayerScale,
+    SwiGLU, qk-norm and EVA-02 CLIP's extra LayerNorms, or without rotary
+    positions: PE-Core (vit_pe_core_*), EVA-02 (eva02_*, its CLIP towers
+    eva02_*_clip_*), EVA-01 (eva_giant_*), DINOv3 (vit_*_dinov3*), RoPE-ViT
+    (vit_*_rope_*, vit_*_rope_mixed_*); as open_clip towers PE-Core-T/S/B/L/bigG
+    (PE-Core-L-14-336, ...), EVA02-B-16, EVA02-L-14, EVA02-L-14-336, EVA01-g-14.
+    Their targets, attention maps and zero-shot use are supported; SparseFormer
+    and Sparsifiner students cannot yet inherit blocks with rotary positions or
+    EVA-02 CLIP's extra LayerNorms (they say so), and ToMe cannot merge them.
+Not supported: ResNet and ConvNeXt CLIPs (RN50, convnext_*, ...), CoCa, hybrid
+CNN-ViTs (vit_*_r50_*, vit_tiny_r_s16_p8_*), NaFlex and relative-position ViTs,
 ViTamin, MobileCLIP, distilled DeiT, max-pooled ViTs, RMSNorm blocks,
-parallel, post-norm or scaled-norm blocks, and open_clip towers with an MLP
-projection."""
+parallel, post-norm or scaled-norm VisionTransformer blocks, post-norm Eva
+blocks (EVA02-E-14), grouped-query or gated attention, RMSNorm qk-norm
+(Sapiens2), towers without a final norm (PE-Spatial, PE-Lang), rotary
+embeddings of other kinds (MRoPE), and open_clip towers with an MLP projection."""
 
 # The MLP kinds and activations a teacher's blocks may have (timm's layers: `Mlp` fc1-act-fc2,
 # `SwiGLU` act(fc1_g) * fc1_x, `GluMlp` one packed fc1 whose second half is the gate ('glu') or whose
@@ -174,7 +191,10 @@ class BlockModules:
     with the attention's fused input projection `qkv_weight` [3 * width, width] / `qkv_bias`
     (q, k, v stacked) over `num_heads` heads and the default 1/sqrt(head_dim) scale. For code
     that needs the inside of a block (its keys, a bias on the attention logits), e.g. token
-    merging (`eval.baselines.tome`), without patching the teacher.
+    merging (`eval.baselines.tome`), without patching the teacher. A rotary teacher's queries and
+    keys are rotated after qk-norm: `rotary.rotate(q, rotations)` (`teachers.rope.RotaryPositions`;
+    `rotations` those of its patch grid, or of the positions given to `Teacher.block_modules`).
+    (The fused qkv of an Eva block with separate projections is a new tensor holding their weights.)
     """
 
     norm1: nn.Module
@@ -188,14 +208,20 @@ class BlockModules:
     ls2: nn.Module
     q_norm: nn.Module = nn.Identity()  # qk-norm (timm `qk_norm=True`), applied to q and k per head
     k_norm: nn.Module = nn.Identity()
+    rotary: "RotaryPositions | None" = None  # a rotary teacher's positions (`Teacher.rope`)
+    rotations: Tensor | None = None  # the rotations of the tokens after the prefix (`RotaryPositions.rotations`)
 
     def qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The block's queries and keys [B, H, N, head_dim] for tokens x [B, N, C] (qk-norm applied)."""
+        """The block's queries and keys [B, H, N, head_dim] for tokens x [B, N, C] (qk-norm and rotary
+        positions applied)."""
         b, n, c = x.shape
         weight, bias = self.qkv_weight[: 2 * c], None if self.qkv_bias is None else self.qkv_bias[: 2 * c]
         qk = torch.nn.functional.linear(self.norm1(x), weight, bias)
         q, k = qk.reshape(b, n, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotations is not None:
+            q, k = self.rotary.rotate(q, self.rotations), self.rotary.rotate(k, self.rotations)
+        return q, k
 
 
 # Train-time augmentation keys understood by `Teacher.train_transform`.
@@ -259,8 +285,15 @@ class Teacher(nn.Module):
         num_prefix_tokens (class token + registers), has_class_token, mlp_hidden_dim (timm's
         `hidden_features`: the width of fc1's output, both halves for a packed GLU), mlp_layer
         (`MLP_LAYERS`), mlp_act (`ACTIVATIONS`), qk_norm, layer_scale, norm_eps: architecture.
+        attn_norm, mlp_norm: a LayerNorm on the attention's output before its projection, and one inside
+        the MLP before fc2 (EVA-02 CLIP; timm `Block`'s scale_attn_norm / scale_mlp_norm, keys `attn.norm.*`
+        and `mlp.norm.*` in `block_state_dict`).
+        rope: how the blocks rotate queries and keys by the tokens' positions on the patch grid
+        (`teachers.rope.RotaryPositions`: its kind, `rotations(positions, block)` for any (row, col) on the
+        grid; timm `Eva` towers: EVA-02, PE-Core, DINOv3), or None for position-free blocks.
         pool: 'token' | 'avg' (mean of the patch tokens) | 'map' (a MAP attention head over the
         patch tokens, `pool_spec` its constructor arguments, `pool_state_dict` its weights).
+        pool_include_prefix: the MAP head reads the prefix tokens too (timm `Eva`'s MAP head: PE-Core).
         norm_before_pool: the final LayerNorm applies to every token before pooling (timm `norm`)
         rather than to the pooled feature (timm `fc_norm`); the same for class-token pooling.
         embed_dim: size of `embed()` output.
@@ -281,7 +314,11 @@ class Teacher(nn.Module):
     has_class_token: bool = True
     mlp_layer: str = "mlp"
     qk_norm: bool = False
+    attn_norm: bool = False
+    mlp_norm: bool = False
+    rope: "RotaryPositions | None" = None
     pool: str = "token"
+    pool_include_prefix: bool = False
     pool_spec: Mapping[str, Any] | None = None
     norm_before_pool: bool = True
 
@@ -371,17 +408,37 @@ class Teacher(nn.Module):
     def _block_state_dict(self, i: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def run_block(self, i: int, tokens: Tensor) -> Tensor:
-        """The teacher's own block i applied to tokens [B, L, width] (batch-first)."""
+    def extras(self) -> list[str]:
+        """`teacher_extras(self)`."""
+        return teacher_extras(self)
+
+    def run_block(self, i: int, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """The teacher's own block i applied to tokens [B, L, width] (batch-first).
+
+        A rotary teacher (`rope`) rotates the tokens after its prefix by their positions: those of its patch
+        grid by default (then `tokens` must be its prefix and patch tokens), or `positions` [L - prefix, 2] or
+        [B, L - prefix, 2], (row, col) on the patch grid (`RotaryPositions`). Blocks without rotary positions
+        ignore `positions`."""
+        i = self._block_index(i)
         with torch.no_grad():
-            return self._run_block(self._block_index(i), tokens)
+            if positions is None or self.rope is None:
+                return self._run_block(i, tokens)
+            return self._run_block_at(i, tokens, positions)
 
     def _run_block(self, i: int, tokens: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def block_modules(self, i: int) -> BlockModules:
-        """Block i's own modules and attention weights (`BlockModules`), shared with the teacher, not copied."""
-        return self._block_modules(self._block_index(i))
+    def _run_block_at(self, i: int, tokens: Tensor, positions: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def block_modules(self, i: int, positions: Tensor | None = None) -> BlockModules:
+        """Block i's own modules and attention weights (`BlockModules`), shared with the teacher, not copied;
+        for a rotary teacher with the rotations of `positions` (as `run_block`) instead of its grid's."""
+        i = self._block_index(i)
+        parts = self._block_modules(i)
+        if positions is None or self.rope is None:
+            return parts
+        return dataclasses.replace(parts, rotations=self.rope.rotations(positions, i))
 
     def _block_modules(self, i: int) -> BlockModules:
         raise NotImplementedError
@@ -448,7 +505,8 @@ class Teacher(nn.Module):
     def stem_state_dict(self) -> dict[str, Tensor]:
         """Everything before block 0 in timm `VisionTransformer` layout (detached copies):
         `patch_embed.proj.{weight, bias?}`, `cls_token` [1, 1, C], `reg_token` [1, R, C] (registers only),
-        `pos_embed` [1, N or N - prefix, C] (the latter: no position embedding for prefix tokens),
+        `pos_embed` [1, N or N - prefix, C] (the latter: no position embedding for prefix tokens; absent for a
+        tower positioned by rotary embeddings alone, e.g. DINOv3),
         `norm_pre.{weight, bias}` (a LayerNorm before the blocks, e.g. open_clip's ln_pre) when there is one."""
         return {k: v.detach().clone() for k, v in self._stem_state_dict().items()}
 
@@ -458,7 +516,8 @@ class Teacher(nn.Module):
     def _tower_pass(self, images: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
         """Tokens leaving the last block, and (with `attention`) every block's dense attention
         probabilities [B, H, N, N]: softmax(q kᵀ / sqrt(d)), recomputed from the block's own q and k
-        (`BlockModules.qk`; fused attention kernels never form them) before the block runs."""
+        (`BlockModules.qk`: qk-norm and rotary positions applied; fused attention kernels never form
+        them) before the block runs."""
         self._check_images(images)
         maps = []
         with torch.no_grad():
@@ -541,6 +600,19 @@ class Teacher(nn.Module):
         return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "
                 f"depth={self.depth}, width={self.width}, heads={self.num_heads}, grid={self.grid_size}, "
                 f"embed_dim={self.embed_dim}")
+
+
+def teacher_extras(teacher: Any) -> list[str]:
+    """What a teacher computes beyond a ViT of timm `Block`s (with the MLP kinds, qk-norm and LayerScale of
+    `Teacher`) pooled over the tokens after its prefix: rotary positions (`rope`), EVA-02 CLIP's extra
+    LayerNorms (`attn_norm`, `mlp_norm`), a MAP head that reads the prefix tokens too (`pool_include_prefix`);
+    [] for none. Read with the plain ViT's defaults, so that any object describing a teacher will do."""
+    rope = getattr(teacher, "rope", None)
+    extras = [f"rotary position embeddings ('{rope.kind}')"] if rope is not None else []
+    return extras + [what for what, attr in (("a LayerNorm on the attention output", "attn_norm"),
+                                             ("a LayerNorm inside the MLP", "mlp_norm"),
+                                             ("a MAP head reading the prefix tokens", "pool_include_prefix"))
+                     if getattr(teacher, attr, False)]
 
 
 def _to_rgb(image):

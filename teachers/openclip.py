@@ -31,11 +31,12 @@ from .base import (
     closest,
     weights_load_reason,
 )
+from .eva import EvaTower, is_eva
 from .timm_vit import TimmTower
 from .timm_vit import structure_problems as timm_structure_problems
 
-__all__ = ["OpenClipTeacher", "OpenClipTimmTeacher", "create_openclip_teacher", "local_dir_remote_code",
-           "remote_code_keys", "remote_code_refusal", "supported_openclip_models"]
+__all__ = ["OpenClipEvaTeacher", "OpenClipTeacher", "OpenClipTimmTeacher", "create_openclip_teacher",
+           "local_dir_remote_code", "remote_code_keys", "remote_code_refusal", "supported_openclip_models"]
 
 # vision_cfg switches that select open_clip's CustomResidualAttentionBlock; the
 # student's timm-layout block has none of them.
@@ -242,7 +243,9 @@ def create_openclip_teacher(spec: Mapping[str, Any], weights: str, source: Any) 
     cfg = json.loads(json.dumps(cfg))  # a private copy in plain JSON types
     if spec.get("image_size") is not None:
         cfg["vision_cfg"]["image_size"] = spec["image_size"]
-    cls = OpenClipTimmTeacher if cfg["vision_cfg"].get("timm_model_name") else OpenClipTeacher
+    cls = OpenClipTeacher
+    if cfg["vision_cfg"].get("timm_model_name"):
+        cls = OpenClipEvaTeacher if is_eva(getattr(model.visual, "trunk", None)) else OpenClipTimmTeacher
     return cls(model, name=name, spec=spec, tokenizer_name=arch, model_cfg=cfg)
 
 
@@ -384,6 +387,12 @@ class OpenClipTimmTeacher(_ClipText, TimmTower):
             (trunk.head.out_features if isinstance(trunk.head, nn.Linear) else trunk.embed_dim)
         self.num_classes = 0
         self._init_text(model, tokenizer_name, model_cfg)
+
+
+class OpenClipEvaTeacher(EvaTower, OpenClipTimmTeacher):
+    """An open_clip CLIP whose image tower is a timm `Eva` (PE-Core, EVA-02 CLIP; `teachers.eva`): as
+    `OpenClipTimmTeacher`, with rotary positions. In open_clip's configs (`timm_proj` null) the projection is the
+    timm tower's own head, a Linear with a bias."""
 
 
 def _timm_tower(visual: nn.Module) -> tuple[nn.Module | None, nn.Linear | None, list[str]]:

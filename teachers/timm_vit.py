@@ -1,15 +1,17 @@
-"""timm ViT teachers: AugReg / DeiT / DINO / DINOv2 / SigLIP / timm CLIP image towers.
+"""timm ViT teachers: AugReg / DeiT / DINO / DINOv2 / SigLIP / timm CLIP image towers, and timm `Eva` towers
+with rotary positions (EVA-02, PE-Core, DINOv3; `teachers.eva`).
 
 Target: the pooled, normalised feature before the head (timm's
 `forward_head(..., pre_logits=True)`): the class token, the mean of the patch
 tokens, or the MAP head's output. `TimmTower` reads any supported timm
-`VisionTransformer` (also inside open_clip's timm towers, `teachers.openclip`).
+`VisionTransformer` or `Eva` (also inside open_clip's timm towers, `teachers.openclip`).
 
 Family: 'dino' for names containing 'dino' and for any other headless ViT
 (a feature teacher, evaluated by linear probe); 'supervised' when the model has
-a head. timm's CLIP ports (vit_*_clip_*) are image-only teachers here: their
-head is the CLIP projection (reported as a `num_classes`-way head), there is no
-text tower, and the target is the pre-projection feature. For CLIP semantics
+a head. timm's CLIP ports (vit_*_clip_*, eva02_*_clip_*, vit_pe_core_*) are
+image-only teachers here: their head is the CLIP projection (reported as a
+`num_classes`-way head), there is no text tower, and the target is the
+pre-projection feature. For CLIP semantics
 (projected target, zero-shot) use the same weights through kind: openclip.
 """
 
@@ -25,8 +27,6 @@ from . import hub
 from .base import (
     BlockModules,
     Preprocess,
-    _linear,
-    _ln_affine,
     RandomTeacherWarning,
     Teacher,
     TeacherSpecError,
@@ -35,48 +35,17 @@ from .base import (
     closest,
     weights_load_reason,
 )
+from .eva import EvaTower, is_eva
+from .eva import block_problems as eva_block_problems
+from .timm_layers import block_weights, mlp_act, mlp_hidden_dim, mlp_layer
 
-__all__ = ["TimmTeacher", "TimmTower", "create_timm_teacher", "map_pool_spec", "structure_problems",
-           "timm_block_state_dict"]
-
-
-def _mlp_act(act: nn.Module) -> str | None:
-    """The activation's name in `ACTIVATIONS`, or None."""
-    from open_clip.transformer import QuickGELU as OpenClipQuickGELU
-    from timm.layers.activations import GELU, GELUTanh, QuickGELU
-
-    if isinstance(act, (QuickGELU, OpenClipQuickGELU)):
-        return "quick_gelu"
-    if isinstance(act, GELUTanh) or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
-        return "gelu_tanh"
-    if isinstance(act, GELU) or (isinstance(act, nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    return None
-
-
-def _mlp_layer(mlp: nn.Module) -> str | None:
-    """The MLP's kind in `MLP_LAYERS`, or None."""
-    from timm.layers import GluMlp, Mlp, SwiGLU
-
-    if type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear):
-        return "mlp"
-    if type(mlp) is SwiGLU:
-        return "swiglu"
-    if type(mlp) is GluMlp and isinstance(mlp.fc1, nn.Linear):
-        return "glu" if mlp.gate_last else "glu_gate_first"
-    return None
-
-
-def mlp_hidden_dim(mlp: nn.Module) -> int:
-    """timm's `hidden_features` of an MLP: fc1's width (both halves of a packed GLU; one branch of SwiGLU)."""
-    return mlp.fc1_g.out_features if hasattr(mlp, "fc1_g") else mlp.fc1.out_features
+__all__ = ["TimmEvaTeacher", "TimmTeacher", "TimmTower", "create_timm_teacher", "map_pool_spec",
+           "structure_problems", "timm_block_state_dict"]
 
 
 def _block_kind(blk: nn.Module) -> tuple:
     """What must agree between blocks for one student block kind to hold them all."""
-    return (_mlp_layer(blk.mlp), _mlp_act(blk.mlp.act), mlp_hidden_dim(blk.mlp),
+    return (mlp_layer(blk.mlp), mlp_act(blk.mlp.act), mlp_hidden_dim(blk.mlp),
             not isinstance(blk.attn.q_norm, nn.Identity), not isinstance(blk.ls1, nn.Identity))
 
 
@@ -99,11 +68,11 @@ def _block_problem(blk: nn.Module, width: int) -> str | None:
         return "gated attention"
     if attn.attn_dim != width:
         return f"attention width {attn.attn_dim} differs from the model width {width}"
-    if _mlp_layer(mlp) is None:
+    if mlp_layer(mlp) is None:
         return f"{type(mlp).__name__} MLP (Mlp, SwiGLU and GluMlp are supported)"
     if not isinstance(mlp.norm, nn.Identity):
         return "a norm inside the MLP (scale_mlp_norm)"
-    if _mlp_act(mlp.act) is None:
+    if mlp_act(mlp.act) is None:
         return f"MLP activation {mlp.act!r} (GELU, GELU-tanh, QuickGELU and SiLU are supported)"
     if not all(isinstance(n, nn.LayerNorm) for n in (blk.norm1, blk.norm2)):
         return f"{type(blk.norm1).__name__} norms (LayerNorm is supported; not RMSNorm)"
@@ -123,7 +92,7 @@ def map_pool_spec(pool: nn.Module, width: int) -> tuple[dict | None, str | None]
         return None, "its MAP head adds its own position embedding"
     if not isinstance(pool.proj, nn.Linear) or pool.proj.out_features != width or type(pool.mlp) is not Mlp:
         return None, "its MAP head is not the standard one (attention, projection to the width, norm, MLP)"
-    if _mlp_act(pool.mlp.act) is None or not isinstance(pool.mlp.norm, nn.Identity):
+    if mlp_act(pool.mlp.act) is None or not isinstance(pool.mlp.norm, nn.Identity):
         return None, f"its MAP head's MLP activation {pool.mlp.act!r} is unsupported"
     if pool.kv.in_features != width:
         return None, "its MAP head attends at another width than the tokens'"
@@ -135,14 +104,13 @@ def map_pool_spec(pool: nn.Module, width: int) -> tuple[dict | None, str | None]
         return None, "its MAP head's qk-norm is not a LayerNorm"
     return dict(num_heads=pool.num_heads, latent_len=pool.latent_len, latent_dim=pool.latent_dim,
                 qkv_bias=pool.kv.bias is not None, q_proj=isinstance(pool.q, nn.Linear), qk_norm=qk_norm,
-                pool_type=pool.pool, mlp_hidden_dim=pool.mlp.fc1.out_features, act=_mlp_act(pool.mlp.act),
+                pool_type=pool.pool, mlp_hidden_dim=pool.mlp.fc1.out_features, act=mlp_act(pool.mlp.act),
                 eps=None if isinstance(norm, nn.Identity) else norm.eps,
                 qk_norm_eps=pool.q_norm.eps if qk_norm else None), None
 
 
 # timm model classes that are ViTs in name but not of the kind the students inherit from, with the reason.
 _OTHER_VITS = {
-    "Eva": "it uses rotary position embeddings (EVA-02 and its kin); the students have no rotary attention",
     "VisionTransformerDistilled": "it is a distilled DeiT (two heads: class and distillation tokens)",
     "VisionTransformerRelPos": "it uses relative position biases in every block",
     "NaFlexVit": "it is a NaFlex ViT (variable resolution and aspect, patch-level position embeddings)",
@@ -151,7 +119,8 @@ _OTHER_VITS = {
 
 
 def structure_problems(model: nn.Module, projected: bool = False) -> list[str]:
-    """Why a timm model is not a ViT the students can inherit from ([] when it is).
+    """Why a timm model is not a ViT a teacher can be read from ([] when it is): a `VisionTransformer`, or an
+    `Eva` (its blocks checked by `teachers.eva.block_problems`).
 
     `projected`: an open_clip tower applies a Linear projection after the timm model.
     """
@@ -161,17 +130,18 @@ def structure_problems(model: nn.Module, projected: bool = False) -> list[str]:
     name = type(model).__name__
     if name in _OTHER_VITS:
         return [_OTHER_VITS[name]]
-    if type(model) is not VisionTransformer:
+    eva = is_eva(model)
+    if type(model) is not VisionTransformer and not eva:
         what = "a CNN" if any(k in name.lower() for k in ("resnet", "convnext", "efficientnet", "regnet")) else \
             f"a {name}"
-        return [f"it is {what}, not timm's VisionTransformer"]
+        return [f"it is {what}, not timm's VisionTransformer or Eva"]
     problems = []
     if type(model.patch_embed) is not PatchEmbed:
         problems.append(f"its patch embedding is a {type(model.patch_embed).__name__} (hybrid CNN stem)")
     pool = model.global_pool
     if pool not in ("token", "avg", "map"):
         problems.append(f"it pools with global_pool={pool!r} (class token 'token', 'avg' and 'map' are supported)")
-    elif pool == "token" and not model.has_class_token:
+    elif pool == "token" and getattr(model, "cls_token", None) is None:
         problems.append("it pools the class token but has none")
     elif pool == "map":
         problem = map_pool_spec(model.attn_pool, model.embed_dim)[1]
@@ -186,6 +156,8 @@ def structure_problems(model: nn.Module, projected: bool = False) -> list[str]:
         problems.append(f"its head is a {type(model.head).__name__}, not a Linear")
     if projected and isinstance(model.head, nn.Linear):
         problems.append("it has two heads (the timm model's and the open_clip projection)")
+    if eva:
+        return problems + eva_block_problems(model, final[0] if len(final) == 1 else None)
     for i, blk in enumerate(model.blocks):
         problem = _block_problem(blk, model.embed_dim)
         if problem:
@@ -208,12 +180,7 @@ def timm_block_state_dict(blk: nn.Module) -> dict[str, Tensor]:
     zeros for missing Linear biases and ones/zeros for missing LayerNorm affines (the students' blocks
     always have them). Detached copies."""
     gammas = {"attn.proj": getattr(blk.ls1, "gamma", None), "mlp.fc2": getattr(blk.ls2, "gamma", None)}
-    sd = {}
-    for name, mod in blk.named_modules():
-        if isinstance(mod, nn.Linear):
-            sd.update(_linear(mod, f"{name}.", gammas.get(name)))
-        elif isinstance(mod, nn.LayerNorm):
-            sd.update(_ln_affine(mod, f"{name}."))
+    sd = block_weights(blk, gammas=gammas)
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
@@ -284,7 +251,7 @@ def create_timm_teacher(spec: Mapping[str, Any], weights: str, source: Any) -> "
         model = _create_from_file(name, kwargs, Path(source), probe.num_classes)
     else:
         model = _create_from_hub(name, kwargs, spec.get("cache_dir"))
-    return TimmTeacher(model, name=name, spec=spec)
+    return (TimmEvaTeacher if is_eva(model) else TimmTeacher)(model, name=name, spec=spec)
 
 
 def _create_from_file(name: str, kwargs: Mapping[str, Any], path: Path, num_classes: int) -> nn.Module:
@@ -326,29 +293,38 @@ def _create_from_hub(name: str, kwargs: Mapping[str, Any], cache_dir) -> nn.Modu
 class TimmTower(Teacher):
     """A teacher whose image tower is a timm `VisionTransformer` (`self.vit`), optionally followed by a
     bias-free or biased Linear `projection` (open_clip's timm towers). The kinds (`TimmTeacher`,
-    `teachers.openclip.OpenClipTimmTeacher`) say what the target is; everything about the tower is here."""
+    `teachers.openclip.OpenClipTimmTeacher`) say what the target is; everything about the tower is here.
+    An `Eva` tower is read the same way but for its blocks (`teachers.eva.EvaTower`, mixed in before this)."""
 
     def _init_tower(self, vit: nn.Module, projection: nn.Linear | None = None) -> None:
         self.vit = vit
         self.projection = projection
-        first = vit.blocks[0]
         self.depth = len(vit.blocks)
         self.width = vit.embed_dim
-        self.num_heads = first.attn.num_heads
         self.patch_size = tuple(vit.patch_embed.patch_size)
         self.grid_size = tuple(vit.patch_embed.grid_size)
         self.num_patches = vit.patch_embed.num_patches
         self.num_prefix_tokens = vit.num_prefix_tokens
-        self.has_class_token = bool(vit.has_class_token)
-        self.mlp_layer = _mlp_layer(first.mlp)
-        self.mlp_hidden_dim = mlp_hidden_dim(first.mlp)
-        self.mlp_act = _mlp_act(first.mlp.act)
-        self.qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
-        self.layer_scale = not isinstance(first.ls1, nn.Identity)
-        self.norm_eps = first.norm1.eps
+        self.has_class_token = vit.cls_token is not None
         self.pool = vit.global_pool
         self.pool_spec = map_pool_spec(vit.attn_pool, vit.embed_dim)[0] if self.pool == "map" else None
         self.norm_before_pool = not isinstance(vit.norm, nn.Identity)
+        self._init_blocks(vit)
+
+    def _init_blocks(self, vit: nn.Module) -> None:
+        first = vit.blocks[0]
+        self.num_heads = first.attn.num_heads
+        self.mlp_layer = mlp_layer(first.mlp)
+        self.mlp_hidden_dim = mlp_hidden_dim(first.mlp)
+        self.mlp_act = mlp_act(first.mlp.act)
+        self.qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
+        self.attn_norm = not isinstance(first.attn.norm, nn.Identity)  # (refused in a VisionTransformer's blocks)
+        self.mlp_norm = not isinstance(first.mlp.norm, nn.Identity)
+        self.layer_scale = self._has_layer_scale(first)
+        self.norm_eps = first.norm1.eps
+
+    def _has_layer_scale(self, blk: nn.Module) -> bool:
+        return not isinstance(blk.ls1, nn.Identity)
 
     def _block_state_dict(self, i: int) -> dict[str, Tensor]:
         return timm_block_state_dict(self.vit.blocks[i])
@@ -436,3 +412,7 @@ class TimmTeacher(TimmTower):
 
     def _embed_from_tokens(self, tokens: Tensor) -> Tensor:
         return self.model.forward_head(self.model.norm(tokens), pre_logits=True)
+
+
+class TimmEvaTeacher(EvaTower, TimmTeacher):
+    """A timm `Eva` (EVA-02, PE-Core, DINOv3, RoPE-ViT; `teachers.eva`); the target is its pre-logits feature."""

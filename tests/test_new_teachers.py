@@ -88,19 +88,7 @@ def test_one_pass_targets_equal_the_teachers_own_forward(name):
     got = t.targets(x, ["embedding", "tokens", "attention"])
     torch.testing.assert_close(got["embedding"], t.embed(x), rtol=0, atol=1e-6)
     assert got["embedding"].shape == (2, t.embed_dim)
-    probs = []
-    hooks = [blk.attn.attn_drop.register_forward_hook(lambda m, i, o: probs.append(i[0]))
-             for blk in t.vit.blocks]
-    for blk in t.vit.blocks:
-        blk.attn.fused_attn = False
-    try:
-        with torch.no_grad():
-            tokens = t.vit.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for blk in t.vit.blocks:
-            blk.attn.fused_attn = True
+    tokens, probs = tiny_towers.timm_forward_with_attention(t.vit, x)
     # timm's forward_features ends with `norm` (Identity where the final norm is fc_norm).
     final = tokens if t.norm_before_pool else t._final_norm()(tokens)
     torch.testing.assert_close(got["tokens"], final, rtol=0, atol=1e-5)
@@ -307,7 +295,7 @@ SUPPORTED_TIMM = ["vit_base_patch16_siglip_224", "vit_so400m_patch14_siglip_384"
                   "vit_base_patch16_siglip_gap_224", "vit_large_patch16_384", "vit_base_patch14_dinov2"]
 SUPPORTED_OPENCLIP = ["ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384", "ViT-B-16-SigLIP2",
                       "ViT-SO400M-16-SigLIP2-384", "vit_medium_patch16_gap_256", "ViT-B-16", "ViT-L-14-336"]
-UNSUPPORTED_OPENCLIP = {"EVA02-B-16": "rotary", "PE-Core-B-16": "rotary", "convnext_base": "CNN",
+UNSUPPORTED_OPENCLIP = {"EVA02-E-14": "post-norm", "convnext_base": "CNN",
                         "ViTamin-B": "hybrid", "MobileCLIP-B": "hybrid", "RN50": "ModifiedResNet",
                         "coca_ViT-B-32": "CoCa"}
 

@@ -228,7 +228,7 @@ class TeacherHead(nn.Module):
         super().__init__()
         norm = teacher.norm_state_dict()
         self.pool = teacher.pool
-        self.num_prefix = teacher.num_prefix_tokens
+        self.num_prefix = 0 if teacher.pool_include_prefix else teacher.num_prefix_tokens  # prefix tokens not pooled
         self.norm_before_pool = teacher.norm_before_pool
         self.norm = nn.LayerNorm(teacher.width, eps=teacher.norm_eps)
         self.norm.load_state_dict(norm)
@@ -262,6 +262,10 @@ class ToMe(nn.Module):
 
     def __init__(self, teacher, r: R = 0, *, prop_attn: bool = True):
         super().__init__()
+        if teacher.rope is not None:
+            raise ToMeError(f"ToMe cannot run on {teacher.kind}:{teacher.name}: its blocks rotate each token by its "
+                            f"position on the patch grid (rotary position embeddings), and merged tokens have no "
+                            f"single position")
         self.teacher = teacher
         self.requested = r if isinstance(r, int) else list(r)
         self.schedule, self.token_counts = plan(r, teacher.num_patches, teacher.depth, teacher.num_prefix_tokens,

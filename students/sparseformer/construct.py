@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data.schema import load
+from teachers.base import teacher_extras
 
 from ..family import ConfigError, ParameterPolicy, policy_from
 from .config import POOL_TO_HEAD_OP, SparseFormerConfig
@@ -52,6 +53,9 @@ class BootstrapOptions:
 
 
 def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
+    if teacher_extras(teacher):
+        raise ValueError(f"a SparseFormer student cannot inherit from teacher {teacher.kind}:{teacher.name}: it has "
+                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
     n = teacher.depth
     drop = n // 3 if opts.drop_blocks is None else opts.drop_blocks
     if not 0 <= drop < n:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from data.schema import load
+from teachers.base import teacher_extras
 
 from ..family import ConfigError, PhasedParameterPolicy, policy_from
 from .config import SparsifinerConfig
@@ -85,6 +86,9 @@ def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerC
     ph, pw = teacher.patch_size
     if ph != pw:
         raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
+    if teacher_extras(teacher):
+        raise ValueError(f"a Sparsifiner cannot be made of teacher {teacher.kind}:{teacher.name}: it has "
+                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
     stem = teacher.stem_state_dict()
     head = teacher.head_state_dict()
     h, w = teacher.preprocess.size
