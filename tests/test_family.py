@@ -38,7 +38,7 @@ def test_a_sparsifiner_s_position_embedding_and_prefix_tokens_get_no_weight_deca
                                                                                  "reg_token") for n in exempt)
 
 
-@pytest.mark.parametrize("name", ["tiny_btsp_clip", "tiny_v1", "tiny_btsp_augreg"])
+@pytest.mark.parametrize("name", ["tiny_btsp_clip", "tiny_btsp_augreg"])
 def test_a_sparseformer_s_exemptions_are_its_rois_embeddings_norms_and_biases(name):
     """The same parameters as the rule the run applied before the family interface (RoIs, embeddings, 1-D
     parameters and biases): a resumed run's optimizer state keeps its groups."""
@@ -49,6 +49,16 @@ def test_a_sparseformer_s_exemptions_are_its_rois_embeddings_norms_and_biases(na
     assert exempt == old_rule and decayed == {n for n, _ in student.named_parameters()} - old_rule
     assert "initial_roi.weight" in exempt and "initial_embedding.weight" in exempt
     assert any("stage_embedding" in n for n in exempt) == student.config.compatible_config.use_stage_embedding
+
+
+def test_a_v1_sparseformer_decays_its_per_token_embeddings_as_the_authors_training_code():
+    """The authors' build_optimizer exempts only 1-D parameters, biases and no_weight_decay()'s token_roi: the
+    per-token embeddings of a v1 model decay (a shared token embedding, as a class token, does not)."""
+    student = SparseFormer(json.loads((GOLDEN / "tiny_v1.json").read_text())["config"])
+    assert not student.config.same_token_embedding
+    decayed, exempt = _groups(student)
+    authors = {n for n, p in student.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n == "initial_roi.weight"}
+    assert exempt == authors and "initial_embedding.weight" in decayed
 
 
 @pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
