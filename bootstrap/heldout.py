@@ -1,6 +1,7 @@
-"""The held-out alignment check: a fixed set of held-out images, the teacher's embeddings of them, and the
-student's fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and
-at the end, logged and drawn (`alignment.png`).
+"""The held-out check: a fixed set of held-out images, the teacher's embeddings of them, and the student's
+fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and at the end,
+logged and drawn (`alignment.png`); in a run with labels also the top-1 and top-5 accuracy of the student's head
+(and of its EMA) on their labels. A run without a teacher checks the accuracy alone.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from eval.fidelity import fidelity
+from eval.metrics import topk_accuracy
 from data.decode import DEFAULT_MAX_PIXELS
 from data.outputs import write_bytes
 
@@ -20,11 +22,12 @@ __all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_a
 
 
 def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Tensor, list[str]]:
-    """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set."""
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, labels: bool = False):
+    """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set, with their
+    keys (and with ``labels`` their classes)."""
     from data.evalsets import first_images
 
-    return first_images(shards, transform, limit, allow_pipe, max_pixels)
+    return first_images(shards, transform, limit, allow_pipe, max_pixels, labels=labels)
 
 
 @torch.no_grad()
@@ -67,42 +70,62 @@ def plot_alignment(history: list[dict], path: Path) -> None:
 
 
 def format_result(result: dict) -> str:
-    return (f"cosine {result['cosine']:.4f}, centred cosine {result['centred_cosine']:.4f}, "
-            f"retrieval top-1 {result['retrieval_top1']:.3f} (chance {result['retrieval_chance']:.3f})")
+    parts = []
+    if "cosine" in result:
+        parts.append(f"cosine {result['cosine']:.4f}, centred cosine {result['centred_cosine']:.4f}, "
+                     f"retrieval top-1 {result['retrieval_top1']:.3f} (chance {result['retrieval_chance']:.3f})")
+    for prefix, who in (("", "top-1"), ("ema_", "EMA top-1")):
+        if f"{prefix}top1" in result:
+            top5 = f" (top-5 {result[f'{prefix}top5']:.3f})" if f"{prefix}top5" in result else ""
+            parts.append(f"{who} {result[f'{prefix}top1']:.3f}{top5}")
+    return "; ".join(parts)
 
 
 class HeldoutCheck:
-    """The student against the teacher's held-out targets, logged (`metrics`) and drawn (`alignment.png`). Every
-    rank runs it (each holds the whole student); the main process logs it. A student whose held-out embeddings are
+    """The student against the teacher's held-out targets (``targets``; None without a teacher) and, with
+    ``labels``, its head's accuracy on them (and its EMA's), logged (`metrics`) and drawn (`alignment.png`). Every
+    rank runs it (each holds the whole student); the main process logs it. A student whose held-out outputs are
     not finite has diverged: the run stops there, before its next checkpoint, keeping the last good one."""
 
-    def __init__(self, images: Tensor, targets: Tensor, batch_size: int, accelerator, pre_logits: bool, metrics,
-                 picture: Path, checkpoints: Path):
+    def __init__(self, images: Tensor, targets: Tensor | None, batch_size: int, accelerator, pre_logits: bool, metrics,
+                 picture: Path, checkpoints: Path, labels: Tensor | None = None):
         self.images, self.targets, self.batch_size, self.pre_logits = images, targets, batch_size, pre_logits
         self.accelerator, self.metrics, self.picture, self.checkpoints = accelerator, metrics, picture, checkpoints
+        self.labels = labels
 
-    def __call__(self, student: nn.Module, step: int) -> dict:
-        was_training = student.training
-        student.eval()
+    def _outputs(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """The aligned outputs and the head's logits of the held-out images, from one pass each."""
+        was_training = model.training
+        model.eval()
         try:
-            feats = embed_all(lambda x: student(x, pre_logits=self.pre_logits), self.images, self.batch_size,
-                              self.accelerator.device, self.accelerator.autocast)
+            both = embed_all(lambda x: torch.cat(model.forward_outputs(x), dim=1), self.images, self.batch_size,
+                             self.accelerator.device, self.accelerator.autocast)
         finally:
-            student.train(was_training)
-        if not torch.isfinite(feats).all():
+            model.train(was_training)
+        width = model.num_features
+        pre, out = both[:, :width], both[:, width:]
+        return (pre if self.pre_logits else out), out
+
+    def __call__(self, student: nn.Module, step: int, ema: nn.Module | None = None) -> dict:
+        aligned, logits = self._outputs(student)
+        if not (torch.isfinite(aligned).all() and torch.isfinite(logits).all()):
             raise NonFiniteLossError(
-                f"step {step}: the student's held-out embeddings are not finite (the training diverged); the last "
+                f"step {step}: the student's held-out outputs are not finite (the training diverged); the last "
                 f"good checkpoint is in {self.checkpoints}. Lower optim.lr, raise optim.warmup_steps or set "
                 f"optim.grad_clip, then resume from it (run.resume=CHECKPOINT) or start anew (run.resume=none)")
-        result = fidelity(feats, self.targets)
+        result = fidelity(aligned, self.targets) if self.targets is not None else {}
+        if self.labels is not None:
+            result.update(topk_accuracy(logits, self.labels))
+            if ema is not None:
+                result.update({f"ema_{k}": v for k, v in topk_accuracy(self._outputs(ema)[1], self.labels).items()})
         self.metrics.log(step, {f"heldout/{k}": v for k, v in result.items()})
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.targets is not None:
             plot_alignment(self.metrics.history(), self.picture)
         return result
 
     def logged(self) -> tuple[dict | None, dict | None]:
         """The first and the latest check in the log (of a resumed run), on the main process."""
-        logged = [h for h in self.metrics.history() if "heldout/cosine" in h] \
+        logged = [h for h in self.metrics.history() if any(k.startswith("heldout/") for k in h)] \
             if self.accelerator.is_main_process else []
         checks = [{k.removeprefix("heldout/"): v for k, v in h.items() if k.startswith("heldout/")} for h in logged]
         return (checks[0], checks[-1]) if checks else (None, None)
