@@ -132,6 +132,10 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
     except ValueError as exc:  # options that do not fit this teacher (e.g. a per-block list of the wrong length)
         raise RecipeError(f"the student section does not fit teacher {teacher.kind}:{teacher.name}: {exc}") from None
     student, policy = start.student, start.policy
+    if recipe.run.mixed_precision == "fp16" and getattr(student, "restricts_gradients", False):
+        # The authors pass their GradScaler's scale into the clamp; a scaled gradient would be clamped here.
+        raise RecipeError("run.mixed_precision=fp16 scales the gradients that this student's restrict_grad_norm "
+                          "clamps at a bound meant for unscaled ones: train it with run.mixed_precision=bf16 or no")
     if targets.cached:
         targets.run_online_for(phases)
     source = "no teacher" if teacher is None else (

@@ -419,6 +419,12 @@ class SparseFormer(nn.Module):
         return self.config.num_units - self.first_block_unit
 
     @property
+    def restricts_gradients(self) -> bool:
+        """Whether the sampling points' gradients are clamped (`restrict_grad_norm`): the clamp bound is for
+        unscaled gradients, so fp16 training with a gradient scaler would clamp them far too hard."""
+        return self.config.compatible_config.restrict_grad_norm
+
+    @property
     def num_classes(self) -> int:
         return self.proj.out_features if isinstance(self.proj, nn.Linear) else 0
 
