@@ -163,7 +163,13 @@ def resolve_run(recipe: Recipe, accelerator, say: Callable[[str], None]) -> tupl
         set_aside_old_checkpoints(folder.file(RunFolder.CHECKPOINTS), say)
     accelerator.wait_for_everyone()
 
-    teacher = build_teacher(recipe) if recipe.teacher else None  # labels alone: no teacher
+    if recipe.teacher:
+        teacher = build_teacher(recipe)
+    else:  # labels alone: no teacher; the student's initialisation is a function of run.seed all the same
+        from accelerate.utils import set_seed
+
+        set_seed(recipe.run.seed)
+        teacher = None
     if random_teacher:
         # recipe.yaml must rebuild this very teacher in a fresh process (evaluation, export).
         path = folder.file(RunFolder.TEACHER_WEIGHTS)

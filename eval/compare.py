@@ -143,11 +143,12 @@ def _table(report: Mapping[str, Any]) -> list[dict]:
             row["probe_top1"] = probe[name]["top1"]
         if name in fid:
             row.update({k: fid[name][k] for k in ("cosine", "centred_cosine", "retrieval_top1")})
-        c = cost.get(name)
+        c = cost.get(name) or cost.get(info.get("ema_of"))  # an EMA costs what its student costs
         if c:
             row.update(params_m=c["params"] / 1e6, gflops=c["gflops"], images_per_s=c.get("images_per_s"),
                        peak_mb=c.get("peak_mb"))
-            row["flops_vs_teacher"] = teacher_cost["gflops"] / c["gflops"] if c["gflops"] else None
+            if teacher_cost:
+                row["flops_vs_teacher"] = teacher_cost["gflops"] / c["gflops"] if c["gflops"] else None
             if c.get("images_per_s") and teacher_cost.get("images_per_s"):
                 row["speed_vs_teacher"] = c["images_per_s"] / teacher_cost["images_per_s"]
         rows.append(row)
