@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from data.errors import UserError
-from data.labels import batch_labels
+from data.labels import LabelError, batch_labels
 from students.family import Phase, StudentFamily, is_exempt_from_weight_decay
 from students.losses import batch_cosine
 
@@ -188,6 +188,14 @@ class Stepper:
         state.phase = resume_state.get("phase", 0) if resume_from is not None else \
             next((i for i, p in enumerate(self.phases) if p.steps > 0), len(self.phases) - 1)
         self._start(self.phases[state.phase])
+        if resume_from is None and self.num_classes and self.accelerator.num_processes > 1:
+            # Each rank draws its own Mixup/CutMix coefficients (numpy's generator) and drop-path masks (torch's),
+            # as the authors' seed + rank; the student is built by then, and checkpoints keep each rank's state.
+            import numpy as np
+
+            seed = self.run.seed + self.accelerator.process_index
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         if self.optim.ema_decay is not None:
             from timm.utils import ModelEmaV3
 
@@ -278,7 +286,7 @@ class Stepper:
             images = images.to(device, non_blocking=True)
             labels = None
             if phase.needs_labels:
-                labels = batch_labels(extras, self.num_classes).to(device, non_blocking=True)
+                labels = self._labels(extras).to(device, non_blocking=True)
                 if self.mix is not None:
                     images, labels = self._mixed(images, labels)
             with acc.autocast(), torch.no_grad():
@@ -322,6 +330,22 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # skipped steps count: the schedule is a function of the step number
         return result
+
+    def _labels(self, extras: dict) -> Tensor:
+        """The batch's labels, checked on every rank together: a rank that stopped alone would leave the others
+        waiting in DDP's all-reduce."""
+        acc, failed = self.accelerator, None
+        try:
+            labels = batch_labels(extras, self.num_classes)
+        except LabelError as exc:
+            failed = exc
+        if acc.num_processes > 1:
+            bad = acc.reduce(torch.tensor(float(failed is not None), device=acc.device), "sum")
+            if bad.item() > 0 and failed is None:
+                raise LabelError("another process met a sample whose label cannot be used (its error names it)")
+        if failed is not None:
+            raise failed
+        return labels
 
     def _mixed(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """timm's Mixup/CutMix of the batch (in place) and its soft, label-smoothed targets."""

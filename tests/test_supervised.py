@@ -275,6 +275,16 @@ def test_a_run_that_keeps_no_ema_cannot_resume_one_that_did_and_back(supervised_
                                    f"run.output_dir={tmp_path / 'x'}"]))
 
 
+def test_a_fine_tuning_source_of_another_family_is_one_line(supervised_run, demo_data, tmp_path, capsys):
+    _, first = supervised_run
+    recipe = supervised_recipe(demo_data)
+    recipe["student"] = {"kind": "sparsifiner", "init": str(first)}
+    assert run_here(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"student.init={first} is a run of a sparseformer student and student.kind is sparsifiner" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_labels_outside_the_class_list_or_missing_stop_the_run_naming_shard_and_key(demo_data, tmp_path, capsys):
     pixels = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
     labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 1]  # sample 10 has a class the list does not have
