@@ -61,11 +61,13 @@ class EarlyConvolution(nn.Module):
         # In place: the conv output is a fresh temporary, and a new 25 MB ReLU output (at 224, batch 8)
         # costs more in page faults than the ReLU itself.
         x = self.pool(F.relu(self.conv1(_channels_last(x)), inplace=True))
+        c = x.shape[1]
         if self.unbiased:
-            x = x - x.mean(dim=1, keepdim=True)
-            return x / (x.var(dim=1, keepdim=True) + 1e-7).sqrt()
+            # (x - mean) / sqrt(var * c / (c - 1) + 1e-7) as one fused LayerNorm: its eps and a rescale.
+            x = F.layer_norm(x.movedim(1, -1), (c,), eps=1e-7 * (c - 1) / c) * math.sqrt((c - 1) / c)
+            return x.movedim(-1, 1)
         # LayerNorm over channels without affine: (x - mean) / sqrt(var + 1e-5).
-        x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), eps=1e-5)
+        x = F.layer_norm(x.movedim(1, -1), (c,), eps=1e-5)
         return x.movedim(-1, 1)
 
 
