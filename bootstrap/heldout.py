@@ -1,7 +1,7 @@
 """The held-out check: a fixed set of held-out images, the teacher's embeddings of them, and the student's
 fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and at the end,
 logged and drawn (`alignment.png`); in a run with labels also the top-1 and top-5 accuracy of the student's head
-(and of its EMA) on their labels. A run without a teacher checks the accuracy alone.
+(and of its EMA) on their labels (`accuracy.png`). A run without a teacher checks the accuracy alone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from data.outputs import write_bytes
 
 from .stepper import NonFiniteLossError
 
-__all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_alignment"]
+__all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_accuracy", "plot_alignment"]
 
 
 def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
@@ -39,34 +39,51 @@ def embed_all(fn, images: Tensor, batch_size: int, device, autocast) -> Tensor:
     return torch.cat(out)
 
 
-def plot_alignment(history: list[dict], path: Path) -> None:
-    """alignment.png: held-out cosine, centred cosine and retrieval over steps."""
+def _plot_over_steps(history: list[dict], series, ylabel: str, title: str, path: Path, low: float = 0.0) -> None:
+    """A PNG of the logged held-out values ``series`` (``(key, label, style kwargs)``) over the steps that have
+    the first one; a series some of them lack is left out."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [h for h in history if "heldout/cosine" in h]
+    points = [h for h in history if series[0][0] in h]
     if not points:
         return
     steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("heldout/cosine", "cosine"), ("heldout/centred_cosine", "centred cosine"),
-                       ("heldout/retrieval_top1", "retrieval top-1")):
-        ax.plot(steps, [p[key] for p in points], marker="o", label=label)
+    for key, label, style in series:
+        if all(key in p for p in points):
+            ax.plot(steps, [p[key] for p in points], marker="o", label=label, **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("student vs teacher (held-out)")
-    ax.set_ylim(min(0.0, *(p["heldout/centred_cosine"] for p in points)), 1.0)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(min(low, *(v for key, _, _ in series for p in points for v in [p.get(key, low)])), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("held-out alignment")
+    ax.set_title(title)
     fig.tight_layout()
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
     write_bytes(path, buffer.getvalue())
+
+
+def plot_alignment(history: list[dict], path: Path) -> None:
+    """alignment.png: held-out cosine, centred cosine and retrieval over steps."""
+    _plot_over_steps(history, [("heldout/cosine", "cosine", {}), ("heldout/centred_cosine", "centred cosine", {}),
+                               ("heldout/retrieval_top1", "retrieval top-1", {})],
+                     "student vs teacher (held-out)", "held-out alignment", path)
+
+
+def plot_accuracy(history: list[dict], path: Path) -> None:
+    """accuracy.png: held-out top-1 and top-5 of the student (and of its EMA) over steps."""
+    student, ema = {"color": "tab:blue"}, {"color": "tab:green"}
+    _plot_over_steps(history, [("heldout/top1", "top-1", student), ("heldout/top5", "top-5", {**student, "ls": ":"}),
+                               ("heldout/ema_top1", "EMA top-1", ema),
+                               ("heldout/ema_top5", "EMA top-5", {**ema, "ls": ":"})],
+                     "held-out accuracy", "held-out accuracy of the student's head", path)
 
 
 def format_result(result: dict) -> str:
@@ -121,6 +138,8 @@ class HeldoutCheck:
         self.metrics.log(step, {f"heldout/{k}": v for k, v in result.items()})
         if self.accelerator.is_main_process and self.targets is not None:
             plot_alignment(self.metrics.history(), self.picture)
+        if self.accelerator.is_main_process and self.labels is not None:
+            plot_accuracy(self.metrics.history(), self.picture.with_name("accuracy.png"))
         return result
 
     def logged(self) -> tuple[dict | None, dict | None]:

@@ -249,6 +249,7 @@ def test_a_run_with_labels_alone_trains_its_head_and_keeps_an_ema(supervised_run
     assert all(math.isfinite(r["train/labels"]) and "train/cosine" not in r for r in train)
     held = [r for r in lines if "heldout/top1" in r]
     assert [r["step"] for r in held] == [0, 5, 10] and all("heldout/ema_top1" in r for r in held)
+    assert (run / "accuracy.png").is_file() and not (run / "alignment.png").exists()
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["heldout_end"]["top1"] == held[-1]["heldout/top1"]
 
