@@ -73,7 +73,8 @@ def with_demo(recipe: Recipe, accelerator, verbose: bool) -> Recipe:
 
 def training_classnames(recipe: Recipe) -> list[str] | None:
     """The class names of the training data of a run with labels (its shards' dataset.json), checked against the
-    held-out set's and the student's head size where the recipe gives one; None for a run without labels."""
+    held-out set's (where it has some) and the student's head size where the recipe gives one; None for a run
+    without labels."""
     from data.labels import LabelError, check_same_classes, shard_classnames
 
     d, o = recipe.data, recipe.objective
@@ -81,11 +82,21 @@ def training_classnames(recipe: Recipe) -> list[str] | None:
         return None
     try:
         names = shard_classnames(d.train, d.allow_pipe, "data.train")
-        if d.val is not None:
-            check_same_classes(names, shard_classnames(d.val, d.allow_pipe, "data.val"),
-                               "data.train's dataset.json", "data.val's")
     except LabelError as exc:
         raise RecipeError(str(exc)) from None
+    if d.val is not None:
+        try:
+            val = shard_classnames(d.val, d.allow_pipe, "data.val")
+        except LabelError as exc:  # unlabelled held-out images: the held-out check is the alignment alone
+            if not recipe.teacher:
+                raise RecipeError(f"{exc}; without a teacher the held-out check measures the accuracy on data.val's "
+                                  f"labels alone: give labelled val shards, or leave data.val out") from None
+            val = None
+        if val is not None:
+            try:
+                check_same_classes(names, val, "data.train's dataset.json", "data.val's")
+            except LabelError as exc:
+                raise RecipeError(f"{exc}: the held-out accuracy compares the two") from None
     wanted = getattr(recipe.student, "num_classes", None)
     if wanted is not None and wanted != len(names):
         raise RecipeError(f"student.num_classes={wanted} and the training data lists {len(names)} classes (data.train's "

@@ -72,7 +72,7 @@ def train(recipe: Recipe) -> dict:
     metrics = MetricsLog(accelerator, run.folder.file(RunFolder.METRICS), state.step if run.resume_from else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("tb")
-    preprocess = Preprocess.of(teacher, student)  # the teacher's, or without one the student's own
+    preprocess = Preprocess.of(teacher, student, recipe.student)  # the teacher's, or without one the student's own
     batches = _train_batches(recipe, view or preprocess.train_view(recipe.data), targets, state, run.folder,
                              accelerator, run.resume_from is not None)
     check = _heldout_check(run, teacher, preprocess, targets, accelerator, metrics)
@@ -141,7 +141,8 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
     source = "no teacher" if teacher is None else (
         f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, {teacher.depth} blocks, "
         f"width {teacher.width})")
-    start_text = "" if recipe.student.init == "teacher" else f" from {recipe.student.init}"
+    init = getattr(recipe.student, "init", "teacher")
+    start_text = "" if init == "teacher" else f" from {init}"
     labels = f"; {len(run.classnames)} classes" if run.classnames else ""
     say(f"{source}; {family.name} student{start_text}, {policy.summary()}{labels}; phases: "
         + ", ".join(f"{p.name} ({p.steps} steps: {' + '.join(t.name for t in p.terms)})" for p in phases))
@@ -158,11 +159,15 @@ class Preprocess:
         self.size, self.mean, self.std, self.interpolation, self.crop_pct = size, mean, std, interpolation, crop_pct
 
     @classmethod
-    def of(cls, teacher, student) -> "Preprocess":
+    def of(cls, teacher, student, options) -> "Preprocess":
         if teacher is not None:
             p = teacher.preprocess
             return cls(tuple(p.size), tuple(p.mean), tuple(p.std), p.interpolation, p.crop_pct)
-        p = student.pretrained_cfg
+        p = getattr(student, "pretrained_cfg", None) or {}
+        if not {"input_size", "mean", "std"} <= set(p):  # only a run folder without pretrained_cfg.json lacks them
+            raise RecipeError(f"student.init={getattr(options, 'init', None)}: the student has no preprocessing of its own (the run "
+                              f"folder has no pretrained_cfg.json with input_size, mean and std) and the recipe has "
+                              f"no teacher to take it from: write that pretrained_cfg.json, or give a teacher")
         return cls(tuple(p["input_size"][1:]), tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bicubic"),
                    p.get("crop_pct", 0.875))
 

@@ -320,6 +320,36 @@ def test_a_head_of_other_classes_and_weights_of_another_shape_are_one_line(demo_
     assert "does not fit the sparseformer architecture of student.config" in err and "mis-shaped" in err
 
 
+def test_a_run_without_a_teacher_refuses_unlabelled_held_out_images(demo_data, tmp_path, capsys):
+    """Its held-out check is the accuracy on data.val's labels alone: unlabelled val shards are one line, before
+    any model is built."""
+    pixels = np.zeros((4, 32, 32, 3), np.uint8)
+    plain = write_labelled_shards(tmp_path / "plain_val", pixels, [None] * 4, None)
+    recipe = write_recipe(tmp_path / "r.yaml", supervised_recipe(demo_data, data={"val": str(plain)}))
+    assert run_here(recipe, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.val:" in err and "has no 'classnames'" in err and "give labelled val shards, or leave data.val out" \
+        in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_folder_without_its_preprocessing_and_no_teacher_is_one_line(supervised_run, demo_data, tmp_path,
+                                                                           capsys):
+    import shutil
+
+    _, first = supervised_run
+    source = tmp_path / "source"  # a finished run's folder, its pretrained_cfg.json left out
+    source.mkdir()
+    for name in ("student_config.json", "student.safetensors", "recipe.yaml"):
+        shutil.copy(first / name, source / name)
+    recipe = supervised_recipe(demo_data, optim={"epochs": 0.3, "warmup_epochs": 0})
+    recipe["student"] = {"init": str(source)}
+    assert run_here(write_recipe(tmp_path / "ft.yaml", recipe), tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"student.init={source}: the student has no preprocessing of its own" in err
+    assert "write that pretrained_cfg.json, or give a teacher" in err and len(err.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def teacher_runs(demo_data, tmp_path_factory) -> tuple[Path, Path]:
     """Two students of one supervised teacher: bootstrapped (alignment alone), and trained on labels + DeiT's soft
@@ -348,6 +378,20 @@ def test_labels_with_distillation_and_alignment_beside_a_supervised_teacher(teac
     assert not torch.equal(load_file(str(supervised / "student.safetensors"))["proj.weight"], teacher_head)
     # Alignment alone leaves the head (before which the aligned output stops) the teacher's.
     assert torch.equal(load_file(str(bootstrapped / "student.safetensors"))["proj.weight"], teacher_head)
+
+
+def test_a_run_with_a_teacher_checks_unlabelled_held_out_images_by_alignment_alone(demo_data, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    plain = write_labelled_shards(tmp_path / "plain_val", pixels, [None] * 4, None)
+    recipe = supervised_recipe(demo_data, objective={"align": 1.0}, optim={"epochs": 0.2, "warmup_epochs": 0},
+                               data={"val": str(plain), "heldout_samples": 4})
+    recipe["student"] = {"init": "teacher", "tokens": 5, "focus_width": 16, "conv_dim": 8, "num_points": 4,
+                         "pg_inner_dim": 16, "focus_repeats": 2, "train_head": True}
+    recipe["teacher"] = SUPERVISED_TEACHER
+    assert run_here(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run") == 0
+    held = [r for r in metrics(tmp_path / "run") if "heldout/cosine" in r]
+    assert len(held) == 2 and not any("heldout/top1" in r for r in held)
+    assert any("train/labels" in r for r in metrics(tmp_path / "run"))
 
 
 def test_compare_puts_bootstrapped_and_supervised_students_of_one_teacher_side_by_side(teacher_runs, demo_data,
