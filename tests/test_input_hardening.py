@@ -111,3 +111,45 @@ def test_the_pixel_limit_is_a_recipe_key():
     assert load_recipe(base=base, overrides=["data.max_pixels=null"]).data.max_pixels is None
     with pytest.raises(RecipeError, match="data.max_pixels must be at least 1 or null"):
         load_recipe(base=base, overrides=["data.max_pixels=0"])
+
+
+# ----------------------------------------------------------------------------- optimizer values (issue 32 item 12)
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", r"optim.lr must be a finite number, got inf"),
+    ("optim.min_lr=.nan", r"optim.min_lr must be a finite number, got nan"),
+    ("optim.weight_decay=-1", r"optim.weight_decay must be >= 0 \(0: none\), got -1"),
+    ("optim.betas=[2,0.5]", r"optim.betas must be two numbers in \[0, 1\) .*got \[2.0, 0.5\]"),
+    ("optim.eps=-1", r"optim.eps must be above 0 .*got -1"),
+    ("optim.grad_clip=.inf", r"optim.grad_clip must be a finite number, got inf"),
+])
+def test_optimizer_values_are_checked_with_the_recipe(override, message):
+    from bootstrap.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(ROOT / "recipes" / "demo.yaml", [override])
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_only_finite_checkpoints(tmp_path, capsys):
+    """A finite but absurd learning rate blows the weights up: the held-out check (or the checkpoint guard) stops the
+    run with one line, and no checkpoint holds non-finite weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from data.demo import make_demo_dataset
+    from test_bootstrap import TINY_RECIPE
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, num=36, size=32, val_fraction=1 / 6, shard_size=20)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["data"].update(train=str(data / "train"), val=str(data / "val"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert run_here(path, out, "optim.lr=1e30", "optim.grad_clip=null", "optim.warmup_steps=0", "run.eval_every=2",
+                    "run.checkpoint_every=1", "run.max_nonfinite=100") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: step ") and err.count("\n") == 1 and "not finite" in err, err
+    assert "the last good checkpoint is in" in err
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values()), ckpt
+    assert not (out / "student.safetensors").exists()
