@@ -376,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tome", type=_tome_list, default=[],
                    help="Token Merging on the teacher at each r (tokens merged per block), e.g. 4,8,12")
     p.add_argument("--out", help="report folder (default: 'compare' beside the first run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a comparison already in the report folder")
     add_eval_options(p)
     return p
 
@@ -383,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
+    held = [name for name in ("compare.json", "compare.md", "pareto.png") if (out / name).exists()]
+    if held and not args.overwrite:  # before any work: a comparison is never replaced unasked
+        raise SystemExit(f"error: {out} already holds a comparison ({', '.join(held)}); pass --overwrite to replace "
+                         f"it, or --out DIR for another folder")
     try:
         report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
                               progress=not args.no_progress, allow_pipe=args.allow_pipe, **eval_options(args))

@@ -455,6 +455,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
         raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
                          f"and has no text tower; export it with --format timm")
     out = Path(out_dir) if out_dir is not None else folder.file(f"export_{fmt}")
+    source = {"run": str(folder.path.resolve()), "format": fmt,
+              "student_sha256": _sha256(folder.file(RunFolder.STUDENT_WEIGHTS))}
+    if not overwrite and _exported(out, fmt) and _read_source(out) == source:
+        raise AlreadyExported(out)  # this very student is there already: nothing to write
     _prepare_dir(out, EXPORT_FILES[fmt], overwrite)  # before the teacher is built: fail early
     teacher = None
     if fmt == "openclip":  # the text tower: the very teacher the student learned from
@@ -466,8 +470,52 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     if pcfg is None:
         pcfg = teacher_pretrained_cfg(teacher)
     if fmt == "openclip":
-        return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
-    return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+        export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+    else:
+        export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+    write_text(out / SOURCE_FILE, json.dumps(source, indent=1) + "\n")
+    return out
+
+
+# What an export of a run records of its source: the run folder and its student's SHA-256.
+SOURCE_FILE = "export_source.json"
+
+
+class AlreadyExported(FileExistsError):
+    """The export folder already holds this run's student, exported (`python -m students.export` says so and
+    writes nothing)."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"{out} already holds this run's export (the same student.safetensors); pass "
+                         f"overwrite=True (--overwrite) to write it again")
+        self.out = out
+
+
+def _load_snippet(out: Path) -> str:
+    if (out / OPENCLIP_CONFIG).is_file():
+        return _openclip_snippet(out)
+    return f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _exported(out: Path, fmt: str) -> bool:
+    return all((out / name).is_file() for name in EXPORT_FILES[fmt])
+
+
+def _read_source(out: Path) -> dict | None:
+    try:
+        return json.loads((out / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,14 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
+    except AlreadyExported as done:
+        print(f"{done.out} already holds this run's export (the same student.safetensors): nothing was written "
+              f"(--overwrite writes it again)\nload it with:\n{_load_snippet(done.out)}")
+        return 0
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if (out / OPENCLIP_CONFIG).is_file():
-        how = _openclip_snippet(out)
-    else:
-        how = f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
-    print(f"exported to {out}\nload it with:\n{how}")
+    print(f"exported to {out}\nload it with:\n{_load_snippet(out)}")
     return 0
 
 

@@ -153,3 +153,38 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_only_finite_checkpoints(tmp
     for ckpt in (out / "checkpoints").glob("step-*"):
         assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values()), ckpt
     assert not (out / "student.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- as a new user (issue 32 item 18)
+def test_exporting_a_run_again_is_a_no_op_that_says_where_the_export_is(tmp_path, clip_pair, demo, capsys):  # noqa: F811
+    from students.export import SOURCE_FILE, main as export_main
+
+    teacher, student = clip_pair
+    run = tmp_path / "run"
+    write_run(run, teacher, student, {"data": str(demo / "val")})
+    assert export_main([str(run), "--no-verify"]) == 0  # as the run's end does
+    capsys.readouterr()
+    out = run / "export_openclip"
+    stamp = (out / "open_clip_model.safetensors").stat().st_mtime_ns
+    assert export_main([str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out} already holds this run's export") and "load_openclip_export" in printed
+    assert (out / "open_clip_model.safetensors").stat().st_mtime_ns == stamp  # nothing written
+    # Another student in the run folder: its export is refused unless --overwrite, as before.
+    (out / SOURCE_FILE).write_text(json.dumps({"student_sha256": "another"}))
+    assert export_main([str(run)]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert export_main([str(run), "--overwrite", "--no-verify"]) == 0
+
+
+def test_compare_never_replaces_a_comparison_unasked(tmp_path, capsys):
+    from eval.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"already holds a comparison \(compare.json\); pass --overwrite"):
+        compare_main([str(tmp_path / "nowhere"), "--out", str(out)])
+    assert (out / "compare.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match="does not exist"):  # with --overwrite the work (here: its checks) goes on
+        compare_main([str(tmp_path / "nowhere"), "--out", str(out), "--overwrite"])
