@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from data.digest import file_sha256
 from data.errors import UserError
 from data.evalsets import check_eval_source
 from data.outputs import replacing, write_text
@@ -304,13 +305,7 @@ def _teacher_identity(spec: Mapping[str, Any]) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,

@@ -71,6 +71,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from data.digest import file_sha256
 from data.errors import UserError
 from data.outputs import new_files_into, replacing, write_text
 
@@ -456,7 +457,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
                          f"and has no text tower; export it with --format timm")
     out = Path(out_dir) if out_dir is not None else folder.file(f"export_{fmt}")
     source = {"run": str(folder.path.resolve()), "format": fmt,
-              "student_sha256": _sha256(folder.file(RunFolder.STUDENT_WEIGHTS))}
+              "student_sha256": file_sha256(folder.file(RunFolder.STUDENT_WEIGHTS))}
     if not overwrite and _exported(out, fmt) and _read_source(out) == source:
         raise AlreadyExported(out)  # this very student is there already: nothing to write
     _prepare_dir(out, EXPORT_FILES[fmt], overwrite)  # before the teacher is built: fail early
@@ -495,16 +496,6 @@ def _load_snippet(out: Path) -> str:
     if (out / OPENCLIP_CONFIG).is_file():
         return _openclip_snippet(out)
     return f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _exported(out: Path, fmt: str) -> bool:
