@@ -483,12 +483,11 @@ SOURCE_FILE = "export_source.json"
 
 
 class AlreadyExported(FileExistsError):
-    """The export folder already holds this run's student, exported (`python -m students.export` says so and
-    writes nothing)."""
+    """The export folder already holds this run's student, exported: said so, and nothing is written."""
 
     def __init__(self, out: Path):
-        super().__init__(f"{out} already holds this run's export (the same student.safetensors); pass "
-                         f"overwrite=True (--overwrite) to write it again")
+        super().__init__(f"{out} already holds this run's export (of the same student.safetensors): load it from "
+                         f"there (see its README.md), or pass --overwrite (overwrite=True) to write it again")
         self.out = out
 
 
@@ -523,10 +522,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite, verify=not args.no_verify)
-    except AlreadyExported as done:
-        print(f"{done.out} already holds this run's export (the same student.safetensors): nothing was written "
-              f"(--overwrite writes it again)\nload it with:\n{_load_snippet(done.out)}")
-        return 0
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -156,7 +156,8 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_only_finite_checkpoints(tmp
 
 
 # ----------------------------------------------------------------------------- as a new user (issue 32 item 18)
-def test_exporting_a_run_again_is_a_no_op_that_says_where_the_export_is(tmp_path, clip_pair, demo, capsys):  # noqa: F811
+def test_exporting_a_run_again_says_its_export_is_there_and_writes_nothing(tmp_path, clip_pair, demo,  # noqa: F811
+                                                                          capsys):
     from students.export import SOURCE_FILE, main as export_main
 
     teacher, student = clip_pair
@@ -166,9 +167,10 @@ def test_exporting_a_run_again_is_a_no_op_that_says_where_the_export_is(tmp_path
     capsys.readouterr()
     out = run / "export_openclip"
     stamp = (out / "open_clip_model.safetensors").stat().st_mtime_ns
-    assert export_main([str(run)]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith(f"{out} already holds this run's export") and "load_openclip_export" in printed
+    assert export_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already holds this run's export (of the same student.safetensors)")
+    assert err.count("\n") == 1 and "--overwrite" in err
     assert (out / "open_clip_model.safetensors").stat().st_mtime_ns == stamp  # nothing written
     # Another student in the run folder: its export is refused unless --overwrite, as before.
     (out / SOURCE_FILE).write_text(json.dumps({"student_sha256": "another"}))
