@@ -71,8 +71,11 @@ INFO_JSON = "demo_teacher.json"
 DEMO_MODEL_NAME = "demo-clip"
 
 
-def cache_root(demo: DemoConfig) -> Path:
-    root = demo.cache_dir or os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap"
+def cache_root(demo: DemoConfig | None = None) -> Path:
+    """The project's cache folder: ``demo.cache_dir``, else ``$SPARSEFORMER_CACHE``, else
+    ``~/.cache/sparseformer-bootstrap``."""
+    root = (demo.cache_dir if demo is not None else None) or os.environ.get("SPARSEFORMER_CACHE") \
+        or "~/.cache/sparseformer-bootstrap"
     return Path(root).expanduser()
 
 
