@@ -60,6 +60,16 @@ def test_student_speed_puts_a_siglip_student_beside_its_map_pooled_teacher():
     assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
 
 
+def test_student_speed_puts_a_rotary_student_beside_its_teacher():
+    out = run_script("student_speed.py", "--models", "dinov3_base", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, student = rows["timm:vit_base_patch16_dinov3"], rows["sparseformer from vit_base_patch16_dinov3"]
+    # 256 patches, a class token and 4 registers at 256 px: counted and analytic agree (rotations are elementwise).
+    assert float(teacher[4]) == 47.15 and "analytic ViT count" not in out and teacher[2] == "256"
+    assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
+
+
 def test_train_speed_times_teacher_student_and_data(tmp_path):
     results = tmp_path / "train_speed.json"
     out = run_script("train_speed.py", "--models", "clip_base", "--batch-size", "1", "--steps", "1", "--warmup", "0",

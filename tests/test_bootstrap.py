@@ -80,6 +80,26 @@ def run_here(recipe: Path, out: Path, *overrides: str) -> int:
         GradientState._reset_state()
 
 
+def run_tiny_teacher(tmp_path: Path, teacher: dict, student: dict, image_size: int = 32) -> Path:
+    """`run_here` on TINY_RECIPE with another teacher spec and student options: 4 steps on 24 demo images of
+    `image_size` px, exporting at the end. Returns the run folder."""
+    from data.demo import make_demo_dataset
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, num=24, size=image_size, val_fraction=1 / 4, shard_size=12)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["teacher"] = teacher
+    recipe["student"] = {**recipe["student"], **student}
+    recipe["data"].update(train=str(data / "train"), val=str(data / "val"), heldout_samples=6)
+    recipe["optim"]["steps"] = 4
+    recipe["export"] = {"enabled": True}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert run_here(path, out) == 0
+    return out
+
+
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     # The thread count of this process: bit-equal comparisons with in-process runs need the same kernels.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env_extra or {})}

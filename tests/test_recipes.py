@@ -23,8 +23,8 @@ PAPER = {
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
-                     "dinov2_base", "siglip2_so400m", "siglip_base", "sparsifiner_clip_base",
-                     "sparsifiner_deit_small"]
+                     "dinov2_base", "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
+                     "sparsifiner_clip_base", "sparsifiner_deit_small"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
