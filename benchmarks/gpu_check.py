@@ -1,6 +1,6 @@
 """One GPU check: the tests that need CUDA, the bootstrapping step in bf16, and the loader, in one markdown table.
 
-    bash benchmarks/gpu_check.sh                      # one CUDA GPU, under 8 minutes; writes gpu_check.md
+    bash benchmarks/gpu_check.sh                      # one CUDA GPU, under 8 minutes; writes ./gpu_check.md
     bash benchmarks/gpu_check.sh --dry-run            # the same code on a CPU at tiny sizes (CI runs it)
     bash benchmarks/gpu_check.sh --peak-tflops 900    # MFU against this peak instead of the table's
 
@@ -136,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="the same code at tiny sizes on this machine's device "
                    "(a CPU in CI); its numbers mean nothing")
-    p.add_argument("--out", default=None, help="the markdown file (default gpu_check.md, gpu_check-dry-run.md)")
+    p.add_argument("--out", default=None, help="the markdown file (default: gpu_check.md, or gpu_check-dry-run.md, "
+                   "in the current folder)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--batch-size", type=int, default=None, help=f"per step (default {FULL.batch}; dry run "
                    f"{DRY.batch})")
@@ -180,6 +181,15 @@ def check_input(args: argparse.Namespace) -> None:
                          f"{args.warmup}")
     if args.workers is not None and min(args.workers) < 1:
         raise CheckError(f"--workers must be at least 1 each, got {args.workers}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise CheckError(f"--peak-tflops must be above 0 (the GPU's dense bf16 TFLOP/s), got {args.peak_tflops}")
+    folder = out_path(args).parent
+    if not folder.is_dir():
+        raise CheckError(f"--out {out_path(args)}: the folder {folder} does not exist; create it or write elsewhere")
+
+
+def out_path(args: argparse.Namespace) -> Path:
+    return Path(args.out or ("gpu_check-dry-run.md" if args.dry_run else "gpu_check.md"))
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
@@ -524,7 +534,7 @@ def main(argv=None) -> int:
     text = header(device, peak, peak_from, sizes, args, stats, seconds) + "\n\n" + table(rows) + "\n"
     from data.outputs import write_text
 
-    out = Path(args.out or ("gpu_check-dry-run.md" if args.dry_run else "gpu_check.md"))
+    out = out_path(args)
     write_text(out, text)
     print(text, end="")
     say(f"written to {out}")

@@ -107,6 +107,8 @@ def test_a_gpu_decode_asked_for_without_a_gpu_gets_one_line(capsys):
                                                         "clip_base, clip_large"),
     (["--dry-run", "--warmup", "0"], "--warmup must be at least 1"),
     (["--dry-run", "--workers", "8", "0"], "--workers must be at least 1 each"),
+    (["--dry-run", "--peak-tflops", "0"], "--peak-tflops must be above 0"),
+    (["--dry-run", "--out", "no/such/folder/check.md"], "the folder no/such/folder does not exist"),
 ])
 def test_other_bad_input_gets_one_line(args, says, capsys):
     assert gpu_check().main(args) == 2
