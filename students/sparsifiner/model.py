@@ -128,10 +128,11 @@ def combine(index: Tensor, values: Tensor, basis: Tensor) -> Tensor:
 
 
 def csr_product(values: Tensor, num_basis: int) -> bool:
-    """Whether the combination of these top-k coefficients runs as a CSR product: in evaluation on a CPU,
-    with `sparse_product`'s many basis rows."""
-    return not torch.is_grad_enabled() and values.device.type == "cpu" and sparse_product(num_basis,
-                                                                                          values.shape[-1])
+    """Whether the combination of these top-k coefficients runs as a CSR product: in evaluation on a CPU, in
+    float32 (torch's CPU CSR product has no bfloat16 kernel: under bf16 autocast the dense product runs), with
+    `sparse_product`'s many basis rows."""
+    return (not torch.is_grad_enabled() and values.device.type == "cpu" and values.dtype == torch.float32
+            and sparse_product(num_basis, values.shape[-1]))
 
 
 def sparse_product(num_basis: int, topk: int) -> bool:
