@@ -69,7 +69,8 @@ class DataConfig:
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
     # ^ teacher.train_transform keys: scale, ratio, hflip, color_jitter
-    # How training views decode JPEGs: reduced (smaller, in the DCT domain, where the crop allows) | full
+    # How training views decode JPEGs: fast (libjpeg-turbo, reduced where the crop allows, torch's uint8 resize)
+    # | reduced (PIL, smaller in the DCT domain where the crop allows) | full (PIL, whole)
     decode: str = DEFAULT_DECODE
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.

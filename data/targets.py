@@ -315,6 +315,8 @@ def open_targets(folder: str | os.PathLike, wanted: Mapping, image_urls: Sequenc
                            f"shard, so they cannot be verified: delete {folder} and make them again with "
                            f"bootstrap.cache_targets (data.targets=auto makes them by itself)")
     diff = first_difference(manifest, wanted)
+    if diff is not None and diff.startswith("augment.decode:"):  # the same views, decoded as the cache decoded them
+        diff += f" (set data.decode={manifest['augment']['decode']} to replay it)"
     if diff is not None:
         raise TargetsError(f"the targets in {folder} were made for another run: {diff}. Cache them for this "
                            f"recipe (python -m bootstrap.cache_targets) or drop data.targets")
