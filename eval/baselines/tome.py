@@ -45,7 +45,7 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from data.errors import UserError
 
