@@ -16,7 +16,9 @@ computes for a grid of the new size (EVA's rescaling to the reference grid, DINO
 kind's indices), so that `Teacher.run_block(i, tokens, positions)` runs the teacher's blocks as timm would at that
 size.
 
-A budget counts patch tokens: the class token and registers come on top. A budget larger than the teacher's patch
+A budget counts patch tokens: the class token and registers come on top. A grid takes the patch count nearest the
+budget (48 tokens of ViT-B/16 give 7 x 7 = 49: a SparseFormer of 48 latent tokens and a class token meets 49 patches
+and a class token), never more than the teacher's own. A budget larger than the teacher's patch
 count, an input size that is no multiple of the patch, or a patch that does not tile the image is refused in one
 line naming the largest valid value (`BudgetError`).
 
@@ -68,20 +70,18 @@ def check_budget(num_patches: int, tokens, what: str = "the teacher") -> int:
 
 
 def budget_grid(grid: Sequence[int], tokens: int, what: str = "the teacher") -> tuple[int, int]:
-    """The largest patch grid of the aspect of ``grid`` (rows, cols) with at most ``tokens`` patches: (7, 7) of a
-    14 x 14 grid for 49 or 50 tokens. Rows shrink one at a time; the columns follow at the same ratio (rounded)."""
+    """The patch grid of the aspect of ``grid`` (rows, cols) whose patch count is nearest ``tokens`` (the smaller on a
+    tie): (7, 7) of a 14 x 14 grid for 48, 49 or 50 tokens, so that a student of 48 tokens and a class token is held
+    against 49 patches and a class token. Rows shrink one at a time; the columns follow at the same ratio."""
     gh, gw = grid
     check_budget(gh * gw, tokens, what)
-    for rows in range(gh, 0, -1):
-        cols = max(1, min(gw, round(rows * gw / gh)))
-        if rows * cols <= tokens:
-            return rows, cols
-    return 1, 1
+    grids = [(rows, max(1, min(gw, round(rows * gw / gh)))) for rows in range(gh, 0, -1)]
+    return min(grids, key=lambda g: (abs(g[0] * g[1] - tokens), g[0] * g[1]))
 
 
 # ----------------------------------------------------------------------------- lower resolution
 def resolution_for(teacher: "Teacher", tokens: int | None = None, size=None) -> tuple[int, int]:
-    """The input size (H, W) at which the teacher's own patches give ``tokens`` patch tokens (`budget_grid`), or
+    """The input size (H, W) at which the teacher's own patches give about ``tokens`` patch tokens (`budget_grid`), or
     ``size`` itself (an int or [H, W]) once checked: a multiple of the patch, at most the teacher's input size."""
     ph, pw = teacher.patch_size
     th, tw = teacher.preprocess.size
@@ -115,8 +115,8 @@ def _tiling_patches(teacher: "Teacher") -> list[int]:
 
 
 def patch_for(teacher: "Teacher", tokens: int | None = None, patch: int | None = None) -> int:
-    """The smallest patch, at least the teacher's and tiling its input exactly, that gives at most ``tokens`` patch
-    tokens; or ``patch`` itself once checked (a patch the teacher's patch embedding can be resampled to: square, at
+    """The patch, at least the teacher's and tiling its input exactly, whose patch count is nearest ``tokens`` (as
+    `budget_grid`); or ``patch`` itself once checked (a patch the teacher's patch embedding can be resampled to: square, at
     least the teacher's own, tiling the input)."""
     h, w = teacher.preprocess.size
     ph, pw = teacher.patch_size
@@ -128,12 +128,8 @@ def patch_for(teacher: "Teacher", tokens: int | None = None, patch: int | None =
     valid = _tiling_patches(teacher)
     if tokens is not None:
         check_budget(teacher.num_patches, tokens, what)
-        fits = [p for p in valid if (h // p) * (w // p) <= tokens]
-        if not fits:
-            least = (h // valid[-1]) * (w // valid[-1]) if valid else teacher.num_patches
-            raise BudgetError(f"no patch size tiling the {h}x{w} input of {what} gives at most {tokens} tokens; the "
-                              f"smallest budget a larger patch reaches is {least}")
-        return fits[0]
+        # The patch whose token count is nearest the budget (the fewer tokens on a tie), as `budget_grid`.
+        return min(valid, key=lambda p: (abs((h // p) * (w // p) - tokens), (h // p) * (w // p)))
     if not _is_int(patch) or patch not in valid:
         below = [p for p in valid if _is_int(patch) and p <= patch]
         if _is_int(patch) and patch < ph:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import tiny_towers
 from eval.baselines.budget import BASELINES, BudgetError, LargerPatch, LowResolution, RandomDrop, budget_baselines
 from teachers import create_teacher
-from teachers.budget import budget_grid, rotary_grid_positions
+from teachers.budget import budget_grid, patch_for, resolution_for, rotary_grid_positions
 from test_eval import TINY_CLIP
 
 TIMM_TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -166,14 +167,19 @@ def test_random_dropping_keeps_exactly_the_budget_and_every_prefix_token(name):
 
 
 def test_budgets_give_grids_of_the_teachers_aspect():
-    assert budget_grid((14, 14), 49) == (7, 7) and budget_grid((14, 14), 50) == (7, 7)
+    assert budget_grid((14, 14), 48) == budget_grid((14, 14), 49) == budget_grid((14, 14), 56) == (7, 7)
+    assert budget_grid((14, 14), 57) == (8, 8) and budget_grid((14, 14), 1) == (1, 1)
     assert budget_grid((16, 16), 64) == (8, 8) and budget_grid((8, 8), 16) == (4, 4)
     assert budget_grid((4, 6), 6) == (2, 3) and budget_grid((4, 6), 24) == (4, 6)
     teacher = _teacher("timm_token")  # 32 px, 8 px patches: 4 x 4
-    models = budget_baselines(teacher, [4, 5, 16])
+    models = budget_baselines(teacher, [4, 5, 16])  # 5: the nearest grid is still 2 x 2; random keeps 5
     assert [m.name for m in models] == ["teacher at 16px", "teacher patch 16", "teacher random 4", "teacher random 5",
                                         "teacher at 32px", "teacher patch 8", "teacher random 16"]
     assert [m.num_patches for m in models] == [4, 4, 4, 5, 16, 16, 16]
+    vit_b = SimpleNamespace(kind="timm", name="vit_b", patch_size=(16, 16), grid_size=(14, 14), num_patches=196,
+                            preprocess=SimpleNamespace(size=(224, 224)))
+    assert [patch_for(vit_b, n) for n in (48, 49, 64, 16, 196)] == [32, 32, 28, 56, 16]
+    assert [resolution_for(vit_b, n) for n in (48, 64)] == [(112, 112), (128, 128)]
 
 
 def test_bad_budgets_sizes_and_patches_name_the_largest_valid_value():

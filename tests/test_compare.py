@@ -44,8 +44,9 @@ def test_one_report_of_teacher_students_and_tome(runs, tmp_path):
     out = tmp_path / "cmp"
     assert main([*map(str, runs), "--tome", "1,3", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "compare.json").read_text())
-    # The teacher at the students' budgets (8 and 4 latent tokens of a 4 x 4 grid; the 2 x 2 grids are one each).
-    baselines = ["teacher at 16px", "teacher patch 16", "teacher random 4", "teacher random 8"]
+    # The teacher at the students' budgets (4 and 8 latent tokens of a 4 x 4 grid: the nearest grids 2 x 2 and 3 x 3;
+    # a 16-px patch gives 2 x 2, the nearest for both).
+    baselines = ["teacher at 16px", "teacher patch 16", "teacher random 4", "teacher at 24px", "teacher random 8"]
     names = [str(runs[0]), str(runs[1]), "ToMe r=1", "ToMe r=3", *baselines]
     assert [r["model"] for r in report["table"]] == ["teacher", *names]
     rows = {r["model"]: r for r in report["table"]}

@@ -4,11 +4,12 @@ Three ways to run a ViT teacher on ``tokens`` patch tokens (the class token and 
 teacher's own full-resolution images (normalised with its preprocessing), each reducing them itself:
 
     LowResolution   the images resized (the teacher's interpolation, antialiased) to the input size whose patch grid
-                    has at most ``tokens`` patches (112 px for 49 tokens of ViT-B/16), the position embedding
+                    has about ``tokens`` patches (the nearest grid of the teacher's aspect: 112 px for 43 to 56
+                    tokens of ViT-B/16), the position embedding
                     interpolated by timm's ``resample_abs_pos_embed``: what a timm ViT with ``dynamic_img_size``
                     computes at that size
-    LargerPatch     the images as they are, the patch embedding resampled to the smallest patch that tiles them into
-                    at most ``tokens`` patches (32 px for 49 tokens of ViT-B/16 at 224) by timm's
+    LargerPatch     the images as they are, the patch embedding resampled to the patch that tiles them into about
+                    ``tokens`` patches (32 px for 49 tokens of ViT-B/16 at 224) by timm's
                     ``resample_patch_embed`` (FlexiViT), the position embedding interpolated as above
     RandomDrop      the teacher's own tokens, ``tokens`` of its patch tokens kept at random per image (a generator
                     seeded with ``seed`` at every call: the same batch always keeps the same patches); the prefix
