@@ -32,6 +32,7 @@ from students.run_folder import RunFolder
 from .batches import TrainBatches, loader_stats_over_ranks
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError
+from .demo_teacher import teacher_summary
 from .heldout import HeldoutCheck, embed_all, format_result, load_heldout
 from .launch import launch, sayer
 from .metrics import LogWindow, MetricsLog
@@ -186,9 +187,10 @@ def _finish(accelerator, run, stepper: Stepper, loader_stats, state: TrainState,
             "nonfinite_total": state.nonfinite_total, "processes": accelerator.num_processes,
             "global_batch": stepper.global_batch, "seconds": round(time.time() - t_start, 1), "heldout_start": first_check,
             "heldout_end": last_check, "resumed_from": str(run.resume_from or ""), "parameters": stepper.policy.counts(),
-            "loader": skipped, "rank_checksums": checksums,
+            "loader": skipped, "rank_checksums": checksums, "teacher": teacher_summary(run.recipe.teacher),
         }
         run.folder.write_summary(summary)
+        print(f"teacher: {summary['teacher']['description']}", flush=True)
         if first_check and last_check:
             print(f"held-out alignment: start {format_result(first_check)}\n"
                   f"                    end   {format_result(last_check)}")
