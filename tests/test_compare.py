@@ -91,7 +91,8 @@ def test_budgets_on_the_command_line(runs, tmp_path):
     report = json.loads((out / "compare.json").read_text())
     assert [r["model"] for r in report["table"]] == ["teacher", str(runs[0]), "teacher at 24px", "teacher patch 16",
                                                      "teacher random 9"]
-    assert main([str(runs[0]), "--budget", "none", "--out", str(out), "--no-progress", "--no-probe", "--no-cost"]) == 0
+    assert main([str(runs[0]), "--budget", "none", "--out", str(out), "--overwrite", "--no-progress", "--no-probe",
+                 "--no-cost"]) == 0
     assert [r["model"] for r in json.loads((out / "compare.json").read_text())["table"]] == ["teacher", str(runs[0])]
     with pytest.raises(SystemExit, match="token budget 20 is larger than the 16 patch tokens of teacher "
                                          "openclip:tiny-eval-clip; the largest valid budget is 16"):
