@@ -29,6 +29,9 @@ SPECS = {
                     "model_kwargs": {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}},
     **{f"timm:{k}": v for k, v in tiny_towers.TIMM_SPECS.items() if k in ("tiny_siglip_map", "tiny_siglip_gap")},
     **{f"eva:{k}": v for k, v in tiny_towers.EVA_SPECS.items()},
+    # open_clip models on timm towers: SigLIP's (no class token, MAP head, logit bias) and PE-Core's (rotary)
+    "openclip:siglip": tiny_towers.openclip_spec("tiny_siglip_map"),
+    "openclip:pe_core": tiny_towers.openclip_spec("tiny_pe_core", proj=None, logit_bias=None),
 }
 
 
@@ -75,7 +78,7 @@ def _timm_at(teacher, **overrides):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(SPECS) if n != "openclip"])
+@pytest.mark.parametrize("name", [n for n in sorted(SPECS) if not n.startswith("openclip")])
 def test_a_lower_resolution_is_timms_own_dynamic_size_computation(name):
     """The position embedding interpolated as timm's `resample_abs_pos_embed` does it in a ViT built with
     dynamic_img_size, and a rotary teacher's positions those timm's rotary module gives the smaller grid."""
