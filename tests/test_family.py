@@ -119,3 +119,47 @@ def test_import_students_alone_registers_every_family_with_timm_and_open_clip():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["SparseFormer", "Sparsifiner", "BudgetViT"]
+
+
+def test_every_family_s_exports_and_named_models_load_in_a_fresh_process_that_imports_only_students(
+        tiny_teacher, tmp_path):
+    """As a user would, after `import students` alone: each family's OpenCLIP `local-dir:` and timm `local-dir:`
+    exports reload and give the student's output, and every registered name builds (a family whose timm names
+    were registered only by a module the tests import themselves once failed here with "Unknown model")."""
+    from safetensors.torch import save_file
+
+    from students.export import export_openclip, export_timm
+
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    expected, folders = {"images": images}, {}
+    for name, family in FAMILIES.items():
+        student = family.build(tiny_teacher, family.options())[0].eval()
+        folders[name] = (export_openclip(student, tiny_teacher, tmp_path / name / "oc"),
+                         export_timm(student, tmp_path / name / "timm"))
+        with torch.no_grad():
+            expected[name] = student(images)
+    save_file(expected, str(tmp_path / "expected.safetensors"))
+    code = f"""
+import students, open_clip, timm, torch
+from safetensors.torch import load_file
+torch.set_num_threads({torch.get_num_threads()})
+e = load_file({str(tmp_path / 'expected.safetensors')!r})
+for name, (oc, tm) in {({k: (str(a), str(b)) for k, (a, b) in folders.items()})!r}.items():
+    clip = open_clip.create_model(f"local-dir:{{oc}}").eval()
+    model = timm.create_model(f"local-dir:{{tm}}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(e["images"]), e[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(e["images"]), e[name], rtol=0, atol=1e-6)
+    print("reloaded", name)
+names = [m for m in timm.list_models() if m.split("_")[0] in ("sparseformer", "sparsifiner", "budget")]
+for m in names:
+    if m not in ("sparseformer", "sparsifiner", "budget"):
+        timm.create_model(m, device="meta")
+print(len(names), "names")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("reloaded")] == \
+        [f"reloaded {name}" for name in FAMILIES]
+    assert proc.stdout.splitlines()[-1] == f"{len([m for m in timm.list_models() if m.split('_')[0] in FAMILIES])} names"
