@@ -314,7 +314,9 @@ class StudentFamily:
     """One row of the family table (`students.families.FAMILIES`).
 
     name: the family's name (a recipe's ``student.kind``, a saved config's ``family`` field).
-    config: the config class (`from_dict`, `to_dict`, `to_json`, `replace`).
+    config: the config class (`from_dict`, `to_dict`, `to_json`, `replace`), with the fields the evaluation and
+        the exports read of any config: `embed_dim` (the pooled feature's width), `output_dim` (the head's, or
+        `embed_dim` without one) and `drop_path_rate` (an export writes it as 0).
     models: the model classes; the first is built from a config.
     options: the recipe's ``student:`` options (a dataclass; ``kind`` is left out).
     build, phases, enter, forward: training (see the module docstring).

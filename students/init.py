@@ -61,9 +61,9 @@ def check_init(family: StudentFamily, options: Any, has_teacher: bool) -> str:
     (a `ConfigError` naming the key and the fix)."""
     kind = init_kind(family, options.init)
     if kind == INIT_TEACHER and not has_teacher:
-        raise ConfigError("student.init=teacher builds the student from its teacher, and the recipe has none: give a "
-                          "'teacher:' spec, or start the student otherwise (student.init: scratch, a run folder, or a "
-                          "weights file with student.config)")
+        raise ConfigError("student.init=teacher builds the student from its teacher, and the recipe has no teacher: "
+                          "give a 'teacher:' spec (or a 'demo:' section), or start the student otherwise (student.init: "
+                          "scratch, a run folder, or a weights file with student.config)")
     if kind == INIT_SCRATCH and family.scratch is None:
         raise ConfigError(f"student.init=scratch: a {family.name} student cannot start from scratch "
                           f"({family.no_scratch}); use student.init=teacher, or a {family.name} run folder to "
@@ -88,7 +88,7 @@ def check_init(family: StudentFamily, options: Any, has_teacher: bool) -> str:
     if options.weights and kind != "named":
         raise ConfigError("student.weights is the weights file of student.init=NAME (a named configuration); with a "
                           "weights file give it as student.init")
-    if options.image_size is not None and options.image_size < 8:
+    if isinstance(options.image_size, int) and options.image_size < 8:  # (a budget student's is its resolution)
         raise ConfigError(f"student.image_size must be at least 8 pixels, got {options.image_size}")
     if options.num_classes is not None and options.num_classes < 1:
         raise ConfigError(f"student.num_classes must be at least 1, got {options.num_classes}")

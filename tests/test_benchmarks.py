@@ -14,6 +14,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -47,6 +49,17 @@ def test_student_speed_counts_the_flops_of_the_clip_base_construction():
     assert float(student[4]) < float(teacher[4]) / 4  # 49 tokens instead of 197
     assert float(teacher[3]) == 86.2 and float(student[3]) < float(teacher[3])
     assert float(student[6]) > 0 and float(teacher[6]) > 0
+    # Beside them, the teacher itself at the student's 49 tokens, untrained: 7 x 7 patches + the class token.
+    budget = {k.split(", ")[1]: r for k, r in rows.items() if k.endswith("(untrained)")}
+    assert set(budget) == {"at 112px (untrained)", "patch 32 (untrained)", "random 49 (untrained)"}
+    for row in budget.values():  # the teacher's parameters; about a quarter of its FLOPs, one image timed
+        assert float(row[3]) == 86.2 and float(teacher[4]) / 5 < float(row[4]) < float(teacher[4]) / 3.5
+        assert float(row[6]) > 0 and row[8].endswith("x")  # img/s, and speed vs teacher
+    # The same blocks on 50 tokens; the patch embedding reads 112^2 pixels at 112 px and all 224^2 with 32-px patches
+    # (4x its multiply-adds), and random dropping embeds all 196 patches before it drops 147.
+    flops = [float(budget[k][4]) for k in ("at 112px (untrained)", "patch 32 (untrained)", "random 49 (untrained)")]
+    assert flops == sorted(flops) and flops[1] - flops[0] == pytest.approx(2 * 3 * 49 * 768 * (32 ** 2 - 16 ** 2) / 1e9,
+                                                                           abs=0.011)
 
 
 def test_student_speed_puts_a_siglip_student_beside_its_map_pooled_teacher():
@@ -57,6 +70,16 @@ def test_student_speed_puts_a_siglip_student_beside_its_map_pooled_teacher():
     student = rows["sparseformer from vit_base_patch16_siglip_224"]
     # 196 patches without a class token, the MAP head: counted and analytic agree (the script says when not).
     assert float(teacher[4]) == 35.42 and "analytic ViT count" not in out
+    assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
+
+
+def test_student_speed_puts_a_rotary_student_beside_its_teacher():
+    out = run_script("student_speed.py", "--models", "dinov3_base", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, student = rows["timm:vit_base_patch16_dinov3"], rows["sparseformer from vit_base_patch16_dinov3"]
+    # 256 patches, a class token and 4 registers at 256 px: counted and analytic agree (rotations are elementwise).
+    assert float(teacher[4]) == 47.15 and "analytic ViT count" not in out and teacher[2] == "256"
     assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
 
 
@@ -90,16 +113,23 @@ def test_train_speed_times_a_supervised_step_beside_an_alignment_step_of_the_sam
 
 def test_data_speed_times_each_decode_path_and_the_reduced_difference():
     out = run_script("data_speed.py", "--images", "12", "--rounds", "1", "--batch-size", "4", "--size", "64",
-                     "--paths", "today", "full", "reduced", "torchvision", "--max-size", "96", "--diff-views", "2")
+                     "--paths", "today", "full", "reduced", "fast", "torchvision", "--max-size", "96",
+                     "--diff-views", "2")
     rows = table_rows(out)
-    labels = ["today", "full", "reduced", "torchvision", "reduced, --max-size 96 shards"]
-    assert [(r[0], r[1]) for r in rows] == [(kind, label) for kind in ("train", "eval") for label in labels]
-    assert all(float(r[2]) > 0 for r in rows) and rows[0][4] == rows[5][4] == "1.00"  # ratios against today
+    labels = ["today", "full", "reduced", "fast", "torchvision", "fast, --max-size 96 shards"]
+    uint8 = [label for label in labels if label != "torchvision"]  # a transform that renders uint8 views
+    kinds = [("train", labels), ("train, 1 worker", labels), ("train, 1 worker, uint8 batches", uint8),
+             ("eval", labels)]
+    assert [(r[0], r[1]) for r in rows] == [(kind, label) for kind, names in kinds for label in names]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert [r[4] for r in rows if r[1] == "today"] == ["1.00"] * 4  # ratios against today
     assert re.search(r"generated 12 JPEGs .* mean \d+ x \d+ px, \d+ KB, .* load average", out)
-    # 12 images x 2 views, and one evaluation view each: how many decoded smaller, and how far from full.
-    assert re.search(r"train: \d+ of 24 views decoded smaller; difference mean [\d.]+, 99.9th percentile \d+, max \d+",
-                     out)
-    assert re.search(r"eval: \d+ of 12 views decoded smaller", out)
+    # 12 images x 2 views, and one evaluation view each: the views decoded smaller and whole, how far from full.
+    for path in ("reduced", "fast"):
+        said = out.split(f"{path} path against full decoding")[1]
+        assert re.search(r"train: decoded smaller \(\d+ views\) [\d.]+ / \d+ / \d+; .*all \(24 views\) [\d.]+ / \d+ / "
+                         r"\d+", said)
+        assert re.search(r"eval: .*all \(12 views\)", said)
 
 
 def test_data_speed_names_what_a_path_it_cannot_run_needs(tmp_path):

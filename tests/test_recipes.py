@@ -22,8 +22,9 @@ PAPER = {
 
 def test_every_recipe_is_there_and_loads(tmp_path):
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["augreg_base", "augreg_base_finetune", "augreg_large", "clip_base", "clip_large", "demo",
-                     "demo_sparsifiner", "demo_supervised", "dinov2_base", "siglip2_so400m", "siglip_base",
+    assert names == ["augreg_base", "augreg_base_finetune", "augreg_large", "clip_base", "clip_base_budget",
+                     "clip_large", "demo", "demo_budget", "demo_sparsifiner", "demo_supervised", "dinov2_base",
+                     "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
                      "sparseformer_v1_base", "sparseformer_v1_small", "sparseformer_v1_tiny",
                      "sparsifiner_clip_base", "sparsifiner_deit_small"]
     for name in names:
@@ -37,12 +38,32 @@ def test_every_recipe_is_there_and_loads(tmp_path):
         assert again == recipe
 
 
-def test_the_sparsifiner_demo_shares_the_demos_data_and_teacher():
+@pytest.mark.parametrize("name,options", [("demo_sparsifiner", "SparsifinerOptions"), ("demo_budget", "BudgetOptions")])
+def test_the_other_demos_share_the_demos_data_and_teacher(name, options):
     from bootstrap.demo_teacher import _data_key, _teacher_key
 
-    demo, sparse = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / "demo_sparsifiner.yaml")
-    assert _data_key(sparse.demo) == _data_key(demo.demo) and _teacher_key(sparse.demo) == _teacher_key(demo.demo)
-    assert type(sparse.student).__name__ == "SparsifinerOptions"
+    demo, other = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / f"{name}.yaml")
+    assert _data_key(other.demo) == _data_key(demo.demo) and _teacher_key(other.demo) == _teacher_key(demo.demo)
+    assert type(other.student).__name__ == options
+
+
+@pytest.mark.parametrize("name,tokens", [("demo_budget", 16), ("clip_base_budget", 49)])
+def test_budget_recipes_run_the_teacher_at_the_sparseformers_token_count(name, tokens):
+    import warnings
+
+    from bootstrap.demo_teacher import DEMO_MODEL_NAME, model_cfg
+    from teachers import create_teacher
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", [] if name.startswith("demo") else ["data.train=/data/train"])
+    spec = recipe.teacher if recipe.demo is None else {
+        "kind": "openclip", "model": DEMO_MODEL_NAME, "model_cfg": model_cfg(recipe.demo.teacher, recipe.demo.image_size)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher({**spec, "pretrained": False})
+    student, policy = recipe.family.build(teacher, recipe.student)
+    cfg = student.config
+    assert cfg.num_patches == tokens and cfg.patch_size == teacher.patch_size[0] and policy.num_frozen == 0
+    assert cfg.image_hw == (teacher.grid_size[0] // 2 * teacher.patch_size[0],) * 2
 
 
 @pytest.mark.parametrize("name,budget,basis,reduced", [("sparsifiner_deit_small", 50, 32, 32),
@@ -119,7 +140,8 @@ def test_overrides_parse_yaml_values_and_reach_every_section():
     ("eval.precision=fp8", r"recipe section 'eval': eval precision 'fp8'"),
     ("novalue", r"override 'novalue' must look like section.key=value"),
     ("demo.teacher.consistency_images=0", r"demo.teacher.consistency_images must be at least 1 or null"),
-    ("demo.teacher.seconds=0", r"demo.teacher.seconds \(the teacher's time cap\) must be above 0, got 0"),
+    ("demo.teacher.seconds=420", r"demo.teacher.seconds is no longer a key: the demo teacher trains by its steps"),
+    ("demo.teacher.min_zero_shot=1.5", r"demo.teacher.min_zero_shot must be a fraction in \[0, 1\)"),
     ("demo.teacher.steps=0", r"demo.teacher.steps must be at least 1, got 0"),
     ("run.cpu_threads=0", r"run.cpu_threads must be 'auto' or at least 1, got 0"),
     ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or 'auto', got str 'all'"),

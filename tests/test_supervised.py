@@ -180,7 +180,7 @@ def test_labelled_shards_give_their_class_names_and_bad_labels_are_named(tmp_pat
 
 
 @pytest.mark.parametrize("student,message", [
-    ({"init": "teacher"}, "student.init=teacher builds the student from its teacher, and the recipe has none"),
+    ({"init": "teacher"}, "student.init=teacher builds the student from its teacher, and the recipe has no teacher"),
     ({"init": "scratch"}, "student.init=scratch without a teacher needs the architecture"),
     ({"init": "/no/such/file.safetensors"}, r"neither teacher, scratch.*\(is it a path\?"),
     ({"init": "sparseformer_v1_tiny"}, "set student.weights to the file of its weights"),
