@@ -409,6 +409,29 @@ def test_compare_puts_bootstrapped_and_supervised_students_of_one_teacher_side_b
     assert "head top-1" in (tmp_path / "compare" / "compare.md").read_text()
 
 
+def test_a_budget_student_trains_on_labels_and_alignment_its_head_too(demo_data, tmp_path):
+    """The third family takes the recipe's objective as the others do: labels beside the alignment, the head
+    (frozen for a pre-logits alignment) training on the labels."""
+    recipe = supervised_recipe(demo_data, objective={"align": 1.0}, optim={"epochs": 0.2, "warmup_epochs": 0})
+    recipe["student"], recipe["teacher"] = {"kind": "budget", "tokens": 4}, SUPERVISED_TEACHER
+    out = tmp_path / "run"
+    assert run_here(write_recipe(tmp_path / "r.yaml", recipe), out) == 0
+    train = [r for r in metrics(out) if "train/loss" in r]
+    assert train and all({"train/align", "train/labels"} <= set(r) for r in train)
+    assert all("heldout/top1" in r for r in metrics(out) if "heldout/cosine" in r)
+    teacher_head = load_file(str(out / "teacher_weights.safetensors"))["head.weight"]
+    assert not torch.equal(load_file(str(out / "student.safetensors"))["head.weight"], teacher_head)
+
+
+def test_budget_baselines_need_a_teacher():
+    from eval.compare import CompareError, compare
+    from students import SparseFormer
+
+    with pytest.raises(CompareError, match="the budget baselines run the teacher at fewer tokens: the runs compared "
+                                           "have no teacher"):
+        compare({"run": SparseFormer(TINY_V1)}, None, "/nowhere", budgets=[4])
+
+
 def test_fine_tuning_a_run_and_the_evaluation_of_supervised_students(supervised_run, demo_data, tmp_path):
     """A run folder as student.init (every parameter trains, the head's classes kept); `python -m eval` of a run
     with labels reports top-1/top-5 of the student and its EMA; eval.compare puts runs side by side."""
