@@ -120,10 +120,11 @@ def build_student(family: StudentFamily, teacher, options: Any, classnames: Sequ
             student = family.scratch(config, num_classes)
         elif kind == "named":
             config, pcfg = family.named(options.init)
-            student = _load(family, config, options.weights, f"student.weights={options.weights}")
+            student = _load(family, config, options.weights, f"student.weights={options.weights}",
+                            f"the named configuration {options.init}")
         elif kind == "file":
             config, pcfg = _architecture(family, teacher, options)
-            student = _load(family, config, options.init, f"student.init={options.init}")
+            student = _load(family, config, options.init, f"student.init={options.init}", "student.config")
         else:
             student, pcfg = _from_run(family, options.init)
         policy = policy_from(student, lambda name: True).apply(student)
@@ -214,7 +215,7 @@ def _with_size(pcfg: dict, image_size: int | None) -> dict:
     return pcfg
 
 
-def _load(family: StudentFamily, config, weights: str, key: str) -> nn.Module:
+def _load(family: StudentFamily, config, weights: str, key: str, architecture: str) -> nn.Module:
     """A model of ``config`` with the weights file ``weights``; weights that do not fit are one line."""
     model = family.new(config)
     try:
@@ -229,7 +230,7 @@ def _load(family: StudentFamily, config, weights: str, key: str) -> nn.Module:
         unexpected = [k for k in state if k not in own]
         shaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         example = (missing or unexpected or shaped)[0]
-        raise ConfigError(f"{key} does not fit the {family.name} architecture of student.config ({len(missing)} missing, "
+        raise ConfigError(f"{key} does not fit the {family.name} architecture of {architecture} ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected, {len(shaped)} mis-shaped tensors, e.g. {example!r}): give "
                           f"the config those weights were trained with") from None
     return model

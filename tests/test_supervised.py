@@ -194,6 +194,29 @@ def test_how_a_student_starts_is_checked_before_anything_is_built(student, messa
         load_recipe(None, base=recipe)
 
 
+def test_a_named_configuration_starts_from_its_weights_file(tmp_path):
+    """student.init: a released name, with student.weights: the named architecture with that file's weights and its
+    preprocessing, every parameter training; a file of another architecture is one line naming the key."""
+    from students import FAMILIES
+    from students.init import build_student
+
+    family = FAMILIES["sparseformer"]
+    config, pcfg = family.named("sparseformer_v1_tiny")
+    model = family.new(config)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    start = build_student(family, None, family.options(init="sparseformer_v1_tiny",
+                                                       weights=str(tmp_path / "w.safetensors")))
+    ours, theirs = start.student.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert tuple(start.student.pretrained_cfg["input_size"]) == tuple(pcfg["input_size"])
+    assert start.policy.num_frozen == 0
+    save_file(family.new(TINY_V1).state_dict(), str(tmp_path / "tiny.safetensors"))
+    with pytest.raises(ValueError, match=r"^student.weights=.*tiny.safetensors does not fit the sparseformer "
+                                         r"architecture of the named configuration sparseformer_v1_tiny"):
+        build_student(family, None, family.options(init="sparseformer_v1_tiny",
+                                                   weights=str(tmp_path / "tiny.safetensors")))
+
+
 @pytest.mark.parametrize("override,message", [
     ("objective.mixup=0.8", r"data.batch_size must be even, got 7"),
     ("optim.ema_decay=1.0", r"optim.ema_decay must be between 0 and 1 \(e.g. 0.9999\), got 1.0"),
