@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["BATCH_NEEDS", "ConfigError", "ExtraSection", "InitOptions", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
            "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding", "StudentFamily", "TARGETS",
-           "VisionDescription", "is_exempt_from_weight_decay", "policy_from", "read_json"]
+           "VisionDescription", "enter_objective_phase", "forward_outputs_of", "is_exempt_from_weight_decay",
+           "policy_from", "read_json"]
 
 TARGETS = ("embedding", "tokens", "attention")
 # What a loss term may need from the batch itself rather than from the teacher.
@@ -231,6 +232,23 @@ def policy_from(model: nn.Module, trains: Callable[[str], bool]) -> ParameterPol
             policy.frozen.append(name)
             policy.num_frozen += p.numel()
     return policy
+
+
+def enter_objective_phase(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
+    """A one-phase family's `enter`: the policy its construction applied, with the head trained where the phase
+    reads the logits (`ParameterPolicy.logits_only`)."""
+    if "logits" in phase.outputs and policy.logits_only:
+        policy.unfreeze(student, policy.logits_only)
+    return policy
+
+
+def forward_outputs_of(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
+    """A family's training `forward` over the `Student` contract: the aligned embedding (pre-logits or the head's
+    output), and the logits from the same pass where ``outputs`` asks for them."""
+    if "logits" not in outputs:
+        return {"embedding": student(images, pre_logits=pre_logits)}
+    pre, logits = student.forward_outputs(images)
+    return {"embedding": pre if pre_logits else logits, "logits": logits}
 
 
 @dataclass

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .family import LossTerm
+from .family import LossTerm, Phase
 
 __all__ = ["LOSS_TYPES", "alignment_loss", "alignment_term", "batch_cosine", "distill_term", "kl_to_logits",
-           "label_loss", "label_term", "objective_outputs", "objective_terms", "teacher_logits_fn", "token_loss"]
+           "label_loss", "label_term", "objective_outputs", "objective_phase", "objective_terms", "teacher_logits_fn", "token_loss"]
 
 LOSS_TYPES = ("cosine", "smooth_l1", "mse")
 
@@ -150,3 +150,12 @@ def objective_outputs(terms) -> tuple[str, ...]:
     compared with, and the head's logits where a term reads them (labels, distillation)."""
     reads = {r for t in terms for r in t.reads}
     return ("embedding",) + (("logits",) if "logits" in reads else ())
+
+
+def objective_phase(ctx) -> Phase:
+    """The one phase of a family trained on the recipe's objective over the whole schedule (``align`` where that
+    is the alignment alone, else ``train``)."""
+    o = ctx.optim
+    terms = tuple(objective_terms(ctx))
+    name = "align" if [t.name for t in terms] == ["align"] else "train"
+    return Phase(name, o.steps, o.lr, o.min_lr, o.warmup_steps, objective_outputs(terms), terms)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..family import ParameterPolicy, Phase, PhaseContext
-from ..losses import objective_outputs, objective_terms
+from ..family import ParameterPolicy, Phase, PhaseContext, enter_objective_phase, forward_outputs_of
+from ..losses import objective_phase
 from .config import SparseFormerConfig
 from .construct import BootstrapOptions, bootstrap_student
 from .model import SparseFormer
@@ -50,24 +50,16 @@ def named(name: str) -> tuple[dict, dict]:
 
 
 def phases(ctx: PhaseContext) -> list[Phase]:
-    o = ctx.optim
-    terms = tuple(objective_terms(ctx))
-    name = "align" if [t.name for t in terms] == ["align"] else "train"
-    return [Phase(name, o.steps, o.lr, o.min_lr, o.warmup_steps, objective_outputs(terms), terms)]
+    return [objective_phase(ctx)]
 
 
 def enter(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
-    # bootstrap_student already set requires_grad; one phase: the head trains where the phase reads the logits.
-    if "logits" in phase.outputs and policy.logits_only:
-        policy.unfreeze(student, policy.logits_only)
-    return policy
+    # One phase; the construction applied the policy. The head trains where the phase reads the logits.
+    return enter_objective_phase(student, policy, phase)
 
 
 def forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    if "logits" not in outputs:
-        return {"embedding": student(images, pre_logits=pre_logits)}
-    pre, logits = student.forward_outputs(images)
-    return {"embedding": pre if pre_logits else logits, "logits": logits}
+    return forward_outputs_of(student, images, outputs, pre_logits)
 
 
 def steps(options: Any, optim: Any) -> int:
