@@ -185,6 +185,7 @@ def test_labelled_shards_give_their_class_names_and_bad_labels_are_named(tmp_pat
     ({"init": "/no/such/file.safetensors"}, r"neither teacher, scratch.*\(is it a path\?"),
     ({"init": "sparseformer_v1_tiny"}, "set student.weights to the file of its weights"),
     ({"kind": "sparsifiner", "init": "scratch"}, "a sparsifiner student cannot start from scratch"),
+    ({"kind": "budget", "init": "scratch"}, "a budget student cannot start from scratch .*teacher's tower"),
     ({"init": "scratch", "config": "sparseformer_v1_tiny", "weights": "x.pth"}, "student.weights is the weights"),
     ({"init": "scratch", "config": "sparseformer_v1_tiny", "image_size": 4}, "student.image_size must be at least 8"),
 ])
