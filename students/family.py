@@ -26,6 +26,7 @@ Every student model keeps the `Student` contract (timm's conventions where timm 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass, field
@@ -38,10 +39,10 @@ from data.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
-__all__ = ["BATCH_NEEDS", "ConfigError", "ExtraSection", "InitOptions", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
-           "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding", "StudentFamily", "TARGETS",
-           "VisionDescription", "enter_objective_phase", "forward_outputs_of", "is_exempt_from_weight_decay",
-           "policy_from", "read_json"]
+__all__ = ["BATCH_NEEDS", "ConfigError", "ConfigFile", "ExtraSection", "InitOptions", "LossTerm", "ParameterPolicy",
+           "Phase", "PhaseContext", "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding",
+           "StudentFamily", "TARGETS", "VisionDescription", "enter_objective_phase", "forward_outputs_of",
+           "is_exempt_from_weight_decay", "policy_from", "read_json", "vit_tower_encoding"]
 
 TARGETS = ("embedding", "tokens", "attention")
 # What a loss term may need from the batch itself rather than from the teacher.
@@ -59,6 +60,24 @@ def read_json(path_or_text: str) -> Any:
         with open(path_or_text) as f:
             text = f.read()
     return json.loads(text)
+
+
+class ConfigFile:
+    """The file side every family's config dataclass shares; the family writes `from_dict` (which validates) and
+    may override `to_dict` (e.g. to leave unset optional keys out of a saved config)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path_or_text: str):
+        return cls.from_dict(read_json(path_or_text))
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def replace(self, **changes):
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 # ----------------------------------------------------------------------------- the student contract
@@ -303,6 +322,15 @@ class VisionDescription:
 
     describe: Callable[[Mapping[str, Any]], dict]
     encode: Callable[[nn.Module, Tensor], StudentEncoding]
+
+
+def vit_tower_encoding(student: Any, images: Tensor) -> StudentEncoding:
+    """A `VisionDescription.encode` for a student in timm's ViT layout (`forward_hidden_states`, `norm`,
+    `forward_head`, `head`, `final_norm`)."""
+    states = student.forward_hidden_states(images)
+    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
+    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
+    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..family import StudentEncoding, StudentFamily, VisionDescription
+from ..family import StudentFamily, VisionDescription, vit_tower_encoding
 from . import training
 from .config import BudgetConfig
 from .construct import BudgetOptions, budget_config, budget_student
@@ -43,16 +43,9 @@ def _vision_describe(config) -> dict:
                 projection_dim=cfg.num_classes)
 
 
-def _vision_encode(student: BudgetViT, images: Tensor) -> StudentEncoding:
-    states = student.forward_hidden_states(images)
-    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
-    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
-    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
-
-
 FAMILY = StudentFamily(
     name="budget", config=BudgetConfig, models=(BudgetViT,), options=BudgetOptions, build=training.build,
     phases=training.phases, enter=training.enter, forward=training.forward, steps=training.steps,
-    describe=_describe, timm=NAMES, vision=VisionDescription(_vision_describe, _vision_encode),
+    describe=_describe, timm=NAMES, vision=VisionDescription(_vision_describe, vit_tower_encoding),
     no_scratch="it is its teacher's tower at fewer tokens: it starts from the teacher, or from a budget run",
 )

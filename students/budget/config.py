@@ -3,15 +3,13 @@ takes and the smaller size or larger patch it runs at."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from data.schema import check_keys
 
 from ..blocks import ACTIVATIONS, MLP_LAYERS, POOL_SPEC_KEYS
-from ..family import ConfigError, read_json
+from ..family import ConfigError, ConfigFile
 
 __all__ = ["FAMILY", "INTERPOLATIONS", "POOLS", "BudgetConfig"]
 
@@ -25,7 +23,7 @@ def pair(size) -> tuple[int, int]:
 
 
 @dataclass
-class BudgetConfig:
+class BudgetConfig(ConfigFile):
     """A budget ViT: timm's VisionTransformer over ``img_size`` images of ``patch_size`` patches, taking images of
     ``input_size`` (its teacher's) and resizing them to ``img_size`` itself (``interpolation``, antialiased).
 
@@ -71,19 +69,6 @@ class BudgetConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, path_or_text: str) -> "BudgetConfig":
-        return cls.from_dict(read_json(path_or_text))
-
-    def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def replace(self, **changes) -> "BudgetConfig":
-        return BudgetConfig.from_dict({**self.to_dict(), **changes})
 
     # ----------------------------------------------------------- structure
     @property

@@ -140,7 +140,5 @@ def budget_student(teacher: "Teacher", **options: Any) -> tuple[BudgetViT, Param
     opts = options.pop("options", None) or BudgetOptions.from_dict(options)
     student = BudgetViT(budget_config(teacher, opts))
     copy_teacher_weights(student, teacher)
-    pp = teacher.preprocess
-    student.pretrained_cfg = dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
-                                  interpolation=pp.interpolation, crop_pct=pp.crop_pct)
+    student.pretrained_cfg = teacher.preprocess.timm_cfg()
     return student, parameter_policy(student, teacher, opts.train_head)
