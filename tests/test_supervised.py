@@ -424,7 +424,7 @@ def test_compare_puts_bootstrapped_and_supervised_students_of_one_teacher_side_b
 
     bootstrapped, supervised = teacher_runs
     report = compare_runs([bootstrapped, supervised], out_dir=tmp_path / "compare", eval_source=str(demo_data / "val"),
-                          progress=False, num_workers=0, probe=False, cost=False, rois=False, link=False)
+                          budgets=[], progress=False, num_workers=0, probe=False, cost=False, rois=False, link=False)
     rows = {r["model"]: r for r in report["table"]}
     assert set(rows) == {"teacher", str(bootstrapped), f"{bootstrapped} (EMA)", str(supervised), f"{supervised} (EMA)"}
     head = report["classification"]["models"]
