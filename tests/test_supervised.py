@@ -138,6 +138,27 @@ def test_mixup_and_cutmix_targets_are_timm_s_of_the_mixed_images():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_randaugment_random_erasing_and_colour_jitter_are_timm_s_transforms():
+    """data.augment with RandAugment or random erasing is timm's create_transform: RandAugment (colour jitter dropped
+    under a rand-* policy, as timm and the authors' code do), random erasing on the normalised tensor; colour jitter
+    where no policy is given; without either, the replayable view."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from torchvision.transforms import ColorJitter
+
+    from data.transforms import ReplayableTrainTransform, augmented_view
+
+    def steps(augment):
+        return [type(t) for t in augmented_view(32, (0.5,) * 3, (0.5,) * 3, "bicubic", augment).transforms]
+
+    policy = steps({"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "color_jitter": 0.4})
+    assert RandAugment in policy and ColorJitter not in policy and policy[-1] is RandomErasing
+    jitter = steps({"re_prob": 0.25, "color_jitter": 0.4})
+    assert ColorJitter in jitter and RandAugment not in jitter and jitter[-1] is RandomErasing
+    assert isinstance(augmented_view(32, (0.5,) * 3, (0.5,) * 3, "bicubic", {"color_jitter": 0.4}),
+                      ReplayableTrainTransform)
+
+
 def test_layer_wise_lr_decay_scales_each_layer_and_keeps_the_exemptions():
     from bootstrap.stepper import TrainingForward, layer_decay_param_groups, optimizer_param_groups
     from students import SparseFormer
