@@ -1,8 +1,10 @@
-"""Training throughput of the bootstrapping step: teacher forward + student step, fed by the real loader.
+"""Training throughput of the bootstrapping step: teacher forward + student step, fed by the real loader; and of
+the supervised step of the same student.
 
     python3 benchmarks/train_speed.py                                   # CPU: clip_base and clip_large, small batches
     python3 benchmarks/train_speed.py --device cuda --batch-size 128 --precision bf16 --steps 30
     python3 benchmarks/train_speed.py --models clip_base --num-workers 8 --json out.json
+    python3 benchmarks/train_speed.py --models augreg_base --modes online,labels   # alignment beside labels
 
 For each construction (the teacher and student of recipes/clip_base.yaml and
 recipes/clip_large.yaml, random weights, nothing downloaded) it runs the training step of
@@ -20,6 +22,13 @@ not run (`data.targets`); the line `cached/online speed (CONSTRUCTION): X.XXx` c
 The caching pass (over the same images) is reported beside the teacher's inference speed
 (inference_mode, one batch, median of 3 forwards, as student_speed.py times it), and the
 storage cost of a target shard (bytes per image per view, ImageNet-1k with K = 10).
+
+With ``--modes ...,labels`` (constructions whose student has a classifier head: augreg_base) the same student
+also takes the supervised step of recipes/augreg_base_finetune.yaml: the labelled batch through timm's
+RandAugment and random erasing, Mixup/CutMix (timm's, a batch transform), cross-entropy with label
+smoothing through the head, backward, clip, AdamW, and the EMA update (timm's ModelEmaV3); no teacher
+forward. The student trains the same parameters in both steps (the bootstrapping policy, and its head), so
+that the two differ by their objective alone; `labels/align speed (CONSTRUCTION): X.XXx` compares them.
 
 The data part is the time the step waits for the loader (workers decode ahead, so it is
 near 0 when they keep up). Times are medians over `--steps` timed
@@ -51,11 +60,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {"clip_base": ROOT / "recipes" / "clip_base.yaml", "clip_large": ROOT / "recipes" / "clip_large.yaml"}
+MODELS = {"clip_base": ROOT / "recipes" / "clip_base.yaml", "clip_large": ROOT / "recipes" / "clip_large.yaml",
+          "augreg_base": ROOT / "recipes" / "augreg_base.yaml"}
+SUPERVISED = ROOT / "recipes" / "augreg_base_finetune.yaml"  # the supervised step's augmentation, mixing and EMA
+NUM_CLASSES = 1000
 
 
 def make_shards(out: Path, num: int, size: int, seed: int = 0) -> Path:
-    """`num` smooth random JPEGs of about `size` px in WebDataset shards (with dataset.json)."""
+    """`num` smooth random JPEGs of about `size` px in WebDataset shards (with dataset.json), labelled with
+    1000 classes (for the supervised step)."""
     from PIL import Image
 
     from data.shards import ShardSink, prepare_out_dir, write_dataset_json
@@ -69,10 +82,10 @@ def make_shards(out: Path, num: int, size: int, seed: int = 0) -> Path:
             image = Image.fromarray(low).resize((w, h), Image.BICUBIC)
             buf = io.BytesIO()
             image.save(buf, format="JPEG", quality=90)
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue()})
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": str(i % NUM_CLASSES).encode()})
         shards = sink.close()
     write_dataset_json(out, {"format": "webdataset", "created_by": "benchmarks/train_speed.py", "num_samples": num,
-                             "shards": shards, "classnames": None})
+                             "shards": shards, "classnames": [f"class {c}" for c in range(NUM_CLASSES)]})
     return out
 
 
@@ -121,47 +134,70 @@ def bench_model(name: str, shards: Path, args, device: torch.device) -> dict:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     inference = _median_forward(teacher, args.batch_size, device, autocast)
-    # The caching pass over exactly the images the timed steps read (one view each).
-    targets_dir = shards.parent / f"targets-{name}"
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-    torch_threads = torch.get_num_threads()
-    manifest = cache_targets(recipe, 1, targets_dir, batch_size=args.batch_size, num_workers=args.num_workers,
-                             accelerator=accelerator, teacher=teacher, progress=False)
-    torch.set_num_threads(torch_threads)
-    store = open_targets(targets_dir, manifest, resolve_shards(str(shards)))
     online = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=None)
-    cached = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=store)
-    return {**online, "cached": cached, "cached_over_online": cached["img_per_s"] / online["img_per_s"],
-            "caching": {"img_per_s": manifest["stats"]["img_per_s"],
-                        "teacher_img_per_s": manifest["stats"]["teacher_img_per_s"],
-                        "teacher_inference_img_per_s": inference, "bytes_per_view": manifest["bytes_per_view"]}}
+    result = {**online, "caching": {"teacher_inference_img_per_s": inference}}
+    if "cached" in args.modes:
+        # The caching pass over exactly the images the timed steps read (one view each).
+        targets_dir = shards.parent / f"targets-{name}"
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+        torch_threads = torch.get_num_threads()
+        manifest = cache_targets(recipe, 1, targets_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 accelerator=accelerator, teacher=teacher, progress=False)
+        torch.set_num_threads(torch_threads)
+        store = open_targets(targets_dir, manifest, resolve_shards(str(shards)))
+        cached = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=store)
+        result.update(cached=cached, cached_over_online=cached["img_per_s"] / online["img_per_s"])
+        result["caching"].update(img_per_s=manifest["stats"]["img_per_s"], bytes_per_view=manifest["bytes_per_view"],
+                                 teacher_img_per_s=manifest["stats"]["teacher_img_per_s"])
+    if "labels" in args.modes:
+        if teacher.head_state_dict() is None or teacher.num_classes != NUM_CLASSES:
+            print(f"  {name}: no supervised step (its student's head is not a {NUM_CLASSES}-class classifier)",
+                  file=sys.stderr)
+        else:
+            labels = _timed_steps(name, recipe, teacher, shards, args, device, autocast, store=None,
+                                  supervised=load_recipe(SUPERVISED, [f"data.train={shards}", f"student.init={shards}"]))
+            result.update(labels=labels, labels_over_online=labels["img_per_s"] / online["img_per_s"])
+    return result
 
 
-def _timed_steps(name: str, recipe, teacher, shards: Path, args, device: torch.device, autocast, store) -> dict:
-    from bootstrap.stepper import optimizer_param_groups
+def _timed_steps(name: str, recipe, teacher, shards: Path, args, device: torch.device, autocast, store,
+                 supervised=None) -> dict:
+    """The bootstrapping step (targets online, or from ``store``), or with ``supervised`` (a recipe) the supervised
+    step of the same student."""
+    from bootstrap.stepper import batch_mixer, optimizer_param_groups
     from data.stream import build_train_loader
     from students import bootstrap_student
-    from students.losses import alignment_loss
+    from students.losses import alignment_loss, label_loss
 
     torch.manual_seed(0)
     student, policy = bootstrap_student(teacher, **asdict(recipe.student))
     student.to(device).train()
+    if supervised is not None or "labels" in args.modes:  # the same parameters in both steps: the head trains too
+        student.proj.requires_grad_(True)
     pre_logits = teacher.target != "proj"
     o = recipe.optim
     optimizer = torch.optim.AdamW(optimizer_param_groups(student, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-    loader = build_train_loader(str(shards), teacher.train_transform(**recipe.data.augment), args.batch_size,
+    view = teacher.train_transform(**(supervised or recipe).data.augment)
+    mixer = ema = None
+    if supervised is not None:
+        from timm.utils import ModelEmaV3
+
+        mixer, ema = batch_mixer(supervised.objective, NUM_CLASSES), ModelEmaV3(student, supervised.optim.ema_decay)
+    loader = build_train_loader(str(shards), view, args.batch_size,
                                 args.num_workers, epoch_samples=args.batch_size * (args.steps + args.warmup),
                                 shuffle_buffer=100, seed=0, rank=0, world_size=1, targets=store)
     it = iter(loader)
     parts = {"data": [], "teacher": [], "student": []}
-    mode = "online" if store is None else "cached"
+    mode = "labels" if supervised is not None else "online" if store is None else "cached"
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         images, extras = next(it)
         images = images.to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
-        if store is None:
+        if supervised is not None:  # no teacher: the labels, mixed with their images
+            images, target = mixer(images, extras["cls"].to(device, non_blocking=True))
+        elif store is None:
             with autocast():
                 target = teacher.embed(images)
         else:
@@ -169,12 +205,17 @@ def _timed_steps(name: str, recipe, teacher, shards: Path, args, device: torch.d
         sync(device)
         t2 = time.perf_counter()
         with autocast():
-            output = student(images, pre_logits=pre_logits)
-        loss = alignment_loss(output, target, recipe.loss.type)
+            pre, logits = student.forward_outputs(images)
+        if supervised is not None:
+            loss = label_loss(logits, target, supervised.objective.label_smoothing)
+        else:
+            loss = alignment_loss(pre if pre_logits else logits, target, recipe.loss.type)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), o.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(student)
         sync(device)
         t3 = time.perf_counter()
         if step >= args.warmup:
@@ -232,8 +273,15 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=8 if cuda else 2)
     p.add_argument("--image-size", type=int, default=320, help="side of the synthetic source JPEGs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--modes", default="online,cached", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                   help="online (teacher every step), cached (targets from bootstrap.cache_targets), labels (the "
+                        "supervised step, where the student has a classifier head); comma-separated")
     p.add_argument("--json", default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.modes if m not in ("online", "cached", "labels")]
+    if unknown or "online" not in args.modes:
+        p.error(f"--modes takes online (always), cached and labels, got {','.join(args.modes)}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -256,32 +304,40 @@ def main(argv=None) -> int:
         shards = make_shards(Path(tmp) / "shards", n, args.image_size)
         for name in names:
             results.append(bench_model(name, shards, args, device))
-        storage = storage_cost(Path(tmp))
+        storage = storage_cost(Path(tmp)) if "cached" in args.modes else None
     env = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads")
     print(f"\ntraining step, {env}, {args.precision}, batch {args.batch_size}, {args.num_workers} loader workers, "
-          f"median of {args.steps} steps; cached: the targets of bootstrap.cache_targets (data.targets)\n")
+          f"median of {args.steps} steps; cached: the targets of bootstrap.cache_targets (data.targets); labels: the "
+          f"supervised step of the same student (no teacher; Mixup/CutMix, RandAugment, EMA)\n")
     print("| construction | teacher | student tokens | targets | img/s | compute img/s | teacher | student | data |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        for row in (r, r["cached"]):
+        for row in (r, r.get("cached"), r.get("labels")):
+            if row is None:
+                continue
             s = row["share"]
             print(f"| {row['model']} | {row['teacher']} {row['image_size'][0]} px | {row['student_tokens']} | "
                   f"{row['targets']} | {row['img_per_s']:.2f} | {row['compute_img_per_s']:.2f} | "
                   f"{100 * s['teacher']:.0f}% | {100 * s['student']:.0f}% | {100 * s['data']:.0f}% |")
     print()
     for r in results:
-        print(f"cached/online speed ({r['model']}): {r['cached_over_online']:.2f}x")
-    print("\n| construction | caching pass img/s | teacher in the pass img/s | teacher inference img/s | pass/inference "
-          "| bytes per image per view |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        c = r["caching"]
-        print(f"| {r['model']} | {c['img_per_s']:.2f} | {c['teacher_img_per_s']:.2f} | "
-              f"{c['teacher_inference_img_per_s']:.2f} | {c['img_per_s'] / c['teacher_inference_img_per_s']:.2f}x | "
-              f"{c['bytes_per_view']:.0f} |")
-    print(f"\nstorage: {storage['bytes_per_view']:.0f} bytes per image per view (K={storage['views']} views of a "
-          f"{storage['dim']}-d float16 target, view parameters and tar headers included); ImageNet-1k "
-          f"(1,281,167 images): {storage['imagenet_1k_GB']:.1f} GB")
+        if "cached" in r:
+            print(f"cached/online speed ({r['model']}): {r['cached_over_online']:.2f}x")
+        if "labels" in r:
+            print(f"labels/align speed ({r['model']}): {r['labels_over_online']:.2f}x")
+    if "cached" in args.modes:
+        print("\n| construction | caching pass img/s | teacher in the pass img/s | teacher inference img/s | "
+              "pass/inference | bytes per image per view |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            c = r["caching"]
+            print(f"| {r['model']} | {c['img_per_s']:.2f} | {c['teacher_img_per_s']:.2f} | "
+                  f"{c['teacher_inference_img_per_s']:.2f} | {c['img_per_s'] / c['teacher_inference_img_per_s']:.2f}x | "
+                  f"{c['bytes_per_view']:.0f} |")
+    if storage is not None:
+        print(f"\nstorage: {storage['bytes_per_view']:.0f} bytes per image per view (K={storage['views']} views of "
+              f"a {storage['dim']}-d float16 target, view parameters and tar headers included); ImageNet-1k "
+              f"(1,281,167 images): {storage['imagenet_1k_GB']:.1f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
 from typing import Any, Iterator, TextIO
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,13 +20,29 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+@contextlib.contextmanager
+def _forked_rngs(seed: int):
+    """torch's, Python's and numpy's global generators seeded with ``seed`` inside, as they were after."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
 class TrainBatches:
     """The training batches of one rank, epoch after epoch, from the position in `state`.
 
-    Each batch is drawn with torch's global generator seeded by (seed, epoch, rank, index)
-    and restored afterwards: in-process augmentation (num_workers=0) is a function of the
-    position, and the DataLoader's worker seeds (drawn when the first batch is requested)
-    are a function of (seed, epoch, rank). The training RNG (drop-path) is untouched.
+    Each batch is drawn with torch's, Python's and numpy's global generators seeded by (seed,
+    epoch, rank, index) and restored afterwards: in-process augmentation (num_workers=0; timm's
+    crop and RandAugment draw from Python's and numpy's) is a function of the position, and the
+    DataLoader's worker seeds (drawn when the first batch is requested) are a function of (seed,
+    epoch, rank). The training RNGs (drop-path, Mixup's numpy draws) are untouched.
 
     With `device`, `next()` gives the images on it, normalised there (`loader.normalize`: a loader
     with `uint8_batches` sends uint8 views, a quarter of the bytes, and leaves this work to the device).
@@ -57,8 +76,7 @@ class TrainBatches:
             self.loader.set_epoch(epoch)
             it = iter(self.loader)
             for index in range(len(self.loader)):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_seed_of("batch", self.seed, epoch, self.rank, index))
+                with _forked_rngs(_seed_of("batch", self.seed, epoch, self.rank, index)):
                     batch = next(it)
                 if index >= skip:
                     yield batch

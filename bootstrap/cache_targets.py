@@ -181,9 +181,12 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
             torch.set_num_threads(cpu_threads(recipe.run.cpu_threads, local))
     main = accelerator.is_main_process
     if teacher is None:  # resolve, as the training run does: the demo's data and teacher, the same seed
-        from bootstrap.resolve import build_teacher, with_demo
+        from bootstrap.resolve import build_teacher, with_demo, with_steps
 
-        recipe = with_demo(recipe, accelerator, verbose=main)
+        if not recipe.teacher and recipe.demo is None:
+            raise TargetsError("the recipe has no teacher (it trains with labels alone): there are no teacher "
+                               "targets to cache")
+        recipe = with_steps(with_demo(recipe, accelerator, verbose=main), accelerator.num_processes)
         teacher = build_teacher(recipe)
     device = accelerator.device
     home = next(teacher.parameters()).device

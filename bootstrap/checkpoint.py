@@ -4,6 +4,7 @@ A checkpoint is ``OUTPUT/checkpoints/step-0001000/`` holding only files that loa
 running code (a checkpoint folder may come from anywhere: a copied run, a shared disk):
 
 * ``model.safetensors``: the trained module's full state dict;
+* ``ema.safetensors``: the EMA of the student's weights, where the run keeps one (``optim.ema_decay``);
 * ``optimizer.pt``: the optimizer's state dict, read back with ``torch.load(weights_only=True)``
   (tensors, numbers and lists only; a pickle that would build any other object is refused);
 * ``rng-rank-N.safetensors``: each rank's random states (torch, CUDA, numpy, Python);
@@ -51,6 +52,7 @@ from data.outputs import write_text
 COMPLETE = "COMPLETE"
 STATE_JSON = "state.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 FORMAT = "sparseformer-bootstrap checkpoint v2"
 
@@ -246,8 +248,9 @@ def _write_failed(exc: BaseException, root: Path, name: str) -> CheckpointWriteE
 
 
 def save_checkpoint(accelerator, root: str | os.PathLike, state: TrainState, keep: int, model, optimizer,
-                    scheduler=None) -> Path:
-    """Write the checkpoint of `state.step` (collective: call on every rank); returns its folder."""
+                    scheduler=None, ema: torch.nn.Module | None = None) -> Path:
+    """Write the checkpoint of `state.step` (collective: call on every rank); returns its folder. ``ema``: the
+    module holding the EMA of the weights (every rank holds the same)."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -276,6 +279,9 @@ def save_checkpoint(accelerator, root: str | os.PathLike, state: TrainState, kee
             # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in full_state.items()}, str(tmp / MODEL_FILE),
                       metadata={"format": "pt"})
+            if ema is not None:
+                save_file({k: v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()},
+                          str(tmp / EMA_FILE), metadata={"format": "pt"})
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             manifest = {"format": FORMAT, "train_state": state.state_dict(), "processes": accelerator.num_processes,
@@ -347,8 +353,9 @@ def verify_checkpoint(path: str | os.PathLike, processes: int | None = None) -> 
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, state: TrainState, model, optimizer,
-                    scheduler=None) -> None:
-    """Restore a run from the checkpoint folder `path` (every rank); see the module doc."""
+                    scheduler=None, ema: torch.nn.Module | None = None) -> None:
+    """Restore a run from the checkpoint folder `path` (every rank); see the module doc. ``ema``: the module that
+    receives the checkpoint's EMA weights (a run that keeps an EMA resumes only from a checkpoint that has them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -372,6 +379,8 @@ def load_checkpoint(accelerator, path: str | os.PathLike, state: TrainState, mod
         raise CheckpointError(f"{path / MODEL_FILE} does not fit this run's model ({'; '.join(parts)}): the checkpoint "
                               f"is of another recipe; use another run.output_dir, or run.resume=none")
     module.load_state_dict(weights)
+    if ema is not None:
+        _load_ema(path, manifest, ema)
     try:
         opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - an unpickling error, a wrong structure: one message
@@ -405,6 +414,26 @@ def load_checkpoint(accelerator, path: str | os.PathLike, state: TrainState, mod
         raise CheckpointError(f"{rng} holds no random states this run can restore ({type(exc).__name__}: {exc}); "
                               f"without them a resumed run differs from an uninterrupted one. Resume from an "
                               f"earlier checkpoint") from None
+
+
+def _load_ema(path: Path, manifest: dict, ema: torch.nn.Module) -> None:
+    """The checkpoint's EMA weights into ``ema`` (checked like the model's)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if EMA_FILE not in manifest["files"]:
+        raise CheckpointError(f"{path} holds no EMA weights ({EMA_FILE}) and this run keeps an EMA (optim.ema_decay): "
+                              f"it was written by a run without one; resume with that recipe, or start anew "
+                              f"(run.resume=none)")
+    try:
+        weights = load_file(str(path / EMA_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / EMA_FILE} is not a readable safetensors file ({exc})") from None
+    own = ema.state_dict()
+    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+        raise CheckpointError(f"{path / EMA_FILE} does not fit this run's student: the checkpoint is of another recipe; "
+                              f"use another run.output_dir, or run.resume=none")
+    ema.load_state_dict(weights)
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:

@@ -3,12 +3,17 @@
 A recipe is a YAML file with the sections below (every key has a default except the
 teacher and the training data, which a recipe must give — or the `demo:` section makes them)::
 
-    teacher:  the teacher spec, passed as is to `teachers.create_teacher` (which validates it)
-    student:  `kind` (the student family, default sparseformer) and that family's options
+    teacher:  the teacher spec, passed as is to `teachers.create_teacher` (which validates it); a run that trains
+              with labels alone, its student not built from a teacher, may have none
+    student:  `kind` (the student family, default sparseformer), how it starts (`init`: teacher, scratch, a
+              run folder or weights file; `students.init`) and that family's options
               (`students.family.StudentFamily.options`: tokens, focus_width, ... for SparseFormer)
-    data:     train / val shards, batch size per process, loader, augmentation
-    optim:    AdamW and its warm-up + cosine schedule, gradient clipping and accumulation
-    loss:     cosine | smooth_l1 | mse
+    objective: what the student learns from: alignment with the teacher (default), labels (cross-entropy,
+              label smoothing, Mixup/CutMix), distillation from the teacher's logits
+    data:     train / val shards, batch size per process, loader, augmentation (RandAugment, random erasing)
+    optim:    AdamW and its warm-up + cosine schedule (in steps or epochs; lr scaled with the batch), gradient
+              clipping and accumulation, EMA of the weights, layer-wise lr decay
+    loss:     cosine | smooth_l1 | mse (the alignment term)
     run:      output folder, seed, mixed precision, logging, checkpoints, held-out checks, resume
     eval:     the final report (zero-shot, linear probe, ...; keys of `eval.options.EvalConfig`)
     export:   the open_clip export at the end (CLIP teachers)
@@ -36,8 +41,11 @@ import yaml
 from data.decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, check_decode_path
 from data.errors import UserError
 from data.schema import load
+from data.transforms import uses_timm_augment
 from eval.options import EvalConfig
-from students import DEFAULT_FAMILY, family_named, family_of
+from students import DEFAULT_FAMILY, ConfigError, family_named, family_of
+from students.family import InitOptions
+from students.init import check_init
 
 
 class RecipeError(UserError, ValueError):
@@ -68,7 +76,9 @@ class DataConfig:
     epoch_samples: Union[int, None] = None  # samples per epoch over all ranks (default: the dataset size)
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
-    # ^ teacher.train_transform keys: scale, ratio, hflip, color_jitter
+    # ^ scale, ratio, hflip, color_jitter (the replayable view, `teacher.train_transform`); auto_augment
+    #   (timm's RandAugment, e.g. rand-m9-mstd0.5-inc1), re_prob, re_mode, re_count (random erasing): timm's
+    #   create_transform then renders the views (`data.transforms.augmented_view`)
     # How training views decode JPEGs: fast (libjpeg-turbo, reduced where the crop allows, torch's uint8 resize)
     # | reduced (PIL, smaller in the DCT domain where the crop allows) | full (PIL, whole)
     decode: str = DEFAULT_DECODE
@@ -93,6 +103,21 @@ class OptimConfig:
     steps: int = 10000  # optimizer steps in all
     grad_clip: Union[float, None] = 1.0  # max global gradient norm (null: no clipping)
     grad_accum: int = 1  # batches per optimizer step
+    # warmup_cosine: linear warm-up from 0, then cosine to min_lr over the remaining steps. timm_cosine: timm's
+    # CosineLRScheduler per step as the Swin codebase (SparseFormer v1) drives it: linear warm-up from
+    # warmup_lr, cosine to min_lr over all steps (the warm-up included), step k at the schedule's value of k-1
+    schedule: Literal["warmup_cosine", "timm_cosine"] = "warmup_cosine"
+    warmup_lr: float = 0.0  # where timm_cosine's warm-up starts
+    # lr, warmup_lr and min_lr are for this global batch and scale linearly with the run's (lr x batch / 512,
+    # as the Swin codebase); null: as given
+    lr_base_batch: Union[int, None] = None
+    # The length in epochs of the training data (data.epoch_samples, else its size): the run sets steps and
+    # warmup_steps from them (null: steps and warmup_steps as given)
+    epochs: Union[float, None] = None
+    warmup_epochs: Union[float, None] = None
+    ema_decay: Union[float, None] = None  # EMA of the student's weights (timm ModelEmaV3), e.g. 0.9999; null: none
+    # Layer-wise lr decay (timm's param_groups_layer_decay; fine-tuning): block i of L gets lr x decay^(L-i)
+    layer_decay: Union[float, None] = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,31 @@ class LossConfig:
     type: Literal["cosine", "smooth_l1", "mse"] = "cosine"
     beta: float = 1.0  # smooth_l1 transition point
     normalize: bool = False  # smooth_l1 / mse on L2-normalised embeddings instead of raw ones
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the student learns from: each term's weight (0: not in the loss), and how labels are used."""
+
+    align: float = 1.0  # alignment of the student's output with the teacher's embedding (loss:)
+    labels: float = 0.0  # cross-entropy with the training data's labels (.cls; dataset.json's classnames)
+    label_smoothing: float = 0.1  # of the cross-entropy (and of the Mixup/CutMix targets)
+    distill: float = 0.0  # KL to a supervised teacher's logits (DeiT's soft distillation, per image)
+    temperature: float = 1.0  # of the distillation
+    mixup: float = 0.0  # Mixup alpha (timm Mixup); 0: none
+    cutmix: float = 0.0  # CutMix alpha; 0: none
+    cutmix_minmax: Union[tuple[float, float], None] = None  # CutMix box ratio range (overrides the alpha)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.align > 0 or self.distill > 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +245,7 @@ class Recipe:
                          metadata={"coerce": student_options})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -274,6 +325,7 @@ class Recipe:
             raise RecipeError(f"data.decode={exc}") from None
         if d.targets is not None and not d.targets.strip():
             raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
+        self._validate_objective()
         if self.demo is not None:
             teacher = self.demo.teacher
             if teacher.seconds is not None:
@@ -287,13 +339,70 @@ class Recipe:
                 raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
                                   f"got {teacher.consistency_images}")
         else:
-            if not self.teacher:
+            if not self.teacher and (self.objective.needs_teacher or getattr(self.student, "init", "teacher") == "teacher"):
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
-                                  "or a 'demo:' section")
+                                  "or a 'demo:' section" + (
+                                      "" if not self.objective.labels else "; a run with labels alone "
+                                      "(objective.align=0, objective.distill=0) needs none if its student starts "
+                                      "otherwise (student.init: scratch with student.config, a run folder, ...)"))
             if d.train is None:
                 raise RecipeError("the recipe has no training data: set data.train to the training shards "
                                   "(e.g. data.train=/data/imagenet/train) or add a 'demo:' section")
         return self
+
+
+    def _validate_objective(self) -> None:
+        """The objective, the schedule keys that go with it, and how the student starts."""
+        o, b, d = self.objective, self.optim, self.data
+        for key in ("align", "labels", "distill", "label_smoothing", "mixup", "cutmix"):
+            value = getattr(o, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise RecipeError(f"objective.{key} must be a number >= 0, got {value}")
+        if not (o.align or o.labels or o.distill):
+            raise RecipeError("the objective has no term: set objective.align (the teacher's embedding), "
+                              "objective.labels or objective.distill above 0")
+        if o.label_smoothing >= 1:
+            raise RecipeError(f"objective.label_smoothing must be below 1 (e.g. 0.1), got {o.label_smoothing}")
+        if not o.temperature > 0:
+            raise RecipeError(f"objective.temperature must be above 0, got {o.temperature}")
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(o, key) <= 1:
+                raise RecipeError(f"objective.{key} is a probability in [0, 1], got {getattr(o, key)}")
+        if o.cutmix_minmax is not None and not 0 < o.cutmix_minmax[0] <= o.cutmix_minmax[1] <= 1:
+            raise RecipeError(f"objective.cutmix_minmax must be [min, max] with 0 < min <= max <= 1, got "
+                              f"{list(o.cutmix_minmax)}")
+        if o.mixes and not o.labels:
+            raise RecipeError("Mixup/CutMix (objective.mixup, cutmix) mix the labels too: they need objective.labels "
+                              "above 0")
+        if o.mixes and d.batch_size % 2:
+            raise RecipeError(f"Mixup/CutMix mix each image with another of its batch (timm's Mixup, which flips the "
+                              f"batch): data.batch_size must be even, got {d.batch_size}; or set objective.mixup=0 "
+                              f"and objective.cutmix=0")
+        if d.targets is not None and (o.mixes or uses_timm_augment(d.augment)):
+            raise RecipeError("cached targets (data.targets) hold the teacher's embeddings of replayable views: they "
+                              "cannot follow Mixup/CutMix or RandAugment/random erasing (data.augment.auto_augment, "
+                              "re_prob); set data.targets=null (the teacher embeds each batch online)")
+        if b.ema_decay is not None and not 0 < b.ema_decay < 1:
+            raise RecipeError(f"optim.ema_decay must be between 0 and 1 (e.g. 0.9999), got {b.ema_decay}; null: no EMA")
+        if b.layer_decay is not None and not 0 < b.layer_decay <= 1:
+            raise RecipeError(f"optim.layer_decay must be in (0, 1] (e.g. 0.65), got {b.layer_decay}; null: none")
+        if b.lr_base_batch is not None and b.lr_base_batch < 1:
+            raise RecipeError(f"optim.lr_base_batch must be at least 1 (e.g. 512) or null, got {b.lr_base_batch}")
+        if not (math.isfinite(b.warmup_lr) and 0 <= b.warmup_lr <= b.lr):
+            raise RecipeError(f"optim.warmup_lr must be between 0 and optim.lr={b.lr}, got {b.warmup_lr}")
+        if b.warmup_lr and b.schedule != "timm_cosine":
+            raise RecipeError("optim.warmup_lr is where optim.schedule=timm_cosine's warm-up starts; "
+                              "warmup_cosine warms up from 0: set optim.schedule=timm_cosine or leave warmup_lr out")
+        if b.epochs is not None and not b.epochs > 0:
+            raise RecipeError(f"optim.epochs must be above 0 or null (optim.steps), got {b.epochs}")
+        if b.warmup_epochs is not None and (b.epochs is None or not 0 <= b.warmup_epochs <= b.epochs):
+            raise RecipeError(f"optim.warmup_epochs={b.warmup_epochs} needs optim.epochs and must be between 0 and "
+                              f"it (optim.epochs={b.epochs})")
+        if isinstance(self.student, InitOptions):
+            try:
+                check_init(self.family, self.student, bool(self.teacher) or self.demo is not None)
+            except ConfigError as exc:
+                raise RecipeError(str(exc)) from None
 
 
 def check_augment(augment: Mapping[str, Any]) -> None:
@@ -314,6 +423,20 @@ def check_augment(augment: Mapping[str, Any]) -> None:
         if key not in _AUG_KEYS:
             raise RecipeError(f"unknown recipe key 'data.augment.{key}'.{closest(str(key), _AUG_KEYS)} "
                               f"Valid keys of data.augment: {', '.join(_AUG_KEYS)}")
+    policy = augment.get("auto_augment")
+    if policy is not None and not (isinstance(policy, str) and policy.startswith(("rand", "augmix", "original",
+                                                                                   "v0", "3a"))):
+        raise RecipeError(f"data.augment.auto_augment must be a timm auto-augment policy such as "
+                          f"rand-m9-mstd0.5-inc1 (or null), got {policy!r}")
+    re_prob = augment.get("re_prob", 0.0)
+    if not (number(re_prob) and 0 <= re_prob <= 1):
+        raise RecipeError(f"data.augment.re_prob (random erasing) is a probability in [0, 1], got {re_prob!r}")
+    if augment.get("re_mode", "pixel") not in ("const", "rand", "pixel"):
+        raise RecipeError(f"data.augment.re_mode must be const, rand or pixel (timm's RandomErasing), got "
+                          f"{augment['re_mode']!r}")
+    count = augment.get("re_count", 1)
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise RecipeError(f"data.augment.re_count must be an integer >= 1, got {count!r}")
     if "scale" in augment:
         pair("scale", 0.0, 1.0)
     if "ratio" in augment:

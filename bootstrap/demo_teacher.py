@@ -215,11 +215,14 @@ def teacher_summary(spec) -> dict:
 
 def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
     """Make (or find) the demo data and teacher; a new recipe whose `teacher`, `data.train/val` and `eval.data`
-    (and `eval.train_data`) are the demo's where the recipe leaves them empty."""
+    (and `eval.train_data`) are the demo's where the recipe leaves them empty (no teacher where the run needs
+    none)."""
     demo = recipe.demo
     data_dir = ensure_demo_data(demo, verbose)
     sections = {}
-    if not recipe.teacher:
+    # A run with labels alone whose student does not start from its teacher needs none (recipes/demo_supervised.yaml).
+    needs_teacher = recipe.objective.needs_teacher or getattr(recipe.student, "init", "teacher") == "teacher"
+    if not recipe.teacher and needs_teacher:
         sections["teacher"] = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
     data = {}
     if recipe.data.train is None:

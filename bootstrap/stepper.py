@@ -2,10 +2,14 @@
 
 `Stepper.begin` / `Stepper.phase` enter a phase: set what it trains (the family's `enter`), wraps the student's training
 forward for the phase (`TrainingForward`, prepared by accelerate: DDP sees exactly the parameters that
-train) and makes a fresh AdamW with the student's weight-decay exemptions and the phase's warm-up +
-cosine schedule. `Stepper.step(...)` runs one optimizer step: `optim.grad_accum` micro-batches, the
-phase's loss terms summed by weight, the non-finite vote (every rank takes the same decision, or
-DDP's all-reduce would hang), gradient clipping, the step and the schedule.
+train) and makes a fresh AdamW with the student's weight-decay exemptions (and, with ``optim.layer_decay``,
+timm's layer-wise lr scales), its learning rates scaled with the global batch (``optim.lr_base_batch``) and the
+phase's schedule (`warmup_cosine`, or `timm_cosine`: the Swin codebase's). `Stepper.step(...)` runs one optimizer
+step: `optim.grad_accum` micro-batches, each with its labels checked (`data.labels.batch_labels`) and mixed
+with its images (timm's Mixup/CutMix, a batch transform) where the phase trains with labels, the teacher's
+targets of the (mixed) images, the phase's loss terms summed by weight, the non-finite vote (every rank takes
+the same decision, or DDP's all-reduce would hang), gradient clipping, the step, the EMA of the weights
+(timm's ModelEmaV3, ``optim.ema_decay``) and the schedule.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from data.errors import UserError
+from data.labels import LabelError, batch_labels
 from students.family import Phase, StudentFamily, is_exempt_from_weight_decay
 from students.losses import batch_cosine
 
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 
-__all__ = ["NONFINITE_ENV", "NonFiniteLossError", "StepResult", "Stepper", "TrainingForward", "optimizer_param_groups",
-           "warmup_cosine"]
+__all__ = ["NONFINITE_ENV", "NonFiniteLossError", "StepResult", "Stepper", "TrainingForward", "batch_mixer",
+           "layer_decay_param_groups", "optimizer_param_groups", "timm_cosine", "warmup_cosine"]
 
 # Test hook: the loss of these optimizer steps (comma-separated, 0-based) is made NaN.
 NONFINITE_ENV = "BOOTSTRAP_TEST_NONFINITE_STEPS"
@@ -74,6 +79,56 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def timm_cosine(step: int, warmup: int, total: int, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """The learning rate of optimizer step ``step`` as the Swin codebase (SparseFormer v1's `main.py`) sets it:
+    timm's `CosineLRScheduler(t_initial=total, lr_min=min_lr, warmup_lr_init=warmup_lr, warmup_t=warmup,
+    cycle_limit=1, t_in_epochs=False)`, whose `step_update(k)` runs after step k, so that step k runs at the
+    schedule's value of k - 1 (steps 0 and 1 both at ``warmup_lr``). The cosine spans all ``total`` steps (the
+    warm-up included); past them the rate stays at ``min_lr``."""
+    t = max(step - 1, 0)
+    if t < warmup:
+        return warmup_lr + t * ((lr - warmup_lr) / warmup)
+    if t >= total:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / total))
+
+
+def batch_mixer(objective, num_classes: int):
+    """timm's Mixup/CutMix of a batch and its labels (soft targets, label-smoothed), or None where the objective
+    mixes nothing."""
+    if objective is None or not objective.mixes:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=objective.mixup, cutmix_alpha=objective.cutmix,
+                 cutmix_minmax=None if objective.cutmix_minmax is None else list(objective.cutmix_minmax),
+                 prob=objective.mixup_prob, switch_prob=objective.mixup_switch_prob, mode=objective.mixup_mode,
+                 label_smoothing=objective.label_smoothing, num_classes=num_classes)
+
+
+def layer_decay_param_groups(model: TrainingForward, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's `param_groups_layer_decay` over the student's trainable parameters (its `group_matcher`: stem,
+    blocks, head), with its weight-decay exemptions; each group carries its ``lr_scale``."""
+    from timm.optim import param_groups_layer_decay
+
+    student = model.student
+    if not hasattr(student, "group_matcher"):
+        raise UserError(f"optim.layer_decay needs the student's layers (timm's group_matcher()); a "
+                        f"{type(student).__name__} has none: set optim.layer_decay=null")
+    exempt = tuple(student.no_weight_decay())
+    groups = param_groups_layer_decay(student, weight_decay, no_weight_decay_list=exempt, layer_decay=layer_decay)
+    # timm exempts 1-D parameters and the listed names; the fnmatch patterns and biases as ours
+    names = {id(p): n for n, p in student.named_parameters()}
+    out: dict[tuple, dict] = {}
+    for group in groups:
+        for p in group["params"]:
+            exempted = is_exempt_from_weight_decay(names[id(p)], p, exempt)
+            key = (group["lr_scale"], exempted)
+            out.setdefault(key, {"params": [], "weight_decay": 0.0 if exempted else weight_decay,
+                                 "lr_scale": group["lr_scale"]})["params"].append(p)
+    return list(out.values())
+
+
 def nonfinite_test_steps() -> set[int]:
     text = os.environ.get(NONFINITE_ENV, "")
     return {int(s) for s in text.split(",") if s.strip()}
@@ -103,14 +158,25 @@ class Stepper:
     """
 
     def __init__(self, accelerator, family: StudentFamily, student: nn.Module, policy, phases: list[Phase],
-                 pre_logits: bool, recipe, checkpoints, say: Callable[[str], None]):
+                 pre_logits: bool, recipe, checkpoints, say: Callable[[str], None],
+                 classnames: list[str] | None = None):
         self.accelerator, self.family, self.student, self.policy = accelerator, family, student, policy
         self.phases, self.pre_logits, self.optim, self.run = phases, pre_logits, recipe.optim, recipe.run
         self.global_batch = recipe.data.batch_size * accelerator.num_processes * recipe.optim.grad_accum
         self.checkpoints, self.say = checkpoints, say
+        self.num_classes = len(classnames) if classnames else 0
+        self.mix = batch_mixer(getattr(recipe, "objective", None), self.num_classes)
+        o = recipe.optim
+        # Learning rates given for the global batch optim.lr_base_batch scale linearly to the run's.
+        self.lr_scale = self.global_batch / o.lr_base_batch if o.lr_base_batch else 1.0
         self.inject = nonfinite_test_steps()
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self.ema = None
         self.grad_norm = float("nan")  # the last step's that formed a gradient (logged)
+
+    @property
+    def ema_model(self) -> nn.Module | None:
+        """The EMA of the student's weights (a student of the same family), or None without ``optim.ema_decay``."""
+        return None if self.ema is None else self.ema.module
 
     @property
     def total_steps(self) -> int:
@@ -122,8 +188,25 @@ class Stepper:
         state.phase = resume_state.get("phase", 0) if resume_from is not None else \
             next((i for i, p in enumerate(self.phases) if p.steps > 0), len(self.phases) - 1)
         self._start(self.phases[state.phase])
+        if resume_from is None and self.num_classes and self.accelerator.num_processes > 1:
+            # Each rank draws its own Mixup/CutMix coefficients (numpy's generator) and drop-path masks (torch's),
+            # as the authors' seed + rank; the student is built by then, and checkpoints keep each rank's state.
+            import numpy as np
+
+            seed = self.run.seed + self.accelerator.process_index
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        if self.optim.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            # Of every parameter and buffer (frozen ones stay as they are), kept on the student's device.
+            self.ema = ModelEmaV3(self.student, decay=self.optim.ema_decay)
+        if self.lr_scale != 1:
+            self.say(f"learning rates x {self.lr_scale:g} (the global batch {self.global_batch} / optim.lr_base_batch "
+                     f"{self.optim.lr_base_batch}): lr {self.optim.lr * self.lr_scale:.4g}")
         if resume_from is not None:
-            load_checkpoint(self.accelerator, resume_from, state, self.model, self.optimizer, self.scheduler)
+            load_checkpoint(self.accelerator, resume_from, state, self.model, self.optimizer, self.scheduler,
+                            ema=None if self.ema is None else self.ema.module)
             self.say(f"resumed from {resume_from} (step {state.step}, phase {self.phases[state.phase].name}, epoch "
                      f"{state.epoch}, batch {state.batch_in_epoch} of the epoch)")
 
@@ -133,10 +216,21 @@ class Stepper:
         o = self.optim
         self.family.enter(self.student, self.policy, phase)
         module = TrainingForward(self.student, self.family.forward, phase.outputs, self.pre_logits)
-        opt = torch.optim.AdamW(optimizer_param_groups(module, o.weight_decay), lr=phase.lr, betas=tuple(o.betas),
-                                eps=o.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, phase.warmup_steps, phase.steps, phase.min_lr / phase.lr))
+        lr = phase.lr * self.lr_scale
+        groups = layer_decay_param_groups(module, o.weight_decay, o.layer_decay) if o.layer_decay is not None \
+            else optimizer_param_groups(module, o.weight_decay)
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale", 1.0)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps)
+        if o.schedule == "timm_cosine":
+            warmup_lr, min_lr = o.warmup_lr * self.lr_scale, phase.min_lr * self.lr_scale
+
+            def factor(s):  # of each group's rate (its layer-decay scale kept)
+                return timm_cosine(s, phase.warmup_steps, phase.steps, lr, warmup_lr, min_lr) / lr
+        else:
+            def factor(s):
+                return warmup_cosine(s, phase.warmup_steps, phase.steps, phase.min_lr / phase.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(module, opt, sched)
         self.model.train()
 
@@ -161,7 +255,7 @@ class Stepper:
                 f"optim.warmup_steps or set optim.grad_clip, then resume from it (run.resume=CHECKPOINT) or start "
                 f"anew (run.resume=none)")
         return save_checkpoint(self.accelerator, self.checkpoints, state, self.run.keep_checkpoints, self.model,
-                               self.optimizer, self.scheduler)
+                               self.optimizer, self.scheduler, ema=None if self.ema is None else self.ema.module)
 
     def step(self, state: TrainState, next_batch: Callable[[], tuple[Tensor, dict]], targets) -> StepResult:
         """One optimizer step of the current phase (``next_batch()`` gives each micro-batch, ``targets.targets(images,
@@ -199,8 +293,15 @@ class Stepper:
             images, extras = next_batch()
             result.wait += time.perf_counter() - tw
             images = images.to(device, non_blocking=True)
+            labels = None
+            if phase.needs_labels:
+                labels = self._labels(extras).to(device, non_blocking=True)
+                if self.mix is not None:
+                    images, labels = self._mixed(images, labels)
             with acc.autocast(), torch.no_grad():
-                target = targets.targets(images, extras, phase.needs)
+                target = targets.targets(images, extras, phase.needs)  # of the mixed images, as DeiT distils
+            if labels is not None:
+                target = {**target, "labels": labels}
             sync = acc.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)
@@ -233,6 +334,31 @@ class Stepper:
                 result.skipped = True
             else:
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.student)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # skipped steps count: the schedule is a function of the step number
         return result
+
+    def _labels(self, extras: dict) -> Tensor:
+        """The batch's labels, checked on every rank together: a rank that stopped alone would leave the others
+        waiting in DDP's all-reduce."""
+        acc, failed = self.accelerator, None
+        try:
+            labels = batch_labels(extras, self.num_classes)
+        except LabelError as exc:
+            failed = exc
+        if acc.num_processes > 1:
+            bad = acc.reduce(torch.tensor(float(failed is not None), device=acc.device), "sum")
+            if bad.item() > 0 and failed is None:
+                raise LabelError("another process met a sample whose label cannot be used (its error names it)")
+        if failed is not None:
+            raise failed
+        return labels
+
+    def _mixed(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """timm's Mixup/CutMix of the batch (in place) and its soft, label-smoothed targets."""
+        if images.dim() != 4 and (self.mix.cutmix_alpha > 0 or self.mix.cutmix_minmax is not None):
+            raise UserError(f"CutMix cuts boxes out of images [B, 3, H, W]; this batch is {tuple(images.shape)} (video "
+                            f"clips): set objective.cutmix=0 (Mixup mixes clips whole)")
+        return self.mix(images, labels)

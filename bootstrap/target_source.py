@@ -38,6 +38,18 @@ from typing import Callable
 from torch import Tensor
 
 
+class NoTargets:
+    """A run without a teacher (labels alone): the batches carry all its terms need."""
+
+    cached = False
+    store = None
+
+    def targets(self, images: Tensor, extras: dict, needs) -> dict:
+        if needs:  # the recipe's checks keep teacher terms out of a run without a teacher
+            raise RuntimeError(f"a run without a teacher has no teacher targets ({', '.join(needs)})")
+        return {}
+
+
 class OnlineTargets:
     """The teacher embeds every batch (on the device)."""
 
@@ -138,7 +150,7 @@ def auto_dir(recipe, teacher, views: int) -> Path:
 
 
 def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], None] = print):
-    """The run's `OnlineTargets` or `CachedTargets` (``recipe.data.targets``); with cached targets
+    """The run's `OnlineTargets` or `CachedTargets` (``recipe.data.targets``), `NoTargets` without a teacher; with cached targets
     the folder is checked against this run first (``data.targets.TargetsError`` naming the field)."""
     from data.evalsets import first_images
     from data.shards import resolve_shards
@@ -147,6 +159,8 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     from .cache_targets import run_manifest
 
     d = recipe.data
+    if teacher is None:
+        return NoTargets()
     if d.targets is None:
         return OnlineTargets(teacher, accelerator.device)
     folder = Path(d.targets).expanduser()

@@ -1,4 +1,5 @@
-"""The bootstrapping run: a frozen teacher, a student of any family learning to match it, phase by phase.
+"""The bootstrapping run: a frozen teacher, a student of any family learning to match it, phase by phase; or to
+classify the data's labels (with the teacher, beside it, or without one).
 
 One process per device (``accelerate launch``); accelerate handles the device, mixed precision and
 distribution (DDP, or FSDP through accelerate's own config). The teacher is moved to the device in eval mode
@@ -6,11 +7,12 @@ without gradients and is never prepared (it is not trained, wrapped or checkpoin
 training loader (`data.stream.build_train_loader` splits the samples between ranks and gives every rank the
 same number of batches); batches are moved to the device here, never through ``accelerator.prepare``.
 
-The story of `train`: launch checks (`bootstrap.launch`); the resolved recipe, the teacher and what the folder
-holds (`bootstrap.resolve`); where the targets come from (`bootstrap.target_source`); the student, its phases
-and the stepper (`bootstrap.stepper`); the batches from a resumable position (`bootstrap.batches`); the loop:
-a step, its log line (`bootstrap.metrics`), the held-out check (`bootstrap.heldout`), a checkpoint
-(`bootstrap.checkpoint`); and at the end the student, its summary and the run folder (`students.run_folder`).
+The story of `train`: launch checks (`bootstrap.launch`); the resolved recipe, the teacher (if any) and what the
+folder holds (`bootstrap.resolve`); where the targets come from (`bootstrap.target_source`); the student as it
+starts (`students.init`), its phases and the stepper (`bootstrap.stepper`); the batches from a resumable
+position (`bootstrap.batches`); the loop: a step, its log line (`bootstrap.metrics`), the held-out check
+(`bootstrap.heldout`), a checkpoint (`bootstrap.checkpoint`); and at the end the student (and the EMA of its
+weights), its summary and the run folder (`students.run_folder`).
 
 Determinism and resuming: the sample order of an epoch is a function of (seed, epoch, rank) (see
 `data.stream`), and the augmentation of batch ``i`` of an epoch draws from a torch generator seeded with
@@ -26,7 +28,8 @@ import sys
 import time
 
 from data.outputs import open_append, write_text
-from students.family import PhaseContext
+from students.family import ConfigError, PhaseContext
+from students.init import build_student
 from students.run_folder import RunFolder
 
 from .batches import TrainBatches, loader_stats_over_ranks
@@ -60,26 +63,29 @@ def train(recipe: Recipe) -> dict:
 
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached (data.targets):
     # it stays on the CPU (the student inherits its weights) and runs only for what the cache does not hold.
-    targets = target_source(recipe, teacher, teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment),
-                            accelerator, say=say)
+    # Without a teacher (labels alone) the batches carry all there is to learn.
+    view = None if teacher is None else teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment)
+    targets = target_source(recipe, teacher, view, accelerator, say=say)
     stepper = _stepper(run, teacher, targets, accelerator, say)
+    student = stepper.student
     state = TrainState()
     stepper.begin(state, run.resume_from, run.resume_state)
     metrics = MetricsLog(accelerator, run.folder.file(RunFolder.METRICS), state.step if run.resume_from else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("tb")
-    batches = _train_batches(recipe, teacher, targets, state, run.folder, accelerator, run.resume_from is not None)
-    check = _heldout_check(run, teacher, targets, accelerator, metrics)
-    student = stepper.student
+    preprocess = Preprocess.of(teacher, student, recipe.student)  # the teacher's, or without one the student's own
+    batches = _train_batches(recipe, view or preprocess.train_view(recipe.data), targets, state, run.folder,
+                             accelerator, run.resume_from is not None)
+    check = _heldout_check(run, teacher, preprocess, targets, accelerator, metrics)
 
     if check is None:
         first_check = last_check = None
     elif state.step == 0:
-        first_check = last_check = check(student, 0)
+        first_check = last_check = check(student, 0, stepper.ema_model)
     else:  # resumed: the start (and the latest check) are in the log
         first_check, last_check = check.logged()
     if first_check:
-        say("held-out alignment at the start: " + format_result(first_check))
+        say("held-out at the start: " + format_result(first_check))
     total = stepper.total_steps
     stop_at = total if r.stop_after is None else min(total, r.stop_after)
     bar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and r.progress),
@@ -96,7 +102,7 @@ def train(recipe: Recipe) -> dict:
             bar.set_postfix(_postfix(values, window))
             window = LogWindow()
         if check is not None and (state.step % r.eval_every == 0 or state.step == total):
-            last_check = check(student, state.step)
+            last_check = check(student, state.step, stepper.ema_model)
             if accelerator.is_main_process:
                 bar.write(f"step {state.step}: held-out " + format_result(last_check), file=sys.stdout)
         if state.step % r.checkpoint_every == 0 or state.step == stop_at:
@@ -115,35 +121,80 @@ def train(recipe: Recipe) -> dict:
 
 
 def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
-    """The student of the run's family built from the teacher, its phases, and the stepper that trains them."""
+    """The student of the run's family as it starts (from the teacher, from scratch, from a run: `students.init`),
+    its phases, and the stepper that trains them."""
     recipe, family = run.recipe, run.family
     try:
-        student, policy = family.build(teacher, recipe.student)
+        start = build_student(family, teacher, recipe.student, run.classnames)
+        phases = family.phases(PhaseContext(recipe.student, start.student, teacher, recipe.loss, recipe.optim,
+                                            recipe.objective))
+    except ConfigError as exc:  # how the student starts: the init keys, a head that does not fit the data
+        raise RecipeError(str(exc)) from None
     except ValueError as exc:  # options that do not fit this teacher (e.g. a per-block list of the wrong length)
         raise RecipeError(f"the student section does not fit teacher {teacher.kind}:{teacher.name}: {exc}") from None
-    phases = family.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
+    student, policy = start.student, start.policy
+    if recipe.run.mixed_precision == "fp16" and getattr(student, "restricts_gradients", False):
+        # The authors pass their GradScaler's scale into the clamp; a scaled gradient would be clamped here.
+        raise RecipeError("run.mixed_precision=fp16 scales the gradients that this student's restrict_grad_norm "
+                          "clamps at a bound meant for unscaled ones: train it with run.mixed_precision=bf16 or no")
     if targets.cached:
         targets.run_online_for(phases)
-    say(f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, {teacher.depth} blocks, "
-        f"width {teacher.width}); {family.name} student, {policy.summary()}; phases: "
-        + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases))
-    return Stepper(accelerator, family, student, policy, phases, teacher.target != "proj", recipe, run.checkpoints,
-                   say)
+    source = "no teacher" if teacher is None else (
+        f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, {teacher.depth} blocks, "
+        f"width {teacher.width})")
+    init = getattr(recipe.student, "init", "teacher")
+    start_text = "" if init == "teacher" else f" from {init}"
+    labels = f"; {len(run.classnames)} classes" if run.classnames else ""
+    say(f"{source}; {family.name} student{start_text}, {policy.summary()}{labels}; phases: "
+        + ", ".join(f"{p.name} ({p.steps} steps: {' + '.join(t.name for t in p.terms)})" for p in phases))
+    pre_logits = teacher is None or teacher.target != "proj"
+    return Stepper(accelerator, family, student, policy, phases, pre_logits, recipe, run.checkpoints, say,
+                   classnames=run.classnames)
 
 
-def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: RunFolder, accelerator,
+class Preprocess:
+    """The input size, normalisation and resize the run feeds: the teacher's, or the student's own
+    (its pretrained_cfg) in a run without a teacher."""
+
+    def __init__(self, size, mean, std, interpolation: str, crop_pct: float):
+        self.size, self.mean, self.std, self.interpolation, self.crop_pct = size, mean, std, interpolation, crop_pct
+
+    @classmethod
+    def of(cls, teacher, student, options) -> "Preprocess":
+        if teacher is not None:
+            p = teacher.preprocess
+            return cls(tuple(p.size), tuple(p.mean), tuple(p.std), p.interpolation, p.crop_pct)
+        p = getattr(student, "pretrained_cfg", None) or {}
+        if not {"input_size", "mean", "std"} <= set(p):  # only a run folder without pretrained_cfg.json lacks them
+            raise RecipeError(f"student.init={getattr(options, 'init', None)}: the student has no preprocessing of its own (the run "
+                              f"folder has no pretrained_cfg.json with input_size, mean and std) and the recipe has "
+                              f"no teacher to take it from: write that pretrained_cfg.json, or give a teacher")
+        return cls(tuple(p["input_size"][1:]), tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bicubic"),
+                   p.get("crop_pct", 0.875))
+
+    def train_view(self, d):
+        from data.transforms import augmented_view
+
+        return augmented_view(self.size, self.mean, self.std, self.interpolation, d.augment, None, d.decode)
+
+    def eval_view(self):
+        from data.transforms import eval_transform
+
+        return eval_transform(self.size, self.mean, self.std, self.interpolation, self.crop_pct)
+
+
+def _train_batches(recipe: Recipe, view, targets, state: TrainState, out: RunFolder, accelerator,
                    resumed: bool) -> TrainBatches:
-    """This rank's training batches from the data position in ``state``."""
+    """This rank's training batches (``view``: the training transform) from the data position in ``state``."""
     from data.stream import build_train_loader
 
     d, rank = recipe.data, accelerator.process_index
-    transform = teacher.train_transform(decode=d.decode, **d.augment)
     loader = build_train_loader(
-        d.train, transform, d.batch_size, d.num_workers,
+        d.train, view, d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=accelerator.num_processes, shardshuffle=d.shardshuffle,
         targets=targets.store, allow_pipe=d.allow_pipe, max_pixels=d.max_pixels,
-        uint8_batches=hasattr(transform, "render"))
+        uint8_batches=hasattr(view, "render"))  # timm's create_transform (RandAugment) renders float views
     keys_file = None
     if recipe.run.log_sample_keys:
         out.file("sample_keys").mkdir(exist_ok=True)
@@ -155,16 +206,21 @@ def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: Run
     return TrainBatches(loader, state, recipe.run.seed, rank, keys_file, device=accelerator.device)
 
 
-def _heldout_check(run, teacher, targets, accelerator, metrics) -> HeldoutCheck | None:
-    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images (None without ``data.val``)."""
+def _heldout_check(run, teacher, preprocess: Preprocess, targets, accelerator, metrics) -> HeldoutCheck | None:
+    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images (None without ``data.val``):
+    alignment with the teacher's embeddings of them, and in a run with labels the accuracy on their labels."""
     d = run.recipe.data
     if d.val is None:
         return None
-    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
+    view = teacher.eval_transform() if teacher is not None else preprocess.eval_view()
+    images, keys, labels = load_heldout(d.val, view, d.heldout_samples, d.allow_pipe, d.max_pixels, labels=True)
     device, autocast = accelerator.device, accelerator.autocast
-    held = targets.heldout(keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, autocast))
-    return HeldoutCheck(images, held, d.eval_batch_size, accelerator, teacher.target != "proj", metrics,
-                        run.folder.file("alignment.png"), run.checkpoints)
+    held = None if teacher is None else \
+        targets.heldout(keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, autocast))
+    if run.classnames is None or (labels < 0).any():  # a run without labels, or held-out images without them
+        labels = None
+    return HeldoutCheck(images, held, d.eval_batch_size, accelerator, teacher is None or teacher.target != "proj",
+                        metrics, run.folder.file("alignment.png"), run.checkpoints, labels=labels)
 
 
 def _postfix(values: dict, window: LogWindow) -> dict:
@@ -184,7 +240,9 @@ def _finish(accelerator, run, stepper: Stepper, loader_stats, state: TrainState,
     summary = {"finished": True}
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(stepper.model).student
-        run.folder.write_student(student, {k.removeprefix("student."): v for k, v in full.items()})
+        ema = stepper.ema_model
+        run.folder.write_student(student, {k.removeprefix("student."): v for k, v in full.items()},
+                                 None if ema is None else ema.state_dict())
         summary = {
             "finished": True, "steps": state.step, "samples_seen": state.samples_seen,
             "nonfinite_total": state.nonfinite_total, "processes": accelerator.num_processes,
@@ -195,8 +253,8 @@ def _finish(accelerator, run, stepper: Stepper, loader_stats, state: TrainState,
         run.folder.write_summary(summary)
         print(f"teacher: {summary['teacher']['description']}", flush=True)
         if first_check and last_check:
-            print(f"held-out alignment: start {format_result(first_check)}\n"
-                  f"                    end   {format_result(last_check)}")
+            print(f"held-out: start {format_result(first_check)}\n"
+                  f"          end   {format_result(last_check)}")
         if skipped["skipped"] or skipped["bad_shards"]:
             print(f"data: {skipped['skipped']} sample(s) did not decode and were skipped"
                   + (f", {len(skipped['bad_shards'])} shard(s) turned out unreadable" if skipped["bad_shards"] else "")

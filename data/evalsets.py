@@ -271,11 +271,17 @@ def build_eval_loader(source, transform: Callable, batch_size: int = 256, num_wo
 
 
 def first_images(shards, transform: Callable, limit: int, allow_pipe: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, labels: bool = False):
     """The first ``limit`` images of ``shards`` in shard order, transformed and stacked, with the
-    ``shard#key`` of each (a run's fixed held-out set). Images that do not decode are left out
-    with a warning; a shard that turns out unreadable raises ``ShardError``."""
-    images, keys = [], []
+    ``shard#key`` of each (a run's fixed held-out set), and with ``labels`` their classes too (long, -1 where
+    a sample has none). Images that do not decode are left out with a warning; a shard that turns out
+    unreadable raises ``ShardError``."""
+    images, keys, classes = [], [], []
+
+    def out():
+        stacked = torch.stack(images)
+        return (stacked, keys, torch.tensor(classes, dtype=torch.long)) if labels else (stacked, keys)
+
     counter = SkipCounter()
     for url in resolve_shards(shards, allow_pipe):
         for raw in iter_shard(url, allow_pipe):
@@ -286,8 +292,9 @@ def first_images(shards, transform: Callable, limit: int, allow_pipe: bool = Fal
                 continue
             images.append(transform(sample["image"]))
             keys.append(f"{url}#{sample['__key__']}")
+            classes.append(sample["cls"])
             if len(images) >= limit:
-                return torch.stack(images), keys
+                return out()
     if not images:
         raise ValueError(f"the held-out shards {shards} hold no images that decode")
-    return torch.stack(images), keys
+    return out()

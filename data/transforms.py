@@ -347,6 +347,46 @@ def train_transform(
                                     decode=decode)
 
 
+# data.augment keys: those of the replayable view (`ReplayableTrainTransform`), and timm's RandAugment and random
+# erasing, for which the view is timm's `create_transform` (training with labels, as DeiT and the Swin codebase).
+REPLAYABLE_AUG_KEYS = ("scale", "ratio", "hflip", "color_jitter")
+TIMM_AUG_KEYS = ("auto_augment", "re_prob", "re_mode", "re_count")
+AUG_KEYS = REPLAYABLE_AUG_KEYS + TIMM_AUG_KEYS
+DEFAULT_AUG = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None}
+
+
+def uses_timm_augment(augment) -> bool:
+    """Whether ``data.augment`` asks for RandAugment or random erasing (timm's `create_transform` then renders
+    the views; they are not replayable, so targets cannot be cached for them)."""
+    return bool(augment.get("auto_augment")) or float(augment.get("re_prob") or 0) > 0
+
+
+def augmented_view(size, mean, std, interpolation: str = "bicubic", augment=None, defaults=None,
+                   decode: str | None = None):
+    """The training view of ``data.augment`` over ``defaults`` (a teacher's library's, else timm's):
+    a `ReplayableTrainTransform` (crop, flip, colour jitter), or with RandAugment / random erasing
+    (``auto_augment``, ``re_prob``, ``re_mode``, ``re_count``) timm's ``create_transform(is_training=True)``
+    with the same crop, flip and colour jitter — where, as in timm, colour jitter is dropped when a
+    RandAugment policy is given (rand-*), and random erasing acts on the normalised tensor."""
+    aug = {**DEFAULT_AUG, **(defaults or {}), **(augment or {})}
+    unknown = [k for k in aug if k not in AUG_KEYS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r}; valid: {', '.join(AUG_KEYS)}")
+    if not uses_timm_augment(aug):
+        return train_transform(size, mean, std, interpolation, scale=aug["scale"], ratio=aug["ratio"],
+                               hflip=aug["hflip"] or 0.0, color_jitter=aug["color_jitter"],
+                               **({} if decode is None else {"decode": decode}))
+    from timm.data import create_transform
+
+    jitter = aug["color_jitter"]
+    return create_transform(
+        input_size=_size2(size), is_training=True, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
+        hflip=float(aug["hflip"] or 0.0), color_jitter=tuple(jitter) if isinstance(jitter, (list, tuple)) else jitter,
+        auto_augment=aug.get("auto_augment") or None, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+        re_prob=float(aug.get("re_prob") or 0.0), re_mode=aug.get("re_mode", "pixel"),
+        re_count=int(aug.get("re_count", 1)))
+
+
 class EvalTransform:
     """Resize (the shorter side to ``resize``, or to ``(h, w)``), centre-crop ``size``, normalise.
 

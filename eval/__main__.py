@@ -1,11 +1,13 @@
 """Command line: evaluate a student against its teacher and write the report.
 
     python -m eval RUN_DIR [--data PATH] [--train-data PATH] [--out DIR] ...
-    python -m eval --student CONFIG.json|RELEASED_NAME [--weights FILE] --teacher SPEC.yaml|'{kind: ..}' \
+    python -m eval --student CONFIG.json|RELEASED_NAME [--weights FILE] [--teacher SPEC.yaml|'{kind: ..}'] \
         --data PATH [--templates openai|simple|demo|FILE] [--classnames imagenet|FILE] ...
 
-A run folder supplies the student, the teacher spec and the ``eval:`` options of its recipe;
-command-line options override them. See ``eval.report`` for every option. Bad input (a folder
+A run folder supplies the student (and the EMA of its weights, where the run kept one), the teacher spec
+(none for a run that trained with labels alone) and the ``eval:`` options of its recipe; command-line
+options override them. A student without ``--teacher`` is evaluated on its own (its head's top-1/top-5,
+its cost). See ``eval.report`` for every option. Bad input (a folder
 that is not a run, missing data, weights that are not safe to load, ...) is one line on stderr
 and exit status 2, checked before the models are built where it can be.
 """
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run_dir and (args.student or args.teacher):
         parser.error("give either RUN_DIR or --student/--teacher, not both")
-    if not args.run_dir and not (args.student and args.teacher):
-        parser.error("give a run folder, or both --student and --teacher")
+    if not args.run_dir and not args.student:
+        parser.error("give a run folder, or --student (and --teacher to hold it against)")
     try:
         return _evaluate(args)
     except (UserError, OSError, ValueError) as exn:
@@ -108,9 +110,9 @@ def _evaluate(args) -> int:
             if value is not None:
                 check_eval_source(value, what, args.allow_pipe)
         out = prepare_out_dir(args.out or "eval_report")
-        spec = _teacher_spec(args.teacher)
+        spec = _teacher_spec(args.teacher) if args.teacher else None
         student = _student(args.student, args.weights)
-        teacher = create_teacher(spec)
+        teacher = create_teacher(spec) if spec is not None else None
         report = evaluate(student, teacher, args.data, out_dir=out, config=cfg, progress=progress,
                           allow_pipe=args.allow_pipe)
     print(json.dumps({k: report[k] for k in ("zero_shot", "classification", "linear_probe", "fidelity")

@@ -5,15 +5,19 @@ same images, in one pass, in one process.
 model, teacher against model:
 
     zero-shot       where the teacher has a text tower (a CLIP: its classifier, logit scale and bias)
-    classification  where the teacher has a classifier whose classes are the evaluation set's
-    fidelity        always: the model's embedding against the teacher's, image by image
+    classification  where the teacher has a classifier whose classes are the evaluation set's, and for the
+                    models whose own head predicts them (students trained with labels: `eval.classify`)
+    fidelity        where there is a teacher: the model's embedding against the teacher's, image by image
     linear probe    `eval.probe` (one logistic regression per model on the same split)
     cost            parameters, counted GFLOPs, img/s, peak memory
     pictures and    what a student's family adds (`students.family.StudentFamily.pictures` and
     family sections   `.sections`: RoIs, kept keys, attention cost)
 
 `python -m eval` is the bench with one student (`eval.report`), `python -m eval.compare` with many and ToMe
-(`eval.compare`); both render the same `BenchResult`.
+(`eval.compare`); both render the same `BenchResult`. The teacher may be None (a student trained with labels
+alone): the sections that hold a model against it are left out, the others measure each model on its own, with
+the first student's preprocessing. A candidate that is the EMA of another's weights (``shadow``) has that one's
+cost and pictures, which are measured once.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from data.evalsets import build_eval_loader
 from students import family_of
 
-from .classify import classification_eval, head_applies
+from .classify import classification_eval, head_applies, own_head_applies
 from .cost import compare_cost
 from .features import aligned_output, extract, student_outputs, teacher_classifier
 from .fidelity import fidelity
@@ -56,6 +60,8 @@ class Candidate:
     params: nn.Module
     info: dict = field(default_factory=dict)
     family: Any = None  # a student's family (`students.family.StudentFamily`), for its pictures and sections
+    classes: list[str] | None = None  # the classes its own head predicts (a student trained with labels)
+    shadow: str | None = None  # the candidate whose weights this one averages (an EMA): same cost and pictures
 
 
 def image_tower(teacher) -> nn.Module:
@@ -63,15 +69,19 @@ def image_tower(teacher) -> nn.Module:
     return getattr(teacher.model, "visual", teacher.model)
 
 
-def describe_teacher(teacher) -> dict:
+def describe_teacher(teacher) -> dict | None:
+    if teacher is None:
+        return None
     return dict(kind=teacher.kind, name=teacher.name, family=teacher.family, target=teacher.target,
                 embed_dim=teacher.embed_dim, depth=teacher.depth, width=teacher.width,
                 num_patches=teacher.num_patches, image_size=list(teacher.preprocess.size),
                 spec=jsonable(dict(teacher.spec)))
 
 
-def student_candidate(name: str, student: nn.Module, source: str | None = None) -> Candidate:
-    """A student of any family, described by its family (`students.family.StudentFamily.describe`)."""
+def student_candidate(name: str, student: nn.Module, source: str | None = None, shadow: str | None = None) -> Candidate:
+    """A student of any family, described by its family (`students.family.StudentFamily.describe`); the classes of
+    its head where it was trained with labels (its pretrained_cfg's ``label_names``); ``shadow``: the candidate
+    whose EMA it is."""
     try:
         family = family_of(student)
     except TypeError:  # e.g. a teacher standing in for a perfect student
@@ -83,7 +93,11 @@ def student_candidate(name: str, student: nn.Module, source: str | None = None) 
                     model_type=getattr(cfg, "model_type", None))
     if source is not None:
         info["source"] = source
-    return Candidate(name, "student", student, student, info, family)
+    classes = (getattr(student, "pretrained_cfg", None) or {}).get("label_names")
+    if shadow is not None:
+        info["ema_of"] = shadow
+    return Candidate(name, "student", student, student, info, family, None if classes is None else list(classes),
+                     shadow)
 
 
 def has_text_tower(teacher) -> bool:
@@ -138,33 +152,62 @@ def probe_train_split(cfg: EvalConfig, transform, dataset_classnames, allow_pipe
                                                      jsonable(cfg.train_data))
 
 
-def _step(teacher, candidates: Sequence[Candidate], logits: bool) -> Callable[[Tensor], dict]:
-    """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (and ``NAME:logits``,
-    the head outputs, with ``logits``), from one batch."""
-    head = teacher_classifier(teacher) if logits else None
+def _step(teacher, candidates: Sequence[Candidate], teacher_logits: bool = False,
+          logits: Sequence[str] = ()) -> Callable[[Tensor], dict]:
+    """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (without a teacher its
+    pre-logits feature), with ``teacher_logits`` the teacher's head outputs, and ``NAME:logits``, the head outputs
+    of the models named in ``logits``, from one batch."""
+    head = teacher_classifier(teacher) if teacher_logits else None
 
     def step(images):
-        t = teacher.embed(images)
-        out = {TEACHER: t}
-        if logits:
-            out[f"{TEACHER}:logits"] = head(t)
+        out = {}
+        if teacher is not None:
+            t = out[TEACHER] = teacher.embed(images)
+            if teacher_logits:
+                out[f"{TEACHER}:logits"] = head(t)
         for c in candidates:
             pre, o = student_outputs(c.model, images)
-            out[c.name] = aligned_output(teacher.target, pre, o)
-            if logits:
+            out[c.name] = pre if teacher is None else aligned_output(teacher.target, pre, o)
+            if c.name in logits:
                 out[f"{c.name}:logits"] = o
         return out
 
     return step
 
 
+def preprocess_of(teacher, candidates: Sequence[Candidate]) -> dict:
+    """The input size, mean, std, interpolation and crop of the evaluation: the teacher's, or without one the
+    first student's (its pretrained_cfg)."""
+    if teacher is not None:
+        p = teacher.preprocess
+        return dict(size=tuple(p.size), mean=tuple(p.mean), std=tuple(p.std))
+    for c in candidates:
+        pcfg = getattr(c.model, "pretrained_cfg", None)
+        if pcfg:
+            return dict(size=tuple(pcfg["input_size"][1:]), mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]),
+                        interpolation=pcfg.get("interpolation", "bicubic"), crop_pct=pcfg.get("crop_pct", 0.875))
+    raise ValueError("without a teacher, the evaluation takes a student's preprocessing (its pretrained_cfg: "
+                     "input_size, mean, std); none of the models has one")
+
+
+def _eval_view(teacher, candidates: Sequence[Candidate]):
+    if teacher is not None:
+        return teacher.eval_transform()
+    from data.transforms import eval_transform
+
+    p = preprocess_of(None, candidates)
+    return eval_transform(p["size"], p["mean"], p["std"], p["interpolation"], p["crop_pct"])
+
+
 def _pair(features, name: str) -> dict:
     """The teacher's and one model's features under the names the teacher-vs-student functions take."""
-    pair = {"teacher": features[TEACHER], "student": features[name]}
+    pair = {"teacher": features.get(TEACHER), "student": features[name]}
     if "labels" in features:
         pair["labels"] = features["labels"]
     if f"{name}:logits" in features:
-        pair["teacher_logits"], pair["student_logits"] = features[f"{TEACHER}:logits"], features[f"{name}:logits"]
+        pair["student_logits"] = features[f"{name}:logits"]
+        if f"{TEACHER}:logits" in features:
+            pair["teacher_logits"] = features[f"{TEACHER}:logits"]
     return pair
 
 
@@ -203,9 +246,10 @@ def _first_images(loader, n: int) -> Tensor:
     return torch.cat(images)[:n]
 
 
-def _aligned_fn(model: nn.Module, target: str):
+def _aligned_fn(model: nn.Module, target: str | None):
     def fn(images):
-        return aligned_output(target, *student_outputs(model, images))
+        pre, out = student_outputs(model, images)
+        return pre if target is None else aligned_output(target, pre, out)
 
     return fn
 
@@ -222,7 +266,8 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
     autocast_dtype = PRECISIONS[cfg.precision]
     result = BenchResult(describe_teacher(teacher), str(device), jsonable(cfg.to_dict()), list(notes))
     training = {c.name: c.model.training for c in candidates}
-    teacher.to(device)
+    if teacher is not None:
+        teacher.to(device)
     for c in candidates:
         c.model.eval().to(device)
     try:
@@ -232,10 +277,11 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
             result.notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and pictures skipped, "
                                 "cost only")
         if cfg.cost:
-            fns = {TEACHER: (teacher.embed, image_tower(teacher))}
-            fns.update({c.name: (_aligned_fn(c.model, teacher.target), c.params) for c in candidates})
-            result.cost = compare_cost(fns, teacher.preprocess.size, batch_size=cfg.cost_batch_size, device=device,
-                                       iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
+            fns = {} if teacher is None else {TEACHER: (teacher.embed, image_tower(teacher))}
+            target = None if teacher is None else teacher.target
+            fns.update({c.name: (_aligned_fn(c.model, target), c.params) for c in candidates if c.shadow is None})
+            result.cost = compare_cost(fns, preprocess_of(teacher, candidates)["size"], batch_size=cfg.cost_batch_size,
+                                       device=device, iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
                                        autocast_dtype=autocast_dtype)
     finally:
         for c in candidates:
@@ -244,21 +290,34 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
 
 
 def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe) -> None:
-    transform = teacher.eval_transform()
+    transform = _eval_view(teacher, candidates)
     loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
                                                    allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
     # Class names are checked before any feature is computed: the prompts' and the probe's.
-    zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames) if has_text_tower(teacher) else None
+    zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames) \
+        if teacher is not None and has_text_tower(teacher) else None
     probe_train = probe_train_split(cfg, transform, dataset_classnames, allow_pipe)
-    want_logits = teacher_classifier(teacher) is not None
-    if want_logits:
+    teacher_logits = teacher is not None and teacher_classifier(teacher) is not None
+    if teacher_logits:
         why = head_applies(teacher, len(dataset_classnames))
         if why:
             result.notes.append(f"classification skipped: {why}")
-            want_logits = False
-    features = extract(loader, _step(teacher, candidates, want_logits), device, cfg.max_samples, autocast_dtype,
-                       desc="eval features", progress=progress)
-    result.eval_set = dict(source=jsonable(cfg.data), num_images=int(features[TEACHER].shape[0]),
+            teacher_logits = False
+    logits = []
+    for c in candidates:
+        if teacher_logits and c.classes is None:  # a head inherited from the teacher (or ToMe's, the teacher's)
+            logits.append(c.name)
+            continue
+        why = own_head_applies(c.classes, c.info.get("output_dim", 0), dataset_classnames, teacher is not None) \
+            if c.kind == "student" else "no head of its own"
+        if why is None:
+            logits.append(c.name)
+        elif c.classes is not None:
+            result.notes.append(f"classification of {c.name} skipped: {why}")
+    features = extract(loader, _step(teacher, candidates, teacher_logits, logits), device, cfg.max_samples,
+                       autocast_dtype, desc="eval features", progress=progress)
+    num_images = int(features[TEACHER if teacher is not None else candidates[0].name].shape[0])
+    result.eval_set = dict(source=jsonable(cfg.data), num_images=num_images,
                            num_classes=len(dataset_classnames), classnames=list(dataset_classnames), **_skips(loader))
     names = [c.name for c in candidates]
     if zero_shot_names is not None:
@@ -272,20 +331,20 @@ def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress
             zs["templates"] = "the evaluation set's" if templates is not cfg.templates else template_set_name(templates)
             zs["num_templates"] = len(resolve_templates(templates))
             result.zero_shot[name] = zs
-    if want_logits:
-        result.classification = {name: classification_eval(_pair(features, name)) for name in names}
-    result.fidelity = {name: fidelity(features[name], features[TEACHER]) for name in [TEACHER, *names]}
+    result.classification = {name: classification_eval(_pair(features, name)) for name in logits}
+    if teacher is not None:
+        result.fidelity = {name: fidelity(features[name], features[TEACHER]) for name in [TEACHER, *names]}
     if cfg.probe:
-        result.probe = _probe(cfg, features, probe_train, _step(teacher, candidates, False), device, autocast_dtype,
-                              progress, models=[TEACHER, *names])
-    students = [c for c in candidates if c.family is not None]
+        result.probe = _probe(cfg, features, probe_train, _step(teacher, candidates), device, autocast_dtype,
+                              progress, models=([TEACHER] if teacher is not None else []) + names)
+    students = [c for c in candidates if c.family is not None and c.shadow is None]
     if cfg.rois and pictures_dir is not None and any(c.family.pictures for c in students):
         images = _first_images(loader, cfg.roi_images).to(device)
-        mean, std = teacher.preprocess.mean, teacher.preprocess.std
+        p = preprocess_of(teacher, candidates)
         for c in students:
             for picture in c.family.pictures:
                 file = picture.file if len(students) == 1 else f"{c.name}-{picture.file}"
-                picture.draw(c.model, images, Path(pictures_dir) / file, mean, std)
+                picture.draw(c.model, images, Path(pictures_dir) / file, p["mean"], p["std"])
                 result.pictures.setdefault(c.name, {})[picture.key] = file
     if cfg.cost and any(c.family.sections for c in students):
         images = _first_images(loader, cfg.cost_batch_size).to(device)

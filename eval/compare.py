@@ -1,18 +1,20 @@
-"""One report of the trade-off: a teacher, its bootstrapped students, Token Merging and the teacher at the students'
-token budgets, side by side.
+"""One report of the trade-off: a teacher, its bootstrapped and supervised students, Token Merging and the teacher
+at the students' token budgets, side by side.
 
     python -m eval.compare RUN_DIR [RUN_DIR ...] [--tome R,R,...] [--budget N,N,...|none] [--out DIR] [eval options]
 
 The runs must share their teacher (a run folder as ``python -m eval`` reads it: student, recipe
 with the teacher spec and ``eval:`` options; the first run's ``eval:`` options apply, the
-command line overrides them as for ``python -m eval``). Every model sees the same images, in
-one process, in one pass: the teacher, each run's student, the teacher with ToMe
-(``eval.baselines.tome``) at each ``r``, and the teacher untrained at each token budget
-(``eval.baselines.budget``: at a lower resolution, with a larger resampled patch, and keeping that
-many patch tokens at random; ``--budget`` defaults to the students' own token counts below the
-teacher's patch count). For each: held-out fidelity to the teacher (cosine,
-centred cosine, retrieval), zero-shot (CLIP teachers) or classification through the head
-(supervised teachers), linear probe, counted GFLOPs, measured img/s and peak memory.
+command line overrides them as for ``python -m eval``); a run that trained with labels alone,
+without a teacher, joins any comparison. Every model sees the same images, in one process, in
+one pass: the teacher, each run's student (and the EMA of its weights, where the run kept one),
+the teacher with ToMe (``eval.baselines.tome``) at each ``r``, and the teacher untrained at each
+token budget (``eval.baselines.budget``: at a lower resolution, with a larger resampled patch, and
+keeping that many patch tokens at random; ``--budget`` defaults to the students' own token counts
+below the teacher's patch count). For each: held-out fidelity to the teacher (cosine, centred
+cosine, retrieval), zero-shot (CLIP teachers) or classification through the head (supervised
+teachers, and students trained with labels by their own head), linear probe, counted GFLOPs,
+measured img/s and peak memory.
 
 Writes into ``--out`` (default: ``compare`` beside the first run folder) ``compare.md`` (the
 table, the picture, notes), ``compare.json`` (every section per model) and ``pareto.png``
@@ -57,10 +59,11 @@ class CompareError(UserError, ValueError):
 def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
             budgets: Sequence[int] | None = (), out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
             sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
-            allow_pipe: bool = False, **options) -> dict:
-    """Compare ``teacher``, its students ``models`` (name -> student), ToMe at each ``r`` in ``tome`` (an int
-    per block or a list per block) and the teacher at each token budget in ``budgets`` (``None``: the students'
-    own token counts, `student_budgets`), on the same images (`eval.bench`).
+            allow_pipe: bool = False, emas: Mapping[str, nn.Module] | None = None, **options) -> dict:
+    """Compare ``teacher`` (None: students trained without one), its students ``models`` (name -> student; with
+    ``emas``, name -> the EMA of that student's weights, shown as ``NAME (EMA)``), ToMe at each ``r`` in ``tome``
+    (an int per block or a list per block) and the teacher at each token budget in ``budgets`` (``None``: the
+    students' own token counts, `student_budgets`), on the same images (`eval.bench`).
 
     ``sources``: where each model came from (run folders), ``notes``: lines for the report. Returns the report;
     with ``out_dir`` writes ``compare.md``, ``compare.json`` and ``pareto.png`` there.
@@ -69,7 +72,16 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     cfg = cfg.replace(data=eval_source, **options)
     if TEACHER in models:
         raise CompareError(f"a student cannot be named '{TEACHER}'")
-    candidates = [student_candidate(name, model, (sources or {}).get(name)) for name, model in models.items()]
+    if teacher is None and tome:
+        raise CompareError("ToMe merges the teacher's tokens: the runs compared have no teacher")
+    if teacher is None and budgets:
+        raise CompareError("the budget baselines run the teacher at fewer tokens: the runs compared have no teacher "
+                           "(leave --budget out)")
+    candidates = []
+    for name, model in models.items():
+        candidates.append(student_candidate(name, model, (sources or {}).get(name)))
+        if (emas or {}).get(name) is not None:
+            candidates.append(student_candidate(f"{name} (EMA)", emas[name], (sources or {}).get(name), shadow=name))
     notes = list(notes)
     for r in tome:
         m = ToMe(teacher, r)  # a bad r fails here, before any work
@@ -79,7 +91,9 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
             notes.append(f"{m.name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
                          f"so it merges {m.schedule} per block")
-    if budgets is None:
+    if budgets is None and teacher is None:  # runs trained with labels alone: no teacher to hold to a budget
+        budgets = ()
+    elif budgets is None:
         budgets = student_budgets(models, teacher)
         if models and not budgets:
             notes.append(f"no student has fewer tokens than the teacher's {teacher.num_patches} patches: no budget "
@@ -89,7 +103,8 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     bench = run_bench(teacher, candidates, cfg, progress=progress, notes=notes, allow_pipe=allow_pipe)
     report: dict[str, Any] = dict(
         teacher=bench.teacher, device=bench.device, config=bench.config, notes=bench.notes,
-        models={TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
+        models={} if teacher is None else
+        {TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
     for c in candidates:
         report["models"][c.name] = dict(kind=c.kind, **({"source": c.info.get("source")} if c.kind == "student" else {}),
                                         **{k: v for k, v in c.info.items() if k != "source"})
@@ -131,7 +146,8 @@ def _accuracy_section(per: Mapping[str, dict], **extra) -> dict:
     """{teacher: {top1, top5}, NAME: {top1, top5, agreement}, chance_top1, num_images, num_classes} from each
     model's teacher-vs-model result."""
     any_result = next(iter(per.values()))
-    section = {TEACHER: dict(any_result["teacher"])}
+    teacher = next((r["teacher"] for r in per.values() if r.get("teacher")), None)
+    section = {} if teacher is None else {TEACHER: dict(teacher)}  # where the teacher predicts these classes too
     section.update({n: dict(r["student"], agreement=r["agreement"]) for n, r in per.items()})
     return dict(models=section, chance_top1=any_result["chance_top1"], num_images=any_result["num_images"],
                 num_classes=any_result["num_classes"], **extra)
@@ -139,7 +155,8 @@ def _accuracy_section(per: Mapping[str, dict], **extra) -> dict:
 
 def _table(report: Mapping[str, Any]) -> list[dict]:
     """One row per model: the numbers of the markdown table and the picture."""
-    accuracy = report.get("zero_shot") or report.get("classification")
+    zero_shot, head = report.get("zero_shot"), report.get("classification")
+    accuracy = zero_shot or head  # top1: zero-shot where the teacher has a text tower, else the heads'; and both
     probe, fid, cost = report.get("linear_probe"), report.get("fidelity", {}), report.get("cost", {})
     teacher_cost = cost.get(TEACHER, {})
     rows = []
@@ -152,17 +169,21 @@ def _table(report: Mapping[str, Any]) -> list[dict]:
         if info.get("method"):
             row["method"] = info["method"]
         if accuracy:
-            row["top1"] = accuracy["models"][name].get("top1")
-            row["agreement"] = accuracy["models"][name].get("agreement", 1.0 if name == TEACHER else None)
+            mine = accuracy["models"].get(name, {})
+            row["top1"] = mine.get("top1")
+            row["agreement"] = mine.get("agreement", 1.0 if name == TEACHER and mine else None)
+        if zero_shot and head:
+            row["head_top1"] = head["models"].get(name, {}).get("top1")
         if probe:
             row["probe_top1"] = probe[name]["top1"]
         if name in fid:
             row.update({k: fid[name][k] for k in ("cosine", "centred_cosine", "retrieval_top1")})
-        c = cost.get(name)
+        c = cost.get(name) or cost.get(info.get("ema_of"))  # an EMA costs what its student costs
         if c:
             row.update(params_m=c["params"] / 1e6, gflops=c["gflops"], images_per_s=c.get("images_per_s"),
                        peak_mb=c.get("peak_mb"))
-            row["flops_vs_teacher"] = teacher_cost["gflops"] / c["gflops"] if c["gflops"] else None
+            if teacher_cost:
+                row["flops_vs_teacher"] = teacher_cost["gflops"] / c["gflops"] if c["gflops"] else None
             if c.get("images_per_s") and teacher_cost.get("images_per_s"):
                 row["speed_vs_teacher"] = c["images_per_s"] / teacher_cost["images_per_s"]
         rows.append(row)
@@ -181,10 +202,14 @@ def _accuracy_axis(report: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     t = report["teacher"]
-    lines = [f"# Comparison on {t['kind']}:{t['name']} ({t['family']})", "",
-             f"Teacher: {t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
-             f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report['device']}. Every model saw the same "
-             f"images in one process."]
+    if t is None:
+        lines = ["# Comparison of students trained without a teacher", "",
+                 f"Device: {report['device']}. Every model saw the same images in one process."]
+    else:
+        lines = [f"# Comparison on {t['kind']}:{t['name']} ({t['family']})", "",
+                 f"Teacher: {t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
+                 f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report['device']}. Every model saw the same "
+                 f"images in one process."]
     if "eval_set" in report:
         e = report["eval_set"]
         lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes.")
@@ -192,7 +217,9 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     cols = [("model", "model", str), ("tokens", "tokens", lambda v: "–" if v is None else str(v))]
     acc = "zero-shot top-1" if "zero_shot" in report else "head top-1" if "classification" in report else None
     if acc:
-        cols += [("top1", acc, _pct), ("agreement", "same top-1 as teacher", _pct)]
+        cols += [("top1", acc, _pct)] + ([("agreement", "same top-1 as teacher", _pct)] if t is not None else [])
+    if "zero_shot" in report and "classification" in report:
+        cols.append(("head_top1", "head top-1", _pct))
     if "linear_probe" in report:
         cols.append(("probe_top1", "linear probe top-1", _pct))
     if "fidelity" in report:
@@ -208,7 +235,7 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
         lines.append("| " + " | ".join(fmt(row.get(key)) for key, _, fmt in cols) + " |")
     lines.append("")
     if "cost" in report:
-        c = report["cost"][TEACHER]
+        c = report["cost"].get(TEACHER) or next(iter(report["cost"].values()))
         lines.append(f"Cost: batch {c['batch_size']} at {c['image_size'][0]}x{c['image_size'][1]} on {c['device']}; "
                      f"GFLOPs per image counted with torch's FlopCounterMode (2 per multiply-add); FLOPs ÷: the "
                      f"teacher's GFLOPs over the model's; speed ×: img/s over the teacher's; peak MB: weights + "
@@ -372,15 +399,17 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), bud
     for name in names:
         try:
             folders[name] = RunFolder.finished(name)
-            folders[name].check_teacher_rebuildable()
+            if folders[name].has_teacher():
+                folders[name].check_teacher_rebuildable()
         except RunFolderError as exc:  # e.g. a random teacher, which cannot be rebuilt
             raise CompareError(str(exc)) from exc
     first = names[0]
-    specs = {name: folder.teacher_spec() for name, folder in folders.items()}
-    for name in names[1:]:
-        if _teacher_identity(specs[name]) != _teacher_identity(specs[first]):
+    specs = {name: folder.teacher_spec() for name, folder in folders.items() if folder.has_teacher()}
+    with_teacher = list(specs)  # runs with labels alone have none: they join any comparison
+    for name in with_teacher[1:]:
+        if _teacher_identity(specs[name]) != _teacher_identity(specs[with_teacher[0]]):
             raise CompareError(
-                f"{first} and {name} have different teachers: {json.dumps(specs[first], default=str)} "
+                f"{with_teacher[0]} and {name} have different teachers: {json.dumps(specs[with_teacher[0]], default=str)} "
                 f"vs {json.dumps(specs[name], default=str)}; eval.compare compares the students of one "
                 f"teacher (compare each group of runs on its own)")
     cfg = run_eval_options(folders[first])
@@ -390,15 +419,17 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), bud
         check_eval_source(source, "evaluation data", allow_pipe)
         if checked.probe and checked.train_data is not None:
             check_eval_source(checked.train_data, "linear-probe train data", allow_pipe)
-    teacher = folders[first].build_teacher()
+    teacher = folders[with_teacher[0]].build_teacher() if with_teacher else None
     students = {name: folder.load_student() for name, folder in folders.items()}
+    emas = {name: folder.load_student_ema() for name, folder in folders.items()}
     out_dir = Path(out_dir) if out_dir is not None else Path(first).parent / "compare"
     notes = []
     evals = {name: folder.recipe().get("eval") or {} for name, folder in folders.items()}
     if any(evals[n] != evals[first] for n in names):
         notes.append(f"the runs' eval: options differ; those of {first} were used")
-    report = compare(students, teacher, source, tome=tome, budgets=budgets, out_dir=out_dir, config=cfg, sources={n: n for n in names},
-                     notes=notes, progress=progress, allow_pipe=allow_pipe, **options)
+    report = compare(students, teacher, source, tome=tome, budgets=budgets, out_dir=out_dir, config=cfg,
+                     sources={n: n for n in names}, notes=notes, progress=progress, allow_pipe=allow_pipe, emas=emas,
+                     **options)
     if link:
         link_reports(names, out_dir / "compare.md")
     return report

@@ -42,18 +42,17 @@ def compare_predictions(logits: Mapping[str, Tensor], labels: Tensor, ks: Sequen
     """Top-k accuracy for ``teacher`` and ``student`` logits on the same images, and their agreement.
 
     Returns ``{"teacher": {"top1", "top5"}, "student": {...}, "agreement": ..., "chance_top1": 1/C,
-    "num_images": N, "num_classes": C}``.
+    "num_images": N, "num_classes": C}``. Without ``teacher`` logits (a teacher with no classifier over these
+    classes, or none) ``teacher`` and ``agreement`` are None.
     """
-    missing = [k for k in ("teacher", "student") if k not in logits]
-    if missing:
-        raise KeyError(f"compare_predictions needs 'teacher' and 'student' logits; missing {missing}")
-    t, s = logits["teacher"], logits["student"]
+    if "student" not in logits:
+        raise KeyError("compare_predictions needs 'student' logits (and 'teacher' logits for the agreement)")
+    t, s = logits.get("teacher"), logits["student"]
     return dict(
-        teacher=topk_accuracy(t, labels, ks),
+        teacher=None if t is None else topk_accuracy(t, labels, ks),
         student=topk_accuracy(s, labels, ks),
-        agreement=agreement(t, s),
-        chance_top1=1.0 / t.shape[1],
-        num_images=int(t.shape[0]),
-        num_classes=int(t.shape[1]),
+        agreement=None if t is None else agreement(t, s),
+        chance_top1=1.0 / s.shape[1],
+        num_images=int(s.shape[0]),
+        num_classes=int(s.shape[1]),
     )
-

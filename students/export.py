@@ -426,7 +426,7 @@ def _verify_openclip(student: nn.Module, clip: nn.Module, tokenizer: Any, out: P
 def read_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict | None]:
     """A finished run's student, its teacher spec, and its pretrained_cfg (None if the run wrote none)."""
     folder = RunFolder.finished(run_dir)
-    return folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
+    return folder.load_student(), folder.teacher_spec() if folder.has_teacher() else {}, folder.pretrained_cfg()
 
 
 def teacher_pretrained_cfg(teacher: Any) -> dict:
@@ -447,9 +447,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     folder = RunFolder.finished(run_dir)
-    student, spec, pcfg = folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
+    spec = folder.teacher_spec() if folder.has_teacher() else {}  # a run with labels alone has no teacher
+    student, pcfg = folder.load_student(), folder.pretrained_cfg()
     if fmt == "auto":
         fmt = "openclip" if spec.get("kind") == "openclip" else "timm"
+    if fmt == "openclip" and not spec:
+        raise ValueError("the run trained without a teacher, so there is no text tower to export with it; export it "
+                         "with --format timm")
     if fmt == "openclip" and spec.get("kind") != "openclip":
         raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
                          f"and has no text tower; export it with --format timm")

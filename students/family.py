@@ -7,12 +7,16 @@ interface only; nothing outside a family's package knows its parameter names or 
 The run (`bootstrap.train`) has one loop and asks the family for
 
 * ``options``: the dataclass a recipe's ``student:`` section fills (``kind`` picks the family);
-* ``build(teacher, options)``: the student and its parameter policy;
+* ``build(teacher, options)``: the student built from its teacher and its parameter policy (a student that
+  starts otherwise, from scratch or from saved weights, is made by `students.init.build_student`, with the
+  family's ``scratch`` where it has one);
 * ``phases(ctx)``: the `Phase` list, run one after the other. A phase names the steps it runs, its
   learning-rate schedule, what the student's training forward must return (``outputs``), and its
-  `LossTerm` s, each with a weight, the teacher targets it needs (``embedding`` [B, D],
-  ``tokens`` [B, N, C] final-normed, ``attention``: one [B, H, N, N] map per block) and a function
-  of (student outputs, teacher targets);
+  `LossTerm` s, each with a weight, what it needs: the teacher targets (``embedding`` [B, D],
+  ``tokens`` [B, N, C] final-normed, ``attention``: one [B, H, N, N] map per block) or the batch's
+  ``labels`` ([B] class indices, or [B, C] soft targets after Mixup/CutMix), and a function of
+  (student outputs, targets). The objective of the recipe (alignment, labels, distillation:
+  ``ctx.objective``) becomes terms through `students.losses.objective_terms`;
 * ``enter(student, policy, phase)``: set what trains (``requires_grad``) and the model's own phase
   switch, explicitly (no shared config is mutated);
 * ``forward(student, images, outputs, pre_logits)``: the training forward of a phase.
@@ -35,11 +39,14 @@ from data.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
-__all__ = ["ConfigError", "ConfigFile", "ExtraSection", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
-           "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding", "StudentFamily", "TARGETS",
-           "VisionDescription", "is_exempt_from_weight_decay", "policy_from", "read_json", "vit_tower_encoding"]
+__all__ = ["BATCH_NEEDS", "ConfigError", "ConfigFile", "ExtraSection", "InitOptions", "LossTerm", "ParameterPolicy",
+           "Phase", "PhaseContext", "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding",
+           "StudentFamily", "TARGETS", "VisionDescription", "enter_objective_phase", "forward_outputs_of",
+           "is_exempt_from_weight_decay", "policy_from", "read_json", "vit_tower_encoding"]
 
 TARGETS = ("embedding", "tokens", "attention")
+# What a loss term may need from the batch itself rather than from the teacher.
+BATCH_NEEDS = ("labels",)
 
 
 class ConfigError(UserError, ValueError):
@@ -112,14 +119,35 @@ def is_exempt_from_weight_decay(name: str, param: nn.Parameter, exempt: Sequence
 # ----------------------------------------------------------------------------- training
 
 
+@dataclass
+class InitOptions:
+    """How a student starts: keys every family's options carry (a recipe's ``student.init``, ...); see
+    `students.init`, which builds the student from them."""
+
+    # teacher (the family's construction from its teacher) | scratch (the family's own initialisation) |
+    # a named configuration (with `weights`) | a weights file (with `config`) or a run folder: fine-tuning
+    init: str = "teacher"
+    # The architecture of init scratch or of a weights file: a named configuration, a config JSON file, or the
+    # config as a mapping (none, with init scratch: the one the teacher gives)
+    config: str | dict | None = None
+    config_overrides: dict | None = None  # keys of the config replaced (merged into mappings such as compatible_config)
+    weights: str | None = None  # the weights file of init NAME (nothing is downloaded)
+    image_size: int | None = None  # the input side of a config that has no preprocessing of its own (default 224)
+    # The head's classes of a student started from scratch: filled by the run from the training data's class
+    # names when it trains with labels (null: the config's)
+    num_classes: int | None = None
+
+
+
 @dataclass(frozen=True)
 class LossTerm:
     """One weighted term of a phase's loss: ``weight * fn(student_outputs, teacher_targets)``."""
 
     name: str
     weight: float
-    needs: tuple[str, ...]  # teacher targets, from TARGETS
+    needs: tuple[str, ...]  # teacher targets (TARGETS) and what the batch gives (BATCH_NEEDS)
     fn: Callable[[Mapping[str, Any], Mapping[str, Any]], Tensor]
+    reads: tuple[str, ...] = ("embedding",)  # the student outputs ``fn`` reads
 
 
 @dataclass(frozen=True)
@@ -136,7 +164,13 @@ class Phase:
 
     @property
     def needs(self) -> tuple[str, ...]:
+        """The teacher targets the phase's terms need."""
         return tuple(t for t in TARGETS if any(t in term.needs for term in self.terms))
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether a term needs the batch's labels."""
+        return any("labels" in term.needs for term in self.terms)
 
 
 @dataclass
@@ -145,9 +179,10 @@ class PhaseContext:
 
     options: Any  # the family's options
     student: nn.Module
-    teacher: "Teacher"
+    teacher: "Teacher | None"  # None: a run without a teacher (training with labels alone)
     loss: Any  # bootstrap.config.LossConfig: the alignment loss
     optim: Any  # bootstrap.config.OptimConfig: lr, min_lr, warmup_steps, steps
+    objective: Any = None  # bootstrap.config.ObjectiveConfig (None: alignment alone, weight 1)
 
 
 @dataclass
@@ -158,6 +193,9 @@ class ParameterPolicy:
     frozen: list[str] = field(default_factory=list)
     num_trainable: int = 0
     num_frozen: int = 0
+    # Frozen because the aligned output stops before them (a head): a phase that reads the student's logits
+    # (training with labels, distillation) trains them (`unfreeze`).
+    logits_only: list[str] = field(default_factory=list)
 
     def apply(self, model: nn.Module) -> "ParameterPolicy":
         frozen = set(self.frozen)
@@ -174,6 +212,17 @@ class ParameterPolicy:
             self.num_trainable -= params[name].numel()
             self.num_frozen += params[name].numel()
             params[name].requires_grad_(False)
+        return self
+
+    def unfreeze(self, model: nn.Module, names: Sequence[str]) -> "ParameterPolicy":
+        """Move the parameters ``names`` to the trainable side (lists and counts), and let them train."""
+        params = dict(model.named_parameters())
+        for name in [n for n in names if n in self.frozen]:
+            self.frozen.remove(name)
+            self.trainable.append(name)
+            self.num_frozen -= params[name].numel()
+            self.num_trainable += params[name].numel()
+            params[name].requires_grad_(True)
         return self
 
     def summary(self) -> str:
@@ -202,6 +251,23 @@ def policy_from(model: nn.Module, trains: Callable[[str], bool]) -> ParameterPol
             policy.frozen.append(name)
             policy.num_frozen += p.numel()
     return policy
+
+
+def enter_objective_phase(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
+    """A one-phase family's `enter`: the policy its construction applied, with the head trained where the phase
+    reads the logits (`ParameterPolicy.logits_only`)."""
+    if "logits" in phase.outputs and policy.logits_only:
+        policy.unfreeze(student, policy.logits_only)
+    return policy
+
+
+def forward_outputs_of(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
+    """A family's training `forward` over the `Student` contract: the aligned embedding (pre-logits or the head's
+    output), and the logits from the same pass where ``outputs`` asks for them."""
+    if "logits" not in outputs:
+        return {"embedding": student(images, pre_logits=pre_logits)}
+    pre, logits = student.forward_outputs(images)
+    return {"embedding": pre if pre_logits else logits, "logits": logits}
 
 
 @dataclass
@@ -305,6 +371,10 @@ class StudentFamily:
     timm: the family's names in timm (`students.timm_registry.TimmNames`).
     vision: what a transformers vision model needs (`VisionDescription`).
     pictures, sections: what the evaluation report adds for this family.
+    scratch: ``(config, num_classes) -> model`` with the family's own initialisation (``student.init: scratch``;
+        ``num_classes`` None keeps the config's head), or None where the family cannot start from scratch
+        (``no_scratch`` says why).
+    named: ``name -> (config dict, pretrained_cfg dict)`` of the family's named configurations, or None.
     """
 
     name: str
@@ -321,6 +391,9 @@ class StudentFamily:
     vision: VisionDescription
     pictures: tuple[ReportPicture, ...] = ()
     sections: tuple[ExtraSection, ...] = ()
+    scratch: Callable[[Any, "int | None"], nn.Module] | None = None
+    no_scratch: str = ""
+    named: Callable[[str], tuple[dict, dict]] | None = None
 
     @property
     def model(self) -> type:

@@ -1,6 +1,7 @@
 """A bootstrapping run's output folder: what the run writes there, and the one set of checks every reader uses.
 
     RUN/student.safetensors      the student's weights             (written at the end of the run)
+    RUN/student_ema.safetensors  the EMA of its weights             (at the end, with optim.ema_decay)
     RUN/student_config.json      its config (its `family` field)    (at the end)
     RUN/pretrained_cfg.json      its input size, mean, std, ...     (at the end)
     RUN/recipe.yaml              the resolved recipe; its `teacher:` is the teacher spec
@@ -55,6 +56,7 @@ class RunFolder:
     """One run's output folder (see the module docstring)."""
 
     STUDENT_WEIGHTS = "student.safetensors"
+    STUDENT_EMA_WEIGHTS = "student_ema.safetensors"
     STUDENT_CONFIG = "student_config.json"
     PRETRAINED_CFG = "pretrained_cfg.json"
     RECIPE = "recipe.yaml"
@@ -88,13 +90,17 @@ class RunFolder:
         self._recipe = None
         return self.write_text(self.RECIPE, text)
 
-    def write_student(self, student: nn.Module, state_dict: Mapping[str, Any]) -> None:
-        """student.safetensors, student_config.json and pretrained_cfg.json (each written atomically)."""
+    def write_student(self, student: nn.Module, state_dict: Mapping[str, Any],
+                      ema_state_dict: Mapping[str, Any] | None = None) -> None:
+        """student.safetensors, student_config.json and pretrained_cfg.json (each written atomically), and
+        student_ema.safetensors where the run kept an EMA of the weights."""
         from safetensors.torch import save
 
         # Copies: safetensors refuses tensors that share storage (a Sparsifiner with share_inout_proj).
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-        write_bytes(self.file(self.STUDENT_WEIGHTS), save(tensors, metadata={"format": "pt"}))
+        for name, weights in ((self.STUDENT_WEIGHTS, state_dict), (self.STUDENT_EMA_WEIGHTS, ema_state_dict)):
+            if weights is not None:
+                tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+                write_bytes(self.file(name), save(tensors, metadata={"format": "pt"}))
         self.write_text(self.STUDENT_CONFIG, student.config.to_json())
         self.write_text(self.PRETRAINED_CFG, json.dumps(getattr(student, "pretrained_cfg", {}), indent=1) + "\n")
 
@@ -125,7 +131,8 @@ class RunFolder:
             raise NotARunError(
                 f"{p} is not a finished bootstrapping run: missing {', '.join(missing)} (a run writes "
                 f"{', '.join(cls.FINISHED[:-1])} and {cls.FINISHED[-1]} at its end){hint}")
-        folder.teacher_spec()  # the recipe reads and names a teacher
+        if folder.has_teacher():
+            folder.teacher_spec()  # the recipe reads and names a teacher
         return folder
 
     def recipe(self) -> dict:
@@ -142,6 +149,10 @@ class RunFolder:
                 raise RunFolderError(f"{path} is not a recipe (a YAML mapping)")
             self._recipe = dict(recipe)
         return self._recipe
+
+    def has_teacher(self) -> bool:
+        """Whether the recipe names a teacher (a run that trained with labels alone may have none)."""
+        return bool(self.recipe().get("teacher"))
 
     def teacher_spec(self) -> dict:
         """The recipe's `teacher:` spec."""
@@ -169,10 +180,23 @@ class RunFolder:
         return create_teacher(self.check_teacher_rebuildable())
 
     def load_student(self) -> nn.Module:
-        """The student the run saved, its weights loaded strictly."""
+        """The student the run saved, its weights loaded strictly, with its pretrained_cfg (input size, mean, std;
+        the class names of a student trained with labels) where the run wrote one."""
+        return self._student(self.file(self.STUDENT_WEIGHTS))
+
+    def _student(self, weights: Path) -> nn.Module:
         from .families import load_student
 
-        return load_student(self.file(self.STUDENT_CONFIG), self.file(self.STUDENT_WEIGHTS))
+        student = load_student(self.file(self.STUDENT_CONFIG), weights)
+        pcfg = self.pretrained_cfg()
+        if pcfg is not None:
+            student.pretrained_cfg = dict(pcfg)
+        return student
+
+    def load_student_ema(self) -> nn.Module | None:
+        """The EMA of the student's weights the run saved (student_ema.safetensors), or None where it kept none."""
+        path = self.file(self.STUDENT_EMA_WEIGHTS)
+        return self._student(path) if path.is_file() else None
 
     def pretrained_cfg(self) -> dict | None:
         """pretrained_cfg.json (input size, mean, std, ...), or None where the run wrote none (or an empty one)."""

@@ -40,7 +40,8 @@ def convert(source: str, out_dir: str | Path, *, weights: str | None = None, ove
         if weights is not None:
             raise ValueError("--weights is for a released model name; a run folder holds its own weights")
         folder = RunFolder.finished(source)
-        student, teacher, pcfg = folder.load_student(), folder.teacher_spec(), folder.pretrained_cfg()
+        student, pcfg = folder.load_student(), folder.pretrained_cfg()
+        teacher = folder.teacher_spec() if folder.has_teacher() else None  # a run with labels alone has none
         if pcfg is None:  # an older run: its teacher's preprocessing (which its weights do not change)
             from teachers import create_teacher
 

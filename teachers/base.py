@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from data.errors import UserError
+from data.transforms import AUG_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .rope import RotaryPositions
@@ -232,7 +233,8 @@ class BlockModules:
 
 
 # Train-time augmentation keys understood by `Teacher.train_transform`.
-_AUG_KEYS = ("scale", "ratio", "hflip", "color_jitter")
+# data.augment's keys (`data.transforms.augmented_view`).
+_AUG_KEYS = AUG_KEYS
 
 
 def _ln_affine(norm: nn.Module, prefix: str) -> dict[str, Tensor]:
@@ -587,21 +589,18 @@ class Teacher(nn.Module):
         `data.transforms.ReplayableTrainTransform`: the same random draws as
         torchvision's Compose of these steps, and its views can be drawn from
         a seed and replayed exactly (cached teacher targets rely on it).
+        With RandAugment or random erasing (auto_augment, re_prob, re_mode, re_count) it is timm's
+        `create_transform` instead (`data.transforms.augmented_view`).
         `decode` picks how it decodes JPEGs (`data.decode.DECODE_PATHS`; None: the default).
         """
-        from data.transforms import ReplayableTrainTransform
+        from data.transforms import augmented_view
 
         for key in aug_overrides:
             if key not in _AUG_KEYS:
                 raise TeacherSpecError(
                     f"unknown augmentation '{key}'.{closest(key, _AUG_KEYS)} Valid: {', '.join(_AUG_KEYS)}")
-        aug = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": None,
-               **self.default_train_aug, **aug_overrides}
         p = self.preprocess
-        return ReplayableTrainTransform(p.size, p.mean, p.std, p.interpolation, scale=aug["scale"],
-                                        ratio=aug["ratio"], hflip=aug["hflip"] or 0.0,
-                                        color_jitter=aug["color_jitter"],
-                                        **({} if decode is None else {"decode": decode}))
+        return augmented_view(p.size, p.mean, p.std, p.interpolation, aug_overrides, self.default_train_aug, decode)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, name={self.name!r}, family={self.family!r}, target={self.target!r}, "

@@ -99,6 +99,18 @@ def test_train_speed_times_teacher_student_and_data(tmp_path):
     assert r["caching"]["img_per_s"] > 0 and r["caching"]["teacher_inference_img_per_s"] > 0
 
 
+def test_train_speed_times_a_supervised_step_beside_an_alignment_step_of_the_same_student(tmp_path):
+    results = tmp_path / "train_speed.json"
+    out = run_script("train_speed.py", "--models", "augreg_base", "--modes", "online,labels", "--batch-size", "2",
+                     "--steps", "1", "--warmup", "0", "--num-workers", "0", "--image-size", "240", "--threads", "1",
+                     "--json", str(results))
+    [r] = json.loads(results.read_text())
+    assert "cached" not in r and r["labels"]["targets"] == "labels" and r["labels"]["student_tokens"] == 49
+    online, labels = table_rows(out)
+    assert (online[3], labels[3]) == ("online", "labels") and labels[6] == "0%"  # no teacher forward
+    assert f"labels/align speed (augreg_base): {r['labels_over_online']:.2f}x" in out
+
+
 def test_data_speed_times_each_decode_path_and_the_reduced_difference():
     out = run_script("data_speed.py", "--images", "12", "--rounds", "1", "--batch-size", "4", "--size", "64",
                      "--paths", "today", "full", "reduced", "fast", "torchvision", "--max-size", "96",

@@ -533,6 +533,26 @@ def test_a_changed_recipe_is_refused_before_anything_is_written(straight_run, re
     assert [s for s, _ in list_checkpoints(next(run.glob("checkpoints.replaced-*")))] == [4, 8]
 
 
+def test_a_run_saved_before_training_with_labels_resumes(straight_run, recipe_file, tmp_path):
+    """A recipe.yaml saved before the objective: section and the optim and student.init keys existed: the new keys
+    are compared at their defaults, which compute what that run computed, so it resumes to the same weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000008")
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    saved.pop("objective")
+    for key in ("schedule", "warmup_lr", "lr_base_batch", "epochs", "warmup_epochs", "ema_decay", "layer_decay"):
+        saved["optim"].pop(key)
+    for key in ("init", "config", "config_overrides", "weights", "image_size", "num_classes"):
+        saved["student"].pop(key)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    (run / "student.safetensors").unlink()
+    assert run_here(recipe_file, run) == 0
+    assert_same_weights(weights(run), weights(straight_run))
+
+
 def test_unwritable_output_folders_are_named_first(recipe_file, capsys):
     assert run_here(recipe_file, Path("/proc/not-a-folder/run")) == 2
     err = capsys.readouterr().err

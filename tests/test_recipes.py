@@ -20,14 +20,17 @@ PAPER = {
 }
 
 
-def test_every_recipe_is_there_and_loads():
+def test_every_recipe_is_there_and_loads(tmp_path):
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_base_budget", "clip_large", "demo",
-                     "demo_budget", "demo_sparsifiner", "dinov2_base", "dinov3_base", "pe_core_large",
-                     "siglip2_so400m", "siglip_base",
+    assert names == ["augreg_base", "augreg_base_finetune", "augreg_large", "clip_base", "clip_base_budget",
+                     "clip_large", "demo", "demo_budget", "demo_sparsifiner", "demo_supervised", "dinov2_base",
+                     "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
+                     "sparseformer_v1_base", "sparseformer_v1_small", "sparseformer_v1_tiny",
                      "sparsifiner_clip_base", "sparsifiner_deit_small"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
+        if name == "augreg_base_finetune":  # it starts from a run folder
+            overrides.append(f"student.init={tmp_path}")
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
         assert recipe.name == name and recipe.run.output_dir == f"runs/{name}"
         # The resolved recipe reads back to the same recipe.

@@ -47,4 +47,5 @@ FAMILY = StudentFamily(
     name="budget", config=BudgetConfig, models=(BudgetViT,), options=BudgetOptions, build=training.build,
     phases=training.phases, enter=training.enter, forward=training.forward, steps=training.steps,
     describe=_describe, timm=NAMES, vision=VisionDescription(_vision_describe, vit_tower_encoding),
+    no_scratch="it is its teacher's tower at fewer tokens: it starts from the teacher, or from a budget run",
 )

@@ -22,7 +22,7 @@ from data.schema import load
 from teachers.base import teacher_extras
 from teachers.budget import patch_for, reduced_stem_state_dict, resolution_for
 
-from ..family import ConfigError, ParameterPolicy, policy_from
+from ..family import ConfigError, InitOptions, ParameterPolicy, policy_from
 from .config import BudgetConfig
 from .model import BudgetViT
 
@@ -35,8 +35,9 @@ HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")  # what `train_head: false` 
 
 
 @dataclass
-class BudgetOptions:
-    """A recipe's ``student:`` section for ``kind: budget``: the token budget and how the teacher reaches it."""
+class BudgetOptions(InitOptions):
+    """A recipe's ``student:`` section for ``kind: budget``: the token budget and how the teacher reaches it (and
+    how the student starts, `InitOptions`: from its teacher, or from a budget run or weights file)."""
 
     tokens: int | None = None  # patch tokens (the class token and registers on top); default a quarter of the teacher's
     reduce: Literal["resolution", "patch"] = "resolution"  # a lower input resolution, or a larger patch
@@ -127,6 +128,8 @@ def parameter_policy(student: BudgetViT, teacher: "Teacher", train_head: bool) -
     if teacher.target != "proj":
         frozen = (*frozen, "head.")
     policy = policy_from(student, lambda name: not name.startswith(frozen) if frozen else True)
+    if train_head and teacher.target != "proj":  # a phase that reads the logits (labels, distillation) trains it
+        policy.logits_only = [n for n in policy.frozen if n.startswith("head.")]
     return policy.apply(student)
 
 

@@ -1,5 +1,6 @@
 """How the run trains a budget ViT: one phase that aligns its output, on fewer tokens, with the teacher's embedding of
-the same images at full resolution (the alignment loss every family uses)."""
+the same images at full resolution (the alignment loss every family uses), or trains on the recipe's objective
+(`students.losses.objective_terms`: labels, distillation, alignment)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from ..family import ParameterPolicy, Phase, PhaseContext
-from ..losses import alignment_term
+from ..family import ParameterPolicy, Phase, PhaseContext, enter_objective_phase, forward_outputs_of
+from ..losses import objective_phase
 from .construct import BudgetOptions, budget_student
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,16 +21,16 @@ def build(teacher: "Teacher", options: BudgetOptions) -> tuple[nn.Module, Parame
 
 
 def phases(ctx: PhaseContext) -> list[Phase]:
-    o = ctx.optim
-    return [Phase("align", o.steps, o.lr, o.min_lr, o.warmup_steps, ("embedding",), (alignment_term(ctx.loss),))]
+    return [objective_phase(ctx)]
 
 
 def enter(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
-    return policy  # one phase; budget_student applied the policy
+    # One phase; the construction applied the policy. The head trains where the phase reads the logits.
+    return enter_objective_phase(student, policy, phase)
 
 
 def forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    return {"embedding": student(images, pre_logits=pre_logits)}
+    return forward_outputs_of(student, images, outputs, pre_logits)
 
 
 def steps(options: Any, optim: Any) -> int:

@@ -5,7 +5,7 @@ students bootstrapped from a ViT teacher (arXiv 2312.01987).
     config.py      SparseFormerConfig (the released JSON form)
     released.py    the released configurations (v1 and btsp), as data
     construct.py   a student built from a teacher: its last 2N/3 blocks, norm and head (`bootstrap_student`)
-    training.py    how the run trains it (one alignment phase)
+    training.py    how the run trains it (one phase of the recipe's objective) and starts it from scratch
     timm_names.py  its names in timm (and open_clip's local-dir: loading)
     pictures.py    where it looks: RoIs and sampling points (`rois.png`)
 """
@@ -51,7 +51,7 @@ FAMILY = StudentFamily(
     name="sparseformer", config=SparseFormerConfig, models=(SparseFormer, MediaSparseFormer),
     options=BootstrapOptions, build=training.build, phases=training.phases, enter=training.enter,
     forward=training.forward, steps=training.steps, describe=_describe, timm=NAMES,
-    vision=VisionDescription(_vision_describe, _vision_encode),
+    vision=VisionDescription(_vision_describe, _vision_encode), scratch=training.scratch, named=training.named,
     pictures=(ReportPicture("rois", "rois.png", draw_rois, "Where the student looks",
                             "Each token's RoI and sampling points at every sampling stage, then the final RoIs."),),
 )

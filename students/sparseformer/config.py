@@ -75,9 +75,15 @@ class CompatibleConfig:
     qk_norm: bool = False
     attn_norm: bool = False
     mlp_norm: bool = False
+    # The normalisations of the authors' ImageNet training code (showlab/sparseformer imagenet/models/
+    # sparseformer.py, which trained the v1 models) rather than of their released inference package: the early
+    # convolution's per-pixel normalisation with the unbiased variance + 1e-7 (not the biased one + 1e-5), the
+    # sampling offsets' std + 1e-7 (not + 1e-5) and the mixing generator's LayerNorm at ln_eps (not 1e-5).
+    # Training v1 from scratch as the authors did sets it (with restrict_grad_norm).
+    imagenet_code_norms: bool = False
 
     _EXTENSION_DEFAULTS = {"head_dim": 64, "mlp_layer": "mlp", "mlp_hidden_dim": 0, "mlp_act": "", "qk_norm": False,
-                           "attn_norm": False, "mlp_norm": False}
+                           "attn_norm": False, "mlp_norm": False, "imagenet_code_norms": False}
 
     def num_heads(self, dim: int) -> int:
         return 64 if self.type_num_attn_heads == 1 else dim // self.head_dim

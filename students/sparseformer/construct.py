@@ -20,7 +20,7 @@ import torch
 from data.schema import load
 from teachers.base import teacher_extras
 
-from ..family import ConfigError, ParameterPolicy, policy_from
+from ..family import ConfigError, InitOptions, ParameterPolicy, policy_from
 from .config import POOL_TO_HEAD_OP, SparseFormerConfig
 from .model import SFUnit, SparseFormer
 from .released import btsp_config
@@ -37,8 +37,10 @@ HANDLED_EXTRAS = ("rope", "attn_norm", "mlp_norm", "pool_include_prefix")
 
 
 @dataclass
-class BootstrapOptions:
-    """Everything about the construction a recipe may change. `None` means: derived from the teacher."""
+class BootstrapOptions(InitOptions):
+    """Everything about the construction a recipe may change. `None` means: derived from the teacher.
+
+    With ``init`` other than teacher (`students.init`), the construction keys below do not apply."""
 
     tokens: int | None = None  # all tokens incl. the class token; default a quarter of the patch tokens
     num_points: int = 16  # sampling points per token

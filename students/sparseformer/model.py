@@ -51,10 +51,15 @@ MIN_INPUT_SIZE = 7
 # Early convolution
 # --------------------------------------------------------------------------
 class EarlyConvolution(nn.Module):
-    """conv 7x7/2 -> ReLU -> max-pool 3x3/2 -> per-pixel normalisation over channels."""
+    """conv 7x7/2 -> ReLU -> max-pool 3x3/2 -> per-pixel normalisation over channels.
 
-    def __init__(self, conv_dim: int, ndim: int = 2):
+    ``unbiased``: the normalisation of the authors' training code, (x - mean) / sqrt(unbiased var + 1e-7)
+    (`CompatibleConfig.imagenet_code_norms`).
+    """
+
+    def __init__(self, conv_dim: int, ndim: int = 2, unbiased: bool = False):
         super().__init__()
+        self.unbiased = unbiased
         if ndim == 2:
             self.conv1 = nn.Conv2d(3, conv_dim, kernel_size=7, stride=2, padding=3)
             self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -66,8 +71,13 @@ class EarlyConvolution(nn.Module):
         # In place: the conv output is a fresh temporary, and a new 25 MB ReLU output (at 224, batch 8)
         # costs more in page faults than the ReLU itself.
         x = self.pool(F.relu(self.conv1(_channels_last(x)), inplace=True))
+        c = x.shape[1]
+        if self.unbiased:
+            # (x - mean) / sqrt(var * c / (c - 1) + 1e-7) as one fused LayerNorm: its eps and a rescale.
+            x = F.layer_norm(x.movedim(1, -1), (c,), eps=1e-7 * (c - 1) / c) * math.sqrt((c - 1) / c)
+            return x.movedim(-1, 1)
         # LayerNorm over channels without affine: (x - mean) / sqrt(var + 1e-5).
-        x = F.layer_norm(x.movedim(1, -1), (x.shape[1],), eps=1e-5)
+        x = F.layer_norm(x.movedim(1, -1), (c,), eps=1e-5)
         return x.movedim(-1, 1)
 
 
@@ -139,7 +149,8 @@ class _ClampGrad(torch.autograd.Function):
 class AdaptiveMixing(nn.Module):
     """Per-token channel mixing `Mc` then point mixing `Ms`, both generated from the token."""
 
-    def __init__(self, dim: int, conv_dim: int, num_points: int, inner_dim: int, mixing_bias: bool):
+    def __init__(self, dim: int, conv_dim: int, num_points: int, inner_dim: int, mixing_bias: bool,
+                 eps: float = 1e-5):
         super().__init__()
         self.conv_dim, self.num_points = conv_dim, num_points
         self.out_points = max(num_points, 32)
@@ -148,7 +159,7 @@ class AdaptiveMixing(nn.Module):
             self.m_beta = nn.Parameter(torch.zeros(conv_dim))
             self.s_beta = nn.Parameter(torch.zeros(self.out_points))
         self.parameter_generator = nn.Sequential(
-            nn.LayerNorm(dim, eps=1e-5),  # always 1e-5, whatever ln_eps says
+            nn.LayerNorm(dim, eps=eps),  # 1e-5 whatever ln_eps says, except in the authors' training code
             nn.Linear(dim, inner_dim),
             nn.Linear(inner_dim, conv_dim * conv_dim + self.out_points * num_points),
         )
@@ -197,6 +208,7 @@ class SFUnit(nn.Module):
             align_corners=cc.grid_sample_config.align_corners,
         )
         self.restrict_grad_norm = cc.restrict_grad_norm
+        self.offset_std_eps = 1e-7 if cc.imagenet_code_norms else 1e-5
         self.type_op_adjust = cc.type_op_adjust
         eps = cc.ln_eps
 
@@ -208,7 +220,8 @@ class SFUnit(nn.Module):
         if "SAMPLING_M" in ops:
             pg = cc.pg_inner_dim
             inner = pg if isinstance(pg, int) else int(pg * dim)
-            self.adaptive_mixing = AdaptiveMixing(dim, cfg.conv_dim, self.num_points, inner, cc.mixing_bias)
+            self.adaptive_mixing = AdaptiveMixing(dim, cfg.conv_dim, self.num_points, inner, cc.mixing_bias,
+                                                  eps if cc.imagenet_code_norms else 1e-5)
             self.roi_offset_module = nn.Sequential(
                 nn.LayerNorm(dim, eps=eps), nn.Linear(dim, ndim * self.num_points, bias=False)
             )
@@ -261,7 +274,7 @@ class SFUnit(nn.Module):
         # Standardise each coordinate over the P points (unbiased std).
         mean = offsets.mean(dim=-2, keepdim=True)
         std = offsets.std(dim=-2, keepdim=True)
-        offsets = (offsets - mean) / (3 * (std + 1e-5))
+        offsets = (offsets - mean) / (3 * (std + self.offset_std_eps))
         centre, size = roi_centre_size(roi.float(), self.ndim)  # signed size
         return centre[..., None, :] + offsets * size[..., None, :]
 
@@ -388,7 +401,7 @@ class SparseFormer(nn.Module):
             raise ValueError(f"replicates must be a positive integer, got {replicates!r}")
         n_tokens = cfg.num_latent_tokens * replicates
 
-        self.feat_extractor = EarlyConvolution(cfg.conv_dim, self.ndim)
+        self.feat_extractor = EarlyConvolution(cfg.conv_dim, self.ndim, cfg.compatible_config.imagenet_code_norms)
         self.initial_roi = nn.Embedding(n_tokens, 2 * self.ndim)
         self.initial_embedding = nn.Embedding(1 if cfg.same_token_embedding else n_tokens, cfg.width_configs[0])
         if cfg.has_cls_token:
@@ -469,6 +482,12 @@ class SparseFormer(nn.Module):
     def num_blocks(self) -> int:
         """The blocks `forward_tokens` counts (see there): the trailing units over the final token set."""
         return self.config.num_units - self.first_block_unit
+
+    @property
+    def restricts_gradients(self) -> bool:
+        """Whether the sampling points' gradients are clamped (`restrict_grad_norm`): the clamp bound is for
+        unscaled gradients, so fp16 training with a gradient scaler would clamp them far too hard."""
+        return self.config.compatible_config.restrict_grad_norm
 
     @property
     def num_classes(self) -> int:
@@ -656,10 +675,18 @@ class SparseFormer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The parameters exempt from weight decay besides 1-D ones and biases (timm's convention): the
-        initial RoIs, the token, class and stage embeddings, and RoPE-Mixed's frequencies (as timm's Eva)."""
+        initial RoIs, the class and stage embeddings, RoPE-Mixed's frequencies (as timm's Eva), and the initial
+        token embedding where it is one vector shared by every token (as a class token). Per-token embeddings (v1)
+        decay, as the authors' training code decays them (it exempts only the RoIs, norms and biases)."""
+        embeddings = ("initial_roi.", "cls_embedding.", "rope.") + (
+            ("initial_embedding.",) if self.config.same_token_embedding else ())
         return {name for name, _ in self.named_parameters()
-                if name.startswith(("initial_roi.", "initial_embedding.", "cls_embedding.", "rope."))
-                or ".stage_embedding." in name}
+                if name.startswith(embeddings) or ".stage_embedding." in name}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (its layer-wise lr decay): the stem (early convolution, initial tokens and RoIs,
+        class embedding), then each layer in order; the final norm and the head come last."""
+        return dict(stem=r"^feat_extractor|^initial_|^cls_embedding", blocks=[(r"^layers\.(\d+)", None)])
 
     def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:
         """The tokens after a block, [B, N, embed_dim] (N latent tokens, +1 with the class token first).

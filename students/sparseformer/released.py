@@ -202,3 +202,31 @@ def _released(name: str):
     return RELEASED[name]
 
 
+
+
+# The parameter names of the authors' ImageNet training code (showlab/sparseformer imagenet/models/sparseformer.py,
+# whose checkpoints the v1.0.0-imagenet release holds) -> ours (those of their released package).
+IMAGENET_CODE_NAMES = (
+    ("token_roi.", "initial_roi."), ("token_embedding.", "initial_embedding."), (".ln_attn.", ".norm1."),
+    (".attn.in_proj_weight", ".attn.qkv.weight"), (".attn.in_proj_bias", ".attn.qkv.bias"),
+    (".attn.out_proj.", ".attn.proj."), (".ffn.0.", ".norm2."), (".ffn.1.", ".mlp.fc1."), (".ffn.3.", ".mlp.fc2."),
+    (".adaptive_mixing.tuo_proj.", ".adaptive_mixing.out_proj."), ("head.norm.", "norm."),
+    ("head.classifier.", "proj."),
+)
+
+
+def is_imagenet_code_state_dict(state_dict) -> bool:
+    """Whether a state dict has the names of the authors' ImageNet training code (`token_roi.weight`)."""
+    return "token_roi.weight" in state_dict and "initial_roi.weight" not in state_dict
+
+
+def from_imagenet_code(state_dict) -> dict:
+    """A state dict of the authors' ImageNet training code with our parameter names (the values unchanged)."""
+    out = {}
+    for key, value in state_dict.items():
+        for theirs, ours in IMAGENET_CODE_NAMES:  # a name with a leading dot inside a key, else at its start
+            if (theirs in key) if theirs.startswith(".") else key.startswith(theirs):
+                key = key.replace(theirs, ours, 1)
+                break
+        out[key] = value
+    return out

@@ -51,4 +51,6 @@ FAMILY = StudentFamily(
                             "For a few query patches (red squares) of a few images, the keys each keeps in the last "
                             "sparse block (head 0), lit; the rest dimmed."),),
     sections=(ExtraSection("attention_cost", measure_attention, attention_markdown),),
+    no_scratch="it is its teacher's ViT with sparse attention added: it starts from the teacher, or from a "
+               "Sparsifiner run",
 )

@@ -1,8 +1,9 @@
 """How the run trains a Sparsifiner student: two phases (`../shared/design/sparsifiner.md`).
 
 * reconstruct: only the connectivity predictors train, on the teacher's attention maps;
-* sparse: the backbone trains with the masks on the alignment loss plus a token term (MSE of the
-  final-normed patch tokens) and, for supervised teachers, KL of the logits.
+* sparse: the backbone trains with the masks on the recipe's objective (the alignment loss by default;
+  labels) plus a token term (MSE of the final-normed patch tokens) and, for supervised teachers, KL of the
+  logits.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..family import LossTerm, ParameterPolicy, Phase, PhaseContext
-from ..losses import alignment_term, kl_to_logits, token_loss
+from ..family import InitOptions, LossTerm, ParameterPolicy, PhasedParameterPolicy, Phase, PhaseContext
+from ..losses import distill_term, objective_outputs, objective_terms, teacher_logits_fn, token_loss
 from .construct import SparsifyOptions, sparsify
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
-class SparsifinerOptions(SparsifyOptions):
+class SparsifinerOptions(SparsifyOptions, InitOptions):
     """A recipe's `student:` section for `kind: sparsifiner`: the construction (`SparsifyOptions`)
     and the two phases. `optim.*` is the sparse phase's; the reconstruct phase has its own steps,
     learning rate and warm-up (the authors': 5 of 50 epochs at 3e-4, then 45 at 8e-5)."""
@@ -93,23 +93,15 @@ def phases(ctx: PhaseContext) -> list[Phase]:
     def tokens(out, target):  # the patch tokens: the prefix tokens (class token, registers) are aligned above
         return token_loss(out["tokens"][:, prefix:], target["tokens"][:, prefix:])
 
-    sparse_terms = [alignment_term(ctx.loss)]
+    sparse_terms = objective_terms(ctx)
     if opts.token_weight > 0:
-        sparse_terms.append(LossTerm("tokens", opts.token_weight, ("tokens",), tokens))
-    head = teacher.head_state_dict() if teacher.family == "supervised" else None
-    if head is not None and opts.kl_weight > 0:
-        weight = head["weight"].detach().clone()
-        bias = head.get("bias")
-        bias = None if bias is None else bias.detach().clone()
-
-        def kl(out, target):
-            embedding = target["embedding"]
-            t_logits = F.linear(embedding.float(), weight.to(embedding.device),
-                                None if bias is None else bias.to(embedding.device))
-            return kl_to_logits(out["logits"], t_logits, opts.kl_temperature)
-
-        sparse_terms.append(LossTerm("kl", opts.kl_weight, ("embedding",), kl))
-    sparse_outputs = ("embedding", "tokens", "logits") if len(sparse_terms) > 1 else ("embedding",)
+        sparse_terms.append(LossTerm("tokens", opts.token_weight, ("tokens",), tokens, reads=("tokens",)))
+    if opts.kl_weight > 0 and teacher_logits_fn(teacher) is not None:
+        if ctx.objective is not None and ctx.objective.distill > 0:
+            raise ValueError("objective.distill and student.kl_weight both distil the teacher's logits in the sparse "
+                             "phase; set one of them to 0")
+        sparse_terms.append(distill_term(teacher, opts.kl_weight, opts.kl_temperature, name="kl"))
+    sparse_outputs = ("embedding", "tokens", "logits") if len(sparse_terms) > 1 else objective_outputs(sparse_terms)
     return [
         Phase("reconstruct", opts.reconstruct_steps, opts.reconstruct_lr, o.min_lr, opts.reconstruct_warmup_steps,
               ("approx_attn",), (LossTerm("reconstruct", opts.reconstruct_weight, ("attention",), reconstruct),)),
@@ -118,7 +110,10 @@ def phases(ctx: PhaseContext) -> list[Phase]:
 
 
 def enter(student: nn.Module, policy, phase: Phase) -> ParameterPolicy:
-    return policy.apply(student, phase.name)  # requires_grad and student.set_phase
+    if isinstance(policy, PhasedParameterPolicy):
+        return policy.apply(student, phase.name)  # requires_grad and student.set_phase
+    student.set_phase(phase.name)  # a student fine-tuned from a run: everything trains
+    return policy.apply(student)
 
 
 def forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:

@@ -1,0 +1,47 @@
+"""Helpers of the tests that train with labels: labelled shards from pixel arrays, and runs in this process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from data.shards import ShardSink, prepare_out_dir, write_dataset_json
+
+
+def write_labelled_shards(folder: Path, images: np.ndarray, labels: Sequence[int], classnames: Sequence[str] | None,
+                          maxcount: int = 1000) -> Path:
+    """``images`` [N, H, W, 3] uint8 as PNG samples with ``cls`` (in this order), and a dataset.json listing
+    ``classnames`` (None: a dataset.json without them, as unlabelled shards have)."""
+    folder = prepare_out_dir(folder, overwrite=True)
+    with ShardSink(folder, maxcount=maxcount) as sink:
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+            sample = {"__key__": f"{i:06d}", "png": buffer.getvalue()}
+            if label is not None:
+                sample["cls"] = str(int(label)).encode()
+            sink.write(sample)
+        shards = sink.close()
+    write_dataset_json(folder, {"format": "webdataset", "created_by": "tests", "num_samples": len(images),
+                                "shards": shards, "classnames": None if classnames is None else list(classnames),
+                                "num_classes": None if classnames is None else len(classnames)})
+    return folder
+
+
+def run_here(recipe: Path, out: Path, *overrides: str) -> int:
+    """`python bootstrap/run.py RECIPE ...` in this process, with accelerate's singletons reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bootstrap.run import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        return main([str(recipe), f"run.output_dir={out}", *overrides])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
