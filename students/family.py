@@ -275,6 +275,10 @@ class StudentFamily:
     timm: the family's names in timm (`students.timm_registry.TimmNames`).
     vision: what a transformers vision model needs (`VisionDescription`).
     pictures, sections: what the evaluation report adds for this family.
+    model_of: ``config -> model class`` where a family has several (SparseFormer: image or video).
+
+    A family takes video when its options have a ``video`` field (`students.video`); its video students
+    record their clips in their config's ``video`` section.
     """
 
     name: str
@@ -291,11 +295,19 @@ class StudentFamily:
     vision: VisionDescription
     pictures: tuple[ReportPicture, ...] = ()
     sections: tuple[ExtraSection, ...] = ()
+    # The model class a config builds (a family with several, e.g. image and video models); None: `model`.
+    model_of: Callable[[Any], type] | None = None
 
     @property
     def model(self) -> type:
         return self.models[0]
 
+    def model_class(self, config) -> type:
+        """The class of the model a config object (or its dict) builds."""
+        config = self.config.from_dict(config)
+        return self.model if self.model_of is None else self.model_of(config)
+
     def new(self, config) -> nn.Module:
         """A fresh model of this family from a config object or its dict."""
-        return self.model(self.config.from_dict(config))
+        config = self.config.from_dict(config)
+        return self.model_class(config)(config)
