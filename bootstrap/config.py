@@ -37,7 +37,9 @@ from data.decode import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, check_decode_path
 from data.errors import UserError
 from data.schema import load
 from eval.options import EvalConfig
+from data.media import ImageMedia, VideoMedia
 from students import DEFAULT_FAMILY, family_named, family_of
+from students.video import video_options, video_refusal
 
 
 class RecipeError(UserError, ValueError):
@@ -79,6 +81,9 @@ class DataConfig:
     # Images with more pixels are skipped and counted, from their header, before decoding (null: PIL's limits only).
     max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
     allow_pipe: bool = False  # let `pipe:CMD` shard URLs in train/val/eval data run CMD (printed first)
+    # Video students (student.video): the decoder of video shards, auto (torchcodec where it works, else PyAV) | pyav
+    # | torchcodec.
+    video_backend: Literal["auto", "pyav", "torchcodec"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,19 @@ class DemoTeacherConfig:
 
 
 @dataclass(frozen=True)
+class DemoVideoConfig:
+    """The video demo's own data: the demo's shapes, moving (`data.video_demo`), at `demo.image_size`."""
+
+    num_videos: int = 600
+    frames: int = 16  # per video
+    val_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DemoConfig:
-    """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val`."""
+    """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val` (with `video`:
+    the demo videos; the teacher is the image demo's, applied frame by frame)."""
 
     cache_dir: Union[str, None] = None  # default ~/.cache/sparseformer-bootstrap (or $SPARSEFORMER_CACHE)
     num_images: int = 2400
@@ -162,6 +178,7 @@ class DemoConfig:
     val_fraction: float = 1 / 6
     data_seed: int = 0
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    video: Union[DemoVideoConfig, None] = None
 
 
 def student_options(value: Any, where: str = "student"):
@@ -179,6 +196,8 @@ def student_options(value: Any, where: str = "student"):
         family = family_named(kind)
     except ValueError as exc:
         raise RecipeError(f"recipe key '{where}.kind': {exc}") from None
+    if "video" in mapping and "video" not in {f.name for f in dataclasses.fields(family.options)}:
+        raise RecipeError(video_refusal(family.name))
     return load(family.options, mapping, where, error=RecipeError, dotted=True)
 
 
@@ -204,6 +223,20 @@ class Recipe:
     def family(self):
         """The student family (`students.family.StudentFamily`) of the `student:` section."""
         return family_of(self.student)
+
+    @property
+    def media(self):
+        """What a sample is (`data.media`): a clip (`student.video`, decoded by `data.video_backend`) or an image."""
+        video = video_options(self.student)
+        if video is None:
+            return ImageMedia()
+        return VideoMedia(video.clip_sampling(), self.data.video_backend)
+
+    def train_transform(self, teacher):
+        """The training view of a sample: the teacher's augmentation (`data.augment`) of an image, or of every frame
+        of a clip (one crop and flip per clip)."""
+        d = self.data
+        return self.media.train_transform(teacher.train_transform(decode=d.decode, **d.augment))
 
     def replace(self, **sections) -> "Recipe":
         """A new recipe with whole sections replaced (a mapping for `teacher` is frozen on the way in)."""
@@ -279,6 +312,15 @@ class Recipe:
             if teacher.consistency_images is not None and teacher.consistency_images < 1:
                 raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
                                   f"got {teacher.consistency_images}")
+            video = self.demo.video
+            if video is not None:
+                if video.frames < 2 or video.num_videos < 4 or not 0 < video.val_fraction < 1:
+                    raise RecipeError(f"demo.video needs frames >= 2, num_videos >= 4 and 0 < val_fraction < 1, got "
+                                      f"frames={video.frames}, num_videos={video.num_videos}, "
+                                      f"val_fraction={video.val_fraction}")
+                if video_options(self.student) is None:
+                    raise RecipeError("demo.video makes demo videos, but the student takes images: add student.video "
+                                      "(e.g. student.video={frames: 8}) or drop demo.video")
         else:
             if not self.teacher:
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "

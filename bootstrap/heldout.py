@@ -1,4 +1,4 @@
-"""The held-out alignment check: a fixed set of held-out images, the teacher's embeddings of them, and the
+"""The held-out alignment check: a fixed set of held-out images (or clips), the teacher's embeddings of them, and the
 student's fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and
 at the end, logged and drawn (`alignment.png`).
 """
@@ -19,12 +19,15 @@ from .stepper import NonFiniteLossError
 __all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_alignment"]
 
 
-def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Tensor, list[str]]:
-    """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set."""
-    from data.evalsets import first_images
+def load_heldout(shards, teacher, limit: int, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, media=None) -> tuple[Tensor, list[str]]:
+    """The first `limit` images (or clips: `media`, `data.media`) of `shards` in shard order, in the teacher's
+    evaluation view: the fixed held-out set, and the ``shard#key`` of each."""
+    from data.media import ImageMedia
 
-    return first_images(shards, transform, limit, allow_pipe, max_pixels)
+    media = media or ImageMedia()
+    transform = media.eval_transform(teacher.preprocess, teacher.eval_transform())
+    return media.first_samples(shards, transform, limit, allow_pipe, max_pixels)
 
 
 @torch.no_grad()

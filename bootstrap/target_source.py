@@ -137,6 +137,8 @@ def auto_dir(recipe, teacher, views: int) -> Path:
            "decode": d.decode,
            "heldout": d.heldout_samples, "views": views, "seed": recipe.run.seed,
            "precision": recipe.run.mixed_precision, "max_pixels": d.max_pixels, "version": 2}
+    if recipe.media.video:  # the clips (image runs keep the folders they had)
+        key["media"] = recipe.media.settings()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return root / "targets" / digest
 
@@ -144,11 +146,11 @@ def auto_dir(recipe, teacher, views: int) -> Path:
 def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], None] = print):
     """The run's `OnlineTargets` or `CachedTargets` (``recipe.data.targets``); with cached targets
     the folder is checked against this run first (``data.targets.TargetsError`` naming the field)."""
-    from data.evalsets import first_images
     from data.shards import resolve_shards
     from data.targets import CHECK_SAMPLES, RUN_FIELDS, check_against_teacher, open_targets, read_manifest, warn_view_reuse
 
     from .cache_targets import run_manifest
+    from .heldout import load_heldout
 
     d = recipe.data
     if d.targets is None:
@@ -168,11 +170,11 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
                           manifest.get("tokens_shape") is not None)
     store = open_targets(folder, {k: wanted[k] for k in RUN_FIELDS}, resolve_shards(d.train, d.allow_pipe))
     # A manifest can be edited: a few cached views and held-out targets are embedded again by the teacher.
-    heldout = None if d.val is None else first_images(d.val, teacher.eval_transform(), CHECK_SAMPLES, d.allow_pipe,
-                                                      d.max_pixels)
+    heldout = None if d.val is None else load_heldout(d.val, teacher, CHECK_SAMPLES, d.allow_pipe, d.max_pixels,
+                                                      recipe.media)
     home = next(teacher.parameters()).device
     check_against_teacher(store, lambda x: teacher.embed(x.to(home)).float().cpu(), transform, heldout,
-                          max_pixels=d.max_pixels)
+                          max_pixels=d.max_pixels, media=recipe.media)
     if accelerator.is_main_process:
         warn_view_reuse(store.views, epochs)
     say(f"cached targets: {folder} ({store.views} views per image, {manifest.get('dtype')}); the teacher stays on "

@@ -28,6 +28,7 @@ import time
 from data.outputs import open_append, write_text
 from students.family import PhaseContext
 from students.run_folder import RunFolder
+from teachers.frames import media_teacher
 
 from .batches import TrainBatches, loader_stats_over_ranks
 from .checkpoint import TrainState
@@ -59,15 +60,16 @@ def train(recipe: Recipe) -> dict:
 
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached (data.targets):
     # it stays on the CPU (the student inherits its weights) and runs only for what the cache does not hold.
-    targets = target_source(recipe, teacher, teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment),
-                            accelerator, say=say)
+    # Samples are images or clips (recipe.media); over clips the teacher answers frame by frame.
+    media, transform = recipe.media, recipe.train_transform(teacher)
+    targets = target_source(recipe, media_teacher(teacher, media), transform, accelerator, say=say)
     stepper = _stepper(run, teacher, targets, accelerator, say)
     state = TrainState()
     stepper.begin(state, run.resume_from, run.resume_state)
     metrics = MetricsLog(accelerator, run.folder.file(RunFolder.METRICS), state.step if run.resume_from else None)
     if accelerator.is_main_process:
         accelerator.init_trackers("tb")
-    batches = _train_batches(recipe, teacher, targets, state, run.folder, accelerator, run.resume_from is not None)
+    batches = _train_batches(recipe, transform, targets, state, run.folder, accelerator, run.resume_from is not None)
     check = _heldout_check(run, teacher, targets, accelerator, metrics)
     student = stepper.student
 
@@ -130,14 +132,12 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
                    say)
 
 
-def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: RunFolder, accelerator,
+def _train_batches(recipe: Recipe, transform, targets, state: TrainState, out: RunFolder, accelerator,
                    resumed: bool) -> TrainBatches:
     """This rank's training batches from the data position in ``state``."""
-    from data.stream import build_train_loader
-
     d, rank = recipe.data, accelerator.process_index
-    loader = build_train_loader(
-        d.train, teacher.train_transform(decode=d.decode, **d.augment), d.batch_size, d.num_workers,
+    loader = recipe.media.train_loader(
+        d.train, transform, d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=accelerator.num_processes, shardshuffle=d.shardshuffle,
         targets=targets.store, allow_pipe=d.allow_pipe, max_pixels=d.max_pixels)
@@ -152,11 +152,12 @@ def _train_batches(recipe: Recipe, teacher, targets, state: TrainState, out: Run
 
 
 def _heldout_check(run, teacher, targets, accelerator, metrics) -> HeldoutCheck | None:
-    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images (None without ``data.val``)."""
+    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images or clips (None without
+    ``data.val``)."""
     d = run.recipe.data
     if d.val is None:
         return None
-    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
+    images, keys = load_heldout(d.val, teacher, d.heldout_samples, d.allow_pipe, d.max_pixels, run.recipe.media)
     device, autocast = accelerator.device, accelerator.autocast
     held = targets.heldout(keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, autocast))
     return HeldoutCheck(images, held, d.eval_batch_size, accelerator, teacher.target != "proj", metrics,
