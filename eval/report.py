@@ -30,7 +30,7 @@ from students import FAMILIES
 from data.outputs import write_text
 from students.run_folder import RunFolder
 
-from .bench import jsonable, run_bench, student_candidate
+from .bench import TEACHER, jsonable, run_bench, student_candidate
 from .options import EvalConfig
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_run", "load_run", "prepare_out_dir", "to_markdown", "write_report"]
@@ -65,6 +65,9 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
         report["fidelity"] = bench.fidelity[STUDENT]
     if bench.probe is not None:
         report["linear_probe"] = bench.probe
+    if STUDENT in bench.retrieval:
+        report["retrieval"] = {"teacher": bench.retrieval[TEACHER], "student": bench.retrieval[STUDENT]}
+    report["media"] = bench.media
     report.update(bench.pictures.get(STUDENT, {}))
     report.update(bench.sections.get(STUDENT, {}))
     if bench.cost is not None:
@@ -142,15 +145,22 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: one table per section, teacher and student side by side."""
     t = report["teacher"]
     st = report.get("student", {})
+    video = (report.get("media") or {}).get("kind") == "video"
+    unit = "video" if video else "image"
     lines = [f"# Evaluation: {st.get('type', '?')} student of {t['kind']}:{t['name']} ({t['family']})", ""]
     tokens = st.get("token_text") or f"{st.get('latent_tokens', '?')} tokens"
-    lines.append(f"Student: {st.get('type', '?')} with {tokens}; teacher: "
+    lines.append(f"Student: {st.get('type', '?')} with {tokens}{' per clip' if video else ''}; teacher: "
                  f"{t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
-                 f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report.get('device', '?')}.")
+                 f"{t['image_size'][0]}x{t['image_size'][1]}{' per frame' if video else ''}. "
+                 f"Device: {report.get('device', '?')}.")
     if "eval_set" in report:
         e = report["eval_set"]
-        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes."
+        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} {unit}s, {e['num_classes']} classes."
                      + _skipped_line(e.get("skipped"), "evaluation"))
+        if video:
+            lines.append(f"Each video: {e['views_per_video']} view(s) ({report['media']['num_clips']} clip(s) x "
+                         f"{report['media']['num_crops']} crop(s)), each {e['clip']}; the teacher embeds every frame "
+                         f"and averages (CLIP's video protocol), every model averages its embedding over the views.")
     lines.append("")
 
     if "zero_shot" in report:
@@ -158,7 +168,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"## Zero-shot classification ({z['templates']} templates, {z['num_templates']} prompts per class)",
                   ""] + _accuracy_table(z)
         lines += ["", f"Agreement (same top-1 prediction): {_pct(z['agreement'])}. Chance top-1: "
-                      f"{_pct(z['chance_top1'])} ({z['num_classes']} classes, {z['num_images']} images).", ""]
+                      f"{_pct(z['chance_top1'])} ({z['num_classes']} classes, {z['num_images']} {unit}s).", ""]
         if (z.get("logits") or {}).get("kind") == "sigmoid":
             lg, pr = z["logits"], z["top1_probability"]
             sign = "+" if lg["bias"] >= 0 else "−"
@@ -176,7 +186,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += _accuracy_table(p)
         lines.append(f"| C chosen | {p['teacher']['C']:g} | {p['student']['C']:g} | |")
         lines += ["", f"Split: {p['split']} ({p['teacher']['num_train']} train / {p['teacher']['num_test']} test "
-                      f"images); C chosen on a held-out part of the train split. Chance top-1: "
+                      f"{unit}s); C chosen on a held-out part of the train split. Chance top-1: "
                       f"{_pct(p['chance_top1'])}."]
         if p.get("train_skipped"):
             lines.append(_skipped_line(p["train_skipped"], "train").strip())
@@ -184,9 +194,19 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         if unconverged:
             lines.append(f"Warning: the logistic regression did not converge for {', '.join(unconverged)}.")
         lines.append("")
+    if "retrieval" in report:
+        r = report["retrieval"]
+        lines += [f"## Text <-> {unit} retrieval (the teacher's text tower; one caption per {unit})", "",
+                  "| | teacher | student | student / teacher |", "|---|---:|---:|---:|"]
+        for direction, label in (("text_to_video", f"text -> {unit}"), ("video_to_text", f"{unit} -> text")):
+            for k, value in r["teacher"][direction].items():
+                lines.append(f"| {label} {k} | {_pct(value)} | {_pct(r['student'][direction][k])} | "
+                             f"{_ratio(r['student'][direction][k], value)} |")
+        chance = ", ".join(f"{k} {_pct(v)}" for k, v in r["teacher"]["chance"].items())
+        lines += ["", f"Chance: {chance} ({r['teacher']['num_samples']} {unit}s).", ""]
     if "fidelity" in report:
         f = report["fidelity"]
-        lines += ["## Fidelity (student embedding against the teacher's, same images)", "",
+        lines += [f"## Fidelity (student embedding against the teacher's, same {unit}s)", "",
                   "| measure | value | constant-embedding baseline |", "|---|---:|---:|",
                   f"| mean cosine | {f['cosine']:.4f} | can be high |",
                   f"| centred cosine (teacher mean removed) | {f['centred_cosine']:.4f} | ≈ 0 |",
@@ -194,15 +214,23 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                   f"{_pct(f['retrieval_chance'])} |", ""]
     if "cost" in report:
         ct, cs = report["cost"]["teacher"], report["cost"]["student"]
-        lines += [f"## Cost (batch {ct['batch_size']} at {ct['image_size'][0]}x{ct['image_size'][1]}, "
-                  f"{ct['device']})", ""]
-        lines += _side_by_side([
+        per = f"clip of {ct['frames']} frames" if video else "image"
+        lines += [f"## Cost (batch {ct['batch_size']} {'clips' if video else 'images'} at {ct['image_size'][0]}x"
+                  f"{ct['image_size'][1]}, {ct['device']})", ""]
+        rows = [
             ("parameters (M)", _num, ct["params"] / 1e6, cs["params"] / 1e6),
-            ("GFLOPs per image (2 per multiply-add)", _num, ct["gflops"], cs["gflops"]),
-            ("GMACs per image", _num, ct["gmacs"], cs["gmacs"]),
-            ("images / s", lambda x: _num(x, 1), ct.get("images_per_s"), cs.get("images_per_s")),
+            (f"GFLOPs per {per} (2 per multiply-add)", _num, ct["gflops"], cs["gflops"]),
+            (f"GMACs per {per}", _num, ct["gmacs"], cs["gmacs"]),
+        ]
+        if video:
+            rows.append((f"GFLOPs per video ({ct['views']} view(s))", _num, ct["gflops_per_video"],
+                         cs["gflops_per_video"]))
+        rows += [
+            ("clips / s" if video else "images / s", lambda x: _num(x, 1), ct.get("images_per_s"),
+             cs.get("images_per_s")),
             ("peak memory (MB, weights + activations)", lambda x: _num(x, 1), ct.get("peak_mb"), cs.get("peak_mb")),
-        ])
+        ]
+        lines += _side_by_side(rows)
         lines += ["", "FLOPs counted with torch's FlopCounterMode (matrix products, convolutions, attention).", ""]
     family = _family(st.get("family"))
     for section in family.sections if family else ():
