@@ -1,0 +1,353 @@
+"""Video students (issue 30, items 3-7): inflation, the run on clips, cached video targets, evaluation and baselines.
+
+Tiny random teachers at 32 px and the demo's moving shapes (`data.video_demo`, encoded here with PyAV) at 32 px,
+8 frames per video.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+av = pytest.importorskip("av", reason="video needs PyAV: pip install -e '.[video]'")
+
+from data.media import VideoMedia  # noqa: E402
+from data.video_demo import MOTION_ONLY_CLASSES, make_video_demo_dataset, render_video  # noqa: E402
+from data.video_transforms import ClipSampling  # noqa: E402
+from students import MediaSparseFormer, SparseFormer, bootstrap_student, load_student  # noqa: E402
+from students.sparseformer.video import inflate  # noqa: E402
+from students.video import VideoOptions  # noqa: E402
+from teachers import RandomTeacherWarning, create_teacher  # noqa: E402
+from teachers.frames import VideoTeacher  # noqa: E402
+from test_bootstrap import ROOT, assert_same_weights, run_here, run_subprocess, weights  # noqa: E402
+
+TEACHER = {"kind": "openclip", "model": "tiny-clip", "pretrained": None, "model_cfg": {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}
+STUDENT = {"tokens": 5, "focus_width": 32, "conv_dim": 16, "num_points": 4, "pg_inner_dim": 16, "focus_repeats": 2}
+RECIPE = {
+    "teacher": TEACHER,
+    "student": {**STUDENT, "video": {"frames": 4}},
+    "data": {"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, "heldout_samples": 6,
+             "augment": {"scale": [0.5, 1.0], "hflip": 0.5}},
+    "optim": {"lr": 1e-3, "warmup_steps": 2, "steps": 6},
+    "run": {"log_every": 2, "eval_every": 3, "checkpoint_every": 3, "keep_checkpoints": 2, "progress": False,
+            "final_report": False},
+    "eval": {"batch_size": 4, "num_workers": 0, "cost_batch_size": 2, "cost_iters": 1},
+    "export": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomTeacherWarning)
+        return create_teacher(copy.deepcopy(TEACHER))
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every weight moved a little: the zero-initialised RoI and offset heads matter too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("videos")
+    make_video_demo_dataset(out, num=32, size=32, frames=8, val_fraction=0.25, shard_size=6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe_file(videos, tmp_path_factory) -> Path:
+    recipe = copy.deepcopy(RECIPE)
+    recipe["data"].update(train=str(videos / "train"), val=str(videos / "val"))
+    recipe["eval"]["data"] = str(videos / "val")
+    path = tmp_path_factory.mktemp("recipe") / "tiny_video.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# ----------------------------------------------------------------------------- inflation
+
+
+def test_a_video_student_on_a_still_clip_is_its_image_student(teacher):
+    image = _perturbed(bootstrap_student(teacher, **STUDENT)[0])
+    video = inflate(image, VideoOptions(frames=4)).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for frames in (1, 4):  # one frame, and a clip of one still frame
+            clip = x[:, None].expand(-1, frames, -1, -1, -1)
+            torch.testing.assert_close(video(clip), image(x), rtol=0, atol=2e-5)
+            torch.testing.assert_close(video(clip, pre_logits=True), image(x, pre_logits=True), rtol=0, atol=2e-5)
+            torch.testing.assert_close(video.forward_tokens(clip, layer=-2), image.forward_tokens(x, layer=-2),
+                                       rtol=0, atol=2e-5)
+        moving = torch.stack([x.roll(4 * t, dims=-1) for t in range(4)], dim=1)
+        assert (video(moving) - image(x)).abs().max() > 1e-3  # the clip's other frames are seen
+
+
+def test_video_students_are_built_saved_and_exported_as_image_ones(teacher, tmp_path):
+    from students.export import export_openclip, export_timm
+    from students.run_folder import RunFolder
+
+    image, image_policy = bootstrap_student(teacher, **STUDENT)
+    video, policy = bootstrap_student(teacher, **STUDENT, video={"frames": 4, "replicates": 2})
+    assert type(video) is MediaSparseFormer and video.config.video.frames == 4 and video.replicates == 2
+    assert video.num_tokens == 2 * image.num_tokens  # every latent token, twice: two tubes over time
+    assert policy.trainable == image_policy.trainable and not any(
+        p.requires_grad for n, p in video.named_parameters() if n in policy.frozen)
+    clips = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert video.forward_tokens(clips).shape == (2, 2 * 4 + 1, 64)  # the whole clip's tokens, class token first
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.write_student(video, video.state_dict())
+    reloaded = load_student(folder.file("student_config.json"), folder.file("student.safetensors")).eval()
+    assert type(reloaded) is MediaSparseFormer and reloaded.config.video == video.config.video
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(clips), video.eval()(clips), rtol=0, atol=0)
+    export_timm(video, tmp_path / "timm")  # reloads with timm.create_model("local-dir:...") and compares
+    export_openclip(video, teacher, tmp_path / "openclip")  # encode_image of clips, the teacher's text tower
+    with pytest.raises(ValueError, match=r"takes clips \[B, T, 3, H, W\].*pass clips.transpose\(1, 2\)"):
+        video(clips.transpose(1, 2))
+
+
+def test_a_runs_image_student_is_the_starting_point(teacher, tmp_path):
+    from bootstrap.config import RecipeError, load_recipe
+    from bootstrap.resolve import with_image_student
+    from students.run_folder import RunFolder
+
+    image = _perturbed(bootstrap_student(teacher, **STUDENT)[0])
+    folder = RunFolder(tmp_path / "image_run")
+    folder.path.mkdir()
+    folder.write_student(image, image.state_dict())
+    folder.write_recipe(yaml.safe_dump({"teacher": TEACHER}))
+    recipe = load_recipe(base=copy.deepcopy(RECIPE), overrides=["data.train=x", f"student.video.image_student="
+                                                                 f"{folder.path}"])
+    weights_file = with_image_student(recipe).student.video.image_student
+    assert weights_file == str(folder.file("student.safetensors").resolve())
+    video, _ = bootstrap_student(teacher, **STUDENT, video={"frames": 4, "image_student": weights_file})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(video.eval()(x[:, None]), image(x), rtol=0, atol=2e-5)
+    other = {**TEACHER, "model": "another-clip"}
+    folder.write_recipe(yaml.safe_dump({"teacher": other}))
+    with pytest.raises(RecipeError, match="image_student: the run .* learned from teacher openclip:another-clip"):
+        with_image_student(recipe)
+    with pytest.raises(RecipeError, match="image_student: .* is not a finished bootstrapping run"):
+        with_image_student(load_recipe(base=copy.deepcopy(RECIPE), overrides=[
+            "data.train=x", f"student.video.image_student={tmp_path}"]))
+    with pytest.raises(ValueError, match="image_student: .* does not fit SparseFormer: that image student was built "
+                                         "with other student options"):
+        bootstrap_student(teacher, **{**STUDENT, "tokens": 9}, video={"image_student": weights_file})
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["student.kind=sparsifiner", "student.video={frames: 8}"],
+     r"^recipe key 'student.video': sparsifiner students take images only .*set student.kind=sparseformer"),
+    (["student.video.frames=0"], r"video.frames must be an integer >= 1, got 0"),
+    (["student.video.replicates=9"], r"video.replicates=9 .* use replicates <= frames"),
+    (["student.video.sampling=tsn"], r"student.video.sampling' must be one of segments, stride, got 'tsn'"),
+    (["student.video.frame=8"], r"unknown recipe key 'student.video.frame'. Did you mean 'student.video.frames'"),
+    (["data.video_backend=ffmpeg"], r"data.video_backend' must be one of auto, pyav, torchcodec"),
+    (["demo={video: {frames: 8}}", "student.video=null"], r"demo.video makes demo videos, but the student takes "),
+])
+def test_bad_video_recipes_are_one_line(overrides, message):
+    from bootstrap.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(base=copy.deepcopy(RECIPE), overrides=["data.train=x", *overrides])
+    assert "\n" not in str(info.value)
+
+
+def test_data_that_does_not_fit_the_student_is_named_before_the_teacher_is_built(videos, tmp_path):
+    from bootstrap.config import RecipeError, load_recipe
+    from bootstrap.launch import check_data
+    from data.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "images", num=12, size=32, shard_size=6)
+    cases = [
+        ([f"data.train={tmp_path / 'images' / 'train'}"], r"data.train: .* holds images .* the student takes clips: "
+                                                          r"give video shards"),
+        ([f"data.train={videos / 'train'}", "student.video=null"], r"data.train: .* holds videos .* make it a video "
+                                                                   r"student \(student.video"),
+        ([f"data.train={videos / 'train'}", "student.video.frames=12"], r"data.train: a clip of 12 frames .* needs 12 "
+                                                                        r"frames but the longest video .* has 8"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            check_data(load_recipe(base=copy.deepcopy(RECIPE), overrides=overrides))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@pytest.fixture(scope="module")
+def straight_run(recipe_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert run_here(recipe_file, out) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_the_run_trains_a_video_student_and_resumes_exactly(straight_run, recipe_file, tmp_path):
+    student = load_student(straight_run / "student_config.json", straight_run / "student.safetensors")
+    assert type(student) is MediaSparseFormer and student.config.video.frames == 4
+    summary = json.loads((straight_run / "train_summary.json").read_text())
+    assert summary["heldout_end"]["cosine"] > summary["heldout_start"]["cosine"]
+    out = tmp_path / "run"
+    assert run_here(recipe_file, out, "run.stop_after=3") == 0
+    assert run_here(recipe_file, out) == 0
+    assert_same_weights(weights(out), weights(straight_run))
+
+
+def test_clips_are_the_same_at_the_same_position(recipe_file):
+    """Frames, crop and flip of a batch are a function of (seed, epoch, rank, batch): a resumed run sees them again."""
+    from bootstrap.batches import TrainBatches
+    from bootstrap.checkpoint import TrainState
+    from bootstrap.config import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomTeacherWarning)
+        transform = recipe.train_transform(create_teacher(copy.deepcopy(TEACHER)))
+    seen = []
+    for _ in range(2):
+        loader = recipe.media.train_loader(recipe.data.train, transform, 4, 0, shuffle_buffer=8, seed=0, rank=0,
+                                           world_size=1)
+        batches = TrainBatches(loader, TrainState(), seed=0, rank=0)
+        seen.append([batches.next() for _ in range(3)])
+    for (a, ea), (b, eb) in zip(*seen):
+        assert torch.equal(a, b) and torch.equal(ea["frames"], eb["frames"]) and ea["__key__"] == eb["__key__"]
+    frames = torch.cat([e["frames"] for _, e in seen[0]])
+    assert len({tuple(f) for f in frames.tolist()}) > 1  # clips are drawn, not fixed
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_video_student(recipe_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}", "optim.steps=3", "run.eval_every=3",
+           "run.checkpoint_every=3", "data.batch_size=2"]
+    result = run_subprocess(cmd, {"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 4
+    assert len(set(summary["rank_checksums"])) == 1
+
+
+def test_cached_video_targets_replay_the_teachers_clips(recipe_file, tmp_path):
+    """The caching pass stores each view's frames, crop and flip; rendering them again and embedding the clip with
+    the teacher over frames gives the stored target (float32 storage: to rounding), and a run trains on them."""
+    from bootstrap.cache_targets import cache_targets
+    from bootstrap.config import load_recipe
+    from data.shards import iter_shard, resolve_shards
+    from data.targets import TARGET_SHARD, open_targets, read_manifest
+
+    recipe = load_recipe(recipe_file)
+    out = tmp_path / "targets"
+    manifest = cache_targets(recipe, 2, out, dtype="float32", tokens=True, progress=False)
+    assert manifest["complete"] and manifest["augment"]["sampling"]["frames"] == 4
+    assert manifest["tokens_shape"] == [4, 17, 64]  # per frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomTeacherWarning)
+        torch.manual_seed(recipe.run.seed)
+        teacher = create_teacher(copy.deepcopy(TEACHER))
+    transform, media = recipe.train_transform(teacher), recipe.media
+    store = open_targets(out, read_manifest(out), resolve_shards(recipe.data.train))
+    url = store.image_urls[0]
+    checked = 0
+    for raw in store.iter_shard(url):
+        cached = store.decode(raw)
+        clips = torch.stack(media.replay(raw, transform, cached["views"]))
+        assert [len(v["frames"]) for v in cached["views"]] == [4, 4]
+        out_teacher = VideoTeacher(teacher).targets(clips, ["embedding", "tokens"])
+        torch.testing.assert_close(cached["embed"], out_teacher["embedding"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached["tokens"], out_teacher["tokens"], rtol=0, atol=1e-5)
+        checked += 1
+    assert checked == 6 and (out / (TARGET_SHARD % 0)).is_file()
+    run = tmp_path / "run"
+    assert run_here(recipe_file, run, f"data.targets={out}", "optim.steps=2") == 0
+    assert (run / "student.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_holds_a_video_student_against_the_teacher_over_frames(straight_run, videos, tmp_path):
+    from eval import evaluate_run
+
+    report = evaluate_run(straight_run, out_dir=tmp_path / "report", progress=False, clips=2)
+    assert report["media"]["kind"] == "video" and report["eval_set"]["views_per_video"] == 2
+    assert report["eval_set"]["num_images"] == 8 and report["eval_set"]["num_classes"] == 10
+    z = report["zero_shot"]
+    assert z["num_templates"] == 5 and z["num_classes"] == 10  # the demo's prompts, from the shards' dataset.json
+    r = report["retrieval"]
+    assert set(r["teacher"]["text_to_video"]) == {"R@1", "R@5", "R@10"} and r["teacher"]["chance"]["R@1"] == 1 / 8
+    cost = report["cost"]
+    assert cost["teacher"]["frames"] == 4 and cost["teacher"]["gflops_per_video"] == 2 * cost["teacher"]["gflops"]
+    assert cost["student"]["gflops"] < cost["teacher"]["gflops"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Text <-> video retrieval" in text and "GFLOPs per clip of 4 frames" in text and "8 videos" in text
+
+
+def test_video_baselines_are_the_teacher_made_cheaper_within_the_students_budget(teacher):
+    from eval.baselines.video import ReducedTeacher, budget_baselines, even_frames
+    from eval.cost import count_flops
+
+    clips = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reference = VideoTeacher(teacher).embed(clips)
+    torch.testing.assert_close(ReducedTeacher(teacher, frames=4).embed(clips), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ReducedTeacher(teacher, keep=16).embed(clips), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ReducedTeacher(teacher, frames=2).embed(clips),
+                               VideoTeacher(teacher).embed(clips[:, even_frames(4, 2)]), rtol=0, atol=1e-6)
+    assert even_frames(8, 2) == [2, 6] and even_frames(8, 8) == list(range(8))
+    student, _ = bootstrap_student(teacher, **{**STUDENT, "tokens": 3}, video={"frames": 4})
+    (fewer, dropped), _ = budget_baselines(teacher, student, 4, (32, 32))
+    budget = count_flops(student, clips[:1])
+    assert count_flops(dropped, clips[:1]) <= budget < count_flops(ReducedTeacher(teacher, keep=dropped.keep + 1),
+                                                                     clips[:1])
+    assert fewer.frames >= 1 and dropped.keep < teacher.num_patches
+
+
+@pytest.mark.slow
+def test_compare_adds_the_video_baselines(straight_run, tmp_path):
+    from eval.compare import CompareError, compare_runs
+
+    report = compare_runs([straight_run], out_dir=tmp_path / "compare", progress=False, link=False)
+    kinds = {name: m["kind"] for name, m in report["models"].items()}
+    assert sorted(kinds.values()) == ["baseline", "baseline", "student", "teacher"]
+    assert all("text_r1" in row for row in report["table"])
+    assert "Baselines: the teacher on fewer frames" in (tmp_path / "compare" / "compare.md").read_text()
+    with pytest.raises(CompareError, match="--tome merges the tokens of images"):
+        compare_runs([straight_run], tome=[2], out_dir=tmp_path / "c2", progress=False, link=False)
+
+
+# ----------------------------------------------------------------------------- the demo's data
+
+
+def test_demo_videos_move_and_two_classes_differ_only_by_direction():
+    left_index = 8  # classes cycle with the index: 8 is "heart moving left", 9 "heart moving right"
+    left, attrs = render_video(left_index, size=32, frames=6)
+    assert attrs["classname"] == MOTION_ONLY_CLASSES[0] and attrs["direction"] == "left"
+    assert len(left) == 6 and left[0].tobytes() != left[-1].tobytes()
+    right, attrs = render_video(left_index + 1, size=32, frames=6)
+    assert attrs["classname"] == MOTION_ONLY_CLASSES[1] and "moving right" in attrs["caption"]
+    again, _ = render_video(left_index, size=32, frames=6)
+    assert [f.tobytes() for f in again] == [f.tobytes() for f in left]  # deterministic
+    media = VideoMedia(ClipSampling(4))
+    assert media.example(2, (32, 32)).shape == (2, 4, 3, 32, 32)
