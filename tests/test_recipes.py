@@ -23,8 +23,8 @@ PAPER = {
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
-                     "dinov2_base", "siglip2_so400m", "siglip_base", "sparsifiner_clip_base",
-                     "sparsifiner_deit_small"]
+                     "demo_video", "dinov2_base", "siglip2_so400m", "siglip_base", "sparsifiner_clip_base",
+                     "sparsifiner_deit_small", "video_clip_base"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
@@ -40,6 +40,9 @@ def test_the_sparsifiner_demo_shares_the_demos_data_and_teacher():
     demo, sparse = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / "demo_sparsifiner.yaml")
     assert _data_key(sparse.demo) == _data_key(demo.demo) and _teacher_key(sparse.demo) == _teacher_key(demo.demo)
     assert type(sparse.student).__name__ == "SparsifinerOptions"
+    video = load_recipe(RECIPES / "demo_video.yaml")  # the video demo's teacher is the image demo's too
+    assert _data_key(video.demo) == _data_key(demo.demo) and _teacher_key(video.demo) == _teacher_key(demo.demo)
+    assert video.media.video and video.student.video.frames == 8
 
 
 @pytest.mark.parametrize("name,budget,basis,reduced", [("sparsifiner_deit_small", 50, 32, 32),
