@@ -33,7 +33,8 @@ from students.run_folder import RunFolder
 from .bench import TEACHER, jsonable, run_bench, student_candidate
 from .options import EvalConfig
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_run", "load_run", "prepare_out_dir", "to_markdown", "write_report"]
+__all__ = ["EvalConfig", "evaluate", "evaluate_run", "headline", "load_run", "prepare_out_dir", "to_markdown",
+           "write_report"]
 
 STUDENT = "student"
 
@@ -251,6 +252,22 @@ def to_markdown(report: Mapping[str, Any]) -> str:
 def _family(name):
     """The student family a report names (None for a report of another kind of model)."""
     return FAMILIES.get(name)
+
+
+def headline(report: Mapping[str, Any]) -> str:
+    """The report in one line: zero-shot (or head) top-1 of teacher and student, and GFLOPs per image or clip."""
+    parts = []
+    for key, what in (("zero_shot", "zero-shot"), ("classification", "head")):
+        if key in report:
+            a = report[key]
+            parts.append(f"{what} top-1: teacher {_pct(a['teacher'].get('top1'))}, student "
+                         f"{_pct(a['student'].get('top1'))} ({a['num_classes']} classes)")
+    if "cost" in report:
+        ct, cs = report["cost"]["teacher"], report["cost"]["student"]
+        per = "clip" if ct.get("frames") else "image"
+        parts.append(f"GFLOPs per {per}: teacher {_num(ct['gflops'])}, student {_num(cs['gflops'])} "
+                     f"({ct['gflops'] / cs['gflops']:.1f}x fewer)")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -351,3 +351,28 @@ def test_demo_videos_move_and_two_classes_differ_only_by_direction():
     assert [f.tobytes() for f in again] == [f.tobytes() for f in left]  # deterministic
     media = VideoMedia(ClipSampling(4))
     assert media.example(2, (32, 32)).shape == (2, 4, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_the_video_demo_bootstraps_from_the_image_demos_teacher(tmp_path, capsys):
+    """recipes/demo_video.yaml in miniature: the image demo's data and teacher, the demo videos, the run, the report
+    (zero-shot of teacher and student, printed) and the export."""
+    cache = tmp_path / "cache"
+    tiny = ["demo.num_images=48", "demo.image_size=32", f"demo.cache_dir={cache}",
+            "demo.teacher={width: 32, layers: 2, heads: 2, patch_size: 8, embed_dim: 16, text_width: 16, "
+            "text_layers: 1, text_heads: 1, steps: 4, batch_size: 8}",
+            "demo.video={num_videos: 20, frames: 6}",
+            "student={tokens: 5, drop_blocks: 1, finetune_blocks: 1, focus_width: 16, focus_repeats: 1, "
+            "num_points: 4, pg_inner_dim: 16, conv_dim: 8, video: {frames: 4}}",
+            "data.batch_size=4", "data.heldout_samples=5", "optim.steps=2", "optim.warmup_steps=1",
+            "run.progress=false", "run.eval_every=2", "eval.batch_size=5", "eval.cost_batch_size=2",
+            "eval.cost_iters=1"]
+    assert run_here(ROOT / "recipes" / "demo_video.yaml", tmp_path / "run", *tiny) == 0
+    out = capsys.readouterr().out
+    assert "training the demo teacher" in out and "making the demo videos (20 videos of 6 frames of 32 px)" in out
+    assert "held-out alignment: start" in out and "zero-shot top-1: teacher" in out and "GFLOPs per clip" in out
+    recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert "demo-videos" in recipe["data"]["train"] and "demo-teacher" in recipe["teacher"]["pretrained"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["zero_shot"]["num_classes"] == 10 and report["eval_set"]["num_images"] == 5
+    assert (tmp_path / "run" / "export_openclip" / "open_clip_config.json").is_file()
