@@ -161,3 +161,15 @@ def test_student_speed_puts_sparsifiners_beside_their_dense_teacher():
     assert teacher[2] == "197" and float(teacher[6]) == 0.715 == float(teacher[7])
     assert float(k10[7]) < float(k25[7]) < float(teacher[7]) < float(k25[6])  # masked < dense < executed
     assert 0.25 < float(k25[8]) < 0.27 and float(k25[4]) > 0
+
+
+def test_video_speed_puts_a_video_student_beside_its_teacher_over_frames():
+    out = run_script("video_speed.py", "--clip-model", "ViT-B-32-quickgelu", "--tokens", "17", "--frames", "2", "4",
+                     "--threads", "1", "--iters", "3", "--warmup", "1")
+    rows = table_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("2", "teacher over frames"), ("2", "video student"),
+                                            ("4", "teacher over frames"), ("4", "video student")]
+    # ViT-B/32: 8.8 GFLOPs a frame, every frame; the student's 17 tokens see the clip, its convolution every frame.
+    assert float(rows[0][3]) == 17.6 and float(rows[2][3]) == 35.3
+    assert rows[1][2] == rows[3][2] == "17 per clip"
+    assert float(rows[1][3]) < float(rows[3][3]) < float(rows[2][3])
