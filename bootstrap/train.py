@@ -62,6 +62,9 @@ def train(recipe: Recipe) -> dict:
     # it stays on the CPU (the student inherits its weights) and runs only for what the cache does not hold.
     # Samples are images or clips (recipe.media); over clips the teacher answers frame by frame.
     media, transform = recipe.media, recipe.train_transform(teacher)
+    if media.video:
+        say(f"samples are clips: {media.sampling.describe()}, one crop and flip per clip; the teacher embeds every "
+            f"frame and its target is the mean (teachers.frames)")
     targets = target_source(recipe, media_teacher(teacher, media), transform, accelerator, say=say)
     stepper = _stepper(run, teacher, targets, accelerator, say)
     state = TrainState()

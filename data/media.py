@@ -69,6 +69,11 @@ class ImageMedia:
     def eval_loader(self, source, transform, batch_size: int, num_workers: int, allow_pipe: bool = False,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS, classnames: Sequence[str] | None = None):
         """``(loader, classnames)``; batches ``(images, labels)``."""
+        from .evalsets import _is_shard_source, check_eval_source
+
+        check_eval_source(source, allow_pipe=allow_pipe)
+        if _is_shard_source(source):
+            self.check_shards(resolve_shards(source, allow_pipe))
         return build_eval_loader(source, transform, batch_size, num_workers, classnames=classnames,
                                  allow_pipe=allow_pipe, max_pixels=max_pixels)
 
@@ -160,7 +165,7 @@ class VideoMedia:
         from .video_stream import build_video_eval_loader
 
         check_eval_source(source, "video evaluation data", allow_pipe)
-        resolve_shards(source, allow_pipe)  # a pipe: URL without the opt-in is refused here
+        self.check_shards(resolve_shards(source, allow_pipe))  # (a pipe: URL without the opt-in is refused here)
         loader, names = build_video_eval_loader(source, transform, batch_size, num_workers, classnames=classnames,
                                                 require_labels=False, backend=self.backend)
         return VideoBatches(loader), names

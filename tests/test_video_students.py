@@ -303,6 +303,12 @@ def test_evaluation_holds_a_video_student_against_the_teacher_over_frames(straig
     assert cost["student"]["gflops"] < cost["teacher"]["gflops"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Text <-> video retrieval" in text and "GFLOPs per clip of 4 frames" in text and "8 videos" in text
+    from data.demo import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "images", num=12, size=32, shard_size=6)
+    with pytest.raises(ValueError, match=r"holds images .* the student takes clips: give video shards"):
+        evaluate_run(straight_run, eval_source=str(tmp_path / "images" / "val"), out_dir=tmp_path / "r2",
+                     progress=False)
 
 
 def test_video_baselines_are_the_teacher_made_cheaper_within_the_students_budget(teacher):
