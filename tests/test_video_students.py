@@ -121,6 +121,11 @@ def test_video_students_are_built_saved_and_exported_as_image_ones(teacher, tmp_
     export_openclip(video, teacher, tmp_path / "openclip")  # encode_image of clips, the teacher's text tower
     with pytest.raises(ValueError, match=r"takes clips \[B, T, 3, H, W\].*pass clips.transpose\(1, 2\)"):
         video(clips.transpose(1, 2))
+    pytest.importorskip("transformers")
+    from students.transformers_model import StudentVisionModel
+
+    with pytest.raises(ValueError, match="is not an image student .* forward_tokens\\(clips"):
+        StudentVisionModel.from_student(video)
 
 
 def test_a_runs_image_student_is_the_starting_point(teacher, tmp_path):
