@@ -76,6 +76,9 @@ class DataConfig:
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
     targets: Union[str, None] = None
+    # Views per image that data.targets=auto caches (null: one per epoch of the run, so no view repeats). Fewer
+    # views save the teacher's work (a teacher over 8 frames costs 8 images a clip) at the price of repeated views.
+    target_views: Union[int, None] = None
     heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
     eval_batch_size: int = 256
     # Images with more pixels are skipped and counted, from their header, before decoding (null: PIL's limits only).
@@ -303,6 +306,8 @@ class Recipe:
             check_decode_path(d.decode)
         except ValueError as exc:
             raise RecipeError(f"data.decode={exc}") from None
+        if d.target_views is not None and d.target_views < 1:
+            raise RecipeError(f"data.target_views must be at least 1 or null (one per epoch), got {d.target_views}")
         if d.targets is not None and not d.targets.strip():
             raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         if self.demo is not None:

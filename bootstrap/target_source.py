@@ -20,7 +20,7 @@ for what its phase needs (`students.family.Phase.needs`: embedding, tokens, atte
 * ``data.targets: auto``: like DIR, with the folder in the cache (``demo.cache_dir``,
   ``$SPARSEFORMER_CACHE`` or ``~/.cache/sparseformer-bootstrap``, under ``targets/``), named by a
   hash of what the targets depend on, and made on first use with one view per epoch of the
-  run (so no view repeats).
+  run (so no view repeats), or ``data.target_views`` views (fewer: less of the teacher's work, views repeat).
 
 Cached targets stop at the embedding: a phase that needs the teacher's attention maps (the
 Sparsifiner reconstruct phase) runs the teacher online; final tokens can be cached
@@ -158,12 +158,13 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     folder = Path(d.targets).expanduser()
     epochs = run_epochs(recipe, accelerator.num_processes)
     if d.targets == "auto":
-        folder = auto_dir(recipe, teacher, epochs)
+        views = d.target_views or epochs
+        folder = auto_dir(recipe, teacher, views)
         if not (read_manifest(folder) or {}).get("complete"):
             from .cache_targets import cache_targets
 
-            say(f"data.targets=auto: caching the teacher's targets ({epochs} views per image) in {folder}")
-            cache_targets(recipe, epochs, folder, accelerator=accelerator, teacher=teacher, progress=recipe.run.progress)
+            say(f"data.targets=auto: caching the teacher's targets ({views} views per image) in {folder}")
+            cache_targets(recipe, views, folder, accelerator=accelerator, teacher=teacher, progress=recipe.run.progress)
     manifest = read_manifest(folder) or {}
     views = manifest.get("views", 1)
     wanted = run_manifest(recipe, teacher, transform, views, manifest.get("dtype", "float16"),
@@ -175,7 +176,7 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     home = next(teacher.parameters()).device
     check_against_teacher(store, lambda x: teacher.embed(x.to(home)).float().cpu(), transform, heldout,
                           max_pixels=d.max_pixels, media=recipe.media)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not (d.targets == "auto" and d.target_views):  # not where the recipe chose it
         warn_view_reuse(store.views, epochs)
     say(f"cached targets: {folder} ({store.views} views per image, {manifest.get('dtype')}); the teacher stays on "
         f"the CPU and never runs in the loop")

@@ -169,6 +169,7 @@ def test_a_runs_image_student_is_the_starting_point(teacher, tmp_path):
     (["student.video.sampling=tsn"], r"student.video.sampling' must be one of segments, stride, got 'tsn'"),
     (["student.video.frame=8"], r"unknown recipe key 'student.video.frame'. Did you mean 'student.video.frames'"),
     (["data.video_backend=ffmpeg"], r"data.video_backend' must be one of auto, pyav, torchcodec"),
+    (["data.target_views=0"], r"data.target_views must be at least 1 or null \(one per epoch\), got 0"),
     (["demo={video: {frames: 8}}", "student.video=null"], r"demo.video makes demo videos, but the student takes "),
 ])
 def test_bad_video_recipes_are_one_line(overrides, message):
@@ -288,6 +289,16 @@ def test_cached_video_targets_replay_the_teachers_clips(recipe_file, tmp_path):
     run = tmp_path / "run"
     assert run_here(recipe_file, run, f"data.targets={out}", "optim.steps=2") == 0
     assert (run / "student.safetensors").is_file()
+
+
+def test_auto_targets_cache_the_views_a_recipe_asks_for(recipe_file, tmp_path, monkeypatch):
+    """data.target_views: fewer views than epochs, chosen (no warning about repeated views)."""
+    monkeypatch.setenv("SPARSEFORMER_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert run_here(recipe_file, tmp_path / "run", "data.targets=auto", "data.target_views=1", "optim.steps=8") == 0
+    (folder,) = (tmp_path / "cache" / "targets").iterdir()
+    assert json.loads((folder / "targets.json").read_text())["views"] == 1
 
 
 # ----------------------------------------------------------------------------- evaluation
