@@ -15,31 +15,38 @@ elapsed time):
 * train: the training stream (``build_train_loader``, in-process: shard reading, shuffle
   buffer, decode, RandomResizedCrop to ``--size`` + flip + normalise, batching), timed after
   its first batch;
+* train, 1 worker: the same in one DataLoader worker, timed by the worker's own clock, which
+  also counts sending each batch to the main process; "uint8 batches": the worker sends the
+  uint8 views and the consumer normalises them (``uint8_batches``, as bootstrapping does);
 * eval: shard reading, decode, resize the shorter side to ``size / 0.875``, centre crop,
   normalise (``data.transforms.eval_transform``).
 
 Decode paths: ``today`` (the stream before data.decode existed: PIL decodes the whole JPEG,
-torchvision's to_tensor and normalize), ``full`` (``data.decode=full``: the same pixels, fewer
-copies), ``reduced`` (``data.decode=reduced``, the default: PIL decodes 2, 4 or 8 times smaller
-in the DCT domain when the crop still covers the output at that scale), ``torchvision``
+torchvision's to_tensor and normalize per view, stacked), ``full`` (``data.decode=full``: the
+same pixels, fewer copies), ``reduced`` (``data.decode=reduced``: PIL decodes 2, 4 or 8 times
+smaller in the DCT domain when the crop still covers the output at that scale), ``fast``
+(``data.decode=fast``, the default: as reduced, with libjpeg-turbo through simplejpeg, and the
+crops it decodes whole resized by torch's antialiased uint8 kernels), ``torchvision``
 (``torchvision.io.decode_jpeg`` on the CPU, deprecated since torchvision 0.29, then tensor
 kernels) and ``torchcodec`` (its ``decode_jpeg``, when installed; also tensor kernels), and on a
 CUDA GPU ``cuda`` / ``torchcodec-cuda``: batched ``decode_jpeg(..., device="cuda")`` of
 ``--batch-size`` files with crops and resizes on the GPU (its rate is the GPU's with one CPU
 thread feeding it, not a worker's). Paths that cannot run here are listed as skipped; one
 named in ``--paths`` stops the script with one line saying what it needs. ``--max-size S``
-adds the reduced path on the same images re-encoded as ``make_shards --max-size S`` does.
+adds the fast path on the same images re-encoded as ``make_shards --max-size S`` does.
 
 The paths run interleaved, ``--rounds`` times in a rotating order; the table gives each
 path's median and range, and its speed relative to ``today`` as the median of the per-round
 ratios (the machine's load moves both alike). It also gives, over ``--diff-views`` views per
-image drawn from fixed seeds, how often the reduced path decoded smaller and how far its
-pixels are from the full path's, in grey levels (0-255) of the resized crop.
+image drawn from fixed seeds, how far the reduced and fast paths' pixels are from the full
+path's, in grey levels (0-255) of the resized crop: over the views they decoded smaller, those
+they decoded whole, and all.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import statistics
@@ -57,11 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.decode import EncodedImage, decode_sample  # noqa: E402
 from data.shards import ShardSink, iter_shard, resolve_shards, write_dataset_json  # noqa: E402
-from data.stream import build_train_loader  # noqa: E402
+from data.stream import TrainStream, build_train_loader  # noqa: E402
 from data.transforms import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ReplayableTrainTransform, eval_transform,  # noqa: E402
                              train_transform)
 
-CPU_PATHS = ("today", "full", "reduced", "torchvision", "torchcodec")
+CPU_PATHS = ("today", "full", "reduced", "fast", "torchvision", "torchcodec")
 GPU_PATHS = ("cuda", "torchcodec-cuda")
 PATHS = CPU_PATHS + GPU_PATHS
 CROP_PCT = 0.875
@@ -230,34 +237,64 @@ def read_jpegs(folder: Path) -> list[bytes]:
 # ----------------------------------------------------------------------------- timing
 
 
-def train_rate(folder: Path, path: str, size: int, batch_size: int, clock=time.perf_counter) -> float:
-    """Images per second (of ``clock``) of the training stream in this process (after its first batch)."""
+def train_rate(folder: Path, path: str, size: int, batch_size: int, clock=time.perf_counter, workers: int = 0,
+               uint8: bool = False) -> float:
+    """Images per second (of ``clock``) of the training stream after its first batch: in this
+    process (``workers=0``), or in one DataLoader worker (``workers=1``: the worker's own clock,
+    its sending of each batch to this process included). ``uint8``: the batches are the uint8
+    views, normalised by their consumer (``uint8_batches``, as bootstrapping runs), for the paths
+    that render them (``today`` stays as it was)."""
     if path in GPU_PATHS:
         return gpu_rate(folder, path, size, batch_size, train=True)
     if path == "today":
-        transform = _Today(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode="full")
+        transform = _Today(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     elif path in ("torchvision", "torchcodec"):
         transform = _TensorTrain(train_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode="full"), path)
     else:
         transform = train_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode=path)
-    loader = build_train_loader(folder, transform, batch_size, num_workers=0, shuffle_buffer=64, rank=0, world_size=1)
-    images, start = 0, None
-    for batch, _ in loader:
-        if start is None:
-            start = clock()
-            continue
-        images += batch.shape[0]
-    return images / (clock() - start)
+    stream = functools.partial(_TimedStream, clock=clock, old_stack=path == "today")
+    loader = build_train_loader(folder, transform, batch_size, num_workers=workers, shuffle_buffer=64, rank=0,
+                                world_size=1, make_stream=stream, uint8_batches=uint8 and hasattr(transform, "render"))
+    clocks = [extras["clock"] for batch, extras in loader]
+    return (len(clocks) - 1) * batch_size / (clocks[-1] - clocks[0])
 
 
-class _Today(ReplayableTrainTransform):
-    """The training view as rendered before data.decode: whole PIL decode (``full``), then
-    torchvision's ``to_tensor`` and ``normalize`` (the same pixels as ``full``)."""
+class _TimedStream(TrainStream):
+    """The training stream with the clock of the process that makes the batches (a worker's own)
+    read as each batch is made (``extras["clock"]``); ``old_stack`` stacks the views as the stream
+    did before data.decode (a copy of each float view, and in a worker another copy to send it)."""
 
-    def _to_tensor(self, image):
+    def __init__(self, *args, clock=time.perf_counter, old_stack: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock, self.old_stack = clock, old_stack
+
+    def _stacked(self, batch: list) -> torch.Tensor:
+        return torch.stack([b[0] for b in batch]) if self.old_stack else super()._stacked(batch)
+
+    def _batches(self, samples, counter):
+        for images, extras in super()._batches(samples, counter):
+            extras["clock"] = self.clock()
+            yield images, extras
+
+
+class _Today:
+    """The training view as rendered before data.decode: whole PIL decode (``full``), PIL's crop
+    and resize, then torchvision's ``to_tensor`` and ``normalize`` per view, stacked into batches
+    (the same pixels as ``full``)."""
+
+    lazy = False
+
+    def __init__(self, size, mean, std):
+        self.transform = ReplayableTrainTransform(size, mean, std, decode="full")
+
+    def __call__(self, image):
         from torchvision.transforms import functional as F
 
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
+        t, params = self.transform, self.transform.draw(image)
+        image = F.resized_crop(image, *params["crop"], list(t.size), t.interpolation, antialias=True)
+        if params["flip"]:
+            image = F.hflip(image)
+        return F.normalize(F.to_tensor(image), t.mean, t.std)
 
 
 def eval_rate(folder: Path, path: str, size: int, batch_size: int, clock=time.perf_counter) -> float:
@@ -267,7 +304,7 @@ def eval_rate(folder: Path, path: str, size: int, batch_size: int, clock=time.pe
     import torch
 
     transform = eval_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop_pct=CROP_PCT,
-                               decode="reduced" if path == "reduced" else "full")
+                               decode=path if path in ("reduced", "fast") else "full")
     run = _TensorEval(transform, path) if path in ("torchvision", "torchcodec") else transform
     images, batch, start = 0, [], None
     for url in resolve_shards(str(folder)):
@@ -325,9 +362,10 @@ def gpu_rate(folder: Path, path: str, size: int, batch_size: int, train: bool, d
 # ----------------------------------------------------------------------------- pixel differences
 
 
-def reduced_difference(folder: Path, size: int, views: int) -> dict:
-    """How far the reduced path's resized crops are from the full path's, in grey levels, over
-    ``views`` seeded training views per image and the evaluation view; and how often it reduced."""
+def path_difference(folder: Path, size: int, views: int, path: str) -> dict:
+    """How far ``path``'s views are from the full path's, in grey levels of the resized crop, over
+    ``views`` seeded training views per image and the evaluation view: separately for the views it
+    decoded smaller and those it decoded whole, and over all of them."""
     import torch
 
     from data.transforms import reduction
@@ -335,29 +373,29 @@ def reduced_difference(folder: Path, size: int, views: int) -> dict:
     std = torch.tensor(OPENAI_CLIP_STD).view(-1, 1, 1) * 255
     out = {}
     for name in ("train", "eval"):
-        full_t, reduced_t = ((train_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode=d) for d in ("full", "reduced"))
-                             if name == "train" else
-                             (eval_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop_pct=CROP_PCT, decode=d)
-                              for d in ("full", "reduced")))
-        diffs, total, reduced = [], 0, 0
+        full_t, path_t = ((train_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, decode=d) for d in ("full", path))
+                          if name == "train" else
+                          (eval_transform(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, crop_pct=CROP_PCT, decode=d)
+                           for d in ("full", path)))
+        diffs: dict[str, list] = {"decoded smaller": [], "decoded whole": []}
         for url in resolve_shards(str(folder)):
             for raw in iter_shard(url):
                 whole, lazy = decode_sample(raw)["image"], decode_sample(raw, lazy=True)["image"]
                 for v in range(views if name == "train" else 1):
-                    total += 1
                     if name == "train":
                         params = full_t.draw(whole, torch.Generator().manual_seed(v))
                         factor = reduction(*params["crop"][2:], size, size)
-                        a, b = full_t.apply(whole, params), reduced_t.apply(lazy, params)
+                        a, b = full_t.apply(whole, params), path_t.apply(lazy, params)
                     else:
-                        factor = reduction(whole.height, whole.width, *reduced_t.resized_size(*whole.size))
-                        a, b = full_t(whole), reduced_t(lazy)
-                    if factor > 1:
-                        reduced += 1
-                        diffs.append(((a - b) * std).abs().round().flatten())
-        levels = torch.cat(diffs) if diffs else torch.zeros(1)
-        out[name] = {"views": total, "reduced": reduced, "mean": float(levels.mean()),
-                     "p999": float(torch.quantile(levels[:2 ** 24].float(), 0.999)), "max": float(levels.max())}
+                        factor = reduction(whole.height, whole.width, *path_t.resized_size(*whole.size))
+                        a, b = full_t(whole), path_t(lazy)
+                    diffs["decoded smaller" if factor > 1 else "decoded whole"].append(((a - b) * std).abs().round().flatten())
+        diffs["all"] = diffs["decoded smaller"] + diffs["decoded whole"]
+        out[name] = {}
+        for group, values in diffs.items():
+            levels = torch.cat(values) if values else torch.zeros(1)
+            out[name][group] = {"views": len(values), "mean": float(levels.mean()), "max": float(levels.max()),
+                                "p999": float(torch.quantile(levels[:2 ** 24].float(), 0.999))}
     return out
 
 
@@ -381,6 +419,10 @@ def reencode_shards(src: Path, dst: Path, max_size: int) -> dict:
     return {"kb_before": before / 1e3, "kb_after": after / 1e3}
 
 
+KINDS = {"train": train_rate, "train, 1 worker": functools.partial(train_rate, workers=1),
+         "train, 1 worker, uint8 batches": functools.partial(train_rate, workers=1, uint8=True), "eval": eval_rate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400, help="ImageNet-like JPEGs to generate (default 400)")
@@ -391,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"decode paths to time, of {', '.join(PATHS)} (default: all; unavailable ones are skipped "
                              f"unless named)")
     parser.add_argument("--max-size", type=int, nargs="*", default=[], metavar="S",
-                        help="also time the reduced path on the shards re-encoded as make_shards --max-size S does")
+                        help="also time the fast path on the shards re-encoded as make_shards --max-size S does")
     parser.add_argument("--diff-views", type=int, default=4, help="training views per image for the pixel "
-                        "difference of the reduced path (default 4; 0: skip)")
+                        "differences of the reduced and fast paths (default 4; 0: skip)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu (default): images per CPU-second of this one-thread process, what a worker with a "
                              "core of its own reaches, steady on a shared machine; wall: elapsed time (GPU paths "
@@ -436,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             shrunk = reencode_shards(folder, Path(tmp) / f"max{max_size}", max_size)
             print(f"--max-size {max_size}: {shrunk['kb_before'] / args.images:.0f} KB -> "
                   f"{shrunk['kb_after'] / args.images:.0f} KB per image")
-            cases.append((f"reduced, --max-size {max_size} shards", Path(tmp) / f"max{max_size}", "reduced"))
+            cases.append((f"fast, --max-size {max_size} shards", Path(tmp) / f"max{max_size}", "fast"))
         load = os.getloadavg()
         print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.0f} s: mean {stats['width']:.0f} x "
               f"{stats['height']:.0f} px, {stats['kb']:.0f} KB, {stats['large']:.0%} larger than 500 px (up to "
@@ -447,16 +489,22 @@ def main(argv: list[str] | None = None) -> int:
         rates: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[:r % len(cases)]
-            for kind, fn in (("train", train_rate), ("eval", eval_rate)):
+            for kind, fn in KINDS.items():
                 for label, where, path in order:
+                    if (kind.startswith("train, 1 worker") and path in GPU_PATHS
+                            or kind.endswith("uint8 batches") and path in ("torchvision", "torchcodec")):
+                        continue
                     rates.setdefault((kind, label), []).append(fn(where, path, args.size, args.batch_size, clock))
-        diff = reduced_difference(folder, args.size, args.diff_views) if args.diff_views > 0 and "reduced" in paths else None
+        diff = {path: path_difference(folder, args.size, args.diff_views, path)
+                for path in ("reduced", "fast") if path in paths and args.diff_views > 0}
         load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     print(f"| transform | decode path | img/s per worker (median) | range | x {baseline or '-'} (median of rounds) | range |")
     print("|---|---|---:|---:|---:|---:|")
-    for kind in ("train", "eval"):
+    for kind in KINDS:
         for label, _, path in cases:
+            if (kind, label) not in rates:
+                continue
             values = rates[(kind, label)]
             line = f"| {kind} | {label}{' (GPU)' if path in GPU_PATHS else ''} | {statistics.median(values):.0f} | " \
                    f"{min(values):.0f}-{max(values):.0f} |"
@@ -468,11 +516,12 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     for path, why in skipped.items():
         print(f"| train, eval | {path} | skipped: {why} | | | |")
-    if diff:
-        print("\nreduced path against full decoding (grey levels 0-255 of the resized crop, views that decoded smaller):")
-        for kind, d in diff.items():
-            print(f"  {kind}: {d['reduced']} of {d['views']} views decoded smaller; difference mean {d['mean']:.2f}, "
-                  f"99.9th percentile {d['p999']:.0f}, max {d['max']:.0f}")
+    for path, d in diff.items():
+        print(f"\n{path} path against full decoding (grey levels 0-255 of the resized crop, mean / 99.9th percentile / "
+              f"max):")
+        for kind, rows in d.items():
+            print(f"  {kind}: " + "; ".join(f"{name} ({r['views']} views) {r['mean']:.2f} / {r['p999']:.0f} / {r['max']:.0f}"
+                                          for name, r in rows.items() if r["views"]))
     return 0
 
 

@@ -16,9 +16,14 @@ Pairs (random weights; nothing is downloaded):
   augreg_large  timm vit_large_patch16_384                   vs  sparseformer_btsp_augreg_large       at 384
   siglip_base   timm vit_base_patch16_siglip_224 (MAP head)    vs  its bootstrap_student (49 tokens)   at 224
   siglip_so400m timm vit_so400m_patch14_siglip_384 (MAP head)  vs  its bootstrap_student (182 tokens)  at 384
+  pe_core_large timm vit_pe_core_large_patch14_336 (RoPE, MAP) vs  its bootstrap_student (144 + cls)    at 336
+  dinov3_base   timm vit_base_patch16_dinov3 (RoPE, 4 regs)    vs  its bootstrap_student (63 + cls)     at 256
 A student always runs at its teacher's resolution. The SigLIP towers are open_clip's ViT-B-16-SigLIP and
 ViT-SO400M-14-SigLIP-384 image towers (the same timm models); their students are built by
-`students.bootstrap_student` from the random teacher (no class token, the MAP head inherited).
+`students.bootstrap_student` from the random teacher (no class token, the MAP head inherited). The rotary
+pairs are the recipes' (`recipes/pe_core_large.yaml`: open_clip PE-Core-L-14-336's image tower with its
+projection, which is this timm model with its head; `recipes/dinov3_base.yaml`), their students with the
+recipes' token counts and rotary blocks.
 
 Sparsifiner rows (a second table; random weights, students built by `students.sparsify`, keep 0.25
 and 0.1, fp32): `sparsifiner_vitb16` (timm vit_base_patch16_224, 197 tokens) and `sparsifiner_dinov2`
@@ -93,6 +98,7 @@ class Pair:
     size: int
     large: bool  # on CPU, batches above 8 and emulated bf16 are opt-in (--full) for these
     bootstrapped: bool = False  # the student is `bootstrap_student(teacher)`, not a released name
+    tokens: int | None = None  # the bootstrapped student's tokens (with its class token); None: the default
 
 
 # Sparsifiner pairs: key -> (timm teacher, its kwargs, resolution); students at these keep rates.
@@ -111,6 +117,10 @@ PAIRS = [
          224, False, bootstrapped=True),
     Pair("siglip_so400m", "timm", "vit_so400m_patch14_siglip_384", "sparseformer from vit_so400m_patch14_siglip_384",
          384, True, bootstrapped=True),
+    Pair("pe_core_large", "timm", "vit_pe_core_large_patch14_336", "sparseformer from vit_pe_core_large_patch14_336",
+         336, True, bootstrapped=True, tokens=145),
+    Pair("dinov3_base", "timm", "vit_base_patch16_dinov3", "sparseformer from vit_base_patch16_dinov3", 256, False,
+         bootstrapped=True, tokens=64),
 ]
 
 
@@ -147,18 +157,21 @@ def build_student(pair: Pair, teacher: nn.Module) -> nn.Module:
     import students
 
     if pair.bootstrapped:
-        from teachers.timm_vit import TimmTeacher
+        from teachers.eva import is_eva
+        from teachers.timm_vit import TimmEvaTeacher, TimmTeacher
 
         from students import bootstrap_student
 
-        wrapped = TimmTeacher(teacher, name=pair.teacher, spec={"kind": "timm", "model": pair.teacher})
-        return bootstrap_student(wrapped)[0].eval()
+        kind = TimmEvaTeacher if is_eva(teacher) else TimmTeacher
+        wrapped = kind(teacher, name=pair.teacher, spec={"kind": "timm", "model": pair.teacher})
+        return bootstrap_student(wrapped, **({} if pair.tokens is None else {"tokens": pair.tokens}))[0].eval()
     return students.create_model(pair.student).eval()
 
 
 def analytic_vit_gflops(model: nn.Module, size: int) -> float:
     """Matmul/conv FLOPs of a ViT (2 per multiply-add), for checking the counter: the patch embedding,
-    per block qkv, proj, QKᵀ, AV and the MLP, and the head (a projection/classifier, or a MAP head)."""
+    per block qkv, proj, QKᵀ, AV and the MLP, and the head (a projection/classifier, or a MAP head; an Eva's
+    MAP head reads the prefix tokens too). Rotary embeddings are elementwise: not counted, as by the counter."""
     if isinstance(model, EncodeImage):
         v = model.visual
         patch, width = v.conv1.kernel_size[0], v.conv1.out_channels
@@ -173,8 +186,10 @@ def analytic_vit_gflops(model: nn.Module, size: int) -> float:
     macs = n * 3 * patch * patch * width  # patch embedding
     macs += depth * (tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width)
     if pool is not None:  # MAP: the latent's q, every patch's k and v, one query's QKᵀ and AV, proj, MLP
-        latent = pool.latent_len
-        macs += latent * width * width + n * 2 * width * width + 2 * latent * n * width
+        from teachers.eva import is_eva
+
+        latent, read = pool.latent_len, tokens if is_eva(model) else n
+        macs += latent * width * width + read * 2 * width * width + 2 * latent * read * width
         macs += latent * (width * width + 2 * width * pool.mlp.fc1.out_features)
     macs += width * out
     return 2 * macs / 1e9
@@ -265,7 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="8,64", help="comma-separated (default 8,64)")
     p.add_argument("--models", default="all",
                    help="comma-separated pair keys (clip_base, clip_large, augreg_base, augreg_large, siglip_base, "
-                        "siglip_so400m, sparsifiner_vitb16, sparsifiner_dinov2) or teacher/student names; a name "
+                        "siglip_so400m, pe_core_large, dinov3_base, sparsifiner_vitb16, sparsifiner_dinov2) or "
+                        "teacher/student names; a name "
                         "selects its whole "
                         "pair (default all)")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")

@@ -24,10 +24,15 @@ class TrainBatches:
     and restored afterwards: in-process augmentation (num_workers=0) is a function of the
     position, and the DataLoader's worker seeds (drawn when the first batch is requested)
     are a function of (seed, epoch, rank). The training RNG (drop-path) is untouched.
+
+    With `device`, `next()` gives the images on it, normalised there (`loader.normalize`: a loader
+    with `uint8_batches` sends uint8 views, a quarter of the bytes, and leaves this work to the device).
     """
 
-    def __init__(self, loader, state: TrainState, seed: int, rank: int, keys_file: TextIO | None = None):
+    def __init__(self, loader, state: TrainState, seed: int, rank: int, keys_file: TextIO | None = None,
+                 device: torch.device | None = None):
         self.loader, self.state, self.seed, self.rank, self.keys_file = loader, state, seed, rank, keys_file
+        self.device = device
         self._iter: Iterator | None = None
 
     def next(self) -> tuple[Tensor, dict]:
@@ -35,6 +40,8 @@ class TrainBatches:
         if self._iter is None:
             self._iter = iter(self)
         images, extras = next(self._iter)
+        if self.device is not None:
+            images = self.loader.normalize(images.to(self.device, non_blocking=True))
         if self.keys_file is not None:
             self.keys_file.write("".join(f"{self.state.epoch}\t{self.state.step}\t{k}\n" for k in extras["__key__"]))
         self.consumed()

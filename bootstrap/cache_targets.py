@@ -44,9 +44,10 @@ if __package__ in (None, ""):  # run as a script: import the package
 import torch
 
 from bootstrap.config import Recipe, load_recipe
+from data.digest import file_sha256
 from data.errors import UserError
 from data.targets import (CACHE_FIELDS, DTYPES, TARGET_SHARD, TargetsError, encode_sample, encode_skipped,
-                          file_sha256, first_difference, make_manifest, read_manifest, save_heldout, view_generator,
+                          first_difference, make_manifest, read_manifest, save_heldout, view_generator,
                           weights_sha256, write_manifest)
 
 LOCK = ".lock"  # the lock file in a targets folder

@@ -32,7 +32,6 @@ The output folder must be on a file system all ranks see.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.digest import file_sha256
 from data.errors import UserError
 from data.outputs import write_text
 
@@ -200,14 +200,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """This process's random states as tensors (+ safetensors metadata for the scalars)."""
     version, py_state, gauss = random.getstate()
@@ -285,7 +277,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, state: TrainState, kee
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in full_state.items()}, str(tmp / MODEL_FILE),
                       metadata={"format": "pt"})
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             manifest = {"format": FORMAT, "train_state": state.state_dict(), "processes": accelerator.num_processes,
                         "scheduler": _json_state(scheduler), "scaler": _json_state(accelerator.scaler),
                         "files": files}
@@ -343,7 +335,7 @@ def verify_checkpoint(path: str | os.PathLike, processes: int | None = None) -> 
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing: the checkpoint is incomplete; resume from an earlier one")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"{f} is not the file the run wrote (its SHA-256 differs from {STATE_JSON}): it "
                                   f"was changed or damaged; resume from an earlier checkpoint")
     written_by = manifest.get("processes")

@@ -71,7 +71,8 @@ class DataConfig:
     shardshuffle: bool = True  # shuffle the shard order every epoch
     augment: dict[str, Any] = field(default_factory=dict, metadata={"coerce": _own_mapping})
     # ^ teacher.train_transform keys: scale, ratio, hflip, color_jitter
-    # How training views decode JPEGs: reduced (smaller, in the DCT domain, where the crop allows) | full
+    # How training views decode JPEGs: fast (libjpeg-turbo, reduced where the crop allows, torch's uint8 resize)
+    # | reduced (PIL, smaller in the DCT domain where the crop allows) | full (PIL, whole)
     decode: str = DEFAULT_DECODE
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
@@ -148,8 +149,9 @@ class DemoTeacherConfig:
     text_width: int = 64  # the text tower stays locked at its random initialisation
     text_layers: int = 2
     text_heads: int = 2
-    steps: int = 300
-    seconds: float = 600.0  # a cap on the training time: a slower machine ends the schedule by the clock
+    steps: int = 300  # the teacher trains by its steps alone: the cached teacher never depends on the clock
+    seconds: Union[float, None] = None  # removed (a time cap): refused when set, with the reason
+    min_zero_shot: float = 0.5  # a teacher below this zero-shot top-1 on the demo val split is neither cached nor used
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -312,8 +314,13 @@ class Recipe:
             raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         if self.demo is not None:
             teacher = self.demo.teacher
-            if teacher.seconds <= 0:
-                raise RecipeError(f"demo.teacher.seconds (the teacher's time cap) must be above 0, got {teacher.seconds}")
+            if teacher.seconds is not None:
+                raise RecipeError("demo.teacher.seconds is no longer a key: the demo teacher trains by its steps "
+                                  "(demo.teacher.steps), so that a busy machine caches the same teacher as a quiet one; "
+                                  "remove the key")
+            if not 0 <= teacher.min_zero_shot < 1:
+                raise RecipeError(f"demo.teacher.min_zero_shot must be a fraction in [0, 1) (the quality floor of the "
+                                  f"demo teacher's zero-shot top-1; chance is 0.1), got {teacher.min_zero_shot}")
             if teacher.consistency_images is not None and teacher.consistency_images < 1:
                 raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
                                   f"got {teacher.consistency_images}")

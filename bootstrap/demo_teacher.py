@@ -30,8 +30,10 @@ learns to meet fixed text embeddings:
 What the teacher learns is bounded by its steps more than its depth: in about the same time,
 4 layers for 1000 steps reach 80% zero-shot where 6 layers for 600 steps reach 58%, and the
 better teacher is also the easier one for a student to match image by image (the demo
-recipe's choice). On a machine too slow for the steps within ``seconds``, the learning-rate
-schedule follows the clock instead (`schedule_progress`), so the teacher still ends annealed.
+recipe's choice). It trains by its steps alone, whatever the clock says, so a busy machine
+caches the same teacher as a quiet one; a teacher whose zero-shot top-1 on the demo's val split
+stays below ``min_zero_shot`` (a quality floor well above the 10% of chance) is neither cached
+nor used (`DemoTeacherError`), and a cached one below the floor is refused.
 
 The result is a folder in open_clip's local format, ``open_clip_config.json`` (model_cfg,
 preprocess_cfg) and ``open_clip_model.safetensors``, plus ``demo_teacher.json`` (how it was
@@ -59,6 +61,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data.errors import UserError
+
 from .config import DemoConfig, DemoTeacherConfig, Recipe
 
 CONFIG_JSON = "open_clip_config.json"
@@ -67,8 +71,11 @@ INFO_JSON = "demo_teacher.json"
 DEMO_MODEL_NAME = "demo-clip"
 
 
-def cache_root(demo: DemoConfig) -> Path:
-    root = demo.cache_dir or os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap"
+def cache_root(demo: DemoConfig | None = None) -> Path:
+    """The project's cache folder: ``demo.cache_dir``, else ``$SPARSEFORMER_CACHE``, else
+    ``~/.cache/sparseformer-bootstrap``."""
+    root = (demo.cache_dir if demo is not None else None) or os.environ.get("SPARSEFORMER_CACHE") \
+        or "~/.cache/sparseformer-bootstrap"
     return Path(root).expanduser()
 
 
@@ -146,23 +153,51 @@ def teacher_spec(folder: Path) -> dict:
             "pretrained": str(folder / WEIGHTS)}
 
 
+class DemoTeacherError(UserError, RuntimeError):
+    """A demo teacher below the quality floor (`demo.teacher.min_zero_shot`)."""
+
+
 def _teacher_key(demo: DemoConfig) -> dict:
     """What a cached teacher depends on: its settings and the data it learnt from."""
-    return {"teacher": asdict(demo.teacher), "data": _data_key(demo), "version": 1}
+    return {"teacher": asdict(demo.teacher), "data": _data_key(demo), "version": 2}
+
+
+def _check_quality(info: dict, floor: float, where: Path) -> dict:
+    """The teacher's info, if its zero-shot top-1 on the demo val split reaches ``floor``."""
+    accuracy = info.get("zero_shot_top1_val")
+    if not isinstance(accuracy, (int, float)) or accuracy < floor:
+        shown = f"{100 * accuracy:.1f}%" if isinstance(accuracy, (int, float)) else "no recorded accuracy"
+        raise DemoTeacherError(
+            f"the demo teacher in {where} has {shown} zero-shot top-1 on the demo val split (chance "
+            f"{100 * info.get('chance', 0.1):.0f}%), below demo.teacher.min_zero_shot={100 * floor:.0f}%: a student "
+            f"aligned to it would mean nothing. Train a better one (more demo.teacher.steps) or, for a test, lower "
+            f"the floor")
+    return info
 
 
 def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) -> Path:
-    """The cached demo teacher folder, trained first if it is not there."""
+    """The cached demo teacher folder, trained first if it is not there. A teacher below the quality floor is
+    not cached: it is left in ``<folder>.below-floor`` for a look, and the error says so."""
     folder = cache_root(demo) / "demo-teacher" / _digest(_teacher_key(demo))
+    floor = demo.teacher.min_zero_shot
     if (folder / INFO_JSON).is_file():
+        _check_quality(json.loads((folder / INFO_JSON).read_text()), floor, folder)
         return folder
     with _locked(folder.with_name(folder.name + ".lock")):
         if (folder / INFO_JSON).is_file():
+            _check_quality(json.loads((folder / INFO_JSON).read_text()), floor, folder)
             return folder
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        train_demo_teacher(demo, data_dir, tmp, verbose=verbose)
+        info = train_demo_teacher(demo, data_dir, tmp, verbose=verbose)
+        try:
+            _check_quality(info, floor, folder)
+        except DemoTeacherError as exc:
+            aside = folder.with_name(folder.name + ".below-floor")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tmp, aside)
+            raise DemoTeacherError(f"{exc} (this one is kept in {aside}, not cached)") from None
         os.replace(tmp, folder)
     return folder
 
@@ -179,6 +214,23 @@ def ensure_demo_videos(demo: DemoConfig, verbose: bool = True) -> Path:
     return _cached_data(folder, "video_demo.json", lambda tmp: make_video_demo_dataset(tmp, **args, progress=verbose),
                         f"the demo videos ({v.num_videos} videos of {v.frames} frames of {demo.image_size} px)",
                         verbose)
+
+
+def teacher_summary(spec) -> dict:
+    """What a run's summary says of its teacher: the spec's kind, model and weights, and for the demo teacher how
+    it was trained and how good it is (its demo_teacher.json)."""
+    out = {k: spec.get(k) for k in ("kind", "model", "pretrained")}
+    pretrained = spec.get("pretrained")
+    info = Path(pretrained).with_name(INFO_JSON) if isinstance(pretrained, str) else None
+    if info is not None and info.is_file():
+        demo = json.loads(info.read_text())
+        out["demo_teacher"] = {k: demo.get(k) for k in ("steps", "seconds", "zero_shot_top1_val", "chance")}
+        out["description"] = (f"the demo teacher {info.parent} ({demo.get('steps')} steps; zero-shot top-1 "
+                              f"{100 * demo.get('zero_shot_top1_val', 0):.1f}% on the demo val split, chance "
+                              f"{100 * demo.get('chance', 0):.0f}%)")
+    else:
+        out["description"] = f"{spec.get('kind')}:{spec.get('model')} ({pretrained})"
+    return out
 
 
 def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
@@ -235,14 +287,6 @@ def _augment(images: torch.Tensor, gen: torch.Generator, shift: int = 4,
     if flip is None:
         flip = torch.rand(b, 1, 1, 1, generator=gen) < 0.5
     return torch.where(flip, out.flip(3), out), flip
-
-
-def schedule_progress(step: int, steps: int, elapsed: float, seconds: float) -> float:
-    """How far the teacher's learning-rate schedule has run, in [0, 1]: by steps, or by the clock
-    where `seconds` would run out first. On a machine too slow for `steps` within the time cap the
-    cosine then still decays to zero by the cap, so the teacher ends annealed (fewer steps) rather
-    than cut off at a high learning rate; on a fast one the steps decide and the run is reproducible."""
-    return max(step / steps, elapsed / seconds)
 
 
 def uniformity(feats: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -321,8 +365,8 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
                file=sys.stdout)
     clip.visual.train()
     step, perm, pos = 0, torch.randperm(n, generator=gen), 0
-    start = time.time()
-    while (progress := schedule_progress(step, cfg.steps, time.time() - start, cfg.seconds)) < 1:
+    while step < cfg.steps:
+        progress = step / cfg.steps
         if pos + cfg.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + cfg.batch_size]
@@ -358,9 +402,6 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    if step < cfg.steps and verbose:
-        print(f"demo teacher: the time cap demo.teacher.seconds={cfg.seconds:.0f} ended its schedule at step "
-              f"{step} of {cfg.steps} (a slower machine; raise the cap for the full teacher)", flush=True)
     clip.requires_grad_(False)
     clip.eval()
     accuracy = zero_shot_accuracy(encode, val_x, val_y, classifier)
@@ -373,7 +414,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
                            "interpolation": pp.interpolation, "resize_mode": pp.resize_mode},
     }, indent=1) + "\n")
     info = {"zero_shot_top1_val": accuracy, "chance": chance, "steps": step, "seconds": round(seconds, 1),
-            "finished": step == cfg.steps,
+            "finished": True,
             "train_images": n, "val_images": int(val_x.shape[0]), "settings": asdict(cfg), "data": str(data_dir)}
     (out / INFO_JSON).write_text(json.dumps(info, indent=1) + "\n")
     if verbose:

@@ -151,6 +151,15 @@ class Stepper:
         return self.phases[state.phase]
 
     def save(self, state: TrainState):
+        """A checkpoint of the phase's module, optimizer and schedule; a student whose weights are no longer finite
+        (the training diverged) is never checkpointed: the run stops, keeping its last good checkpoint."""
+        bad = [name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"step {state.step}: {len(bad)} student weight tensor(s) are not finite (e.g. {bad[0]}): the training "
+                f"diverged; the last good checkpoint is in {self.checkpoints}. Lower optim.lr, raise "
+                f"optim.warmup_steps or set optim.grad_clip, then resume from it (run.resume=CHECKPOINT) or start "
+                f"anew (run.resume=none)")
         return save_checkpoint(self.accelerator, self.checkpoints, state, self.run.keep_checkpoints, self.model,
                                self.optimizer, self.scheduler)
 

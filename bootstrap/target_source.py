@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -128,10 +127,7 @@ def auto_dir(recipe, teacher, views: int) -> Path:
 
     from .demo_teacher import cache_root
 
-    if recipe.demo is not None:
-        root = cache_root(recipe.demo)
-    else:
-        root = Path(os.environ.get("SPARSEFORMER_CACHE") or "~/.cache/sparseformer-bootstrap").expanduser()
+    root = cache_root(recipe.demo)
     d = recipe.data
     key = {"teacher": teacher_identity(recipe.teacher), "weights": weights_sha256(teacher), "train": d.train, "augment": d.augment, "val": d.val,
            "decode": d.decode,

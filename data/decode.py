@@ -14,10 +14,14 @@ Decode paths (``DECODE_PATHS``, the recipe's ``data.decode``, ``DEFAULT_DECODE``
 ``full`` decodes every image whole with PIL before the augmentation; ``reduced`` keeps a JPEG's
 bytes until the crop of its view is known (``decode_sample(..., lazy=True)`` gives an
 ``EncodedImage``) and then decodes it 2, 4 or 8 times smaller in the DCT domain when the crop
-still covers the output size at that scale (``data.transforms``). ``check_decode_path`` says in one line what
-is wrong with a path name and how to fix it (benchmarks/data_speed.py also times
-torchvision's and torchcodec's CPU decoders and batched GPU decoding, which are not paths of
-the training stream).
+still covers the output size at that scale (``data.transforms``); ``fast`` (the default) does
+what ``reduced`` does with libjpeg-turbo called through simplejpeg (``EncodedImage.pixels``: the
+same pixels as PIL's decoding, without its copies) and resizes the crops that are not reduced
+with torch's antialiased uint8 kernels (PIL's resize to one grey level but for a few pixels in a
+million; BENCHMARKS.md has the measured bound).
+``check_decode_path`` says in one line what is wrong with a path name and how to fix it
+(benchmarks/data_speed.py also times torchvision's and torchcodec's CPU decoders and batched
+GPU decoding, which are not paths of the training stream).
 """
 
 from __future__ import annotations
@@ -50,14 +54,26 @@ class DecodeError(ValueError):
         self.sample_id = sample_id
 
 
-DECODE_PATHS = ("reduced", "full")
-DEFAULT_DECODE = "reduced"
+DECODE_PATHS = ("fast", "reduced", "full")
+DEFAULT_DECODE = "fast"
+
+# The colour spaces whose conversion to RGB libjpeg-turbo does as PIL does (CMYK and YCCK files are left to PIL).
+_TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")
+
+
+def _simplejpeg():
+    """The simplejpeg module (libjpeg-turbo, a dependency of this package), or None where it is missing."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
 
 
 def check_decode_path(name: str) -> None:
     """Raise ``ValueError`` (one line: the problem and the fix) unless ``name`` is a decode path.
     The message starts with the value, so callers can prefix the key."""
-    choose = f"choose {' or '.join(DECODE_PATHS)} (default {DEFAULT_DECODE})"
+    choose = f"choose {', '.join(DECODE_PATHS[:-1])} or {DECODE_PATHS[-1]} (default {DEFAULT_DECODE})"
     if name in ("cuda", "gpu", "nvjpeg", "torchcodec-cuda"):
         raise ValueError(f"{name!r} is not a training decode path: the training stream decodes in CPU loader workers "
                          f"(GPU decoding is measured by python benchmarks/data_speed.py --paths cuda, on a machine "
@@ -66,6 +82,9 @@ def check_decode_path(name: str) -> None:
         raise ValueError(f"{name!r} is not a training decode path: benchmarks/data_speed.py measures its CPU decoder, "
                          f"no faster than PIL here (torchvision.io's decoders are deprecated since torchvision 0.29); "
                          f"{choose}")
+    if name == "fast" and _simplejpeg() is None:
+        raise ValueError(f"'fast' needs simplejpeg (libjpeg-turbo), which is not installed: pip install simplejpeg, "
+                         f"or choose reduced (PIL, the same decoded pixels, slower)")
     if name not in DECODE_PATHS:
         close = difflib.get_close_matches(str(name), DECODE_PATHS, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -79,8 +98,10 @@ class EncodedImage:
     ``decode(reduce)`` returns ``(RGB PIL image, factor)``: with ``reduce`` 2, 4 or 8, libjpeg
     decodes the image that many times smaller in the DCT domain (pixel ``i`` of the result
     covers pixels ``[i * factor, (i + 1) * factor)`` of the full image); ``factor`` is the
-    reduction it applied. A decoding failure raises ``DecodeError`` naming the sample. Decoded
-    pixels are kept per reduction, so several views of one image decode it once per reduction.
+    reduction it applied. ``pixels(reduce)`` returns the same pixels as a ``[height, width, 3]``
+    uint8 array, decoded by libjpeg-turbo through simplejpeg (faster: no PIL image, no copies).
+    A decoding failure raises ``DecodeError`` naming the sample. Decoded pixels are kept per
+    reduction, so several views of one image decode it once per reduction.
     """
 
     __slots__ = ("data", "size", "sample_id", "_decoded")
@@ -115,6 +136,37 @@ class EncodedImage:
                                   self.sample_id) from exn
             self._decoded[reduce] = (image, factor)
         return self._decoded[reduce]
+
+    def pixels(self, reduce: int = 1) -> tuple[np.ndarray, int]:
+        """``decode(reduce)``'s pixels, bit for bit, as a ``[height, width, 3]`` uint8 array, and the
+        reduction applied. libjpeg-turbo decodes them through simplejpeg; a file it refuses (or
+        only warns about) and CMYK files are decoded by PIL, which decides whether they decode."""
+        key = ("pixels", reduce)
+        if key not in self._decoded:
+            self._decoded[key] = self._turbo(reduce) or self._pil_pixels(reduce)
+        return self._decoded[key]
+
+    def _turbo(self, reduce: int) -> tuple[np.ndarray, int] | None:
+        simplejpeg = _simplejpeg()
+        if simplejpeg is None:
+            return None
+        width, height = self.size
+        factor = reduce if reduce in (2, 4, 8) else 1
+        # simplejpeg picks the smallest of libjpeg-turbo's scales that gives at least this size: 1 / factor.
+        want = (-(-height // factor), -(-width // factor))
+        try:
+            if simplejpeg.decode_jpeg_header(self.data)[2] not in _TURBO_COLORSPACES:
+                return None
+            # strict: a warning (extraneous bytes, a premature end) is an error here, and PIL then decides.
+            out = simplejpeg.decode_jpeg(self.data, "RGB", min_height=want[0] if factor > 1 else 0,
+                                         min_width=want[1] if factor > 1 else 0, strict=True)
+        except ValueError:
+            return None
+        return (out, factor) if out.shape[:2] == want else None
+
+    def _pil_pixels(self, reduce: int) -> tuple[np.ndarray, int]:
+        image, factor = self.decode(reduce)
+        return np.array(image, dtype=np.uint8), factor
 
     def __repr__(self) -> str:
         return f"EncodedImage({self.sample_id or 'JPEG'}, size={self.size}, {len(self.data)} bytes)"
@@ -166,6 +218,10 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         TooManyPixels: the image is larger than ``max_pixels``.
         Exception: whatever PIL raises for bytes it cannot decode (truncated, corrupt).
     """
+    if lazy_id is not None and isinstance(source, bytes) and source[:3] == b"\xff\xd8\xff":
+        encoded = _encoded_jpeg(source, max_pixels, lazy_id)
+        if encoded is not None:
+            return encoded
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     with warnings.catch_warnings():
@@ -173,16 +229,33 @@ def open_image(source, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(source)
     with img:
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise TooManyPixels(f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
-                                f"(data.max_pixels / eval.max_pixels); it is not decoded")
+        _check_pixels(*img.size, max_pixels)
         if lazy_id is not None and img.format == "JPEG" and isinstance(source, io.BytesIO):
             return EncodedImage(source.getvalue(), img.size, lazy_id)
         if img.mode in _WIDE_GREY:
             grey = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
             return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
         return img.convert("RGB")  # convert() loads the pixels: truncated data fails here
+
+
+def _encoded_jpeg(data: bytes, max_pixels: int | None, sample_id: str) -> EncodedImage | None:
+    """A JPEG's header read by libjpeg-turbo (a microsecond; PIL's parser takes a hundred):
+    its ``EncodedImage``, or None where simplejpeg is missing or refuses the header (PIL then reads it)."""
+    simplejpeg = _simplejpeg()
+    if simplejpeg is None:
+        return None
+    try:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    except ValueError:
+        return None
+    _check_pixels(width, height, max_pixels)
+    return EncodedImage(data, (width, height), sample_id)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(f"{width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
+                            f"(data.max_pixels / eval.max_pixels); it is not decoded")
 
 
 class SkipCounter:

@@ -129,6 +129,14 @@ def check_apart(source, dataset, out: Path) -> None:
                              f"its files to its own input; choose an OUT apart from the evaluation set")
 
 
+def clip_benchmark_command(name: str, root, split: str = "test", model: str = "local-dir:EXPORT_FOLDER") -> str:
+    """The command that scores an OpenCLIP export on an exported set as `python -m eval` does: float32
+    (``--no_amp``; CLIP_benchmark's default autocast is bfloat16 on a CPU) and the loader in the main process
+    (``--num_workers 0``: CLIP_benchmark's default 4 workers refuse a set of fewer shards)."""
+    return (f"python -m eval.clip_benchmark eval --dataset wds/{name} --dataset_root {root} --split {split} "
+            f"--model {model} --task zeroshot_classification --no_amp --num_workers 0 --output {name}_result.json")
+
+
 def _length(dataset) -> int | None:
     try:
         return len(dataset)
@@ -167,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {info['num_samples']} images ({len(info['classnames'])} classes, {len(info['templates'])} "
           f"templates) in {info['num_shards']} shard(s) to {info['out_dir']}\n"
           f"score an OpenCLIP export on it with:\n"
-          f"python -m eval.clip_benchmark eval --dataset wds/{name} --dataset_root {info['out_dir']} "
-          f"--split {info['split']} --model local-dir:EXPORT_FOLDER --task zeroshot_classification --output "
-          f"{name}_result.json")
+          f"{clip_benchmark_command(name, info['out_dir'], info['split'])}")
     return 0
 
 

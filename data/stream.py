@@ -173,6 +173,10 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle_buffer, self.seed, self.shardshuffle = resampled, shuffle_buffer, seed, shardshuffle
         self.epoch = 0  # set by TrainLoader before the workers start (they get a copy)
+        # A transform that renders uint8 views (ReplayableTrainTransform.render) is normalised a batch at a time,
+        # or by the consumer (uint8_batches, set by build_train_loader).
+        self._render = getattr(transform, "render", None) if hasattr(transform, "normalize") else None
+        self.uint8_batches = False
 
     def worker_plan(self, worker: int, num_workers: int) -> tuple[int, list[tuple[int, int, int]] | None]:
         """``(n_samples, segments)`` for one worker this epoch; segments is None when resampling."""
@@ -231,12 +235,15 @@ class TrainStream(IterableDataset):
         return sample
 
     def _view(self, sample: dict) -> tuple[torch.Tensor, dict | None]:
-        """The augmented image, and with cached targets the target of the view it replays."""
+        """The augmented image (before normalisation, where the transform renders views), and with
+        cached targets the target of the view it replays."""
         if self.targets is None:
-            return self.transform(sample["image"]), None
+            if self._render is None:
+                return self.transform(sample["image"]), None
+            return self._render(sample["image"], self.transform.draw(sample["image"])), None
         cached = sample["targets"]
         view = self.targets.view_index(self.epoch, sample["__key__"])
-        image = self.transform.apply(sample["image"], cached["views"][view])
+        image = (self.transform.apply if self._render is None else self._render)(sample["image"], cached["views"][view])
         return image, {"view": view, "embed": cached["embed"][view],
                        "tokens": None if cached["tokens"] is None else cached["tokens"][view]}
 
@@ -247,7 +254,7 @@ class TrainStream(IterableDataset):
             image, target = sample.pop("view") if "view" in sample else self._view(sample)
             batch.append((image, sample, padded, target))
             if len(batch) == self.batch_size:
-                images = torch.stack([b[0] for b in batch])
+                images = self._stacked(batch)
                 extras = {
                     "__key__": [b[1]["__key__"] for b in batch],
                     "__url__": [b[1]["__url__"] for b in batch],
@@ -265,6 +272,25 @@ class TrainStream(IterableDataset):
                         extras["target_tokens"] = torch.stack([b[3]["tokens"] for b in batch])
                 yield images, extras
                 batch = []
+
+
+    def _stacked(self, batch: list) -> torch.Tensor:
+        """The batch's images as one tensor. In a DataLoader worker it is made in shared memory, where the
+        DataLoader would otherwise copy it to send it; uint8 views are normalised into their places in it
+        (no float copy of each view to stack, and each view's passes stay in the CPU's cache), or sent as
+        they are with ``uint8_batches``."""
+        views = [b[0] for b in batch]
+        as_is = self._render is None or self.uint8_batches
+        if as_is and torch.utils.data.get_worker_info() is None:
+            return torch.stack(views)
+        images = torch.empty((len(views), *views[0].shape), dtype=views[0].dtype if as_is else torch.float32)
+        if torch.utils.data.get_worker_info() is not None:
+            images.share_memory_()
+        if as_is:
+            return torch.stack(views, out=images)
+        for slot, view in zip(images, views):
+            self.transform.normalize(view, out=slot)
+        return images
 
 
 def _without_worker_traceback(exn: Exception) -> Exception:
@@ -316,6 +342,11 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.dataset.num_batches
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's float images: with ``uint8_batches`` the transform's normalisation of its uint8
+        views, on the device they are on (the numbers it gives without); otherwise ``images``."""
+        return self.dataset.transform.normalize(images) if self.dataset.uint8_batches else images
+
     @property
     def num_samples(self) -> int:
         """Samples this rank yields per epoch."""
@@ -361,6 +392,7 @@ def build_train_loader(
     allow_pipe: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     make_stream: Callable[..., TrainStream] = TrainStream,
+    uint8_batches: bool = False,
 ) -> TrainLoader:
     """Build the training loader of one rank.
 
@@ -385,10 +417,14 @@ def build_train_loader(
         max_pixels: images with more pixels are skipped and counted before decoding (None: no limit).
         make_stream: builds the per-rank ``TrainStream`` from its arguments (the video stream,
             ``data.video_stream``, passes a subclass that decodes clips).
+        uint8_batches: yield the views as uint8, to be normalised where they are used:
+            ``loader.normalize(images.to(device))`` gives the float batch, bit for bit. A worker
+            then sends a quarter of the bytes and does not normalise (a ``ReplayableTrainTransform``
+            only).
 
     Returns:
         A ``TrainLoader``; iterating it gives ``(images, extras)`` with ``images`` a float tensor
-        ``[batch_size, 3, H, W]`` and ``extras`` a dict of ``__key__`` and ``__url__`` (lists of
+        ``[batch_size, 3, H, W]`` (uint8 with ``uint8_batches``) and ``extras`` a dict of ``__key__`` and ``__url__`` (lists of
         str), ``cls`` (long tensor, -1 where a sample has no class), ``txt`` (list of captions,
         ``""`` where none), ``skipped`` (``"shard#key"`` of the samples that failed to decode since
         that worker's previous batch) and ``padded`` (int, re-used samples in this batch). With
@@ -399,6 +435,9 @@ def build_train_loader(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if uint8_batches and not (hasattr(transform, "render") and hasattr(transform, "normalize")):
+        raise TypeError("uint8_batches needs a transform that renders uint8 views and normalises them (a data."
+                        f"transforms.ReplayableTrainTransform), got {type(transform).__name__}")
     if targets is not None and not hasattr(transform, "apply"):
         raise TypeError("cached targets replay their views: the transform must be a data.transforms."
                         f"ReplayableTrainTransform (teacher.train_transform() gives one), got {type(transform).__name__}")
@@ -420,4 +459,5 @@ def build_train_loader(
     num_batches = batches_per_rank(epoch_samples, world_size, batch_size)
     dataset = make_stream(urls, counts, transform, batch_size, num_batches, rank, world_size, resampled,
                           shuffle_buffer, seed, shardshuffle, targets, allow_pipe, max_pixels)
+    dataset.uint8_batches = uint8_batches
     return TrainLoader(dataset, num_workers, pin_memory, prefetch_factor)

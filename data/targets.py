@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_sample
+from .digest import sha256_of
 from .errors import UserError
 from .shards import ShardError, count_tar_samples, iter_shard, iter_tar_stream
 
@@ -166,19 +167,6 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     return manifest
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file, read in chunks."""
-    with open(path, "rb") as f:
-        return _sha256_of(f)
-
-
-def _sha256_of(f) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 # Target shards this process has verified, by (path, device, inode, size, mtime): each is hashed once.
 _VERIFIED: set[tuple] = set()
 
@@ -190,7 +178,7 @@ def _open_verified(path: str, sha256: str | None):
         st = os.fstat(f.fileno())
         key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in _VERIFIED:
-            if sha256 is None or _sha256_of(f) != sha256:
+            if sha256 is None or sha256_of(f) != sha256:
                 raise TargetsError(f"target shard {path} is not the one cached (its SHA-256 differs from {MANIFEST}): "
                                    f"it was changed or replaced after caching; delete the targets folder and run "
                                    f"bootstrap.cache_targets again")
@@ -327,6 +315,8 @@ def open_targets(folder: str | os.PathLike, wanted: Mapping, image_urls: Sequenc
                            f"shard, so they cannot be verified: delete {folder} and make them again with "
                            f"bootstrap.cache_targets (data.targets=auto makes them by itself)")
     diff = first_difference(manifest, wanted)
+    if diff is not None and diff.startswith("augment.decode:"):  # the same views, decoded as the cache decoded them
+        diff += f" (set data.decode={manifest['augment']['decode']} to replay it)"
     if diff is not None:
         raise TargetsError(f"the targets in {folder} were made for another run: {diff}. Cache them for this "
                            f"recipe (python -m bootstrap.cache_targets) or drop data.targets")

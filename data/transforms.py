@@ -20,6 +20,10 @@ and resizes the crop's exact, fractional box of the reduced image: the same geom
 full decode, pixels within a few grey levels of it (BENCHMARKS.md has the measured bound). A
 view whose crop is smaller than twice the output (most views of ImageNet's 500 x 375 images at
 224) decodes whole and gives exactly the full path's pixels, as do images that are not JPEGs.
+``fast`` (the default) decodes as ``reduced`` does, with libjpeg-turbo through simplejpeg (the
+same decoded pixels), and resizes the crops it did not reduce with torch's antialiased uint8
+kernels (``resized_crop_uint8``: PIL's resize to one grey level but for a few pixels in a
+million, and the very pixels on every CPU); its reduced views are ``reduced``'s pixels exactly.
 ``full`` decodes whole. A PIL image is always rendered the ``full`` way.
 """
 
@@ -92,27 +96,64 @@ def reduction(crop_height: int, crop_width: int, out_height: int, out_width: int
     return 1
 
 
-def resized_crop_reduced(image: Image.Image, factor: int, top: int, left: int, height: int, width: int,
-                         size: Sequence[int], interpolation: InterpolationMode) -> Image.Image:
-    """``F.resized_crop`` of the full image's box ``(top, left, height, width)``, done on ``image``,
-    that image decoded ``factor`` times smaller (its pixel ``i`` covers full pixels ``[i * factor,
-    (i + 1) * factor)``): the box becomes fractional there, and PIL resizes exactly that box.
-
-    As ``F.resized_crop`` does on the full image, the filter sees only the crop's pixels: the
-    reduced image is first cut at the whole pixels around the box."""
+def _reduced_box(factor: int, top: int, left: int, height: int, width: int, image_width: int,
+                 image_height: int) -> tuple[tuple[int, int, int, int], tuple[float, float, float, float]]:
+    """The full image's box ``(top, left, height, width)`` on the image decoded ``factor`` times
+    smaller: the whole pixels around it ``(x0, y0, x1, y1)``, and the box inside them (fractional)."""
     x0, y0 = left / factor, top / factor
     x1, y1 = (left + width) / factor, (top + height) / factor
     ix0, iy0 = math.floor(x0), math.floor(y0)
-    ix1, iy1 = min(image.width, math.ceil(x1)), min(image.height, math.ceil(y1))
-    region = image.crop((ix0, iy0, ix1, iy1))
-    return region.resize((int(size[1]), int(size[0])), F.pil_modes_mapping[interpolation],
-                         box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+    ix1, iy1 = min(image_width, math.ceil(x1)), min(image_height, math.ceil(y1))
+    return (ix0, iy0, ix1, iy1), (x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)
 
 
-def _to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(F.to_tensor(image), mean, std)`` for an RGB PIL image, bit for bit, with
-    fewer copies (to_tensor copies the pixels twice, normalize clones the result)."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+def resized_crop_reduced(image: Image.Image | np.ndarray, factor: int, top: int, left: int, height: int, width: int,
+                         size: Sequence[int], interpolation: InterpolationMode) -> Image.Image:
+    """``F.resized_crop`` of the full image's box ``(top, left, height, width)``, done on ``image``
+    (PIL, or a ``[H, W, 3]`` uint8 array), that image decoded ``factor`` times smaller (its pixel
+    ``i`` covers full pixels ``[i * factor, (i + 1) * factor)``): the box becomes fractional there,
+    and PIL resizes exactly that box.
+
+    As ``F.resized_crop`` does on the full image, the filter sees only the crop's pixels: the
+    reduced image is first cut at the whole pixels around the box."""
+    if isinstance(image, np.ndarray):
+        (ix0, iy0, ix1, iy1), box = _reduced_box(factor, top, left, height, width, image.shape[1], image.shape[0])
+        region = Image.fromarray(image[iy0:iy1, ix0:ix1])
+    else:
+        (ix0, iy0, ix1, iy1), box = _reduced_box(factor, top, left, height, width, image.width, image.height)
+        region = image.crop((ix0, iy0, ix1, iy1))
+    return region.resize((int(size[1]), int(size[0])), F.pil_modes_mapping[interpolation], box=box)
+
+
+# The filters torch resizes uint8 images with, antialiased as PIL's (bit for bit on the same kernels everywhere).
+_TORCH_FILTERS = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
+
+
+def resized_crop_uint8(pixels: np.ndarray, top: int, left: int, height: int, width: int, size: Sequence[int],
+                       interpolation: InterpolationMode) -> torch.Tensor:
+    """``F.resized_crop`` of a PIL image, done on its ``[H, W, 3]`` uint8 array by torch's
+    antialiased uint8 resize (channels-last, AVX2 where the CPU has it, 4-5x PIL's speed there):
+    a ``[3, h, w]`` uint8 tensor, PIL's pixels to one grey level but for a few in a million (at
+    most 3 levels off on ImageNet-like JPEGs; its fixed-point arithmetic is PIL's, its rounding
+    not everywhere). The same pixels with and without the SIMD kernel. Bicubic and bilinear only
+    (``_TORCH_FILTERS``); the box must lie inside the image."""
+    crop = torch.from_numpy(pixels[top:top + height, left:left + width]).permute(2, 0, 1).unsqueeze(0)
+    crop = crop.contiguous(memory_format=torch.channels_last)  # the layout the SIMD kernel reads
+    out = torch.nn.functional.interpolate(crop, size=(int(size[0]), int(size[1])), mode=_TORCH_FILTERS[interpolation],
+                                          align_corners=False, antialias=True)
+    return out[0]
+
+
+def _uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image's pixels as a contiguous ``[3, H, W]`` uint8 tensor."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _to_normalized_tensor(image: Image.Image | torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(F.to_tensor(image), mean, std)`` for an RGB PIL image (or its ``[3, H, W]``
+    uint8 tensor), bit for bit, with fewer copies (to_tensor copies the pixels twice, normalize
+    clones the result)."""
+    pixels = _uint8_pixels(image) if isinstance(image, Image.Image) else image.contiguous()
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
@@ -131,7 +172,9 @@ class ReplayableTrainTransform:
         {"crop": [top, left, height, width], "flip": bool, "jitter": [[op, factor], ...], "gray": bool}
 
     (``jitter``: torchvision's random order of brightness 0 / contrast 1 / saturation 2 /
-    hue 3 with their factors) and ``apply(image, params)`` renders exactly that view.
+    hue 3 with their factors) and ``apply(image, params)`` renders exactly that view:
+    ``normalize(render(image, params))``, ``render`` giving its uint8 pixels (the training stream
+    normalises them a batch at a time, or leaves that to the device: ``uint8_batches``).
     ``settings()`` names everything that decides what a view looks like (for cache manifests),
     the decode path included. ``image`` is a PIL image or an ``EncodedImage`` (JPEG bytes,
     decoded as ``decode`` says; see the module doc); ``lazy`` tells a loader which to give.
@@ -156,11 +199,13 @@ class ReplayableTrainTransform:
         self.decode = decode
         self._mean = torch.tensor(self.mean).view(-1, 1, 1)
         self._std = torch.tensor(self.std).view(-1, 1, 1)
+        # torchvision's float32 logarithms of the aspect ratios, computed once instead of per draw.
+        self._log_ratio = tuple(float(x) for x in torch.log(torch.tensor(self.ratio)))
 
     @property
     def lazy(self) -> bool:
         """Whether this transform wants JPEGs as ``EncodedImage`` (``decode_sample(raw, lazy=...)``)."""
-        return self.decode == "reduced"
+        return self.decode in ("reduced", "fast")
 
     # ------------------------------------------------------------------ parameters
     def draw(self, image, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -183,7 +228,7 @@ class ReplayableTrainTransform:
     def _crop_box(self, height: int, width: int, g) -> tuple[int, int, int, int]:
         # torchvision's RandomResizedCrop.get_params, with a generator.
         area = height * width
-        log_ratio = torch.log(torch.tensor(self.ratio))
+        log_ratio = self._log_ratio
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g).item()
             aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
@@ -205,29 +250,55 @@ class ReplayableTrainTransform:
     # ------------------------------------------------------------------ rendering
     def apply(self, image, params: dict[str, Any]) -> torch.Tensor:
         """Render the view ``params`` (from ``draw``) of ``image`` (PIL or ``EncodedImage``):
-        normalised ``[3, H, W]``. A JPEG that does not decode raises ``data.decode.DecodeError``."""
+        normalised ``[3, H, W]`` (``normalize(render(image, params))``). A JPEG that does not
+        decode raises ``data.decode.DecodeError``."""
+        return self.normalize(self.render(image, params))
+
+    def render(self, image, params: dict[str, Any]) -> torch.Tensor:
+        """The view ``params`` of ``image`` before normalisation: ``[3, H, W]`` uint8, contiguous.
+        The training stream renders its samples so and normalises whole batches (the same numbers)."""
         top, left, h, w = params["crop"]
         if isinstance(image, EncodedImage):
-            factor = reduction(h, w, *self.size) if self.decode == "reduced" else 1
-            image, factor = image.decode(factor)
+            factor = reduction(h, w, *self.size) if self.decode in ("reduced", "fast") else 1
+            if self.decode == "fast":
+                pixels, factor = image.pixels(factor)
+                if factor == 1 and self.interpolation in _TORCH_FILTERS:
+                    return self._finish_uint8(resized_crop_uint8(pixels, top, left, h, w, self.size,
+                                                                 self.interpolation), params)
+                image = pixels if factor > 1 else Image.fromarray(pixels)
+            else:
+                image, factor = image.decode(factor)
             if factor > 1:
                 image = resized_crop_reduced(image, factor, top, left, h, w, self.size, self.interpolation)
                 return self._finish(image, params)
         image = F.resized_crop(image, top, left, h, w, list(self.size), self.interpolation, antialias=self.antialias)
         return self._finish(image, params)
 
+    def normalize(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 views ``[..., 3, H, W]`` -> float32, normalised (into ``out`` when given, e.g. a
+        view's place in its batch), on the device they are on: ``F.normalize(F.to_tensor(view))``
+        bit for bit (a conversion, a division and a subtraction, each rounded as IEEE says)."""
+        mean, std = self._mean, self._std
+        if pixels.device != mean.device:
+            mean, std = mean.to(pixels.device), std.to(pixels.device)
+        out = pixels.to(torch.float32) if out is None else out.copy_(pixels)
+        return out.div_(255).sub_(mean).div_(std)
+
+    def _finish_uint8(self, pixels: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        """``_finish`` of a resized crop given as a ``[3, H, W]`` uint8 tensor: the same pixels."""
+        if params["jitter"] or params["gray"]:  # PIL's colour operations, as on every other path
+            return self._finish(Image.fromarray(pixels.permute(1, 2, 0).numpy()), params)
+        return (pixels.flip(-1) if params["flip"] else pixels).contiguous()
+
     def _finish(self, image, params: dict[str, Any]) -> torch.Tensor:
-        """Flip, jitter, grayscale and normalise a resized PIL crop."""
+        """Flip, jitter and grayscale a resized PIL crop: its ``[3, H, W]`` uint8 pixels."""
         if params["flip"]:
             image = F.hflip(image)
         for op, factor in params["jitter"]:
             image = _JITTER_OPS[op](image, factor)
         if params["gray"]:
             image = F.rgb_to_grayscale(image, num_output_channels=len(image.getbands()))
-        return self._to_tensor(_to_rgb(image))
-
-    def _to_tensor(self, image) -> torch.Tensor:
-        return _to_normalized_tensor(image, self._mean, self._std)
+        return _uint8_pixels(_to_rgb(image))
 
     def __call__(self, image) -> torch.Tensor:
         return self.apply(image, self.draw(image))
@@ -267,8 +338,8 @@ def train_transform(
         color_jitter: None/0 disables; a float ``x`` jitters brightness, contrast and saturation
             by ``x``; a sequence is ``(brightness, contrast, saturation[, hue])``.
         grayscale: probability of converting to grayscale.
-        decode: how JPEGs given as ``EncodedImage`` are decoded: ``reduced`` or ``full`` (see
-            the module doc).
+        decode: how JPEGs given as ``EncodedImage`` are decoded: ``fast``, ``reduced`` or ``full``
+            (see the module doc).
 
     Returns a ``ReplayableTrainTransform`` (its views can be drawn from a seed and replayed).
     """
@@ -282,8 +353,9 @@ class EvalTransform:
     On a PIL image these are torchvision's ``Resize``, ``CenterCrop``, ``ToTensor`` and
     ``Normalize`` (``steps``). An ``EncodedImage`` is decoded as ``decode`` says: ``reduced``
     decodes at the largest DCT reduction that keeps the resized size (the whole image is the
-    crop here). The evaluation loaders give PIL images (whole decodes, as published accuracies
-    are measured); ``benchmarks/data_speed.py`` measures what ``reduced`` would gain there.
+    crop here), ``fast`` does so with libjpeg-turbo and resizes with torch's uint8 kernels. The
+    evaluation loaders give PIL images (whole decodes, as published accuracies are measured);
+    ``benchmarks/data_speed.py`` measures what ``reduced`` and ``fast`` would gain there.
     """
 
     def __init__(self, size, mean, std, interpolation="bicubic", resize=None, decode: str = "full"):
@@ -307,17 +379,25 @@ class EvalTransform:
 
     @property
     def lazy(self) -> bool:
-        return self.decode == "reduced"
+        return self.decode in ("reduced", "fast")
 
     def __call__(self, image) -> torch.Tensor:
         if not isinstance(image, EncodedImage):
             return self.steps(image)
         width, height = image.size
         out_h, out_w = self.resized_size(width, height)
-        factor = reduction(height, width, out_h, out_w) if self.decode == "reduced" else 1
-        pixels, factor = image.decode(factor)
-        if factor == 1:
-            return self.steps(pixels)
+        factor = reduction(height, width, out_h, out_w) if self.decode in ("reduced", "fast") else 1
+        if self.decode == "fast":
+            pixels, factor = image.pixels(factor)
+            if factor == 1 and self.interpolation in _TORCH_FILTERS:
+                resized = resized_crop_uint8(pixels, 0, 0, height, width, (out_h, out_w), self.interpolation)
+                return _to_normalized_tensor(F.center_crop(resized, list(self.size)), self._mean, self._std)
+            if factor == 1:
+                return self.steps(Image.fromarray(pixels))
+        else:
+            pixels, factor = image.decode(factor)
+            if factor == 1:
+                return self.steps(pixels)
         pixels = resized_crop_reduced(pixels, factor, 0, 0, height, width, (out_h, out_w), self.interpolation)
         return _to_normalized_tensor(F.center_crop(pixels, list(self.size)), self._mean, self._std)
 

@@ -17,7 +17,7 @@ A ``local-dir:`` model whose ``open_clip_config.json`` asks for an HF tokenizer 
 ``trust_remote_code: true`` would have transformers import that folder's Python: such a model is
 refused unless ``--trust-remote-code`` (this command's own flag, not passed on) is given.
 
-CLIP_benchmark is an optional extra: ``pip install -e ".[clip_benchmark]"``. Its 1.6.2
+CLIP_benchmark is an optional extra: ``pip install -e ".[clip-benchmark]"``. Its 1.6.2
 ``accuracy`` calls ``float()`` on a one-element array, which numpy >= 2.4 refuses
 (LAION-AI/CLIP_benchmark#147); where it does, this module puts in the same computation.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-INSTALL = 'pip install -e ".[clip_benchmark]"'
+INSTALL = 'pip install -e ".[clip-benchmark]"'
 TRUST_REMOTE_CODE = "--trust-remote-code"
 
 
@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from clip_benchmark import cli
     except ImportError as exn:
-        print(f"error: CLIP_benchmark is not installed ({exn}); install it with {INSTALL} "
-              f"(or pip install clip-benchmark)", file=sys.stderr)
+        missing = getattr(exn, "name", None) or ""
+        if missing and missing.split(".")[0] != "clip_benchmark":  # installed, but a module it needs is not
+            print(f"error: CLIP_benchmark cannot be imported: the module {missing!r} it needs is missing ({exn}); "
+                  f"install it (pip install {missing.split('.')[0]}) or reinstall the extra: {INSTALL}",
+                  file=sys.stderr)
+        else:
+            print(f"error: CLIP_benchmark is not installed ({exn}); install it with {INSTALL} "
+                  f"(or pip install clip-benchmark)", file=sys.stderr)
         return 2
     import students  # noqa: F401  (registers SparseFormer with timm: open_clip can build the exports)
 

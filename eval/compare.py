@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from data.digest import file_sha256
 from data.errors import UserError
 from data.evalsets import check_eval_source
 from data.outputs import replacing, write_text
@@ -340,13 +341,7 @@ def _teacher_identity(spec: Mapping[str, Any]) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
@@ -412,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tome", type=_tome_list, default=[],
                    help="Token Merging on the teacher at each r (tokens merged per block), e.g. 4,8,12")
     p.add_argument("--out", help="report folder (default: 'compare' beside the first run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a comparison already in the report folder")
     add_eval_options(p)
     return p
 
@@ -419,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "compare"
+    held = [name for name in ("compare.json", "compare.md", "pareto.png") if (out / name).exists()]
+    if held and not args.overwrite:  # before any work: a comparison is never replaced unasked
+        raise SystemExit(f"error: {out} already holds a comparison ({', '.join(held)}); pass --overwrite to replace "
+                         f"it, or --out DIR for another folder")
     try:
         report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
                               progress=not args.no_progress, allow_pipe=args.allow_pipe, **eval_options(args))

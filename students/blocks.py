@@ -35,9 +35,10 @@ def act_layer(name: str) -> type[nn.Module] | partial:
     return layers[name]
 
 
-def mlp(kind: str, dim: int, hidden_dim: int, act: str) -> nn.Module:
+def mlp(kind: str, dim: int, hidden_dim: int, act: str, norm_eps: float | None = None) -> nn.Module:
     """An MLP of `kind` (`MLP_LAYERS`) over `dim` channels; `hidden_dim` is timm's `hidden_features` (fc1's
-    width: both halves of a packed GLU)."""
+    width: both halves of a packed GLU). `norm_eps`: a LayerNorm (at that eps) on the hidden features before fc2,
+    timm's `mlp.norm` (EVA-02 CLIP's `scale_mlp`)."""
     from timm.layers import GluMlp, Mlp, SwiGLU
 
     layers = {"mlp": Mlp, "swiglu": SwiGLU, "glu": GluMlp, "glu_gate_first": partial(GluMlp, gate_last=False)}
@@ -45,15 +46,26 @@ def mlp(kind: str, dim: int, hidden_dim: int, act: str) -> nn.Module:
         raise ValueError(f"unknown MLP kind {kind!r}; the kinds are {', '.join(MLP_LAYERS)}")
     if kind.startswith("glu") and hidden_dim % 2:
         raise ValueError(f"a packed GLU's hidden width must be even (value and gate halves), got {hidden_dim}")
-    return layers[kind](dim, hidden_features=hidden_dim, act_layer=act_layer(act))
+    norm = {} if norm_eps is None else {"norm_layer": partial(nn.LayerNorm, eps=norm_eps)}
+    return layers[kind](dim, hidden_features=hidden_dim, act_layer=act_layer(act), **norm)
 
 
-def attention(dim: int, num_heads: int, qk_norm: bool, eps: float) -> nn.Module:
-    """timm's fused-qkv `Attention` with biases, and LayerNorm qk-norm (at `eps`) when asked for."""
+def attention(dim: int, num_heads: int, qk_norm: bool, eps: float, scale_norm: bool = False,
+              rope_prefix: int | None = None, rotate_half: bool = False) -> nn.Module:
+    """timm's fused-qkv `Attention` with biases, LayerNorm qk-norm (at `eps`) and a LayerNorm on the attention's
+    output before its projection (`scale_norm`, EVA-02 CLIP's `scale_attn_inner`) when asked for. With
+    `rope_prefix` (the number of prefix tokens left unrotated), timm's `AttentionRope` with the same weights, whose
+    forward takes `rope=` rotations (`teachers.rope.RotaryPositions.rotations`, applied in halves with
+    `rotate_half`) for the queries and keys of the tokens after the prefix."""
+    from timm.layers import AttentionRope
     from timm.models.vision_transformer import Attention
 
-    return Attention(dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
-                     norm_layer=partial(nn.LayerNorm, eps=eps))
+    norm = partial(nn.LayerNorm, eps=eps)
+    if rope_prefix is None:
+        return Attention(dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, scale_norm=scale_norm,
+                         norm_layer=norm)
+    return AttentionRope(dim, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, scale_norm=scale_norm,
+                         norm_layer=norm, num_prefix_tokens=rope_prefix, rotate_half=rotate_half)
 
 
 POOL_SPEC_KEYS = ("num_heads", "latent_len", "latent_dim", "qkv_bias", "q_proj", "qk_norm", "pool_type",

@@ -71,6 +71,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from data.digest import file_sha256
 from data.errors import UserError
 from data.outputs import new_files_into, replacing, write_text
 
@@ -459,6 +460,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
         raise ValueError(f"the run's teacher ({spec.get('kind')}:{spec.get('model')}) is not an open_clip CLIP "
                          f"and has no text tower; export it with --format timm")
     out = Path(out_dir) if out_dir is not None else folder.file(f"export_{fmt}")
+    source = {"run": str(folder.path.resolve()), "format": fmt,
+              "student_sha256": file_sha256(folder.file(RunFolder.STUDENT_WEIGHTS))}
+    if not overwrite and _exported(out, fmt) and _read_source(out) == source:
+        raise AlreadyExported(out)  # this very student is there already: nothing to write
     _prepare_dir(out, EXPORT_FILES[fmt], overwrite)  # before the teacher is built: fail early
     teacher = None
     if fmt == "openclip":  # the text tower: the very teacher the student learned from
@@ -470,8 +475,41 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str 
     if pcfg is None:
         pcfg = teacher_pretrained_cfg(teacher)
     if fmt == "openclip":
-        return export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
-    return export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+        export_openclip(student, teacher, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+    else:
+        export_timm(student, out, pretrained_cfg=pcfg, overwrite=overwrite, verify=verify)
+    write_text(out / SOURCE_FILE, json.dumps(source, indent=1) + "\n")
+    return out
+
+
+# What an export of a run records of its source: the run folder and its student's SHA-256.
+SOURCE_FILE = "export_source.json"
+
+
+class AlreadyExported(FileExistsError):
+    """The export folder already holds this run's student, exported: said so, and nothing is written."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"{out} already holds this run's export (of the same student.safetensors): load it from "
+                         f"there (see its README.md), or pass --overwrite (overwrite=True) to write it again")
+        self.out = out
+
+
+def _load_snippet(out: Path) -> str:
+    if (out / OPENCLIP_CONFIG).is_file():
+        return _openclip_snippet(out)
+    return f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
+
+
+def _exported(out: Path, fmt: str) -> bool:
+    return all((out / name).is_file() for name in EXPORT_FILES[fmt])
+
+
+def _read_source(out: Path) -> dict | None:
+    try:
+        return json.loads((out / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,11 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if (out / OPENCLIP_CONFIG).is_file():
-        how = _openclip_snippet(out)
-    else:
-        how = f"import students, timm\nmodel = timm.create_model('local-dir:{out}', pretrained=True)"
-    print(f"exported to {out}\nload it with:\n{how}")
+    print(f"exported to {out}\nload it with:\n{_load_snippet(out)}")
     return 0
 
 

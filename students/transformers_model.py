@@ -171,7 +171,11 @@ class StudentVisionModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The student initialises itself when built; its weights come from a student or a checkpoint."""
+        """The student initialises itself when built; its weights come from a student or a checkpoint. Buffers
+        that are computed rather than saved (a rotary module's frequencies, timm's `init_non_persistent_buffers`)
+        are computed again: transformers builds the model on the meta device and leaves them empty."""
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
 
     @classmethod
     def from_student(cls, student: nn.Module, *, pretrained_cfg: Mapping[str, Any] | None = None,

@@ -41,6 +41,7 @@ __all__ = [
     "Preprocess",
     "RandomTeacherWarning",
     "SUPPORTED_TEACHERS",
+    "TEACHER_EXTRAS",
     "Teacher",
     "TeacherSpecError",
     "TeacherWeightsError",
@@ -81,9 +82,9 @@ patch tokens ('avg') or by a MAP attention head ('map'), with or without a class
     eva02_*_clip_*), EVA-01 (eva_giant_*), DINOv3 (vit_*_dinov3*), RoPE-ViT
     (vit_*_rope_*, vit_*_rope_mixed_*); as open_clip towers PE-Core-T/S/B/L/bigG
     (PE-Core-L-14-336, ...), EVA02-B-16, EVA02-L-14, EVA02-L-14-336, EVA01-g-14.
-    Their targets, attention maps and zero-shot use are supported; SparseFormer
-    and Sparsifiner students cannot yet inherit blocks with rotary positions or
-    EVA-02 CLIP's extra LayerNorms (they say so), and ToMe cannot merge them.
+    SparseFormer and Sparsifiner students inherit them (a latent token turns
+    by its RoI's centre on the patch grid); ToMe cannot merge their tokens
+    (a merged token has no single position).
 Not supported: ResNet and ConvNeXt CLIPs (RN50, convnext_*, ...), CoCa, hybrid
 CNN-ViTs (vit_*_r50_*, vit_tiny_r_s16_p8_*), NaFlex and relative-position ViTs,
 ViTamin, MobileCLIP, distilled DeiT, max-pooled ViTs, RMSNorm blocks,
@@ -602,17 +603,25 @@ class Teacher(nn.Module):
                 f"embed_dim={self.embed_dim}")
 
 
-def teacher_extras(teacher: Any) -> list[str]:
+# The attributes of a teacher that describe computation beyond a plain ViT (`teacher_extras`).
+TEACHER_EXTRAS = ("rope", "attn_norm", "mlp_norm", "pool_include_prefix")
+
+
+def teacher_extras(teacher: Any, handled: Sequence[str] = ()) -> list[str]:
     """What a teacher computes beyond a ViT of timm `Block`s (with the MLP kinds, qk-norm and LayerScale of
     `Teacher`) pooled over the tokens after its prefix: rotary positions (`rope`), EVA-02 CLIP's extra
     LayerNorms (`attn_norm`, `mlp_norm`), a MAP head that reads the prefix tokens too (`pool_include_prefix`);
-    [] for none. Read with the plain ViT's defaults, so that any object describing a teacher will do."""
-    rope = getattr(teacher, "rope", None)
+    [] for none. `handled`: the attributes (`TEACHER_EXTRAS`) the caller reproduces, left out. Read with the
+    plain ViT's defaults, so that any object describing a teacher will do."""
+    unknown = [name for name in handled if name not in TEACHER_EXTRAS]
+    if unknown:
+        raise ValueError(f"unknown teacher extras {unknown}; the extras are {', '.join(TEACHER_EXTRAS)}")
+    rope = getattr(teacher, "rope", None) if "rope" not in handled else None
     extras = [f"rotary position embeddings ('{rope.kind}')"] if rope is not None else []
     return extras + [what for what, attr in (("a LayerNorm on the attention output", "attn_norm"),
                                              ("a LayerNorm inside the MLP", "mlp_norm"),
                                              ("a MAP head reading the prefix tokens", "pool_include_prefix"))
-                     if getattr(teacher, attr, False)]
+                     if attr not in handled and getattr(teacher, attr, False)]
 
 
 def _to_rgb(image):

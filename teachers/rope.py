@@ -17,21 +17,36 @@ computes it for any (row, col) on the grid, with the patch in row i and column j
 positions it computes the same floating-point operations as timm, in the same order, so its rotations are the
 teacher's own bit for bit (on the CPU; tests check it). Any other rotary module, or an option of a known one this
 description does not follow, is refused (`rope_problems`) rather than described wrongly.
+
+A student that inherits rotary blocks keeps a rotary module of its own, rebuilt from plain data (`spec()`, the
+arguments of timm's constructor, saved in the student's config; `from_spec`), so that it reloads from its config
+and weights alone; the one learned part, RoPE-Mixed's frequencies, is a weight (`weights(blocks)`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ROPE_KINDS", "RotaryPositions", "rope_kind", "rope_problems"]
+__all__ = ["ROPE_KINDS", "ROPE_SPEC_KEYS", "RotaryPositions", "rope_kind", "rope_problems", "rotate_after_prefix",
+           "spec_problem"]
 
 # timm's rope_type of each known rotary module class (looked up by exact class: a subclass may compute otherwise).
 ROPE_KINDS = {"RotaryEmbeddingCat": "cat", "RotaryEmbeddingMixed": "mixed", "RotaryEmbeddingDinoV3": "dinov3"}
 _NORMALIZE_COORDS = ("separate", "min", "max")
+# The keys of a rotary spec (`RotaryPositions.spec`) of each kind: the grid, the layout, and the arguments of timm's
+# constructor that the rotations depend on (the coordinate augmentations, training-only, are left out: off).
+_COMMON_SPEC_KEYS = ("kind", "grid_size", "rotate_half", "grid_indexing")
+ROPE_SPEC_KEYS = {
+    "cat": _COMMON_SPEC_KEYS + ("temperature", "in_pixels", "max_res", "linear_bands", "grid_offset",
+                                "ref_feat_shape"),
+    "dinov3": _COMMON_SPEC_KEYS + ("temperature", "min_period", "max_period", "normalize_coords", "grid_offset"),
+    "mixed": _COMMON_SPEC_KEYS + ("temperature",),
+}
 
 
 def rope_kind(module: nn.Module) -> str | None:
@@ -68,6 +83,39 @@ def rope_problems(module: nn.Module, *, depth: int, num_heads: int, head_dim: in
     return []
 
 
+def rotate_after_prefix(x: Tensor, rotations: Tensor, num_prefix: int, rotate_half: bool) -> Tensor:
+    """Queries or keys [B, heads, N, head_dim] with every token after the first `num_prefix` rotated by `rotations`
+    (timm's [sin | cos] layout, applied in halves with `rotate_half`), as timm's `AttentionRope` does."""
+    from timm.layers import apply_rot_embed_cat
+
+    rotated = apply_rot_embed_cat(x[:, :, num_prefix:], rotations, half=rotate_half)
+    return torch.cat([x[:, :, :num_prefix], rotated], dim=2).type_as(x)
+
+
+def spec_problem(spec) -> str | None:
+    """Why `spec` is not a rotary spec `RotaryPositions.from_spec` can build (None when it is)."""
+    from collections.abc import Mapping
+
+    if not isinstance(spec, Mapping) or spec.get("kind") not in ROPE_SPEC_KEYS:
+        kinds = ", ".join(repr(k) for k in ROPE_SPEC_KEYS)
+        return f"a rotary spec is a mapping whose 'kind' is one of {kinds}, got {spec!r}"
+    keys = ROPE_SPEC_KEYS[spec["kind"]]
+    if set(spec) != set(keys):
+        return (f"a '{spec['kind']}' rotary spec has exactly the keys {', '.join(keys)} "
+                f"(unknown {sorted(set(spec) - set(keys))}, missing {sorted(set(keys) - set(spec))})")
+    size = spec["grid_size"]
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        return f"a rotary spec's grid_size is [rows, cols] of positive integers, got {size!r}"
+    if spec["grid_indexing"] not in ("ij", "xy"):
+        return f"a rotary spec's grid_indexing is 'ij' or 'xy', got {spec['grid_indexing']!r}"
+    if spec["kind"] == "dinov3" and spec["normalize_coords"] not in _NORMALIZE_COORDS:
+        return f"a 'dinov3' rotary spec's normalize_coords is one of {', '.join(_NORMALIZE_COORDS)}"
+    if spec["kind"] == "mixed" and spec["rotate_half"]:
+        return "a 'mixed' rotary spec interleaves its rotations (rotate_half false)"
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class RotaryPositions:
     """How a rotary teacher rotates the queries and keys of the tokens after its prefix (`Teacher.rope`).
@@ -101,6 +149,64 @@ class RotaryPositions:
     def per_block(self) -> bool:
         return self.kind == "mixed"
 
+    # --------------------------------------------------------------------------------- as plain data
+    def spec(self) -> dict:
+        """The rotary module as plain data (JSON-able; `ROPE_SPEC_KEYS`): the grid, the layout and timm's constructor
+        arguments that the rotations depend on. `from_spec` rebuilds a module computing the same rotations."""
+        m = self.module
+        spec = {"kind": self.kind, "grid_size": list(self.grid_size), "rotate_half": bool(self.rotate_half),
+                "grid_indexing": m.grid_indexing}
+        if self.kind == "cat":
+            spec.update(temperature=m.temperature, in_pixels=bool(m.in_pixels), max_res=m.max_res,
+                        linear_bands=bool(m.linear_bands), grid_offset=m.grid_offset,
+                        ref_feat_shape=None if m.ref_feat_shape is None else list(m.ref_feat_shape))
+        elif self.kind == "dinov3":
+            spec.update(temperature=m.temperature, min_period=m.min_period, max_period=m.max_period,
+                        normalize_coords=m.normalize_coords, grid_offset=m.grid_offset)
+        else:
+            spec.update(temperature=m.temperature)
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec, *, num_heads: int, head_dim: int, num_prefix_tokens: int, depth: int,
+                  device=None) -> "RotaryPositions":
+        """A new timm rotary module built from `spec()`'s data, for `depth` blocks of `num_heads` heads of `head_dim`
+        whose first `num_prefix_tokens` tokens stay unrotated. Its fixed frequencies are computed as the teacher's
+        were (the same rotations, bit for bit); a 'mixed' module's learned frequencies are fresh: load them
+        (`weights`)."""
+        from timm.layers import RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
+
+        problem = spec_problem(spec)
+        if problem:
+            raise ValueError(problem)
+        kind, s = spec["kind"], dict(spec)
+        common = dict(grid_indexing=s["grid_indexing"], feat_shape=None, device=device)
+        if kind == "cat":
+            module = RotaryEmbeddingCat(
+                head_dim, max_res=s["max_res"], temperature=s["temperature"], in_pixels=s["in_pixels"],
+                linear_bands=s["linear_bands"], grid_type="index", grid_offset=s["grid_offset"],
+                rotate_half=s["rotate_half"],
+                ref_feat_shape=None if s["ref_feat_shape"] is None else list(s["ref_feat_shape"]), **common)
+        elif kind == "dinov3":
+            module = RotaryEmbeddingDinoV3(
+                head_dim, temperature=s["temperature"], min_period=s["min_period"], max_period=s["max_period"],
+                normalize_coords=s["normalize_coords"], grid_offset=s["grid_offset"], rotate_half=s["rotate_half"],
+                **common)
+        else:
+            module = RotaryEmbeddingMixed(num_heads * head_dim, depth=depth, num_heads=num_heads,
+                                          temperature=s["temperature"], **common)
+        return cls(kind=kind, grid_size=tuple(s["grid_size"]), num_prefix_tokens=num_prefix_tokens,
+                   num_heads=num_heads, head_dim=head_dim, rotate_half=bool(s["rotate_half"]), depth=depth,
+                   module=module)
+
+    def weights(self, blocks: Sequence[int]) -> dict[str, Tensor]:
+        """The rotary module's learned weights for these blocks, in the layout of a module that `from_spec` builds
+        for `len(blocks)` blocks (its block j is block `blocks[j]` here): RoPE-Mixed's frequencies of those
+        blocks; nothing for the fixed kinds. Detached copies."""
+        if not self.per_block:
+            return {}
+        return {"freqs": self.module.freqs[:, list(blocks)].detach().clone()}
+
     # --------------------------------------------------------------------------------- positions
     def grid_positions(self, device: torch.device | str | None = None) -> Tensor:
         """The patch tokens' positions [rows * cols, 2] as (row, col), in token order (row-major)."""
@@ -132,11 +238,7 @@ class RotaryPositions:
 
     def rotate(self, x: Tensor, rotations: Tensor) -> Tensor:
         """Queries or keys [B, heads, N, head_dim] with the tokens after the prefix rotated, as timm's attention does."""
-        from timm.layers import apply_rot_embed_cat
-
-        p = self.num_prefix_tokens
-        rotated = apply_rot_embed_cat(x[:, :, p:], rotations, half=self.rotate_half)
-        return torch.cat([x[:, :, :p], rotated], dim=2).type_as(x)
+        return rotate_after_prefix(x, rotations, self.num_prefix_tokens, self.rotate_half)
 
     def _axes(self, rows: Tensor, cols: Tensor) -> tuple[list[Tensor], list[int]]:
         """The coordinates and grid sizes in the module's channel order (timm's `_build_grid`: 'xy' puts x first)."""

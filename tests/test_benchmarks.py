@@ -60,6 +60,16 @@ def test_student_speed_puts_a_siglip_student_beside_its_map_pooled_teacher():
     assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
 
 
+def test_student_speed_puts_a_rotary_student_beside_its_teacher():
+    out = run_script("student_speed.py", "--models", "dinov3_base", "--batch-sizes", "1", "--dtypes", "fp32",
+                     "--warmup", "0", "--iters", "3", "--threads", "1")
+    rows = {r[1]: r for r in table_rows(out)}
+    teacher, student = rows["timm:vit_base_patch16_dinov3"], rows["sparseformer from vit_base_patch16_dinov3"]
+    # 256 patches, a class token and 4 registers at 256 px: counted and analytic agree (rotations are elementwise).
+    assert float(teacher[4]) == 47.15 and "analytic ViT count" not in out and teacher[2] == "256"
+    assert float(student[4]) < float(teacher[4]) / 4 and float(student[3]) < float(teacher[3])
+
+
 def test_train_speed_times_teacher_student_and_data(tmp_path):
     results = tmp_path / "train_speed.json"
     out = run_script("train_speed.py", "--models", "clip_base", "--batch-size", "1", "--steps", "1", "--warmup", "0",
@@ -78,16 +88,23 @@ def test_train_speed_times_teacher_student_and_data(tmp_path):
 
 def test_data_speed_times_each_decode_path_and_the_reduced_difference():
     out = run_script("data_speed.py", "--images", "12", "--rounds", "1", "--batch-size", "4", "--size", "64",
-                     "--paths", "today", "full", "reduced", "torchvision", "--max-size", "96", "--diff-views", "2")
+                     "--paths", "today", "full", "reduced", "fast", "torchvision", "--max-size", "96",
+                     "--diff-views", "2")
     rows = table_rows(out)
-    labels = ["today", "full", "reduced", "torchvision", "reduced, --max-size 96 shards"]
-    assert [(r[0], r[1]) for r in rows] == [(kind, label) for kind in ("train", "eval") for label in labels]
-    assert all(float(r[2]) > 0 for r in rows) and rows[0][4] == rows[5][4] == "1.00"  # ratios against today
+    labels = ["today", "full", "reduced", "fast", "torchvision", "fast, --max-size 96 shards"]
+    uint8 = [label for label in labels if label != "torchvision"]  # a transform that renders uint8 views
+    kinds = [("train", labels), ("train, 1 worker", labels), ("train, 1 worker, uint8 batches", uint8),
+             ("eval", labels)]
+    assert [(r[0], r[1]) for r in rows] == [(kind, label) for kind, names in kinds for label in names]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert [r[4] for r in rows if r[1] == "today"] == ["1.00"] * 4  # ratios against today
     assert re.search(r"generated 12 JPEGs .* mean \d+ x \d+ px, \d+ KB, .* load average", out)
-    # 12 images x 2 views, and one evaluation view each: how many decoded smaller, and how far from full.
-    assert re.search(r"train: \d+ of 24 views decoded smaller; difference mean [\d.]+, 99.9th percentile \d+, max \d+",
-                     out)
-    assert re.search(r"eval: \d+ of 12 views decoded smaller", out)
+    # 12 images x 2 views, and one evaluation view each: the views decoded smaller and whole, how far from full.
+    for path in ("reduced", "fast"):
+        said = out.split(f"{path} path against full decoding")[1]
+        assert re.search(r"train: decoded smaller \(\d+ views\) [\d.]+ / \d+ / \d+; .*all \(24 views\) [\d.]+ / \d+ / "
+                         r"\d+", said)
+        assert re.search(r"eval: .*all \(12 views\)", said)
 
 
 def test_data_speed_names_what_a_path_it_cannot_run_needs(tmp_path):

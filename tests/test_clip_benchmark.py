@@ -2,14 +2,17 @@
 
 `data.export_eval_set` writes an evaluation set in CLIP_benchmark's `wds/` layout; `eval.clip_benchmark`
 runs CLIP_benchmark's CLI with `students` imported. The tests that run CLIP_benchmark itself
-skip where it is not installed (`pip install -e ".[clip_benchmark]"`).
+skip where it is not installed (`pip install -e ".[clip-benchmark]"`).
 """
 
+import contextlib
 import io
+import os
 import json
 import sys
 import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,11 +82,52 @@ def test_export_templates_option_skips_bad_images_and_refuses_to_overwrite(tmp_p
     assert capsys.readouterr().err.startswith(f"error: evaluation data {tmp_path / 'nowhere'} does not exist")
 
 
+def test_the_printed_and_documented_commands_are_the_same_command():
+    """The README's command is the one `data.export_eval_set` prints (float32, the loader in the main process:
+    CLIP_benchmark's default 4 workers refuse a set of fewer shards), with the demo's folders filled in."""
+    from data.export_eval_set import clip_benchmark_command
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("python -m eval.clip_benchmark eval "))
+    command = [lines[first]]
+    while command[-1].endswith("\\"):  # continued on the next line
+        command.append(lines[first + len(command)])
+    documented = " ".join(" ".join(command).replace("\\", " ").split())
+    assert documented == clip_benchmark_command("demo_wds", "demo_wds", model="local-dir:runs/demo/export_openclip")
+    assert "--no_amp" in documented and "--num_workers 0" in documented
+
+
+def test_clip_benchmark_missing_a_dependency_names_it(monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def without_requests(name, *args, **kwargs):
+        if name.startswith("clip_benchmark"):
+            raise ModuleNotFoundError("No module named 'requests'", name="requests")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_requests)
+    assert clip_benchmark_main(["eval", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "the module 'requests' it needs is missing" in err and err.count("\n") == 1
+
+
 def test_clip_benchmark_cli_without_clip_benchmark_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "clip_benchmark", None)  # what an absent package looks like
     assert clip_benchmark_main(["eval", "--help"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: CLIP_benchmark is not installed") and INSTALL in err and err.count("\n") == 1
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def test_clip_benchmark_scores_the_openclip_export_as_our_report_does(clip_pair, demo, wds_demo,  # noqa: F811
@@ -96,14 +140,15 @@ def test_clip_benchmark_scores_the_openclip_export_as_our_report_does(clip_pair,
     report = evaluate(student, teacher, str(demo / "val"), probe=False, cost=False, rois=False, num_workers=0,
                       progress=False)["zero_shot"]
 
-    result = tmp_path / "result.json"
-    argv = ["eval", "--dataset", "wds/demo", "--dataset_root", str(wds), "--model", f"local-dir:{export}",
-            "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "8",
-            "--output", str(result), "--quiet"]
-    with warnings.catch_warnings():
+    # The command data.export_eval_set prints, as printed (the export folder filled in), run in tmp_path.
+    from data.export_eval_set import clip_benchmark_command
+
+    printed = clip_benchmark_command(wds.name, str(wds), model=f"local-dir:{export}").split()
+    assert printed[:3] == ["python", "-m", "eval.clip_benchmark"]
+    with warnings.catch_warnings(), _cwd(tmp_path):
         warnings.simplefilter("ignore")  # CLIP_benchmark's and its dependencies' deprecation warnings
-        assert clip_benchmark_main(argv) == 0
-    metrics = json.loads(result.read_text())["metrics"]
+        assert clip_benchmark_main(printed[3:] + ["--quiet"]) == 0
+    metrics = json.loads((tmp_path / f"{wds.name}_result.json").read_text())["metrics"]
     assert metrics["acc1"] == pytest.approx(report["student"]["top1"], abs=1e-6)
     assert metrics["acc5"] == pytest.approx(report["student"]["top5"], abs=1e-6)
 

@@ -111,3 +111,82 @@ def test_the_pixel_limit_is_a_recipe_key():
     assert load_recipe(base=base, overrides=["data.max_pixels=null"]).data.max_pixels is None
     with pytest.raises(RecipeError, match="data.max_pixels must be at least 1 or null"):
         load_recipe(base=base, overrides=["data.max_pixels=0"])
+
+
+# ----------------------------------------------------------------------------- optimizer values (issue 32 item 12)
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.inf", r"optim.lr must be a finite number, got inf"),
+    ("optim.min_lr=.nan", r"optim.min_lr must be a finite number, got nan"),
+    ("optim.weight_decay=-1", r"optim.weight_decay must be >= 0 \(0: none\), got -1"),
+    ("optim.betas=[2,0.5]", r"optim.betas must be two numbers in \[0, 1\) .*got \[2.0, 0.5\]"),
+    ("optim.eps=-1", r"optim.eps must be above 0 .*got -1"),
+    ("optim.grad_clip=.inf", r"optim.grad_clip must be a finite number, got inf"),
+])
+def test_optimizer_values_are_checked_with_the_recipe(override, message):
+    from bootstrap.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(ROOT / "recipes" / "demo.yaml", [override])
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_only_finite_checkpoints(tmp_path, capsys):
+    """A finite but absurd learning rate blows the weights up: the held-out check (or the checkpoint guard) stops the
+    run with one line, and no checkpoint holds non-finite weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from data.demo import make_demo_dataset
+    from test_bootstrap import TINY_RECIPE
+
+    data = tmp_path / "data"
+    make_demo_dataset(data, num=36, size=32, val_fraction=1 / 6, shard_size=20)
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["data"].update(train=str(data / "train"), val=str(data / "val"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert run_here(path, out, "optim.lr=1e30", "optim.grad_clip=null", "optim.warmup_steps=0", "run.eval_every=2",
+                    "run.checkpoint_every=1", "run.max_nonfinite=100") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: step ") and err.count("\n") == 1 and "not finite" in err, err
+    assert "the last good checkpoint is in" in err
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values()), ckpt
+    assert not (out / "student.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- as a new user (issue 32 item 18)
+def test_exporting_a_run_again_says_its_export_is_there_and_writes_nothing(tmp_path, clip_pair, demo,  # noqa: F811
+                                                                          capsys):
+    from students.export import SOURCE_FILE, main as export_main
+
+    teacher, student = clip_pair
+    run = tmp_path / "run"
+    write_run(run, teacher, student, {"data": str(demo / "val")})
+    assert export_main([str(run), "--no-verify"]) == 0  # as the run's end does
+    capsys.readouterr()
+    out = run / "export_openclip"
+    stamp = (out / "open_clip_model.safetensors").stat().st_mtime_ns
+    assert export_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already holds this run's export (of the same student.safetensors)")
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert (out / "open_clip_model.safetensors").stat().st_mtime_ns == stamp  # nothing written
+    # Another student in the run folder: its export is refused unless --overwrite, as before.
+    (out / SOURCE_FILE).write_text(json.dumps({"student_sha256": "another"}))
+    assert export_main([str(run)]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert export_main([str(run), "--overwrite", "--no-verify"]) == 0
+
+
+def test_compare_never_replaces_a_comparison_unasked(tmp_path, capsys):
+    from eval.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"already holds a comparison \(compare.json\); pass --overwrite"):
+        compare_main([str(tmp_path / "nowhere"), "--out", str(out)])
+    assert (out / "compare.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match="does not exist"):  # with --overwrite the work (here: its checks) goes on
+        compare_main([str(tmp_path / "nowhere"), "--out", str(out), "--overwrite"])

@@ -266,14 +266,19 @@ def test_a_siglip_student_exports_to_openclip_with_its_logit_bias_and_reloads_of
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x), student(x), rtol=0, atol=1e-5)
-    # A fresh process without the network: `import students` registers the student tower.
+    assert reload_offline(out, (32, 32))[0] == "-10.0"
+
+
+def reload_offline(folder: Path, size: tuple[int, int]) -> list[str]:
+    """An OpenCLIP export loaded by a fresh process without the network (`import students` registers the student
+    tower): its logit bias and the shape of encode_image on one image of `size`, as printed words."""
     code = ("import students, open_clip, torch; m = open_clip.create_model('local-dir:%s').eval(); "
-            "print(float(m.logit_bias), tuple(m.encode_image(torch.zeros(1, 3, 32, 32)).shape))" % out)
+            "print(float(m.logit_bias), tuple(m.encode_image(torch.zeros(1, 3, %d, %d)).shape))" % (folder, *size))
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[0] == "-10.0"
+    return done.stdout.split()
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -331,23 +336,10 @@ def test_a_siglip_teacher_bootstraps_end_to_end_and_exports(tmp_path):
     import json
 
     import open_clip
-    import yaml
 
-    from data.demo import make_demo_dataset
-    from test_bootstrap import TINY_RECIPE, run_here
+    from test_bootstrap import run_tiny_teacher
 
-    data = tmp_path / "data"
-    make_demo_dataset(data, num=24, size=32, val_fraction=1 / 4, shard_size=12)
-    recipe = json.loads(json.dumps(TINY_RECIPE))
-    recipe["teacher"] = tiny_towers.openclip_spec("tiny_siglip_map")
-    recipe["student"] = {**recipe["student"], "tokens": 4, "focus_width": 72}
-    recipe["data"].update(train=str(data / "train"), val=str(data / "val"), heldout_samples=6)
-    recipe["optim"]["steps"] = 4
-    recipe["export"] = {"enabled": True}
-    path = tmp_path / "siglip.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    out = tmp_path / "run"
-    assert run_here(path, out) == 0
+    out = run_tiny_teacher(tmp_path, tiny_towers.openclip_spec("tiny_siglip_map"), {"tokens": 4, "focus_width": 72})
     cfg = json.loads((out / "student_config.json").read_text())
     assert cfg["head_op"] == "map" and cfg.get("cls_token_insert_layer", 0) == 0 and cfg["num_latent_tokens"] == 4
     exported = [p.parent for p in out.rglob("open_clip_config.json")]

@@ -23,8 +23,8 @@ PAPER = {
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
-                     "demo_video", "dinov2_base", "siglip2_so400m", "siglip_base", "sparsifiner_clip_base",
-                     "sparsifiner_deit_small", "video_clip_base"]
+                     "demo_video", "dinov2_base", "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
+                     "sparsifiner_clip_base", "sparsifiner_deit_small", "video_clip_base"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
@@ -119,7 +119,8 @@ def test_overrides_parse_yaml_values_and_reach_every_section():
     ("eval.precision=fp8", r"recipe section 'eval': eval precision 'fp8'"),
     ("novalue", r"override 'novalue' must look like section.key=value"),
     ("demo.teacher.consistency_images=0", r"demo.teacher.consistency_images must be at least 1 or null"),
-    ("demo.teacher.seconds=0", r"demo.teacher.seconds \(the teacher's time cap\) must be above 0, got 0"),
+    ("demo.teacher.seconds=420", r"demo.teacher.seconds is no longer a key: the demo teacher trains by its steps"),
+    ("demo.teacher.min_zero_shot=1.5", r"demo.teacher.min_zero_shot must be a fraction in \[0, 1\)"),
     ("demo.teacher.steps=0", r"demo.teacher.steps must be at least 1, got 0"),
     ("run.cpu_threads=0", r"run.cpu_threads must be 'auto' or at least 1, got 0"),
     ("run.cpu_threads=all", r"recipe key 'run.cpu_threads' must be int or 'auto', got str 'all'"),

@@ -1,6 +1,7 @@
 """Teachers with rotary position embeddings (issue 28): timm `Eva` towers (PE-Core, EVA-02 CLIP, DINOv3, RoPE-Mixed,
 and a rope-less EVA) as kind timm and as open_clip image towers; `Teacher.rope`, the rotation of any position on the
-patch grid; the real architectures read on the meta device; and what still refuses them.
+patch grid; the real architectures read on the meta device; and what still refuses them. Students of these
+teachers: `test_rope_students`.
 
 Tiny random towers of each kind are in `tiny_towers` (`EVA_TOWERS`: 32 x 48 px, a 4 x 6 patch grid).
 """
@@ -381,20 +382,25 @@ def test_a_rotary_embedding_this_package_does_not_know_is_refused_not_misread():
 
 
 @pytest.mark.parametrize("name", ["timm:tiny_pe_core", "timm:tiny_eva02_clip"])
-def test_students_and_tome_refuse_rotary_blocks_in_one_line(name):
+def test_tome_refuses_rotary_blocks_in_one_line(name):
+    """Students inherit rotary blocks (`test_rope_students`); ToMe cannot: a merged token has no one position."""
     from eval.baselines.tome import ToMe, ToMeError
-    from students import bootstrap_student
-    from students import sparsify
 
-    t = _teacher(name)
-    for build in (bootstrap_student, sparsify):
-        with pytest.raises(ValueError, match=r"rotary position embeddings \('cat'\)") as err:
-            build(t)
-        assert "\n" not in str(err.value)
-    if t.attn_norm:
-        assert "a LayerNorm on the attention output and a LayerNorm inside the MLP" in str(err.value)
-    with pytest.raises(ToMeError, match="merged tokens have no single position"):
-        ToMe(t, r=2)
+    with pytest.raises(ToMeError, match="merged tokens have no single position") as err:
+        ToMe(_teacher(name), r=2)
+    assert "\n" not in str(err.value)
+
+
+def test_teacher_extras_leave_out_what_the_caller_reproduces():
+    from teachers.base import TEACHER_EXTRAS, teacher_extras
+
+    t = _teacher("timm:tiny_eva02_clip")
+    assert t.extras() == ["rotary position embeddings ('cat')", "a LayerNorm on the attention output",
+                          "a LayerNorm inside the MLP"]
+    assert teacher_extras(t, handled=("rope", "mlp_norm")) == ["a LayerNorm on the attention output"]
+    assert teacher_extras(_teacher("timm:tiny_pe_core"), handled=TEACHER_EXTRAS) == []
+    with pytest.raises(ValueError, match="unknown teacher extras"):
+        teacher_extras(t, handled=("rotary",))
 
 
 def test_students_inherit_an_eva_without_rotary_positions_exactly():

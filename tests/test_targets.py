@@ -505,8 +505,8 @@ def test_a_changed_or_swapped_target_shard_is_refused_when_read(cache16, cache32
         _first_batches(source.store, demo_data, teacher)
     # An intact cache: each shard is hashed once in this process, however often it is read.
     hashed = []
-    original = data.targets._sha256_of
-    monkeypatch.setattr(data.targets, "_sha256_of", lambda f: hashed.append(f.name) or original(f))
+    original = data.targets.sha256_of
+    monkeypatch.setattr(data.targets, "sha256_of", lambda f: hashed.append(f.name) or original(f))
     out = _copy(cache16, tmp_path / "intact")
     source, teacher = store_of(out, recipe_file)
     for _ in range(2):

@@ -382,7 +382,7 @@ def test_the_video_demo_bootstraps_from_the_image_demos_teacher(tmp_path, capsys
     cache = tmp_path / "cache"
     tiny = ["demo.num_images=48", "demo.image_size=32", f"demo.cache_dir={cache}",
             "demo.teacher={width: 32, layers: 2, heads: 2, patch_size: 8, embed_dim: 16, text_width: 16, "
-            "text_layers: 1, text_heads: 1, steps: 4, batch_size: 8}",
+            "text_layers: 1, text_heads: 1, steps: 4, batch_size: 8, min_zero_shot: 0}",
             "demo.video={num_videos: 20, frames: 6}",
             "student={tokens: 5, drop_blocks: 1, finetune_blocks: 1, focus_width: 16, focus_repeats: 1, "
             "num_points: 4, pg_inner_dim: 16, conv_dim: 8, video: {frames: 4}}",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 from data.schema import check_keys
+from teachers.rope import spec_problem
 
 from ..blocks import ACTIVATIONS, MLP_LAYERS
 from ..family import ConfigError, read_json
@@ -67,13 +68,17 @@ class CompatibleConfig:
     # focusing unit keeps the plain GELU MLP): the MLP (`students.blocks.MLP_LAYERS`) and its
     # hidden width (timm's `hidden_features`; 0: 4 x the unit's width), its activation ('': GELU,
     # or QuickGELU with clip_quick_gelu; else one of `students.blocks.ACTIVATIONS`), and
-    # LayerNorm qk-norm in the attention.
+    # LayerNorm qk-norm in the attention; EVA-02 CLIP's LayerNorms on the attention output before its projection
+    # (`attn.norm`) and on the MLP's hidden features before fc2 (`mlp.norm`).
     mlp_layer: str = "mlp"
     mlp_hidden_dim: int = 0
     mlp_act: str = ""
     qk_norm: bool = False
+    attn_norm: bool = False
+    mlp_norm: bool = False
 
-    _EXTENSION_DEFAULTS = {"head_dim": 64, "mlp_layer": "mlp", "mlp_hidden_dim": 0, "mlp_act": "", "qk_norm": False}
+    _EXTENSION_DEFAULTS = {"head_dim": 64, "mlp_layer": "mlp", "mlp_hidden_dim": 0, "mlp_act": "", "qk_norm": False,
+                           "attn_norm": False, "mlp_norm": False}
 
     def num_heads(self, dim: int) -> int:
         return 64 if self.type_num_attn_heads == 1 else dim // self.head_dim
@@ -184,6 +189,12 @@ class SparseFormerConfig:
     # rather than to the pooled feature (timm's `fc_norm`; the same for class-token pooling).
     pool_spec: dict | None = None
     norm_before_pool: bool = False
+    # pool_include_prefix: the MAP head (or mean) reads the class token too (PE-Core's MAP head).
+    pool_include_prefix: bool = False
+    # Students of teachers with rotary position embeddings: the teacher's rotary module as plain data
+    # (`teachers.rope.RotaryPositions.spec`). The blocks after the last RoI op then rotate each latent token's
+    # query and key by its RoI's centre on the teacher's patch grid (`SparseFormer.block_rotations`).
+    rope: dict | None = None
     # A video student's clips, token copies over time, input layout and RoI encoding (`VideoConfig`; None: an
     # image model, or the authors' video model).
     video: VideoConfig | None = None
@@ -228,7 +239,8 @@ class SparseFormerConfig:
         # round-trips to exactly the JSON it came from.
         for k, unset in (("normalization_factor", None), ("model_type", None),
                          ("drop_path_rate", 0.0), ("cls_token_insert_layer", 0), ("pool_spec", None),
-                         ("norm_before_pool", False), ("video", None)):
+                         ("norm_before_pool", False), ("pool_include_prefix", False), ("rope", None),
+                         ("video", None)):
             if d[k] == unset:
                 del d[k]
         return d
@@ -315,6 +327,13 @@ class SparseFormerConfig:
         if (self.head_op == "map") != (self.pool_spec is not None):
             raise ConfigError("head_op 'map' and pool_spec go together: a MAP head is built from pool_spec "
                               "(students.blocks.POOL_SPEC_KEYS), and only head_op 'map' has one")
+        if self.pool_include_prefix and self.head_op == "cls":
+            raise ConfigError("pool_include_prefix: the class token's pooling ('cls') reads the class token alone; "
+                              "it applies to head_op 'avg' or 'map'")
+        if self.rope is not None:
+            problem = spec_problem(self.rope)
+            if problem:
+                raise ConfigError(f"rope: {problem} (`teachers.rope.RotaryPositions.spec`)")
         self.compatible_config.validate()
         if self.compatible_config.type_num_attn_heads not in (1, 2):
             raise ConfigError("compatible_config.type_num_attn_heads must be 1 or 2")

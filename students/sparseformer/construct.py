@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Unit index of the first inherited block (after the focusing and sampling units).
 FIRST_INHERITED_UNIT = 2
+# What the student reproduces of a teacher beyond a plain ViT (`teachers.base.TEACHER_EXTRAS`): rotary positions
+# (at the latent tokens' RoI centres, `SparseFormer.block_rotations`), EVA-02 CLIP's extra LayerNorms and a MAP
+# head over the class token too.
+HANDLED_EXTRAS = ("rope", "attn_norm", "mlp_norm", "pool_include_prefix")
 
 
 @dataclass
@@ -57,9 +61,10 @@ class BootstrapOptions:
 
 
 def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
-    if teacher_extras(teacher):
+    extras = teacher_extras(teacher, handled=HANDLED_EXTRAS)
+    if extras:
         raise ValueError(f"a SparseFormer student cannot inherit from teacher {teacher.kind}:{teacher.name}: it has "
-                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
+                         f"{' and '.join(extras)}; choose a teacher without them")
     n = teacher.depth
     drop = n // 3 if opts.drop_blocks is None else opts.drop_blocks
     if not 0 <= drop < n:
@@ -90,10 +95,11 @@ def _resolve(teacher: "Teacher", opts: BootstrapOptions) -> dict:
 def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerConfig:
     """The SparseFormer configuration for a teacher (released btsp configs for ViT-B/16 and ViT-L/14).
 
-    The inherited blocks take the teacher's block kind (MLP, its width and activation, qk-norm, head
-    width, LayerNorm eps); the head pools as the teacher does (class token, mean or MAP head over the
-    latent tokens, the final norm before or after pooling). A teacher without a class token gives a
-    student without one.
+    The inherited blocks take the teacher's block kind (MLP, its width and activation, qk-norm, EVA-02's
+    extra LayerNorms, head width, LayerNorm eps) and its rotary positions (`rope`, with the teacher's grid); the
+    head pools as the teacher does (class token, mean or MAP head over the latent tokens, or over the class
+    token too, the final norm before or after pooling). A teacher without a class token gives a student
+    without one.
     """
     r = _resolve(teacher, opts)
     head = teacher.head_state_dict()
@@ -127,6 +133,12 @@ def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerCo
         compat["mlp_act"] = teacher.mlp_act
     if teacher.qk_norm:
         compat["qk_norm"] = True
+    # The extras are read with a plain ViT's defaults (as `teacher_extras` reads them): any object describing a
+    # teacher will do.
+    if getattr(teacher, "attn_norm", False):
+        compat["attn_norm"] = True
+    if getattr(teacher, "mlp_norm", False):
+        compat["mlp_norm"] = True
     if not r["cls"]:
         cfg["cls_token_insert_layer"] = 0
     cfg["head_op"] = POOL_TO_HEAD_OP[teacher.pool]
@@ -134,6 +146,10 @@ def student_config(teacher: "Teacher", opts: BootstrapOptions) -> SparseFormerCo
         cfg["pool_spec"] = dict(teacher.pool_spec)
     if teacher.pool != "token" and teacher.norm_before_pool:
         cfg["norm_before_pool"] = True
+    if teacher.pool != "token" and getattr(teacher, "pool_include_prefix", False):
+        cfg["pool_include_prefix"] = True
+    if getattr(teacher, "rope", None) is not None:
+        cfg["rope"] = teacher.rope.spec()
     cfg["drop_path_rate"] = opts.drop_path_rate
     return SparseFormerConfig.from_dict(cfg)
 
@@ -145,7 +161,10 @@ def inherited_units(student: SparseFormer) -> list[SFUnit]:
 
 @torch.no_grad()
 def copy_teacher_weights(student: SparseFormer, teacher: "Teacher", drop_blocks: int) -> None:
-    """Copy the teacher's last blocks, final norm, MAP head (if any) and head into the student (exact)."""
+    """Copy the teacher's last blocks (and their learned rotary frequencies, RoPE-Mixed's), final norm, MAP head
+    (if any) and head into the student (exact)."""
+    if student.rope is not None:
+        student.rope.load_state_dict(teacher.rope.weights(range(drop_blocks, teacher.depth)))
     for j, unit in enumerate(inherited_units(student)):
         sd = teacher.block_state_dict(drop_blocks + j)
         missing, unexpected = unit.load_state_dict(sd, strict=False)
@@ -164,10 +183,11 @@ def copy_teacher_weights(student: SparseFormer, teacher: "Teacher", drop_blocks:
 
 
 def parameter_policy(student: SparseFormer, finetune_blocks: int, train_head: bool = False) -> ParameterPolicy:
-    """New parts and the first `finetune_blocks` inherited blocks train; the rest is frozen."""
+    """New parts and the first `finetune_blocks` inherited blocks train; the rest is frozen, and so are the
+    teacher's rotary frequencies (RoPE-Mixed's; the student's positions are the teacher's)."""
     frozen_prefixes = [
         f"layers.{i}." for i in student.unit_layer_index[FIRST_INHERITED_UNIT + finetune_blocks:]
-    ]
+    ] + ["rope."]
     if not train_head:
         frozen_prefixes += ["norm.", "attn_pool.", "proj."]
     return policy_from(student, lambda name: not name.startswith(tuple(frozen_prefixes)))

@@ -14,6 +14,15 @@ normalised image coordinates). Units of ops refine both:
 Parameter names and shapes match the released checkpoints exactly.
 The video model shares every op; only the number of RoI coordinates
 (`ndim` = 2 for images, 3 for video: x, y, t) and the early convolution differ.
+
+Students of rotary teachers (PE-Core, EVA-02, DINOv3; config `rope`): the blocks after the
+last RoI op keep the teacher's rotary attention (timm `AttentionRope`). A latent token has no
+patch, so its position is its RoI's centre on the teacher's patch grid, in patches (a token
+whose RoI is exactly one patch gets that patch's rotation, and one between patches angles in
+between: every rotary kind is linear in the position). The RoIs stop moving before these
+blocks, so the final RoIs give every block's positions (`block_rotations`); the class token
+stays unrotated, as the teacher's prefix tokens. The grid is the teacher's at its own
+resolution whatever the input size, since RoIs are in normalised image coordinates.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from teachers.base import hidden_state_index
+from teachers.rope import RotaryPositions, rotate_after_prefix
 
 from .. import blocks
 from .config import HEAD_OP_TO_POOL, ROI_OPS, SparseFormerConfig
@@ -92,9 +102,10 @@ def roi_position_encoding(roi: Tensor, dim: int) -> Tensor:
     return x.flatten(-2)
 
 
-def class_token_attention(attn: Attention, x: Tensor) -> Tensor:
-    """`attn(x)[:, :1]` computed for the class token alone: its query against every token's key and
-    value. (timm's `Attention` as SFUnit builds it: optional qk-norm, no gate.)"""
+def class_token_attention(attn: Attention, x: Tensor, rope: Tensor | None = None) -> Tensor:
+    """`attn(x)[:, :1]` (`attn(x, rope=rope)[:, :1]`) computed for the class token alone: its query against
+    every token's key and value. (timm's `Attention` or `AttentionRope` as SFUnit builds it: optional qk-norm,
+    no gate; the class token is a prefix token, so its query is not rotated, the keys after the prefix are.)"""
     B, L, _ = x.shape
     h, d = attn.num_heads, attn.head_dim
     w, b = attn.qkv.weight, attn.qkv.bias
@@ -103,6 +114,8 @@ def class_token_attention(attn: Attention, x: Tensor) -> Tensor:
     q = attn.q_norm(q.reshape(B, 1, h, d).transpose(1, 2))
     k, v = kv.reshape(B, L, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
     k = attn.k_norm(k)
+    if rope is not None:
+        k = rotate_after_prefix(k, rope, attn.num_prefix_tokens, attn.rotate_half)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, h * d))))
 
@@ -170,10 +183,13 @@ class SFUnit(nn.Module):
         cfg: SparseFormerConfig,
         drop_path_rates: list[float],
         ndim: int = 2,
+        rotary: bool = False,
     ):
         super().__init__()
         cc = cfg.compatible_config
         self.dim, self.ops, self.repeats, self.ndim = dim, list(ops), repeats, ndim
+        # A block inherited from a rotary teacher: its attention takes the rotations of its tokens' positions.
+        self.rotary = rotary
         self.num_points = cfg.num_sampling_points
         self.grid_sample_kwargs = dict(
             mode=cc.grid_sample_config.mode,
@@ -202,12 +218,15 @@ class SFUnit(nn.Module):
         inherited_kind = repeats == 1
         if "ATTN" in ops:
             self.norm1 = nn.LayerNorm(dim, eps=eps)
-            self.attn = blocks.attention(dim, cc.num_heads(dim), cc.qk_norm and inherited_kind, eps)
+            rope = dict(rope_prefix=int(cfg.has_cls_token), rotate_half=cfg.rope["rotate_half"]) if rotary else {}
+            self.attn = blocks.attention(dim, cc.num_heads(dim), cc.qk_norm and inherited_kind, eps,
+                                         scale_norm=cc.attn_norm and inherited_kind, **rope)
         if "MLP" in ops:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
             if inherited_kind:
                 act = cc.mlp_act or ("quick_gelu" if cc.clip_quick_gelu else "gelu")
-                self.mlp = blocks.mlp(cc.mlp_layer, dim, cc.mlp_hidden_dim or 4 * dim, act)
+                self.mlp = blocks.mlp(cc.mlp_layer, dim, cc.mlp_hidden_dim or 4 * dim, act,
+                                      norm_eps=eps if cc.mlp_norm else None)
             else:
                 self.mlp = blocks.mlp("mlp", dim, 4 * dim, "gelu")
         if "ROI_ADJ" in ops:
@@ -269,8 +288,10 @@ class SFUnit(nn.Module):
         return roi.new_zeros(*roi.shape[:-1], self.dim)
 
     # ------------------------------------------------------------ forward
-    def forward(self, x: Tensor, roi: Tensor, feat: Tensor, trace: "SparseFormerTrace | None" = None):
-        """x: [B, N, dim] tokens, roi: [B, N, 2*ndim] -> both updated.
+    def forward(self, x: Tensor, roi: Tensor, feat: Tensor, trace: "SparseFormerTrace | None" = None,
+                rope: Tensor | None = None):
+        """x: [B, N, dim] tokens, roi: [B, N, 2*ndim] -> both updated. `rope`: a rotary block's rotations of
+        the tokens after the class token (`SparseFormer.block_rotations`).
 
         The model's first unit receives the learned initial tokens and RoIs with a batch dimension
         of 1 (x: [1, 1 or N, dim], roi: [1, N, 2*ndim]): they are the same for every image. The ops
@@ -278,6 +299,7 @@ class SFUnit(nn.Module):
         offsets, mixing parameters, RoI encoding) then run once and broadcast, which computes the
         same values; the first op that needs per-image tokens expands them. Speed only.
         """
+        self._check_rope(rope)
         B = x.shape[0] if feat is None else feat.shape[0]
         N = x.shape[1] if roi is None else roi.shape[1]
 
@@ -304,7 +326,8 @@ class SFUnit(nn.Module):
                     continue
                 x, roi = per_image(x, roi)
                 if op == "ATTN":
-                    x = x + drop_path(self.attn(self.norm1(x)))
+                    y = self.attn(self.norm1(x)) if rope is None else self.attn(self.norm1(x), rope=rope)
+                    x = x + drop_path(y)
                 elif op == "MLP":
                     x = x + drop_path(self.mlp(self.norm2(x)))
                 elif op == "ROI_ADJ":
@@ -316,11 +339,19 @@ class SFUnit(nn.Module):
         """A plain transformer block (ATTN, MLP, once): the inherited teacher blocks are such units."""
         return self.ops == ["ATTN", "MLP"] and self.repeats == 1
 
-    def forward_class_token(self, x: Tensor) -> Tensor:
+    def forward_class_token(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         """`self(x)[0][:, :1]` for a block unit: the class token's update only (it still attends to all)."""
+        self._check_rope(rope)
         drop_path = self.drop_paths[0]
-        cls = x[:, :1] + drop_path(class_token_attention(self.attn, self.norm1(x)))
+        cls = x[:, :1] + drop_path(class_token_attention(self.attn, self.norm1(x), rope))
         return cls + drop_path(self.mlp(self.norm2(cls)))
+
+    def _check_rope(self, rope: Tensor | None) -> None:
+        if self.rotary and rope is None:
+            raise ValueError("this block rotates its tokens' queries and keys by their positions (rotary position "
+                             "embeddings): pass rope=, the rotations of SparseFormer.block_rotations(roi)")
+        if rope is not None and not self.rotary:
+            raise ValueError("rope= given to a block without rotary position embeddings")
 
 
 @dataclass
@@ -374,24 +405,56 @@ class SparseFormer(nn.Module):
         total = sum(cfg.repeats)
         # Stochastic depth grows linearly over all repetitions of all units.
         rates = [cfg.drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [0.0] * total
+        self.first_block_unit = first_block_unit(cfg)
         layers, self.unit_layer_index = [], []
         prev, k = cfg.width_configs[0], 0
-        for width, ops, repeats in zip(cfg.width_configs, cfg.ops_list, cfg.repeats):
+        for i, (width, ops, repeats) in enumerate(zip(cfg.width_configs, cfg.ops_list, cfg.repeats)):
             if width != prev:
                 ln = nn.LayerNorm(width, eps=cfg.compatible_config.ln_eps) if cfg.compatible_config.transition_ln \
                     else nn.Identity()
                 layers.append(nn.Sequential(nn.Linear(prev, width), ln))
             self.unit_layer_index.append(len(layers))
-            layers.append(SFUnit(width, ops, repeats, cfg, rates[k : k + repeats], self.ndim))
+            rotary = cfg.rope is not None and i >= self.first_block_unit and "ATTN" in ops
+            layers.append(SFUnit(width, ops, repeats, cfg, rates[k : k + repeats], self.ndim, rotary))
             prev, k = width, k + repeats
         self.layers = nn.ModuleList(layers)
-        self.first_block_unit = first_block_unit(cfg)
+        self.rotary, self.rope = self._rotary_positions(cfg)
 
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.compatible_config.ln_eps)
         if cfg.head_op == "map":  # a MAP head (SigLIP): latent queries attend to the final tokens
             self.attn_pool = blocks.map_pool(cfg.embed_dim, cfg.pool_spec)
         self.proj = nn.Linear(cfg.embed_dim, cfg.proj_dim, bias=cfg.proj_bias) if cfg.proj_dim else nn.Identity()
         self.init_weights()
+
+    def _rotary_positions(self, cfg: SparseFormerConfig) -> tuple[RotaryPositions | None, nn.Module | None]:
+        """The blocks' rotary positions (`cfg.rope`), and its timm module (registered as `rope`: RoPE-Mixed's
+        frequencies are weights)."""
+        if cfg.rope is None:
+            return None, None
+        if self.ndim != 2:
+            raise ValueError(f"a {type(self).__name__} cannot hold rotary position embeddings (rope): its latent "
+                             f"tokens' positions are read from image RoIs")
+        if self.num_blocks == 0:
+            raise ValueError("rope: rotary positions are given to the blocks after the last RoI op, and this "
+                             "configuration has none")
+        heads = cfg.compatible_config.num_heads(cfg.embed_dim)
+        rotary = RotaryPositions.from_spec(cfg.rope, num_heads=heads, head_dim=cfg.embed_dim // heads,
+                                           num_prefix_tokens=int(cfg.has_cls_token), depth=self.num_blocks)
+        return rotary, rotary.module
+
+    def block_rotations(self, roi: Tensor) -> list[Tensor]:
+        """The rotations each block after the last RoI op gives the latent tokens whose RoIs are `roi` [B, N, 4]
+        (`teachers.rope.RotaryPositions.rotations`): a token sits at its RoI's centre on the teacher's patch grid,
+        so a token whose RoI is one patch gets that patch's rotation in the teacher; the class token is a prefix
+        token, left unrotated as in the teacher. RoPE-Mixed's rotations differ by block: block j's are those of
+        the teacher block it was inherited from. No gradient flows into the RoIs, as for PE_INJECT's encoding."""
+        if self.rotary is None:
+            raise ValueError("this SparseFormer has no rotary position embeddings (config.rope is None)")
+        centre, _ = roi_centre_size(roi.detach().float(), self.ndim)
+        positions = self.rotary.from_image(centre)
+        if self.rotary.per_block:
+            return [self.rotary.rotations(positions, j) for j in range(self.num_blocks)]
+        return [self.rotary.rotations(positions)] * self.num_blocks
 
     # ------------------------------------------------------------- builders
     @classmethod
@@ -539,6 +602,7 @@ class SparseFormer(nn.Module):
         last = self.layers[-1]
         class_token_only = class_token_only and self.config.head_op == "cls" and last.is_block
         unit = 0
+        rotations = None  # the rotary blocks', from the final RoIs (the blocks follow the last RoI op)
         for layer in self.layers:
             if isinstance(layer, SFUnit):
                 if unit == self.config.cls_token_insert_layer and self.config.has_cls_token:
@@ -551,10 +615,14 @@ class SparseFormer(nn.Module):
                         hidden_states.append(x)
                     if stop_after_block == 0:
                         return x, roi
+                rope = None
+                if layer.rotary:
+                    rotations = self.block_rotations(roi) if rotations is None else rotations
+                    rope = rotations[unit - self.first_block_unit]
                 if layer is last and class_token_only:
-                    x = layer.forward_class_token(x)
+                    x = layer.forward_class_token(x, rope)
                 else:
-                    x, roi = layer(x, roi, feat, trace)
+                    x, roi = layer(x, roi, feat, trace, rope=rope)
                 unit += 1
                 if unit > self.first_block_unit:
                     if hidden_states is not None:
@@ -571,7 +639,8 @@ class SparseFormer(nn.Module):
     def _pooling(self) -> tuple[str, int, nn.Module | None]:
         """`blocks.pool_tokens`'s pool, prefix count and MAP head for this model's head op."""
         cfg = self.config
-        return HEAD_OP_TO_POOL[cfg.head_op], int(cfg.has_cls_token), getattr(self, "attn_pool", None)
+        prefix = 0 if cfg.pool_include_prefix else int(cfg.has_cls_token)
+        return HEAD_OP_TO_POOL[cfg.head_op], prefix, getattr(self, "attn_pool", None)
 
     def pool(self, tokens: Tensor) -> Tensor:
         """The class token ('cls'), or the mean ('avg') or MAP head ('map') over the latent tokens."""
@@ -595,9 +664,9 @@ class SparseFormer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """The parameters exempt from weight decay besides 1-D ones and biases (timm's convention): the
-        initial RoIs and the token, class and stage embeddings."""
+        initial RoIs, the token, class and stage embeddings, and RoPE-Mixed's frequencies (as timm's Eva)."""
         return {name for name, _ in self.named_parameters()
-                if name.startswith(("initial_roi.", "initial_embedding.", "cls_embedding."))
+                if name.startswith(("initial_roi.", "initial_embedding.", "cls_embedding.", "rope."))
                 or ".stage_embedding." in name}
 
     def forward_tokens(self, images: Tensor, layer: int = -1, class_token: bool = True) -> Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from data.schema import check_keys
+from teachers.rope import spec_problem
 
 from ..blocks import ACTIVATIONS, MLP_LAYERS, POOL_SPEC_KEYS
 from ..family import ConfigError, read_json
@@ -63,6 +64,12 @@ class SparsifinerConfig:
     mlp_hidden_dim: int | None = None  # timm's hidden_features when no ratio gives it (SO400M: 4304 of 1152)
     qk_norm: bool = False  # LayerNorm on q and k per head (at ln_eps); the predictor reads the normed ones
     pool_spec: dict | None = None  # the MAP head's constructor data (`students.blocks.map_pool`); None: timm's
+    # --- timm Eva towers (PE-Core, EVA-02, DINOv3)
+    pos_embed: bool = True  # an absolute position embedding (DINOv3 has none: rotary positions alone)
+    pool_include_prefix: bool = False  # the MAP head (or mean) reads the prefix tokens too (PE-Core)
+    attn_norm: bool = False  # EVA-02 CLIP's LayerNorm on the attention output before its projection (`attn.norm`)
+    mlp_norm: bool = False  # and on the MLP's hidden features before fc2 (`mlp.norm`)
+    rope: dict | None = None  # the teacher's rotary module as plain data (`teachers.rope.RotaryPositions.spec`)
     family: str = FAMILY
 
     # ------------------------------------------------------------------ I/O
@@ -214,5 +221,12 @@ class SparsifinerConfig:
             raise ConfigError(f"basis_threshold must be >= 0, got {self.basis_threshold}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.rope is not None:
+            problem = spec_problem(self.rope)
+            if problem:
+                raise ConfigError(f"rope: {problem} (`teachers.rope.RotaryPositions.spec`)")
+            if tuple(self.rope["grid_size"]) != self.grid_size:
+                raise ConfigError(f"rope: its grid {self.rope['grid_size']} is not the {self.grid_size[0]}x"
+                                  f"{self.grid_size[1]} patch grid of img_size {self.img_size}")
         if self.family != FAMILY:
             raise ConfigError(f"family must be '{FAMILY}' in a Sparsifiner config, got {self.family!r}")

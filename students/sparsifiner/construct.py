@@ -8,8 +8,11 @@ The student is the teacher's tower in timm's layout (`Teacher.stem_state_dict`, 
 `norm_state_dict`, `head_state_dict`): open_clip towers with their ln_pre, QuickGELU and projection
 (as a bias-free `head`), timm ViTs (and open_clip's timm towers, SigLIP) with their registers or no class
 token, position-embedding layout, MLP kind, qk-norm and pooling head (mean or the MAP head's weights, `norm`
-or `fc_norm`), LayerScale folded into the block weights (the same function). With keep rate 1 it computes
-what the teacher computes.
+or `fc_norm`), LayerScale folded into the block weights (the same function), and timm `Eva` towers (PE-Core,
+EVA-02, DINOv3) with their rotary positions (`rope`: the teacher's module rebuilt, RoPE-Mixed's frequencies
+copied and frozen), EVA-02 CLIP's extra LayerNorms, PE-Core's MAP head over the class token too, and no
+absolute position embedding where the tower has none (DINOv3). With keep rate 1 it computes what the teacher
+computes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
 __all__ = ["SparsifyOptions", "sparsifier_config", "sparsify"]
+
+# What a Sparsifiner reproduces of a teacher beyond a plain ViT (`teachers.base.TEACHER_EXTRAS`).
+HANDLED_EXTRAS = ("rope", "attn_norm", "mlp_norm", "pool_include_prefix")
 
 
 @dataclass
@@ -70,25 +76,28 @@ class SparsifyOptions:
 
 
 def parameter_policy(student: Sparsifiner, train_head: bool = True) -> PhasedParameterPolicy:
-    """reconstruct: the predictors of the sparsified blocks; sparse: everything else (predictors frozen)."""
+    """reconstruct: the predictors of the sparsified blocks; sparse: everything else (predictors frozen) but the
+    teacher's rotary frequencies (RoPE-Mixed's: the positions stay the teacher's)."""
     sparse_predictors = tuple(f"blocks.{i}.attn.mask_predictor." for i in student.sparse_blocks)
     head = ("norm.", "head.", "fc_norm.")
     return PhasedParameterPolicy({
         "reconstruct": policy_from(student, lambda n: n.startswith(sparse_predictors)),
-        "sparse": policy_from(student, lambda n: ".mask_predictor." not in n
+        "sparse": policy_from(student, lambda n: ".mask_predictor." not in n and not n.startswith("rope.")
                          and (train_head or not n.startswith(head))),
     })
 
 
 def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerConfig:
-    """The Sparsifiner configuration of `teacher`'s whole image tower: its stem, blocks (MLP kind, width,
-    activation, qk-norm) and head (class token or none, pooling, `norm` or `fc_norm`, MAP head)."""
+    """The Sparsifiner configuration of `teacher`'s whole image tower: its stem (with or without a position
+    embedding), blocks (MLP kind, width, activation, qk-norm, EVA-02's extra norms, rotary positions) and head
+    (class token or none, pooling, `norm` or `fc_norm`, MAP head, over the prefix tokens too or not)."""
     ph, pw = teacher.patch_size
     if ph != pw:
         raise ValueError(f"teacher patches {ph}x{pw} are not square; a Sparsifiner takes square patches")
-    if teacher_extras(teacher):
+    extras = teacher_extras(teacher, handled=HANDLED_EXTRAS)
+    if extras:
         raise ValueError(f"a Sparsifiner cannot be made of teacher {teacher.kind}:{teacher.name}: it has "
-                         f"{' and '.join(teacher_extras(teacher))}; choose a teacher without them")
+                         f"{' and '.join(extras)}; choose a teacher without them")
     stem = teacher.stem_state_dict()
     head = teacher.head_state_dict()
     h, w = teacher.preprocess.size
@@ -107,7 +116,12 @@ def sparsifier_config(teacher: "Teacher", opts: SparsifyOptions) -> SparsifinerC
         basis_threshold=opts.basis_threshold, basis_coef_topk=opts.basis_coef_topk, ln_eps=teacher.norm_eps,
         act=teacher.mlp_act, pre_norm="norm_pre.weight" in stem,
         reg_tokens=teacher.num_prefix_tokens - int(teacher.has_class_token),
-        no_embed_class=stem["pos_embed"].shape[1] == teacher.num_patches, drop_path_rate=opts.drop_path_rate,
+        no_embed_class="pos_embed" in stem and stem["pos_embed"].shape[1] == teacher.num_patches,
+        drop_path_rate=opts.drop_path_rate, pos_embed="pos_embed" in stem,
+        # the extras read with a plain ViT's defaults (as `teacher_extras` does): any object describing a teacher
+        pool_include_prefix=teacher.pool != "token" and getattr(teacher, "pool_include_prefix", False),
+        attn_norm=getattr(teacher, "attn_norm", False), mlp_norm=getattr(teacher, "mlp_norm", False),
+        rope=None if getattr(teacher, "rope", None) is None else teacher.rope.spec(),
     )
     if len(set(cfg["attn_keep_rate"])) == 1:
         cfg["attn_keep_rate"] = cfg["attn_keep_rate"][0]
@@ -131,6 +145,8 @@ def copy_teacher_weights(student: Sparsifiner, teacher: "Teacher") -> None:
     head = teacher.head_state_dict()
     if head is not None:
         sd.update({f"head.{k}": v for k, v in head.items()})
+    if student.rotary is not None:
+        sd.update({f"rope.{k}": v for k, v in teacher.rope.weights(range(teacher.depth)).items()})
     missing, unexpected = student.load_state_dict(sd, strict=False)
     missing = [k for k in missing if ".mask_predictor." not in k]
     if missing or unexpected:

@@ -28,6 +28,12 @@ predicted; registers are prefix rows; the head pools as the teacher's (class tok
 `attn_pool`; the final LayerNorm as `norm` on every token or `fc_norm` after pooling); blocks keep the
 teacher's MLP kind (SwiGLU, packed GLU) and exact width, activation and qk-norm (the predictor reads the
 normed q and k, as the attention does).
+
+Towers with rotary position embeddings (timm `Eva`: PE-Core, EVA-02, DINOv3; config `rope`): every block rotates
+the queries and keys of the patch tokens by their positions on the patch grid, as the teacher does (prefix
+tokens unrotated), before attention and before the predictor, which so reads the q and k the attention uses.
+A tower without an absolute position embedding (DINOv3) has none here either (`pos_embed: false`); EVA-02
+CLIP's extra LayerNorms and PE-Core's MAP head over the class token too are kept.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from teachers.base import hidden_state_index
+from teachers.rope import RotaryPositions, rotate_after_prefix
 
 from .. import blocks
 from . import mask_kernel
@@ -121,10 +128,11 @@ def combine(index: Tensor, values: Tensor, basis: Tensor) -> Tensor:
 
 
 def csr_product(values: Tensor, num_basis: int) -> bool:
-    """Whether the combination of these top-k coefficients runs as a CSR product: in evaluation on a CPU,
-    with `sparse_product`'s many basis rows."""
-    return not torch.is_grad_enabled() and values.device.type == "cpu" and sparse_product(num_basis,
-                                                                                          values.shape[-1])
+    """Whether the combination of these top-k coefficients runs as a CSR product: in evaluation on a CPU, in
+    float32 (torch's CPU CSR product has no bfloat16 kernel: under bf16 autocast the dense product runs), with
+    `sparse_product`'s many basis rows."""
+    return (not torch.is_grad_enabled() and values.device.type == "cpu" and values.dtype == torch.float32
+            and sparse_product(num_basis, values.shape[-1]))
 
 
 def sparse_product(num_basis: int, topk: int) -> bool:
@@ -205,7 +213,8 @@ class SparsifinerAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, num_tokens: int, num_prefix: int, budget: int,
                  reduced_dim: int, num_basis: int, share_inout_proj: bool, basis_threshold: float,
-                 basis_coef_topk: int, qk_norm: bool = False, eps: float = 1e-6):
+                 basis_coef_topk: int, qk_norm: bool = False, eps: float = 1e-6, attn_norm: bool = False,
+                 rotate_half: bool | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -219,16 +228,26 @@ class SparsifinerAttention(nn.Module):
         # timm's qk-norm (same names): the attention and the predictor both read the normed q and k.
         self.q_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        # EVA-02 CLIP's LayerNorm on the attention output before the projection (timm's `scale_norm`).
+        self.norm = nn.LayerNorm(dim, eps=eps) if attn_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        # A rotary tower's block (`rope=` in forward): the layout its rotations are applied in; None without.
+        self.rotate_half = rotate_half
         self.mask_predictor = MaskPredictor(self.head_dim, num_tokens, reduced_dim, num_basis, share_inout_proj)
 
     @property
     def is_sparse(self) -> bool:
         return self.budget < self.num_tokens
 
-    def _qkv(self, x: Tensor, queries: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def rotary(self) -> bool:
+        return self.rotate_half is not None
+
+    def _qkv(self, x: Tensor, queries: int | None = None, rope: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, N or queries, d], k, v [B, H, N, d]: with `queries`, q only for the first rows (the
-        class token of the last block), from the same weights."""
+        class token of the last block), from the same weights. With `rope`, the queries and keys of the tokens
+        after the prefix rotated by it (after qk-norm, as timm's `AttentionRope`); prefix queries are not."""
         b, n, c = x.shape
         shape = (self.num_heads, self.head_dim)
         if queries is None:
@@ -240,7 +259,12 @@ class SparsifinerAttention(nn.Module):
             q = q.reshape(b, queries, *shape).transpose(1, 2)
             kv = F.linear(x, w[c:], None if bias is None else bias[c:])
             k, v = kv.reshape(b, n, 2, *shape).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            k = rotate_after_prefix(k, rope, self.num_prefix, self.rotate_half)
+            if queries is None:  # else q holds prefix rows only (`queries` <= num_prefix): unrotated
+                q = rotate_after_prefix(q, rope, self.num_prefix, self.rotate_half)
+        return q, k, v
 
     def predict(self, q: Tensor, k: Tensor, sparse: bool = True) -> Tensor:
         return self.mask_predictor.approx(q, k, self.num_prefix, self.basis_threshold, self.basis_coef_topk, sparse)
@@ -258,18 +282,23 @@ class SparsifinerAttention(nn.Module):
         return attention_bias(combine(*terms), self.budget, self.num_prefix, q.dtype)
 
     def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
-                keep_attn: bool = False, queries: int | None = None) -> Tensor:
+                keep_attn: bool = False, queries: int | None = None, rope: Tensor | None = None) -> Tensor:
         """x [B, N, C] -> [B, N, C] (or [B, queries, C]: only the first `queries` rows are updated).
 
         dense: the reconstruct phase's dense attention (the predictor still runs when recording, so that
         its approximation can be trained against the teacher's map). The mask is a constant: no gradient
-        reaches the predictor through it.
+        reaches the predictor through it. rope: a rotary tower's rotations of the patch tokens
+        (`Sparsifiner.block_rotations`), which the attention and the predictor both see.
         """
+        if self.rotary != (rope is not None):
+            raise ValueError("this block rotates its patch tokens' queries and keys by their grid positions: pass "
+                             "rope=, Sparsifiner.block_rotations()'s" if self.rotary else
+                             "rope= given to a block without rotary position embeddings")
         b, n, c = x.shape
         # Only prefix rows to update (the last block of a class-token head): they attend densely, so no
         # predictor runs and q is needed for those rows alone.
         q_rows = queries if record is None and queries is not None and queries <= self.num_prefix else None
-        q, k, v = self._qkv(x, q_rows)
+        q, k, v = self._qkv(x, q_rows, rope)
         masked = not dense and self.is_sparse
         mask = bias = None
         if record is not None:
@@ -302,7 +331,7 @@ class SparsifinerAttention(nn.Module):
             # An additive mask: PyTorch's fused CPU kernel takes it faster than a boolean one.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(b, -1, c)
-        return self.proj(out)
+        return self.proj(self.norm(out))
 
 
 class SparsifinerBlock(Block):
@@ -313,8 +342,8 @@ class SparsifinerBlock(Block):
         self.attn = attn
 
     def forward(self, x: Tensor, dense: bool = False, record: BlockRecord | None = None,
-                keep_attn: bool = False, queries: int | None = None) -> Tensor:
-        y = self.attn(self.norm1(x), dense=dense, record=record, keep_attn=keep_attn, queries=queries)
+                keep_attn: bool = False, queries: int | None = None, rope: Tensor | None = None) -> Tensor:
+        y = self.attn(self.norm1(x), dense=dense, record=record, keep_attn=keep_attn, queries=queries, rope=rope)
         x = (x if queries is None else x[:, :queries]) + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -357,9 +386,16 @@ class Sparsifiner(VisionTransformer):
             mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, class_token=cfg.class_token,
             no_embed_class=cfg.no_embed_class, reg_tokens=cfg.reg_tokens, pre_norm=cfg.pre_norm,
             fc_norm=cfg.fc_norm, norm_layer=norm_layer, act_layer=cfg.act, drop_path_rate=cfg.drop_path_rate,
+            pos_embed="learn" if cfg.pos_embed else "none", pool_include_prefix=cfg.pool_include_prefix,
             block_fn=partial(self._block, cfg),
         )
         self.config = cfg
+        # A rotary tower's positions (the teacher's, rebuilt from `cfg.rope`) and its timm module, registered as
+        # `rope` (RoPE-Mixed's frequencies are weights).
+        self.rotary = None if cfg.rope is None else RotaryPositions.from_spec(
+            cfg.rope, num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_prefix_tokens=cfg.num_prefix_tokens,
+            depth=cfg.depth)
+        self.rope = None if self.rotary is None else self.rotary.module
         if cfg.pool_spec is not None:  # the teacher's own MAP head (timm builds one from the block's ratio)
             self.attn_pool = blocks.map_pool(cfg.embed_dim, cfg.pool_spec)
         if cfg.num_classes and not cfg.head_bias:
@@ -373,11 +409,13 @@ class Sparsifiner(VisionTransformer):
         i = depth  # timm passes the block's index as `depth`
         attn = SparsifinerAttention(
             dim, num_heads, qkv_bias, cfg.num_tokens, cfg.num_prefix_tokens, cfg.budgets[i], cfg.reduced_dim,
-            cfg.num_basis, cfg.share_inout_proj, cfg.basis_threshold, cfg.basis_coef_topk, cfg.qk_norm, cfg.ln_eps)
+            cfg.num_basis, cfg.share_inout_proj, cfg.basis_threshold, cfg.basis_coef_topk, cfg.qk_norm, cfg.ln_eps,
+            attn_norm=cfg.attn_norm, rotate_half=None if cfg.rope is None else cfg.rope["rotate_half"])
 
         def mlp_layer(in_features, hidden_features, act_layer, **_):
             # The exact hidden width (no ratio gives SO400M's 4304 of 1152) and the MLP kind, timm's modules.
-            return blocks.mlp(cfg.mlp_layer, in_features, cfg.hidden_dim, cfg.act)
+            return blocks.mlp(cfg.mlp_layer, in_features, cfg.hidden_dim, cfg.act,
+                              norm_eps=cfg.ln_eps if cfg.mlp_norm else None)
 
         return SparsifinerBlock(attn, dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                 init_values=init_values, drop_path=drop_path, norm_layer=norm_layer,
@@ -439,14 +477,26 @@ class Sparsifiner(VisionTransformer):
         """`hidden_states`: a list that receives each block's raw output."""
         dense = self._dense
         blocks = list(self.blocks)[:stop]
+        rotations = self.block_rotations(x.device) if self.rotary is not None else None
         for i, blk in enumerate(blocks):
             record = records[i] if records is not None else None
             last = class_token_only and i == len(blocks) - 1
             queries = self.num_prefix_tokens if last else None
-            x = blk(x, dense=dense, record=record, keep_attn=keep_attn, queries=queries)
+            rope = None if rotations is None else rotations[i]
+            x = blk(x, dense=dense, record=record, keep_attn=keep_attn, queries=queries, rope=rope)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x
+
+    def block_rotations(self, device: torch.device | None = None) -> list[Tensor]:
+        """Each block's rotations of the patch tokens at their positions on the grid (a rotary tower's; the
+        teacher's own, `teachers.rope.RotaryPositions.rotations`)."""
+        if self.rotary is None:
+            raise ValueError("this Sparsifiner has no rotary position embeddings (config.rope is None)")
+        grid = self.rotary.grid_positions(device)
+        if self.rotary.per_block:
+            return [self.rotary.rotations(grid, i) for i in range(len(self.blocks))]
+        return [self.rotary.rotations(grid)] * len(self.blocks)
 
     def final_norm(self, x: Tensor) -> Tensor:
         """The final LayerNorm applied to every token (`norm`, or `fc_norm` where the tower norms after

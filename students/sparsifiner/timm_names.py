@@ -45,7 +45,8 @@ default_cfgs: dict[str, dict] = {}
 
 # Keys added to SparsifinerConfig after configurations were first named by hash: left out of the hash at their
 # defaults, so that every configuration saved before keeps its name (and its exports their timm_model_name).
-_LATER_KEYS = ("class_token", "global_pool", "fc_norm", "mlp_layer", "mlp_hidden_dim", "qk_norm", "pool_spec")
+_LATER_KEYS = ("class_token", "global_pool", "fc_norm", "mlp_layer", "mlp_hidden_dim", "qk_norm", "pool_spec",
+               "pos_embed", "pool_include_prefix", "attn_norm", "mlp_norm", "rope")
 _DEFAULTS = SparsifinerConfig().to_dict()
 
 
