@@ -433,7 +433,9 @@ class SparseFormer(nn.Module):
             return None, None
         if self.ndim != 2:
             raise ValueError(f"a {type(self).__name__} cannot hold rotary position embeddings (rope): its latent "
-                             f"tokens' positions are read from image RoIs")
+                             f"tokens' positions are read from image RoIs, and a video student's are tubes. Bootstrap "
+                             f"video students from a teacher with learned position embeddings (CLIP, SigLIP, DINOv2), "
+                             f"or drop student.video")
         if self.num_blocks == 0:
             raise ValueError("rope: rotary positions are given to the blocks after the last RoI op, and this "
                              "configuration has none")
