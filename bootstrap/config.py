@@ -8,7 +8,7 @@ teacher and the training data, which a recipe must give — or the `demo:` secti
               (`students.family.StudentFamily.options`: tokens, focus_width, ... for SparseFormer)
     data:     train / val shards, batch size per process, loader, augmentation
     optim:    AdamW and its warm-up + cosine schedule, gradient clipping and accumulation
-    loss:     cosine | smooth_l1 | mse
+    loss:     cosine | smooth_l1 | mse, and label_weight (the supervised term on labelled shards)
     run:      output folder, seed, mixed precision, logging, checkpoints, held-out checks, resume
     eval:     the final report (zero-shot, linear probe, ...; keys of `eval.options.EvalConfig`)
     export:   the open_clip export at the end (CLIP teachers)
@@ -108,6 +108,9 @@ class LossConfig:
     type: Literal["cosine", "smooth_l1", "mse"] = "cosine"
     beta: float = 1.0  # smooth_l1 transition point
     normalize: bool = False  # smooth_l1 / mse on L2-normalised embeddings instead of raw ones
+    # + label_weight x cross-entropy of the student's zero-shot logits with data.train's labels (`bootstrap.labels`:
+    # labelled shards, a teacher with a text tower); 0: alignment only.
+    label_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,9 @@ class Recipe:
             check_decode_path(d.decode)
         except ValueError as exc:
             raise RecipeError(f"data.decode={exc}") from None
+        if not (math.isfinite(self.loss.label_weight) and self.loss.label_weight >= 0):
+            raise RecipeError(f"loss.label_weight must be a finite number >= 0 (0: no supervised term), got "
+                              f"{self.loss.label_weight}")
         if d.target_views is not None and d.target_views < 1:
             raise RecipeError(f"data.target_views must be at least 1 or null (one per epoch), got {d.target_views}")
         if d.targets is not None and not d.targets.strip():

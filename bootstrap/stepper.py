@@ -201,6 +201,8 @@ class Stepper:
             images = images.to(device, non_blocking=True)
             with acc.autocast(), torch.no_grad():
                 target = targets.targets(images, extras, phase.needs)
+            if any("labels" in t.needs for t in phase.terms):  # the supervised term (bootstrap.labels)
+                target = {**target, "labels": extras["cls"].to(device, non_blocking=True)}
             sync = acc.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync:
                 output = model(images)

@@ -35,6 +35,7 @@ from .checkpoint import TrainState
 from .config import Recipe, RecipeError
 from .demo_teacher import teacher_summary
 from .heldout import HeldoutCheck, embed_all, format_result, load_heldout
+from .labels import label_term, with_label_term
 from .launch import launch, sayer
 from .metrics import LogWindow, MetricsLog
 from .resolve import resolve_run
@@ -127,11 +128,14 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
     except ValueError as exc:  # options that do not fit this teacher (e.g. a per-block list of the wrong length)
         raise RecipeError(f"the student section does not fit teacher {teacher.kind}:{teacher.name}: {exc}") from None
     phases = family.phases(PhaseContext(recipe.student, student, teacher, recipe.loss, recipe.optim))
+    phases = with_label_term(phases, label_term(recipe, teacher, accelerator.device))
     if targets.cached:
         targets.run_online_for(phases)
     say(f"teacher {teacher.kind}:{teacher.name} ({teacher.family}, target {teacher.target}, {teacher.depth} blocks, "
         f"width {teacher.width}); {family.name} student, {policy.summary()}; phases: "
-        + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases))
+        + ", ".join(f"{p.name} ({p.steps} steps)" for p in phases)
+        + (f"; + {recipe.loss.label_weight} x cross-entropy with data.train's labels (loss.label_weight)"
+           if recipe.loss.label_weight else ""))
     return Stepper(accelerator, family, student, policy, phases, teacher.target != "proj", recipe, run.checkpoints,
                    say)
 

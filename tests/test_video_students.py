@@ -158,6 +158,15 @@ def test_a_runs_image_student_is_the_starting_point(teacher, tmp_path):
         bootstrap_student(teacher, **{**STUDENT, "tokens": 9}, video={"image_student": weights_file})
 
 
+
+def test_a_teacher_with_rotary_positions_has_no_video_student():
+    from test_rope_teachers import _teacher
+
+    with pytest.raises(ValueError, match=r"MediaSparseFormer cannot hold rotary position embeddings .* or drop "
+                                         r"student.video$") as info:
+        bootstrap_student(_teacher("timm:tiny_dinov3"), **{**STUDENT, "focus_width": 48}, video={"frames": 4})
+    assert "\n" not in str(info.value)
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -301,14 +310,83 @@ def test_auto_targets_cache_the_views_a_recipe_asks_for(recipe_file, tmp_path, m
     assert json.loads((folder / "targets.json").read_text())["views"] == 1
 
 
+# ----------------------------------------------------------------------------- the supervised term
+
+
+def test_the_label_term_is_cross_entropy_of_the_zero_shot_logits(teacher, recipe_file):
+    """loss.label_weight: the teacher's zero-shot classifier of data.train's class names and prompts, the
+    evaluation's logits (scale 100), labels of -1 left out; a batch without labels gives 0, not NaN."""
+    import torch.nn.functional as F
+
+    from bootstrap.config import load_recipe
+    from bootstrap.labels import label_term, training_classes, with_label_term
+    from eval.zeroshot import zero_shot_classifier
+    from students.family import Phase
+
+    recipe = load_recipe(recipe_file, ["loss.label_weight=0.5"])
+    classnames, templates = training_classes(recipe)
+    assert classnames[-2:] == list(MOTION_ONLY_CLASSES) and len(templates) == 5  # the demo's dataset.json
+    term = label_term(recipe, teacher, "cpu")
+    assert term.name == "labels" and term.weight == 0.5 and term.needs == ("labels",)
+    classifier = zero_shot_classifier(teacher, classnames, templates)
+    embedding = torch.randn(4, 32, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([9, 8, -1, 0])
+    expected = F.cross_entropy(100 * F.normalize(embedding[[0, 1, 3]], dim=-1) @ classifier, labels[[0, 1, 3]])
+    torch.testing.assert_close(term.fn({"embedding": embedding}, {"labels": labels}), expected, rtol=1e-6, atol=1e-6)
+    assert term.fn({"embedding": embedding}, {"labels": torch.full((4,), -1)}).item() == 0
+    align = Phase("align", 6, 1e-3, 0.0, 1, ("embedding",), ())
+    tokens = Phase("tokens", 6, 1e-3, 0.0, 1, ("tokens",), ())
+    assert [p.terms for p in with_label_term([align, tokens], term)] == [(term,), ()]
+    assert label_term(load_recipe(recipe_file), teacher, "cpu") is None
+
+
+@pytest.mark.slow
+def test_the_run_learns_the_labels_with_its_alignment(recipe_file, straight_run, tmp_path):
+    out = tmp_path / "run"
+    assert run_here(recipe_file, out, "loss.label_weight=1") == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    labels = [row["train/labels"] for row in logged if "train/labels" in row]
+    assert labels and all(value > 0 for value in labels)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight_run).values()))
+
+
+def test_labels_need_labelled_shards_and_a_teacher_with_a_text_tower(recipe_file, tmp_path):
+    from bootstrap.config import RecipeError, load_recipe
+    from bootstrap.labels import label_term
+    from bootstrap.launch import check_data
+
+    with pytest.raises(RecipeError, match=r"loss.label_weight must be a finite number >= 0 .* got -1"):
+        load_recipe(recipe_file, ["loss.label_weight=-1"])
+    recipe = load_recipe(recipe_file, ["loss.label_weight=1"])
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    for shard in Path(recipe.data.train).glob("*.tar"):
+        (unnamed / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(RecipeError, match=r"^loss.label_weight=1.0 needs labelled shards, but data.train's folders .* "
+                                          r"name no classes .* or set loss.label_weight=0$") as info:
+        check_data(load_recipe(recipe_file, ["loss.label_weight=1", f"data.train={unnamed}"]))
+    assert "\n" not in str(info.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomTeacherWarning)
+        timm_teacher = create_teacher({"kind": "timm", "model": "vit_tiny_patch16_224", "pretrained": None,
+                                       "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32,
+                                                        "num_heads": 2, "num_classes": 10}})
+    with pytest.raises(RecipeError, match=r"teacher timm:vit_tiny_patch16_224 has no text tower; use a CLIP or "
+                                          r"SigLIP teacher, or set loss.label_weight=0"):
+        label_term(recipe, timm_teacher, "cpu")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 def test_evaluation_holds_a_video_student_against_the_teacher_over_frames(straight_run, videos, tmp_path):
     from eval import evaluate_run
 
-    report = evaluate_run(straight_run, out_dir=tmp_path / "report", progress=False, clips=2)
+    report = evaluate_run(straight_run, out_dir=tmp_path / "report", progress=False, clips=2,
+                          train_data=str(videos / "train"))
     assert report["media"]["kind"] == "video" and report["eval_set"]["views_per_video"] == 2
+    probe = report["linear_probe"]  # on clip features, the train split's 24 videos
+    assert {"teacher", "student"} <= set(probe) and report["fidelity"]["cosine"] > -1
     assert report["eval_set"]["num_images"] == 8 and report["eval_set"]["num_classes"] == 10
     z = report["zero_shot"]
     assert z["num_templates"] == 5 and z["num_classes"] == 10  # the demo's prompts, from the shards' dataset.json
