@@ -18,7 +18,11 @@ Pairs (random weights; nothing is downloaded):
   siglip_so400m timm vit_so400m_patch14_siglip_384 (MAP head)  vs  its bootstrap_student (182 tokens)  at 384
   pe_core_large timm vit_pe_core_large_patch14_336 (RoPE, MAP) vs  its bootstrap_student (144 + cls)    at 336
   dinov3_base   timm vit_base_patch16_dinov3 (RoPE, 4 regs)    vs  its bootstrap_student (63 + cls)     at 256
-A student always runs at its teacher's resolution. The SigLIP towers are open_clip's ViT-B-16-SigLIP and
+A student always runs at its teacher's resolution. Beside the CLIP ViT-B/16 and ViT-L/14 students (49 and 64
+tokens), the teacher itself at that token budget, untrained (`eval.baselines.budget`): at a lower resolution
+(112 px: 7 x 7 patches of 16, or 8 x 8 of 14), with its patch embedding resampled to a larger patch (32 px: 7 x 7;
+28 px: 8 x 8), and keeping that many of its patch tokens at random; each is timed interleaved with the teacher and
+the student (`--no-budget` leaves them out). The SigLIP towers are open_clip's ViT-B-16-SigLIP and
 ViT-SO400M-14-SigLIP-384 image towers (the same timm models); their students are built by
 `students.bootstrap_student` from the random teacher (no class token, the MAP head inherited). The rotary
 pairs are the recipes' (`recipes/pe_core_large.yaml`: open_clip PE-Core-L-14-336's image tower with its
@@ -99,6 +103,7 @@ class Pair:
     large: bool  # on CPU, batches above 8 and emulated bf16 are opt-in (--full) for these
     bootstrapped: bool = False  # the student is `bootstrap_student(teacher)`, not a released name
     tokens: int | None = None  # the bootstrapped student's tokens (with its class token); None: the default
+    budget: int = 0  # the teacher at this many patch tokens beside the student (the student's count); 0: not
 
 
 # Sparsifiner pairs: key -> (timm teacher, its kwargs, resolution); students at these keep rates.
@@ -109,8 +114,9 @@ SPARSIFINER_PAIRS = {
 SPARSIFINER_KEEP = (0.25, 0.1)
 
 PAIRS = [
-    Pair("clip_base", "open_clip", "ViT-B-16-quickgelu", "sparseformer_btsp_openai_clip_base", 224, False),
-    Pair("clip_large", "open_clip", "ViT-L-14-quickgelu", "sparseformer_btsp_openai_clip_large", 224, True),
+    Pair("clip_base", "open_clip", "ViT-B-16-quickgelu", "sparseformer_btsp_openai_clip_base", 224, False, budget=49),
+    Pair("clip_large", "open_clip", "ViT-L-14-quickgelu", "sparseformer_btsp_openai_clip_large", 224, True,
+         budget=64),
     Pair("augreg_base", "timm", "vit_base_patch16_224", "sparseformer_btsp_augreg_base", 224, False),
     Pair("augreg_large", "timm", "vit_large_patch16_384", "sparseformer_btsp_augreg_large", 384, True),
     Pair("siglip_base", "timm", "vit_base_patch16_siglip_224", "sparseformer from vit_base_patch16_siglip_224",
@@ -130,6 +136,7 @@ class EncodeImage(nn.Module):
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.visual = clip.visual  # encode_image(x) is visual(x); the text tower is not needed
+        self.__dict__["clip"] = clip  # the whole CLIP, unregistered (not counted), for the budget baselines
 
     def forward(self, x):
         return self.visual(x)
@@ -166,6 +173,21 @@ def build_student(pair: Pair, teacher: nn.Module) -> nn.Module:
         wrapped = kind(teacher, name=pair.teacher, spec={"kind": "timm", "model": pair.teacher})
         return bootstrap_student(wrapped, **({} if pair.tokens is None else {"tokens": pair.tokens}))[0].eval()
     return students.create_model(pair.student).eval()
+
+
+def build_budget_baselines(pair: Pair, teacher: nn.Module) -> dict[str, nn.Module]:
+    """The teacher at the pair's token budget, untrained (`eval.baselines.budget`), by name; {} without a budget."""
+    if not pair.budget:
+        return {}
+    from eval.baselines.budget import budget_baselines
+    from teachers.openclip import OpenClipTeacher
+
+    clip = teacher.clip if isinstance(teacher, EncodeImage) else None
+    if clip is None:
+        raise SystemExit(f"{pair.key}: the budget baselines are built for open_clip teachers here")
+    wrapped = OpenClipTeacher(clip, name=pair.teacher, spec={"kind": "openclip", "model": pair.teacher,
+                                                            "pretrained": None}, tokenizer_name=pair.teacher)
+    return {m.name: m.eval() for m in budget_baselines(wrapped, [pair.budget])}
 
 
 def analytic_vit_gflops(model: nn.Module, size: int) -> float:
@@ -303,6 +325,9 @@ def parse_args(argv=None):
                         "slower than fp32)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd teacher and student (opt-in)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--no-budget", action="store_true",
+                   help="leave out the teacher at the students' token budgets (lower resolution, larger patch, "
+                        "random tokens)")
     return p.parse_args(argv)
 
 
@@ -420,18 +445,20 @@ def main(argv=None) -> int:
         print(f"[{pair.key}] building {pair.teacher} and {pair.student} ...", file=sys.stderr, flush=True)
         teacher = build_teacher(pair)
         student = build_student(pair, teacher)
-        params = {m: sum(p.numel() for p in mod.parameters()) / 1e6 for m, mod in (("teacher", teacher),
-                                                                                   ("student", student))}
-        gflops = {"teacher": float("nan"), "student": float("nan")}
+        baselines = {} if args.no_budget else build_budget_baselines(pair, teacher)
+        models = {"teacher": teacher, "student": student, **baselines}
+        # A baseline runs the teacher's own weights: its parameters are the teacher's.
+        params = {m: sum(p.numel() for p in (teacher if m in baselines else mod).parameters()) / 1e6
+                  for m, mod in models.items()}
+        gflops = {m: float("nan") for m in models}
         if not args.no_flops:
             one = torch.randn(1, 3, pair.size, pair.size)  # one image, fp32, on the CPU
-            gflops = {"teacher": count_flops(teacher, one) / 1e9, "student": count_flops(student, one) / 1e9}
+            gflops = {m: count_flops(mod, one) / 1e9 for m, mod in models.items()}
             expect = analytic_vit_gflops(teacher, pair.size)
             if abs(gflops["teacher"] - expect) > 0.005 * expect:
                 notes.append(f"{pair.teacher}: counted {gflops['teacher']:.2f} GFLOPs but the analytic ViT count "
                              f"is {expect:.2f}")
-        teacher, student = teacher.to(device), student.to(device)
-        models = {"teacher": teacher, "student": student}
+        models = {m: mod.to(device) for m, mod in models.items()}
         for variant in variants:
             runs = models if variant == "eager" else {k: torch.compile(m) for k, m in models.items()}
             results = {}  # (dtype, bs) -> {name: Cell}
@@ -463,24 +490,25 @@ def main(argv=None) -> int:
                             with autocast(device, "bf16"):
                                 cosines[role] = min_cosine(m(x).float(), ref)
             for dtype in dtypes:
-                for role in ("teacher", "student"):
-                    name = f"{pair.teacher_lib}:{pair.teacher}" if role == "teacher" else pair.student
+                for role in models:
+                    name = {"teacher": f"{pair.teacher_lib}:{pair.teacher}", "student": pair.student}.get(
+                        role, f"{pair.teacher_lib}:{pair.teacher}, {role.removeprefix('teacher ')} (untrained)")
                     row = dict(pair=pair.key, role=role, name=name + (" [compiled]" if variant == "compiled" else ""),
                                size=pair.size, params=params[role], gflops=gflops[role], dtype=dtype)
                     for bs in batch_sizes:
                         cell = results.get((dtype, bs), {}).get(role)
                         row[f"img_s_{bs}"] = cell.img_s if cell else float("nan")
                         row[f"mem_{bs}"] = cell.peak_mib if cell else float("nan")
-                        if role == "student" and cell:
+                        if role != "teacher" and cell:
                             row[f"ratio_{bs}"] = cell.img_s / results[(dtype, bs)]["teacher"].img_s
                         if dtype == "bf16" and "fp32" in dtypes and cell and ("fp32", bs) in results:
                             row[f"bf16x_{bs}"] = cell.img_s / results[("fp32", bs)][role].img_s
-                    if role == "student":
-                        row["flop_ratio"] = gflops["teacher"] / gflops["student"]
+                    if role != "teacher":
+                        row["flop_ratio"] = gflops["teacher"] / gflops[role]
                     if dtype == "bf16" and role in cosines:
                         row["cos"] = cosines[role]
                     rows.append(row)
-        del teacher, student, models
+        del teacher, student, baselines, models, runs
 
     sparsifiner_lines = sparsifiner_table(sparsifiner_keys, args, device, clock, batch_sizes) \
         if sparsifiner_keys else []
@@ -532,6 +560,11 @@ def main(argv=None) -> int:
               f"its teacher's resolution.")
     if args.clock == "cpu":
         print("- Clock: process CPU time per forward (--clock cpu), not elapsed time: the machine was shared.")
+    if any(p.budget for p in pairs) and not args.no_budget:
+        print("- Untrained budget rows: the teacher itself at the student's token count (eval.baselines.budget): "
+              "'at N px' resizes the input inside the model (its position embedding interpolated), 'patch P' "
+              "resamples the patch embedding (224 px in), 'random N' keeps N patch tokens per image; each adds "
+              "the class token. Timed interleaved with the teacher and the student.")
     print("- speed vs teacher: student img/s / teacher img/s, same dtype and batch, timed interleaved. "
           "FLOPs vs teacher: teacher GFLOPs / student GFLOPs.")
     print("- GFLOPs: FlopCounterMode, 2 per multiply-add, matmul/conv/attention only; peak MiB: "

@@ -1,12 +1,16 @@
-"""One report of the trade-off: a teacher, its bootstrapped students and Token Merging, side by side.
+"""One report of the trade-off: a teacher, its bootstrapped students, Token Merging and the teacher at the students'
+token budgets, side by side.
 
-    python -m eval.compare RUN_DIR [RUN_DIR ...] [--tome R,R,...] [--out DIR] [eval options]
+    python -m eval.compare RUN_DIR [RUN_DIR ...] [--tome R,R,...] [--budget N,N,...|none] [--out DIR] [eval options]
 
 The runs must share their teacher (a run folder as ``python -m eval`` reads it: student, recipe
 with the teacher spec and ``eval:`` options; the first run's ``eval:`` options apply, the
 command line overrides them as for ``python -m eval``). Every model sees the same images, in
-one process, in one pass: the teacher, each run's student and the teacher with ToMe
-(``eval.baselines.tome``) at each ``r``. For each: held-out fidelity to the teacher (cosine,
+one process, in one pass: the teacher, each run's student, the teacher with ToMe
+(``eval.baselines.tome``) at each ``r``, and the teacher untrained at each token budget
+(``eval.baselines.budget``: at a lower resolution, with a larger resampled patch, and keeping that
+many patch tokens at random; ``--budget`` defaults to the students' own token counts below the
+teacher's patch count). For each: held-out fidelity to the teacher (cosine,
 centred cosine, retrieval), zero-shot (CLIP teachers) or classification through the head
 (supervised teachers), linear probe, counted GFLOPs, measured img/s and peak memory.
 
@@ -15,8 +19,8 @@ table, the picture, notes), ``compare.json`` (every section per model) and ``par
 (fidelity and accuracy against GFLOPs and against img/s); each run's own ``report.md`` gets
 a link to it.
 
-Python: ``compare(models, teacher, eval_source, tome=[4, 8])`` for live models,
-``compare_runs([run_dir, ...], tome=[4, 8])`` for run folders.
+Python: ``compare(models, teacher, eval_source, tome=[4, 8], budgets=[49])`` for live models (``budgets=None``:
+the students' token counts), ``compare_runs([run_dir, ...], tome=[4, 8])`` for run folders.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from data.digest import file_sha256
 from data.errors import UserError
 from data.evalsets import check_eval_source
 from data.outputs import replacing, write_text
+from students import family_of
 from students.run_folder import RunFolder, RunFolderError
 
+from .baselines.budget import budget_baselines
 from .baselines.tome import ToMe
-from .baselines.video import budget_baselines
+from .baselines.video import budget_baselines as video_baselines
 from .bench import TEACHER, Candidate, bench_media, image_tower, jsonable, run_bench, student_candidate
 from .options import EvalConfig, add_eval_options, eval_options
 from .report import _num, _pct, run_eval_options, write_report
@@ -50,11 +56,12 @@ class CompareError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------- compare
 def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome: Sequence = (),
-            out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
+            budgets: Sequence[int] | None = (), out_dir: str | os.PathLike | None = None, config: EvalConfig | Mapping[str, Any] | None = None,
             sources: Mapping[str, str] | None = None, notes: Sequence[str] = (), progress: bool = True,
             allow_pipe: bool = False, **options) -> dict:
-    """Compare ``teacher``, its students ``models`` (name -> student) and ToMe at each ``r`` in ``tome`` (an int
-    per block or a list per block), on the same images (`eval.bench`).
+    """Compare ``teacher``, its students ``models`` (name -> student), ToMe at each ``r`` in ``tome`` (an int
+    per block or a list per block) and the teacher at each token budget in ``budgets`` (``None``: the students'
+    own token counts, `student_budgets`), on the same images (`eval.bench`).
 
     ``sources``: where each model came from (run folders), ``notes``: lines for the report. Returns the report;
     with ``out_dir`` writes ``compare.md``, ``compare.json`` and ``pareto.png`` there.
@@ -72,10 +79,10 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
                                "baselines at the student's budget (the teacher on fewer frames, and with random "
                                "patch dropping); drop --tome")
         first = next(c for c in candidates if c.kind == "student")
-        baselines, why = budget_baselines(teacher, first.model, media.frames, teacher.preprocess.size)
+        baselines, why = video_baselines(teacher, first.model, media.frames, teacher.preprocess.size)
         for m in baselines:
             candidates.append(Candidate(m.name, "baseline", m, image_tower(teacher), dict(
-                frames=m.frames, keep=m.keep, budget_of=first.name,
+                method="random" if m.keep else "frames", frames=m.frames, keep=m.keep, budget_of=first.name,
                 tokens=f"{m.keep + teacher.num_prefix_tokens} per frame" if m.keep else None)))
         notes += [f"baselines at the budget of {first.name}: {', '.join(m.name for m in baselines)}", *why]
     for r in tome:
@@ -86,6 +93,19 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
             notes.append(f"{m.name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
                          f"so it merges {m.schedule} per block")
+    if media.video and budgets:
+        raise CompareError("--budget runs the teacher on images at a token budget: for video students the comparison "
+                           "adds its own baselines at the student's budget (fewer frames, random patch dropping); "
+                           "drop --budget")
+    if media.video:
+        budgets = []
+    elif budgets is None:
+        budgets = student_budgets(models, teacher)
+        if models and not budgets:
+            notes.append(f"no student has fewer tokens than the teacher's {teacher.num_patches} patches: no budget "
+                         f"baselines (--budget N adds them)")
+    for m in budget_baselines(teacher, budgets):  # a bad budget fails here, before any work
+        candidates.append(Candidate(m.name, "baseline", m, image_tower(teacher), m.describe()))
     bench = run_bench(teacher, candidates, cfg, progress=progress, notes=notes, allow_pipe=allow_pipe)
     report: dict[str, Any] = dict(
         teacher=bench.teacher, device=bench.device, config=bench.config, notes=bench.notes,
@@ -118,6 +138,19 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     return report
 
 
+def student_budgets(models: Mapping[str, nn.Module], teacher) -> list[int]:
+    """The students' token counts (their family's `num_latent_tokens`: the tokens besides the class token) below the
+    teacher's patch count: the budgets to hold the teacher to, untrained."""
+    counts = set()
+    for model in models.values():
+        try:
+            family = family_of(model)
+        except TypeError:  # not a student (e.g. a teacher standing in for one)
+            continue
+        counts.add(family.vision.describe(model.config.to_dict())["num_latent_tokens"])
+    return sorted(n for n in counts if 0 < n < teacher.num_patches)
+
+
 def _accuracy_section(per: Mapping[str, dict], **extra) -> dict:
     """{teacher: {top1, top5}, NAME: {top1, top5, agreement}, chance_top1, num_images, num_classes} from each
     model's teacher-vs-model result."""
@@ -140,6 +173,8 @@ def _table(report: Mapping[str, Any]) -> list[dict]:
         tokens = info.get("tokens") or (f"{latent} latent" + (" + cls" if info.get("cls_token") else "") if latent
                                         else None)
         row = dict(model=name, label=label if short.count(label) == 1 else name, kind=info["kind"], tokens=tokens)
+        if info.get("method"):
+            row["method"] = info["method"]
         if accuracy:
             row["top1"] = accuracy["models"][name].get("top1")
             row["agreement"] = accuracy["models"][name].get("agreement", 1.0 if name == TEACHER else None)
@@ -224,7 +259,7 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
         c = report["cost"][TEACHER]
         lines.append(f"Video: clips of {c['frames']} frames, {c['views']} view(s) per video (a video costs views x "
                      f"GFLOPs per clip); the teacher embeds every frame and averages.")
-    if any(info["kind"] == "baseline" for info in report["models"].values()):
+    if video and any(info["kind"] == "baseline" for info in report["models"].values()):
         lines.append("Baselines: the teacher on fewer frames (spread over the clip), and the teacher on every frame "
                      "keeping a random subset of each frame's patch tokens, each at most the student's GFLOPs per "
                      "clip (eval.baselines.video).")
@@ -232,6 +267,12 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
         lines.append("ToMe: Token Merging (Bolya et al., ICLR 2023) on the teacher, training-free: r tokens merged "
                      "per block (bipartite soft matching on the keys, size-weighted, proportional attention); "
                      "tokens: entering the first block -> leaving the last.")
+    if not video and any(info["kind"] == "baseline" for info in report["models"].values()):
+        lines.append("Budget baselines: the teacher untrained at a token budget (patch tokens; the class token and "
+                     "registers on top): `teacher at S px`, the images resized to S px, the position embedding "
+                     "interpolated as timm does (`resample_abs_pos_embed`); `teacher patch P`, the patch embedding "
+                     "resampled to P px (`resample_patch_embed`, FlexiViT); `teacher random N`, N of its patch "
+                     "tokens kept at random per image (seeded).")
     lines.append("")
     if picture:
         lines += [f"![fidelity and accuracy against cost]({picture})", ""]
@@ -257,7 +298,11 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
         x_axes.append(("images_per_s", f"{unit}s / s (higher is faster)", True))
     fig = Figure(figsize=(5.2 * len(x_axes), 4.2 * len(metric_rows)), dpi=110)
     style = {"teacher": dict(marker="*", s=180, color="black"), "student": dict(marker="o", s=60, color="tab:blue"),
-             "tome": dict(marker="s", s=45, color="tab:orange"), "baseline": dict(marker="^", s=50, color="tab:green")}
+             "tome": dict(marker="s", s=45, color="tab:orange")}
+    baseline_style = {"resolution": dict(marker="^", label="teacher, lower resolution"),
+                      "patch": dict(marker="v", label="teacher, larger patch"),
+                      "random": dict(marker="X", label="teacher, random tokens"),
+                      "frames": dict(marker="<", label="teacher, fewer frames")}
     for i, (ykey, ylabel) in enumerate(metric_rows):
         for j, (xkey, xlabel, higher_better) in enumerate(x_axes):
             ax = fig.add_subplot(len(metric_rows), len(x_axes), i * len(x_axes) + j + 1)
@@ -267,10 +312,13 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
                 if sel:
                     ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=kind if kind != "tome" else "ToMe",
                                zorder=3, **kw)
-            tome = sorted((p for p in pts if p[2]["kind"] == "tome" or p[2]["kind"] == "teacher"),
-                          key=lambda p: p[0])
-            if len(tome) > 1:
-                ax.plot([p[0] for p in tome], [p[1] for p in tome], color="tab:orange", alpha=0.4, zorder=2)
+            teacher = [p for p in pts if p[2]["kind"] == "teacher"]
+            for method, kw in baseline_style.items():
+                sel = [p for p in pts if p[2]["kind"] == "baseline" and p[2].get("method") == method]
+                if sel:
+                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=50, color="tab:green", zorder=3, **kw)
+                    _join(ax, sel + teacher, "tab:green")
+            _join(ax, [p for p in pts if p[2]["kind"] == "tome"] + teacher, "tab:orange")
             front = _frontier(pts, higher_better)
             ax.plot([p[0] for p in front], [p[1] for p in front], ls="--", color="grey", zorder=1,
                     label="Pareto front")
@@ -282,12 +330,19 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
             if i == 0 and j == 0:
                 ax.legend(fontsize=7, loc="lower right")
     t = report["teacher"]
-    others = "baselines" if unit == "clip" else "ToMe"
-    fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and {others} on the same {unit}s", fontsize=10)
+    fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and training-free baselines on the same {unit}s",
+                 fontsize=10)
     fig.tight_layout()
     with replacing(path) as tmp:
         fig.savefig(tmp)
     return str(path)
+
+
+def _join(ax, points, color: str) -> None:
+    """One family of points (a baseline at its budgets, and the teacher they start from) joined in x order."""
+    points = sorted(points, key=lambda p: p[0])
+    if len(points) > 1:
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.4, zorder=2)
 
 
 def _frontier(points, higher_x_better: bool):
@@ -344,10 +399,12 @@ def _file_digest(path: str) -> str:
     return f"sha256:{file_sha256(path)}"
 
 
-def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out_dir: str | os.PathLike | None = None,
+def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), budgets: Sequence[int] | None = None,
+                 out_dir: str | os.PathLike | None = None,
                  eval_source=None, progress: bool = True, link: bool = True, allow_pipe: bool = False,
                  **options) -> dict:
-    """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring)."""
+    """``compare`` for the students of bootstrapping runs that share a teacher (see the module docstring);
+    ``budgets`` None: the students' token counts."""
     if not run_dirs:
         raise CompareError("give at least one run folder")
     names = [str(d) for d in run_dirs]
@@ -382,7 +439,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], tome: Sequence = (), out
     evals = {name: folder.recipe().get("eval") or {} for name, folder in folders.items()}
     if any(evals[n] != evals[first] for n in names):
         notes.append(f"the runs' eval: options differ; those of {first} were used")
-    report = compare(students, teacher, source, tome=tome, out_dir=out_dir, config=cfg, sources={n: n for n in names},
+    report = compare(students, teacher, source, tome=tome, budgets=budgets, out_dir=out_dir, config=cfg, sources={n: n for n in names},
                      notes=notes, progress=progress, allow_pipe=allow_pipe, **options)
     if link:
         link_reports(names, out_dir / "compare.md")
@@ -400,12 +457,28 @@ def _tome_list(value: str) -> list[int]:
     return rs
 
 
+def _budget_list(value: str) -> list[int]:
+    if value.strip().lower() == "none":
+        return []
+    try:
+        budgets = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget takes comma-separated ints (patch tokens) or 'none', got {value!r}")
+    if not budgets:
+        raise argparse.ArgumentTypeError("--budget needs at least one token count, e.g. --budget 49,64, or 'none'")
+    return budgets
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="bootstrapping run folders sharing a teacher")
     p.add_argument("--tome", type=_tome_list, default=[],
                    help="Token Merging on the teacher at each r (tokens merged per block), e.g. 4,8,12")
+    p.add_argument("--budget", type=_budget_list, default=None,
+                   help="the teacher, untrained, at each token budget (patch tokens): at a lower resolution, with a "
+                        "larger resampled patch and with random tokens, e.g. 49,64; 'none' for none (default: the "
+                        "students' own token counts)")
     p.add_argument("--out", help="report folder (default: 'compare' beside the first run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a comparison already in the report folder")
     add_eval_options(p)
@@ -420,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {out} already holds a comparison ({', '.join(held)}); pass --overwrite to replace "
                          f"it, or --out DIR for another folder")
     try:
-        report = compare_runs(args.run_dirs, tome=args.tome, out_dir=out, eval_source=args.data,
+        report = compare_runs(args.run_dirs, tome=args.tome, budgets=args.budget, out_dir=out, eval_source=args.data,
                               progress=not args.no_progress, allow_pipe=args.allow_pipe, **eval_options(args))
     except (UserError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None

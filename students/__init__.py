@@ -1,10 +1,12 @@
-"""Students: SparseFormer and Sparsifiner, their configurations, and their construction from a teacher.
+"""Students: SparseFormer, Sparsifiner and the teacher at a smaller budget, their configurations, and their
+construction from a teacher.
 
 `import students` registers every family's names with timm (and open_clip's `local-dir:` loading).
 The families are rows of `students.families.FAMILIES`, each one package (`students/sparseformer/`,
-`students/sparsifiner/`) behind the interface of `students.family`.
+`students/sparsifiner/`, `students/budget/`) behind the interface of `students.family`.
 """
 
+from .budget import BudgetConfig, BudgetOptions, BudgetViT, budget_student
 from .checkpoints import CheckpointMismatchError, load_checkpoint_strict, load_state_dict_file
 from .families import (DEFAULT_FAMILY, FAMILIES, create_model, family_named, family_of, load_student,
                        student_from_config)
@@ -17,6 +19,9 @@ from .timm_registry import register_folder
 
 __all__ = [
     "BootstrapOptions",
+    "BudgetConfig",
+    "BudgetOptions",
+    "BudgetViT",
     "CheckpointMismatchError",
     "CompatibleConfig",
     "ConfigError",
@@ -37,6 +42,7 @@ __all__ = [
     "Student",
     "StudentFamily",
     "bootstrap_student",
+    "budget_student",
     "create_model",
     "family_named",
     "family_of",

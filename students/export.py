@@ -435,9 +435,7 @@ def read_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict | None]:
 
 def teacher_pretrained_cfg(teacher: Any) -> dict:
     """A student's pretrained_cfg from its teacher's preprocessing (for runs without pretrained_cfg.json)."""
-    pp = teacher.preprocess
-    return dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
-                interpolation=pp.interpolation, crop_pct=pp.crop_pct, resize_mode=pp.resize_mode)
+    return {**teacher.preprocess.timm_cfg(), "resize_mode": teacher.preprocess.resize_mode}
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, fmt: str = "auto", *,

@@ -13,14 +13,14 @@ from typing import Any, Mapping
 from data.schema import closest
 from torch import nn
 
-from . import sparseformer, sparsifiner
+from . import budget, sparseformer, sparsifiner
 from .checkpoints import load_checkpoint_strict, load_state_dict_file
 from .family import ConfigError, StudentFamily, read_json
 
 __all__ = ["DEFAULT_FAMILY", "FAMILIES", "create_model", "family_named", "family_of", "load_student",
            "student_from_config"]
 
-FAMILIES: dict[str, StudentFamily] = {f.name: f for f in (sparseformer.FAMILY, sparsifiner.FAMILY)}
+FAMILIES: dict[str, StudentFamily] = {f.name: f for f in (sparseformer.FAMILY, sparsifiner.FAMILY, budget.FAMILY)}
 DEFAULT_FAMILY = "sparseformer"
 
 

@@ -22,6 +22,7 @@ Every student model keeps the `Student` contract (timm's conventions where timm 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass, field
@@ -34,9 +35,9 @@ from data.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from teachers import Teacher
 
-__all__ = ["ConfigError", "ExtraSection", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
+__all__ = ["ConfigError", "ConfigFile", "ExtraSection", "LossTerm", "ParameterPolicy", "Phase", "PhaseContext",
            "PhasedParameterPolicy", "ReportPicture", "Student", "StudentEncoding", "StudentFamily", "TARGETS",
-           "VisionDescription", "is_exempt_from_weight_decay", "policy_from", "read_json"]
+           "VisionDescription", "is_exempt_from_weight_decay", "policy_from", "read_json", "vit_tower_encoding"]
 
 TARGETS = ("embedding", "tokens", "attention")
 
@@ -52,6 +53,24 @@ def read_json(path_or_text: str) -> Any:
         with open(path_or_text) as f:
             text = f.read()
     return json.loads(text)
+
+
+class ConfigFile:
+    """The file side every family's config dataclass shares; the family writes `from_dict` (which validates) and
+    may override `to_dict` (e.g. to leave unset optional keys out of a saved config)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path_or_text: str):
+        return cls.from_dict(read_json(path_or_text))
+
+    def to_json(self, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def replace(self, **changes):
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 # ----------------------------------------------------------------------------- the student contract
@@ -239,6 +258,15 @@ class VisionDescription:
     encode: Callable[[nn.Module, Tensor], StudentEncoding]
 
 
+def vit_tower_encoding(student: Any, images: Tensor) -> StudentEncoding:
+    """A `VisionDescription.encode` for a student in timm's ViT layout (`forward_hidden_states`, `norm`,
+    `forward_head`, `head`, `final_norm`)."""
+    states = student.forward_hidden_states(images)
+    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
+    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
+    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
+
+
 @dataclass(frozen=True)
 class ReportPicture:
     """A picture the evaluation report draws of a student: ``draw(student, images, path, mean, std)``
@@ -266,7 +294,9 @@ class StudentFamily:
     """One row of the family table (`students.families.FAMILIES`).
 
     name: the family's name (a recipe's ``student.kind``, a saved config's ``family`` field).
-    config: the config class (`from_dict`, `to_dict`, `to_json`, `replace`).
+    config: the config class (`from_dict`, `to_dict`, `to_json`, `replace`), with the fields the evaluation and
+        the exports read of any config: `embed_dim` (the pooled feature's width), `output_dim` (the head's, or
+        `embed_dim` without one) and `drop_path_rate` (an export writes it as 0).
     models: the model classes; the first is built from a config.
     options: the recipe's ``student:`` options (a dataclass; ``kind`` is left out).
     build, phases, enter, forward: training (see the module docstring).

@@ -183,6 +183,12 @@ class Preprocess:
     crop_pct: float  # 1.0 for CLIP (resize shorter side to size, then centre crop)
     resize_mode: str = "shortest"  # 'shortest' | 'squash'
 
+    def timm_cfg(self) -> dict:
+        """The fields of a timm `pretrained_cfg` that say this preprocessing (a student built from the teacher
+        takes the teacher's images)."""
+        return dict(input_size=(3, *self.size), mean=tuple(self.mean), std=tuple(self.std),
+                    interpolation=self.interpolation, crop_pct=self.crop_pct)
+
 
 @dataclass(frozen=True)
 class BlockModules:

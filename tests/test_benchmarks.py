@@ -14,6 +14,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -47,6 +49,17 @@ def test_student_speed_counts_the_flops_of_the_clip_base_construction():
     assert float(student[4]) < float(teacher[4]) / 4  # 49 tokens instead of 197
     assert float(teacher[3]) == 86.2 and float(student[3]) < float(teacher[3])
     assert float(student[6]) > 0 and float(teacher[6]) > 0
+    # Beside them, the teacher itself at the student's 49 tokens, untrained: 7 x 7 patches + the class token.
+    budget = {k.split(", ")[1]: r for k, r in rows.items() if k.endswith("(untrained)")}
+    assert set(budget) == {"at 112px (untrained)", "patch 32 (untrained)", "random 49 (untrained)"}
+    for row in budget.values():  # the teacher's parameters; about a quarter of its FLOPs, one image timed
+        assert float(row[3]) == 86.2 and float(teacher[4]) / 5 < float(row[4]) < float(teacher[4]) / 3.5
+        assert float(row[6]) > 0 and row[8].endswith("x")  # img/s, and speed vs teacher
+    # The same blocks on 50 tokens; the patch embedding reads 112^2 pixels at 112 px and all 224^2 with 32-px patches
+    # (4x its multiply-adds), and random dropping embeds all 196 patches before it drops 147.
+    flops = [float(budget[k][4]) for k in ("at 112px (untrained)", "patch 32 (untrained)", "random 49 (untrained)")]
+    assert flops == sorted(flops) and flops[1] - flops[0] == pytest.approx(2 * 3 * 49 * 768 * (32 ** 2 - 16 ** 2) / 1e9,
+                                                                           abs=0.011)
 
 
 def test_student_speed_puts_a_siglip_student_beside_its_map_pooled_teacher():

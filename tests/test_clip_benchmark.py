@@ -83,11 +83,11 @@ def test_export_templates_option_skips_bad_images_and_refuses_to_overwrite(tmp_p
 
 
 def test_the_printed_and_documented_commands_are_the_same_command():
-    """The README's command is the one `data.export_eval_set` prints (float32, the loader in the main process:
+    """The documented command (docs/evaluation.md) is the one `data.export_eval_set` prints (float32, the loader in the main process:
     CLIP_benchmark's default 4 workers refuse a set of fewer shards), with the demo's folders filled in."""
     from data.export_eval_set import clip_benchmark_command
 
-    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text().splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("python -m eval.clip_benchmark eval "))
     command = [lines[first]]
     while command[-1].endswith("\\"):  # continued on the next line

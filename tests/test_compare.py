@@ -44,7 +44,10 @@ def test_one_report_of_teacher_students_and_tome(runs, tmp_path):
     out = tmp_path / "cmp"
     assert main([*map(str, runs), "--tome", "1,3", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "compare.json").read_text())
-    names = [str(runs[0]), str(runs[1]), "ToMe r=1", "ToMe r=3"]
+    # The teacher at the students' budgets (4 and 8 latent tokens of a 4 x 4 grid: the nearest grids 2 x 2 and 3 x 3;
+    # a 16-px patch gives 2 x 2, the nearest for both).
+    baselines = ["teacher at 16px", "teacher patch 16", "teacher random 4", "teacher at 24px", "teacher random 8"]
+    names = [str(runs[0]), str(runs[1]), "ToMe r=1", "ToMe r=3", *baselines]
     assert [r["model"] for r in report["table"]] == ["teacher", *names]
     rows = {r["model"]: r for r in report["table"]}
 
@@ -72,9 +75,29 @@ def test_one_report_of_teacher_students_and_tome(runs, tmp_path):
     for row in rows.values():
         assert row["images_per_s"] > 0 and 0 <= row["top1"] <= 1 and 0 <= row["probe_top1"] <= 1
 
+    for name in baselines:
+        assert report["models"][name]["kind"] == "baseline" and rows[name]["gflops"] < teacher["gflops"]
+    assert rows["teacher random 8"]["tokens"] == "9" and rows["teacher at 16px"]["tokens"] == "5"
+    assert report["models"]["teacher patch 16"]["how"] == "2x2 patches of 16 px at 32x32"
+
     md = (out / "compare.md").read_text()
-    assert "| ToMe r=3 | 17 -> 8 |" in md and "![fidelity and accuracy against cost](pareto.png)" in md
+    assert "| ToMe r=3 | 17 -> 8 |" in md and "| teacher random 4 | 5 |" in md and "![fidelity and accuracy against cost](pareto.png)" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budgets_on_the_command_line(runs, tmp_path):
+    out = tmp_path / "cmp"
+    assert main([str(runs[0]), "--budget", "9", "--out", str(out), "--no-progress", "--no-probe"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in report["table"]] == ["teacher", str(runs[0]), "teacher at 24px", "teacher patch 16",
+                                                     "teacher random 9"]
+    assert main([str(runs[0]), "--budget", "none", "--out", str(out), "--overwrite", "--no-progress", "--no-probe",
+                 "--no-cost"]) == 0
+    assert [r["model"] for r in json.loads((out / "compare.json").read_text())["table"]] == ["teacher", str(runs[0])]
+    with pytest.raises(SystemExit, match="token budget 20 is larger than the 16 patch tokens of teacher "
+                                         "openclip:tiny-eval-clip; the largest valid budget is 16"):
+        main([str(runs[0]), "--budget", "4,20", "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert not (tmp_path / "bad").exists()  # refused before any work
 
 
 def test_runs_of_different_teachers_are_refused(runs, tmp_path):

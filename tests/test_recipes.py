@@ -22,9 +22,10 @@ PAPER = {
 
 def test_every_recipe_is_there_and_loads():
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_large", "demo", "demo_sparsifiner",
-                     "demo_video", "dinov2_base", "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
-                     "sparsifiner_clip_base", "sparsifiner_deit_small", "video_clip_base"]
+    assert names == ["augreg_base", "augreg_large", "clip_base", "clip_base_budget", "clip_large", "demo",
+                     "demo_budget", "demo_sparsifiner", "demo_video", "dinov2_base", "dinov3_base", "pe_core_large",
+                     "siglip2_so400m", "siglip_base", "sparsifiner_clip_base", "sparsifiner_deit_small",
+                     "video_clip_base"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
@@ -34,15 +35,34 @@ def test_every_recipe_is_there_and_loads():
         assert again == recipe
 
 
-def test_the_sparsifiner_demo_shares_the_demos_data_and_teacher():
+@pytest.mark.parametrize("name,options", [("demo_sparsifiner", "SparsifinerOptions"), ("demo_budget", "BudgetOptions"),
+                                          ("demo_video", "BootstrapOptions")])
+def test_the_other_demos_share_the_demos_data_and_teacher(name, options):
     from bootstrap.demo_teacher import _data_key, _teacher_key
 
-    demo, sparse = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / "demo_sparsifiner.yaml")
-    assert _data_key(sparse.demo) == _data_key(demo.demo) and _teacher_key(sparse.demo) == _teacher_key(demo.demo)
-    assert type(sparse.student).__name__ == "SparsifinerOptions"
-    video = load_recipe(RECIPES / "demo_video.yaml")  # the video demo's teacher is the image demo's too
-    assert _data_key(video.demo) == _data_key(demo.demo) and _teacher_key(video.demo) == _teacher_key(demo.demo)
-    assert video.media.video and video.student.video.frames == 8
+    demo, other = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / f"{name}.yaml")
+    assert _data_key(other.demo) == _data_key(demo.demo) and _teacher_key(other.demo) == _teacher_key(demo.demo)
+    assert type(other.student).__name__ == options
+    assert other.media.video == (name == "demo_video") and (name != "demo_video" or other.student.video.frames == 8)
+
+
+@pytest.mark.parametrize("name,tokens", [("demo_budget", 16), ("clip_base_budget", 49)])
+def test_budget_recipes_run_the_teacher_at_the_sparseformers_token_count(name, tokens):
+    import warnings
+
+    from bootstrap.demo_teacher import DEMO_MODEL_NAME, model_cfg
+    from teachers import create_teacher
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", [] if name.startswith("demo") else ["data.train=/data/train"])
+    spec = recipe.teacher if recipe.demo is None else {
+        "kind": "openclip", "model": DEMO_MODEL_NAME, "model_cfg": model_cfg(recipe.demo.teacher, recipe.demo.image_size)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher({**spec, "pretrained": False})
+    student, policy = recipe.family.build(teacher, recipe.student)
+    cfg = student.config
+    assert cfg.num_patches == tokens and cfg.patch_size == teacher.patch_size[0] and policy.num_frozen == 0
+    assert cfg.image_hw == (teacher.grid_size[0] // 2 * teacher.patch_size[0],) * 2
 
 
 @pytest.mark.parametrize("name,budget,basis,reduced", [("sparsifiner_deit_small", 50, 32, 32),

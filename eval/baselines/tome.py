@@ -45,10 +45,11 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from data.errors import UserError
-from students.blocks import map_pool, pool_and_norm
+
+from .head import TeacherHead, TeacherVariant
 
 __all__ = ["Matching", "TeacherHead", "ToMe", "ToMeError", "bipartite_soft_matching", "fraction_schedule", "max_r",
            "merge_weighted", "plan", "schedule", "tome_block"]
@@ -219,37 +220,7 @@ def tome_block(parts, x: Tensor, size: Tensor | None, r: int, num_prefix: int = 
 
 
 # ----------------------------------------------------------------------------- the model
-class TeacherHead(nn.Module):
-    """Copies of the teacher's final norm, pooling and head (`Teacher.norm_state_dict`, `pool`,
-    `pool_state_dict`, `head_state_dict`), for tokens of any count: `pre_logits(tokens)` is the pooled,
-    normed feature, `proj` the head (identity without one)."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        norm = teacher.norm_state_dict()
-        self.pool = teacher.pool
-        self.num_prefix = 0 if teacher.pool_include_prefix else teacher.num_prefix_tokens  # prefix tokens not pooled
-        self.norm_before_pool = teacher.norm_before_pool
-        self.norm = nn.LayerNorm(teacher.width, eps=teacher.norm_eps)
-        self.norm.load_state_dict(norm)
-        self.attn_pool = None
-        if self.pool == "map":
-            self.attn_pool = map_pool(teacher.width, teacher.pool_spec)
-            self.attn_pool.load_state_dict(teacher.pool_state_dict())
-        head = teacher.head_state_dict()
-        if head is None:
-            self.proj = nn.Identity()
-        else:
-            self.proj = nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias="bias" in head)
-            self.proj.load_state_dict(head)
-        self.to(norm["weight"].device, norm["weight"].dtype)
-        self.requires_grad_(False)
-
-    def pre_logits(self, tokens: Tensor) -> Tensor:
-        return pool_and_norm(tokens, self.pool, self.num_prefix, self.norm, self.norm_before_pool, self.attn_pool)
-
-
-class ToMe(nn.Module):
+class ToMe(TeacherVariant):
     """A teacher with Token Merging: ``r`` tokens merged per block (an int, or one int per block).
 
     Same outputs as the students: ``forward(images, pre_logits=False)`` is the head output (CLIP:
@@ -261,26 +232,16 @@ class ToMe(nn.Module):
     """
 
     def __init__(self, teacher, r: R = 0, *, prop_attn: bool = True):
-        super().__init__()
         if teacher.rope is not None:
             raise ToMeError(f"ToMe cannot run on {teacher.kind}:{teacher.name}: its blocks rotate each token by its "
                             f"position on the patch grid (rotary position embeddings), and merged tokens have no "
                             f"single position")
-        self.teacher = teacher
+        super().__init__(teacher)
         self.requested = r if isinstance(r, int) else list(r)
         self.schedule, self.token_counts = plan(r, teacher.num_patches, teacher.depth, teacher.num_prefix_tokens,
                                                 f"{teacher.kind}:{teacher.name}")
         self.prop_attn = prop_attn
-        self.target = teacher.target
-        # Copies of the final norm, pooling and head (a few vectors and the MAP head): the teacher's own path
-        # ends in the head, the pre-logits feature is the pooled, normed one before it.
-        self.head = TeacherHead(teacher)
-        self.proj = self.head.proj
         self.train(False)
-
-    def train(self, mode: bool = True) -> "ToMe":
-        """Stays in eval mode, as the teacher does."""
-        return super().train(False)
 
     @property
     def name(self) -> str:
@@ -298,25 +259,6 @@ class ToMe(nn.Module):
             if every_block is not None:
                 every_block.append((x, size))
         return x, size
-
-    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """The teacher's pooling and final norm (``pre_logits``), then its head."""
-        x = self.head.pre_logits(tokens)
-        return x if pre_logits else self.proj(x)
-
-    def forward(self, images: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.forward_head(self.forward_features(images)[0], pre_logits=pre_logits)
-
-    def forward_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(pre_logits, output)`` of one pass, as a student gives them."""
-        pre = self.forward(images, pre_logits=True)
-        return pre, self.proj(pre)
-
-    @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        """What ``teacher.embed`` returns (CLIP: projected; timm: pre-logits), with tokens merged."""
-        pre = self.forward(images, pre_logits=True)
-        return self.proj(pre) if self.target == "proj" else pre
 
     def extra_repr(self) -> str:
         return (f"r={self.requested}, schedule={self.schedule}, token_counts={self.token_counts}, "

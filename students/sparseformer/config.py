@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
@@ -18,7 +17,7 @@ from data.schema import check_keys
 from teachers.rope import spec_problem
 
 from ..blocks import ACTIVATIONS, MLP_LAYERS
-from ..family import ConfigError, read_json
+from ..family import ConfigError, ConfigFile
 
 OP_NAMES = ("ATTN", "MLP", "ROI_ADJ", "SAMPLING_M", "PE_INJECT")
 ROI_OPS = ("ROI_ADJ", "SAMPLING_M", "PE_INJECT")
@@ -168,7 +167,7 @@ class VideoConfig:
 
 
 @dataclass
-class SparseFormerConfig:
+class SparseFormerConfig(ConfigFile):
     conv_dim: int
     num_latent_tokens: int
     num_sampling_points: int
@@ -244,18 +243,6 @@ class SparseFormerConfig:
             if d[k] == unset:
                 del d[k]
         return d
-
-    @classmethod
-    def from_json(cls, path_or_text: str) -> "SparseFormerConfig":
-        return cls.from_dict(read_json(path_or_text))
-
-    def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def replace(self, **changes) -> "SparseFormerConfig":
-        d = self.to_dict()
-        d.update(changes)
-        return SparseFormerConfig.from_dict(d)
 
     # ----------------------------------------------------------- structure
     @property

@@ -215,10 +215,6 @@ def bootstrap_student(teacher: "Teacher", **options: Any) -> tuple[SparseFormer,
     r = _resolve(teacher, opts)
     student = SparseFormer(student_config(teacher, opts))
     copy_teacher_weights(student, teacher, r["drop"])
-    pp = teacher.preprocess
-    student.pretrained_cfg = dict(
-        input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
-        interpolation=pp.interpolation, crop_pct=pp.crop_pct,
-    )
+    student.pretrained_cfg = teacher.preprocess.timm_cfg()
     policy = parameter_policy(student, r["finetune"], opts.train_head).apply(student)
     return student, policy

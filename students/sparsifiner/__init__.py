@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..family import ExtraSection, ReportPicture, StudentEncoding, StudentFamily, VisionDescription
+from ..family import ExtraSection, ReportPicture, StudentFamily, VisionDescription, vit_tower_encoding
 from . import training
 from .config import SparsifinerConfig
 from .construct import SparsifyOptions, sparsifier_config, sparsify
@@ -43,17 +43,10 @@ def _vision_describe(config) -> dict:
                 projection_dim=cfg.num_classes)
 
 
-def _vision_encode(student: Sparsifiner, images: Tensor) -> StudentEncoding:
-    states = student.forward_hidden_states(images)
-    # timm: the head pools `norm`'s tokens (fc_norm, where the tower has it, comes after the pooling)
-    pooled = student.forward_head(student.norm(states[-1]), pre_logits=True)
-    return StudentEncoding(states, student.final_norm(states[-1]), pooled, student.head(pooled))
-
-
 FAMILY = StudentFamily(
     name="sparsifiner", config=SparsifinerConfig, models=(Sparsifiner,), options=SparsifinerOptions,
     build=training.build, phases=training.phases, enter=training.enter, forward=training.forward,
-    steps=training.steps, describe=_describe, timm=NAMES, vision=VisionDescription(_vision_describe, _vision_encode),
+    steps=training.steps, describe=_describe, timm=NAMES, vision=VisionDescription(_vision_describe, vit_tower_encoding),
     pictures=(ReportPicture("kept_keys", "kept_keys.png", draw_kept_keys, "What the student attends to",
                             "For a few query patches (red squares) of a few images, the keys each keeps in the last "
                             "sparse block (head 0), lit; the rest dimmed."),),

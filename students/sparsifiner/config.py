@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
@@ -12,7 +10,7 @@ from data.schema import check_keys
 from teachers.rope import spec_problem
 
 from ..blocks import ACTIVATIONS, MLP_LAYERS, POOL_SPEC_KEYS
-from ..family import ConfigError, read_json
+from ..family import ConfigError, ConfigFile
 
 __all__ = ["FAMILY", "POOLS", "SparsifinerConfig"]
 
@@ -25,7 +23,7 @@ def pair(size) -> tuple[int, int]:
 
 
 @dataclass
-class SparsifinerConfig:
+class SparsifinerConfig(ConfigFile):
     """A Sparsifiner: the ViT (timm's VisionTransformer fields) and its connectivity predictors.
 
     The first block of fields is the authors' configuration (the keys of the golden fixtures); the second
@@ -87,19 +85,6 @@ class SparsifinerConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, path_or_text: str) -> "SparsifinerConfig":
-        return cls.from_dict(read_json(path_or_text))
-
-    def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def replace(self, **changes) -> "SparsifinerConfig":
-        return SparsifinerConfig.from_dict({**self.to_dict(), **changes})
 
     # ----------------------------------------------------------- structure
     @property

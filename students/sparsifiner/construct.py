@@ -164,9 +164,7 @@ def sparsify(teacher: "Teacher", **options: Any) -> tuple[Sparsifiner, PhasedPar
     opts = options.pop("options", None) or SparsifyOptions.from_dict(options)
     student = Sparsifiner(sparsifier_config(teacher, opts))
     copy_teacher_weights(student, teacher)
-    pp = teacher.preprocess
-    student.pretrained_cfg = dict(input_size=(3, *pp.size), mean=tuple(pp.mean), std=tuple(pp.std),
-                                  interpolation=pp.interpolation, crop_pct=pp.crop_pct)
+    student.pretrained_cfg = teacher.preprocess.timm_cfg()
     policy = parameter_policy(student, opts.train_head)
     policy.apply(student, "reconstruct")
     assert set(policy.phases) == set(PHASES)
