@@ -173,6 +173,8 @@ def test_a_teacher_with_rotary_positions_has_no_video_student():
 @pytest.mark.parametrize("overrides,message", [
     (["student.kind=sparsifiner", "student.video={frames: 8}"],
      r"^recipe key 'student.video': sparsifiner students take images only .*set student.kind=sparseformer"),
+    (["student.kind=budget", "student.video={frames: 8}"],
+     r"^recipe key 'student.video': budget students take images only .*set student.kind=sparseformer"),
     (["student.video.frames=0"], r"video.frames must be an integer >= 1, got 0"),
     (["student.video.replicates=9"], r"video.replicates=9 .* use replicates <= frames"),
     (["student.video.sampling=tsn"], r"student.video.sampling' must be one of segments, stride, got 'tsn'"),
@@ -433,8 +435,11 @@ def test_compare_adds_the_video_baselines(straight_run, tmp_path):
     assert sorted(kinds.values()) == ["baseline", "baseline", "student", "teacher"]
     assert all("text_r1" in row for row in report["table"])
     assert "Baselines: the teacher on fewer frames" in (tmp_path / "compare" / "compare.md").read_text()
+    assert "Budget baselines" not in (tmp_path / "compare" / "compare.md").read_text()
     with pytest.raises(CompareError, match="--tome merges the tokens of images"):
         compare_runs([straight_run], tome=[2], out_dir=tmp_path / "c2", progress=False, link=False)
+    with pytest.raises(CompareError, match="^--budget runs the teacher on images .* drop --budget$"):
+        compare_runs([straight_run], budgets=[4], out_dir=tmp_path / "c3", progress=False, link=False)
 
 
 # ----------------------------------------------------------------------------- the demo's data
