@@ -264,14 +264,16 @@ def run_loader(recipe, teacher, targets, accelerator):
     from bootstrap.train import _train_batches
     from students.run_folder import RunFolder
 
-    return _train_batches(recipe, teacher, targets, TrainState(), RunFolder(recipe.run.output_dir), accelerator,
-                          False).loader
+    return _train_batches(recipe, recipe.train_transform(teacher), targets, TrainState(),
+                          RunFolder(recipe.run.output_dir), accelerator, False).loader
 
 
 def in_memory(recipe, teacher, targets, accelerator) -> list:
     """One epoch of the run's loader (the steps' images), decoded once, with their cached targets when `targets`
-    has them. A whole epoch: its workers then end at once."""
-    return list(run_loader(recipe, teacher, targets, accelerator))
+    has them. A whole epoch: its workers then end at once. The loader sends uint8 views (data.decode=fast); they
+    are normalised here once, as float batches the step moves to the device."""
+    loader = run_loader(recipe, teacher, targets, accelerator)
+    return [(loader.normalize(images), extras) for images, extras in loader]
 
 
 def synchronize(device: torch.device) -> None:
