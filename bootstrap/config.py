@@ -401,13 +401,6 @@ class Recipe:
                     raise RecipeError("demo.video makes demo videos, but the student takes images: add student.video "
                                       "(e.g. student.video={frames: 8}) or drop demo.video")
         else:
-            if not self.teacher and video_options(self.student) is not None:
-                raise RecipeError("the recipe has no teacher, but a video student (student.video) learns from its "
-                                  "teacher's frames: give a 'teacher:' spec or a 'demo:' section")
-            if not self.teacher and self.loss.label_weight:
-                raise RecipeError(f"loss.label_weight={self.loss.label_weight} learns the labels through the "
-                                  f"teacher's zero-shot classifier, and the recipe has no teacher: give a 'teacher:' "
-                                  f"spec, or set loss.label_weight=0 and use objective.labels (the student's head)")
             if not self.teacher and self.needs_teacher:
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
                                   "or a 'demo:' section" + (
@@ -471,6 +464,13 @@ class Recipe:
         if b.warmup_epochs is not None and (b.epochs is None or not 0 <= b.warmup_epochs <= b.epochs):
             raise RecipeError(f"optim.warmup_epochs={b.warmup_epochs} needs optim.epochs and must be between 0 and "
                               f"it (optim.epochs={b.epochs})")
+        if not self.teacher and self.demo is None and video_options(self.student) is not None:
+            raise RecipeError("the recipe has no teacher, but a video student (student.video) learns from its "
+                              "teacher's frames: give a 'teacher:' spec or a 'demo:' section")
+        if not self.teacher and self.demo is None and self.loss.label_weight:
+            raise RecipeError(f"loss.label_weight={self.loss.label_weight} learns the labels through the "
+                              f"teacher's zero-shot classifier, and the recipe has no teacher: give a 'teacher:' "
+                              f"spec, or set loss.label_weight=0 and use objective.labels (the student's head)")
         video, init = video_options(self.student), getattr(self.student, "init", "teacher")
         if video is not None and init != "teacher":
             raise RecipeError(f"student.init={init}: a video student is its teacher's image student inflated to clips "

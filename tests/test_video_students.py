@@ -182,6 +182,14 @@ def test_a_teacher_with_rotary_positions_has_no_video_student():
     (["data.video_backend=ffmpeg"], r"data.video_backend' must be one of auto, pyav, torchcodec"),
     (["data.target_views=0"], r"data.target_views must be at least 1 or null \(one per epoch\), got 0"),
     (["demo={video: {frames: 8}}", "student.video=null"], r"demo.video makes demo videos, but the student takes "),
+    # Video runs always have a teacher; loss.label_weight (zero-shot logits) is not objective.labels (the head).
+    (["teacher={}", "objective.align=0", "objective.labels=1"],
+     r"^the recipe has no teacher, but a video student \(student.video\) learns from its teacher's frames"),
+    (["student.init=scratch"], r"^student.init=scratch: a video student is its teacher's image student inflated"),
+    (["teacher={}", "student.video=null", "loss.label_weight=1", "objective.align=0", "objective.labels=1"],
+     r"^loss.label_weight=1.0 learns the labels through the teacher's zero-shot classifier, and the recipe has no "),
+    (["loss.label_weight=1", "objective.labels=1", "objective.mixup=0.8"],
+     r"^Mixup/CutMix mix the labels, and loss.label_weight's zero-shot term takes one class a sample"),
 ])
 def test_bad_video_recipes_are_one_line(overrides, message):
     from bootstrap.config import RecipeError, load_recipe
