@@ -264,7 +264,7 @@ def run_loader(recipe, teacher, targets, accelerator):
     from bootstrap.train import _train_batches
     from students.run_folder import RunFolder
 
-    view = teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment)  # as bootstrap.train makes it
+    view = recipe.train_transform(teacher)  # as bootstrap.train makes it (images, or clips of a video student)
     return _train_batches(recipe, view, targets, TrainState(), RunFolder(recipe.run.output_dir), accelerator,
                           False).loader
 

@@ -27,12 +27,23 @@ image plus a `--prompt-tokens` prompt, and each against CLIP.
   The teacher's count is checked against the analytic ViT count.
 - Image tokens: CLIP with LLaVA's 'default' selection (576 patch tokens, the class token
   dropped); the students with 'full' (class token kept: 64 / 49; 'default' would pass one fewer).
+
+A second table, a video (`--video-frames`, default 32; 0 skips it) in a LLaVA-OneVision-7B-shaped model:
+- Language model: Qwen2-7B's dimensions (llava-hf/llava-onevision-qwen2-7b-ov-hf `text_config`: hidden
+  3584, 28 layers, 28 heads, 4 key/value heads, intermediate 18944, vocabulary 152064), analytic as above.
+- Vision tower: SigLIP so400m-patch14-384 (open_clip ViT-SO400M-14-SigLIP-384, random weights), every frame
+  through all its blocks, counted on one frame times the frames; LLaVA-OneVision pools each frame's 27x27
+  patch tokens 2x2 to 14x14 = 196 (the pooling's FLOPs are not counted), so 196 x 32 = 6272 video tokens.
+- Video students: `bootstrap_student(tower, tokens=..., video={frames, replicates})` (no class token, the
+  tower's MAP head inherited), counted on the whole clip through `forward_hidden_states`; `forward_tokens`
+  gives `tokens x replicates` tokens for the whole clip.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import platform
 import sys
 import warnings
@@ -104,21 +115,58 @@ def encoder_gflops(clip_model: str, student_tokens: list[int]) -> tuple[dict, li
     return out, notes
 
 
-def table(encoders: dict, prompt_tokens: int) -> str:
+# llava-hf/llava-onevision-qwen2-7b-ov-hf, text_config (Qwen2-7B), and its vision tower.
+LLAVA_OV_7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064)
+OV_TOWER = "ViT-SO400M-14-SigLIP-384"
+
+
+def video_encoder_gflops(tower: str, frames: int, student_tokens: list[int], replicates: list[int]) -> dict:
+    """{name: (GFLOPs, vision width, video tokens to the LM, image size)} for the tower over every frame (pooled
+    2x2 per frame, as LLaVA-OneVision) and each video student of it."""
+    from students import bootstrap_student
+    from teachers import create_teacher
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = create_teacher({"kind": "openclip", "model": tower, "pretrained": None})
+    size = teacher.preprocess.size[0]
+    with torch.no_grad():
+        per_frame = count_flops(lambda im: teacher.forward_tokens(im, layer=teacher.depth),
+                                torch.randn(1, 3, size, size))
+    pooled = math.ceil(teacher.grid_size[0] / 2) * math.ceil(teacher.grid_size[1] / 2)
+    out = {f"{tower}, {pooled} tokens per frame (LLaVA-OneVision)": (per_frame * frames / 1e9, teacher.width,
+                                                                     pooled * frames, size)}
+    clip = torch.randn(1, frames, 3, size, size)
+    for tokens in student_tokens:
+        for r in replicates:
+            student, _ = bootstrap_student(teacher, tokens=tokens, video={"frames": frames, "replicates": r})
+            student.eval()
+            with torch.no_grad():
+                flops = count_flops(student.forward_hidden_states, clip)
+                clip_tokens = student.forward_tokens(clip).shape[1]
+            out[f"video student, {tokens} tokens x {r} over time"] = (flops / 1e9, student.embed_dim, clip_tokens,
+                                                                       size)
+            del student
+    return out
+
+
+def table(encoders: dict, prompt_tokens: int, lm: dict = LLAVA_15_7B, what: str = "image",
+          versus: str = "CLIP") -> str:
     rows = []
     base = None
     for name, (enc, width, tokens, _) in encoders.items():
         seq = tokens + prompt_tokens
-        proj = projector_flops(tokens, width) / 1e9
-        lm = prefill_flops(seq) / 1e9
-        total = enc + proj + lm
-        kv = kv_cache_bytes(seq) / 2**20
+        proj = projector_flops(tokens, width, lm) / 1e9
+        prefill = prefill_flops(seq, lm) / 1e9
+        total = enc + proj + prefill
+        kv = kv_cache_bytes(seq, lm) / 2**20
         if base is None:
-            base = (lm, total, kv)
-        rows.append(f"| {name} | {tokens} | {seq} | {enc:.1f} | {proj:.1f} | {lm:.0f} | {lm / base[0]:.3f} | "
+            base = (prefill, total, kv)
+        rows.append(f"| {name} | {tokens} | {seq} | {enc:.1f} | {proj:.1f} | {prefill:.0f} | {prefill / base[0]:.3f} | "
                     f"{total:.0f} | {total / base[1]:.3f} | {kv:.1f} | {kv / base[2]:.3f} |")
-    head = ("| vision tower | image tokens | sequence | encoder GFLOPs | projector GFLOPs | LM prefill GFLOPs | "
-            "vs CLIP | total GFLOPs | vs CLIP | KV cache MiB | vs CLIP |\n"
+    head = (f"| vision tower | {what} tokens | sequence | encoder GFLOPs | projector GFLOPs | LM prefill GFLOPs | "
+            f"vs {versus} | total GFLOPs | vs {versus} | KV cache MiB | vs {versus} |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     return head + "\n" + "\n".join(rows)
 
@@ -131,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-model", default=CLIP_TOWER,
                         help=f"the open_clip CLIP tower and teacher (default {CLIP_TOWER}, LLaVA-1.5's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--video-frames", type=int, default=32, help="frames of the video table (default 32; 0: none)")
+    parser.add_argument("--video-tower", default=OV_TOWER, help=f"its open_clip tower (default {OV_TOWER})")
+    parser.add_argument("--video-students", type=int, nargs="+", default=[144],
+                        help="video student token counts (default 144)")
+    parser.add_argument("--video-replicates", type=int, nargs="+", default=[1, 4],
+                        help="each video student's copies of its tokens over time (default 1 4)")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 0 or any(t < 2 for t in args.students):
         parser.error("--prompt-tokens must be >= 0 and every student needs >= 2 tokens (one latent + the class token)")
@@ -147,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.machine()}")
     for note in notes:
         print("note:", note)
+    if args.video_frames > 0:
+        video = video_encoder_gflops(args.video_tower, args.video_frames, args.video_students, args.video_replicates)
+        lm = LLAVA_OV_7B
+        print(f"\nLLaVA-OneVision-7B-shaped language model (Qwen2-7B: hidden {lm['hidden']}, {lm['layers']} layers, "
+              f"{lm['heads']} heads, {lm['kv_heads']} key/value heads, intermediate {lm['intermediate']}, vocab "
+              f"{lm['vocab']}): one video of {args.video_frames} frames + a {args.prompt_tokens}-token prompt\n")
+        print(table(video, args.prompt_tokens, lm, "video", "LLaVA-OV"))
+        size = next(iter(video.values()))[3]
+        print(f"\nencoders: counted (one {size} px frame times {args.video_frames} for the tower; the whole clip for "
+              f"the students), random weights; language model and projector (mlp2x_gelu): analytic.")
     return 0
 
 

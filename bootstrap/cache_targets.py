@@ -58,7 +58,8 @@ USAGE = "usage: python -m bootstrap.cache_targets RECIPE.yaml [section.key=value
 
 
 def run_manifest(recipe: Recipe, teacher, transform, views: int, dtype: str, tokens: bool) -> dict:
-    """The manifest of ``recipe``'s targets (what a targets folder for it must record)."""
+    """The manifest of ``recipe``'s targets (what a targets folder for it must record). For clips the augmentation
+    records the clip sampling (``transform.settings()``) and the tokens are per frame."""
     from data.shards import resolve_shards, shard_sample_counts
 
     urls = resolve_shards(recipe.data.train, recipe.data.allow_pipe)
@@ -68,17 +69,21 @@ def run_manifest(recipe: Recipe, teacher, transform, views: int, dtype: str, tok
         raise TargetsError(f"the sample count of shard {unknown[0]} is unknown; caching targets needs local shards "
                            f"with known counts (data.make_shards writes a dataset.json)")
     d = recipe.data
+    frames = [recipe.media.frames] if recipe.media.video else []
     return make_manifest(
         teacher_spec=recipe.teacher, weights_sha256=weights_sha256(teacher), augment=transform.settings(),
         train_urls=urls, train_counts=counts, views=views, dtype=dtype, target_shape=[teacher.embed_dim],
-        tokens_shape=[teacher.num_prefix_tokens + teacher.num_patches, teacher.width] if tokens else None,
+        tokens_shape=[*frames, teacher.num_prefix_tokens + teacher.num_patches, teacher.width] if tokens else None,
         seed=recipe.run.seed, precision=recipe.run.mixed_precision, max_pixels=d.max_pixels,
         heldout=None if d.val is None else {"val": d.val if isinstance(d.val, str) else list(d.val),
                                             "samples": d.heldout_samples})
 
 
 def final_tokens(teacher, images: torch.Tensor) -> torch.Tensor:
-    """The teacher's final-normed tokens ``[B, L, width]`` (its own modules, block by block)."""
+    """The teacher's final-normed tokens ``[B, L, width]`` (its own modules, block by block); of clips, per frame
+    ``[B, T, L, width]`` (a teacher over frames, `teachers.frames`)."""
+    if images.ndim == 5:
+        return teacher.final_tokens(images)
     tokens = teacher.embed_tokens(images)
     for i in range(teacher.depth):
         tokens = teacher.run_block(i, tokens)
@@ -98,14 +103,14 @@ class _Views(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], shards: list[int], transform, views: int, seed: int, chunk: int,
-                 counts: list[int], max_pixels: int | None):
+                 counts: list[int], max_pixels: int | None, media):
         super().__init__()
         self.urls, self.shards, self.transform = urls, shards, transform
         self.views, self.seed, self.chunk = views, seed, chunk
-        self.counts, self.max_pixels = counts, max_pixels
+        self.counts, self.max_pixels, self.media = counts, max_pixels, media
 
     def __iter__(self):
-        from data.decode import DecodeError, decode_sample
+        from data.decode import DecodeError
         from data.shards import ShardError, iter_shard, shard_shortfall
 
         info = torch.utils.data.get_worker_info()
@@ -116,12 +121,9 @@ class _Views(torch.utils.data.IterableDataset):
             try:
                 for raw in iter_shard(self.urls[index]):
                     read += 1
-                    try:  # decoded as the training stream decodes it (data.decode), so replays are exact
-                        sample = decode_sample(raw, self.max_pixels, lazy=self.transform.lazy)
-                        key = sample["__key__"]
-                        params = [self.transform.draw(sample["image"], view_generator(self.seed, key, v))
-                                  for v in range(self.views)]
-                        views = [self.transform.apply(sample["image"], p) for p in params]
+                    try:  # decoded as the training stream decodes it (data.decode, data.video), so replays are exact
+                        generators = [view_generator(self.seed, raw["__key__"], v) for v in range(self.views)]
+                        key, params, views = self.media.draw_views(raw, self.transform, generators, self.max_pixels)
                     except DecodeError as exn:
                         entries.append((raw["__key__"], None, str(exn)))
                         continue
@@ -188,11 +190,13 @@ def cache_targets(recipe: Recipe, views: int, out: str | os.PathLike, *, dtype: 
                                "targets to cache")
         recipe = with_steps(with_demo(recipe, accelerator, verbose=main), accelerator.num_processes)
         teacher = build_teacher(recipe)
+    from teachers.frames import media_teacher
+
+    transform = recipe.train_transform(teacher)  # an image's view, or a clip's: frames + one crop and flip
+    teacher = media_teacher(teacher, recipe.media)
     device = accelerator.device
     home = next(teacher.parameters()).device
     teacher.to(device).eval()
-    d = recipe.data
-    transform = teacher.train_transform(decode=d.decode, **d.augment)
     manifest = run_manifest(recipe, teacher, transform, views, dtype, tokens)
     out = Path(out).expanduser()
     # One process (the main one of one command or run) fills the folder at a time; another waits, then finds it done.
@@ -243,7 +247,8 @@ def _fill(recipe: Recipe, accelerator, teacher, home, transform, manifest: dict,
     todo = [i for i in range(rank, len(urls), world) if not done(i)]
     workers = d.num_workers if num_workers is None else num_workers
     batch = batch_size or d.eval_batch_size
-    dataset = _Views(urls, todo, transform, views, recipe.run.seed, max(1, batch // views), counts, d.max_pixels)
+    dataset = _Views(urls, todo, transform, views, recipe.run.seed, max(1, batch // views), counts, d.max_pixels,
+                     recipe.media)
     np_dtype = DTYPES[dtype]
     total = sum(counts[i] for i in todo) * views
     bar = tqdm(total=total, desc=f"caching targets (rank {rank})" if world > 1 else "caching targets", unit="img",
@@ -338,7 +343,7 @@ def _cache_heldout(recipe: Recipe, teacher, out: Path, device, accelerator) -> N
     from bootstrap.heldout import embed_all, load_heldout
 
     d = recipe.data
-    images, keys = load_heldout(d.val, teacher.eval_transform(), d.heldout_samples, d.allow_pipe, d.max_pixels)
+    images, keys = load_heldout(d.val, teacher, d.heldout_samples, d.allow_pipe, d.max_pixels, recipe.media)
     with torch.inference_mode():
         embed = embed_all(teacher.embed, images, d.eval_batch_size, device, accelerator.autocast)
     save_heldout(out, embed, keys)

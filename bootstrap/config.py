@@ -13,7 +13,8 @@ teacher and the training data, which a recipe must give — or the `demo:` secti
     data:     train / val shards, batch size per process, loader, augmentation (RandAugment, random erasing)
     optim:    AdamW and its warm-up + cosine schedule (in steps or epochs; lr scaled with the batch), gradient
               clipping and accumulation, EMA of the weights, layer-wise lr decay
-    loss:     cosine | smooth_l1 | mse (the alignment term)
+    loss:     cosine | smooth_l1 | mse (the alignment term), and label_weight (a CLIP student's zero-shot logits
+              against the shards' labels)
     run:      output folder, seed, mixed precision, logging, checkpoints, held-out checks, resume
     eval:     the final report (zero-shot, linear probe, ...; keys of `eval.options.EvalConfig`)
     export:   the open_clip export at the end (CLIP teachers)
@@ -43,9 +44,11 @@ from data.errors import UserError
 from data.schema import load
 from data.transforms import uses_timm_augment
 from eval.options import EvalConfig
+from data.media import ImageMedia, VideoMedia
 from students import DEFAULT_FAMILY, ConfigError, family_named, family_of
 from students.family import InitOptions
 from students.init import check_init
+from students.video import video_options, video_refusal
 
 
 class RecipeError(UserError, ValueError):
@@ -85,11 +88,17 @@ class DataConfig:
     # Cached teacher targets (bootstrap.target_source): a folder made by `python -m bootstrap.cache_targets`,
     # auto (made on first use, in the cache), or null: the teacher embeds every batch online.
     targets: Union[str, None] = None
+    # Views per image that data.targets=auto caches (null: one per epoch of the run, so no view repeats). Fewer
+    # views save the teacher's work (a teacher over 8 frames costs 8 images a clip) at the price of repeated views.
+    target_views: Union[int, None] = None
     heldout_samples: int = 1000  # the first N images of `val` form the fixed held-out set
     eval_batch_size: int = 256
     # Images with more pixels are skipped and counted, from their header, before decoding (null: PIL's limits only).
     max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
     allow_pipe: bool = False  # let `pipe:CMD` shard URLs in train/val/eval data run CMD (printed first)
+    # Video students (student.video): the decoder of video shards, auto (torchcodec where it works, else PyAV) | pyav
+    # | torchcodec.
+    video_backend: Literal["auto", "pyav", "torchcodec"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,10 @@ class LossConfig:
     type: Literal["cosine", "smooth_l1", "mse"] = "cosine"
     beta: float = 1.0  # smooth_l1 transition point
     normalize: bool = False  # smooth_l1 / mse on L2-normalised embeddings instead of raw ones
+    # + label_weight x cross-entropy of the student's zero-shot logits with data.train's labels (`bootstrap.labels`:
+    # labelled shards, a teacher with a text tower); 0: alignment only. This is the zero-shot-logit term for CLIP
+    # students without a classifier head, while objective.labels trains the student's own head.
+    label_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -205,8 +218,19 @@ class DemoTeacherConfig:
 
 
 @dataclass(frozen=True)
+class DemoVideoConfig:
+    """The video demo's own data: the demo's shapes, moving (`data.video_demo`), at `demo.image_size`."""
+
+    num_videos: int = 600
+    frames: int = 16  # per video
+    val_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DemoConfig:
-    """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val`."""
+    """Make the demo data and the demo teacher (cached), then fill `teacher:` and `data.train/val` (with `video`:
+    the demo videos; the teacher is the image demo's, applied frame by frame)."""
 
     cache_dir: Union[str, None] = None  # default ~/.cache/sparseformer-bootstrap (or $SPARSEFORMER_CACHE)
     num_images: int = 2400
@@ -214,6 +238,7 @@ class DemoConfig:
     val_fraction: float = 1 / 6
     data_seed: int = 0
     teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    video: Union[DemoVideoConfig, None] = None
 
 
 def student_options(value: Any, where: str = "student"):
@@ -231,6 +256,8 @@ def student_options(value: Any, where: str = "student"):
         family = family_named(kind)
     except ValueError as exc:
         raise RecipeError(f"recipe key '{where}.kind': {exc}") from None
+    if "video" in mapping and "video" not in {f.name for f in dataclasses.fields(family.options)}:
+        raise RecipeError(video_refusal(family.name))
     return load(family.options, mapping, where, error=RecipeError, dotted=True)
 
 
@@ -257,6 +284,27 @@ class Recipe:
     def family(self):
         """The student family (`students.family.StudentFamily`) of the `student:` section."""
         return family_of(self.student)
+
+    @property
+    def media(self):
+        """What a sample is (`data.media`): a clip (`student.video`, decoded by `data.video_backend`) or an image."""
+        video = video_options(self.student)
+        if video is None:
+            return ImageMedia()
+        return VideoMedia(video.clip_sampling(), self.data.video_backend)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run needs a teacher: an objective term that reads it, a student built from it, a video
+        student (its targets are the teacher's frames) or loss.label_weight (the teacher's zero-shot classifier)."""
+        return (self.objective.needs_teacher or getattr(self.student, "init", "teacher") == "teacher"
+                or video_options(self.student) is not None or bool(self.loss.label_weight))
+
+    def train_transform(self, teacher):
+        """The training view of a sample: the teacher's augmentation (`data.augment`) of an image, or of every frame
+        of a clip (one crop and flip per clip)."""
+        d = self.data
+        return self.media.train_transform(teacher.train_transform(decode=d.decode, **d.augment))
 
     def replace(self, **sections) -> "Recipe":
         """A new recipe with whole sections replaced (a mapping for `teacher` is frozen on the way in)."""
@@ -323,6 +371,11 @@ class Recipe:
             check_decode_path(d.decode)
         except ValueError as exc:
             raise RecipeError(f"data.decode={exc}") from None
+        if not (math.isfinite(self.loss.label_weight) and self.loss.label_weight >= 0):
+            raise RecipeError(f"loss.label_weight must be a finite number >= 0 (0: no supervised term), got "
+                              f"{self.loss.label_weight}")
+        if d.target_views is not None and d.target_views < 1:
+            raise RecipeError(f"data.target_views must be at least 1 or null (one per epoch), got {d.target_views}")
         if d.targets is not None and not d.targets.strip():
             raise RecipeError("data.targets must be a targets folder (python -m bootstrap.cache_targets), auto, or null")
         self._validate_objective()
@@ -338,8 +391,17 @@ class Recipe:
             if teacher.consistency_images is not None and teacher.consistency_images < 1:
                 raise RecipeError(f"demo.teacher.consistency_images must be at least 1 or null (all), "
                                   f"got {teacher.consistency_images}")
+            video = self.demo.video
+            if video is not None:
+                if video.frames < 2 or video.num_videos < 4 or not 0 < video.val_fraction < 1:
+                    raise RecipeError(f"demo.video needs frames >= 2, num_videos >= 4 and 0 < val_fraction < 1, got "
+                                      f"frames={video.frames}, num_videos={video.num_videos}, "
+                                      f"val_fraction={video.val_fraction}")
+                if video_options(self.student) is None:
+                    raise RecipeError("demo.video makes demo videos, but the student takes images: add student.video "
+                                      "(e.g. student.video={frames: 8}) or drop demo.video")
         else:
-            if not self.teacher and (self.objective.needs_teacher or getattr(self.student, "init", "teacher") == "teacher"):
+            if not self.teacher and self.needs_teacher:
                 raise RecipeError("the recipe has no teacher: give a 'teacher:' spec (kind, model, pretrained, ...) "
                                   "or a 'demo:' section" + (
                                       "" if not self.objective.labels else "; a run with labels alone "
@@ -374,6 +436,10 @@ class Recipe:
         if o.mixes and not o.labels:
             raise RecipeError("Mixup/CutMix (objective.mixup, cutmix) mix the labels too: they need objective.labels "
                               "above 0")
+        if o.mixes and self.loss.label_weight:
+            raise RecipeError("Mixup/CutMix mix the labels, and loss.label_weight's zero-shot term takes one class a "
+                              "sample: set loss.label_weight=0 (objective.labels trains the head on the mixed labels) "
+                              "or objective.mixup=0 and objective.cutmix=0")
         if o.mixes and d.batch_size % 2:
             raise RecipeError(f"Mixup/CutMix mix each image with another of its batch (timm's Mixup, which flips the "
                               f"batch): data.batch_size must be even, got {d.batch_size}; or set objective.mixup=0 "
@@ -398,6 +464,18 @@ class Recipe:
         if b.warmup_epochs is not None and (b.epochs is None or not 0 <= b.warmup_epochs <= b.epochs):
             raise RecipeError(f"optim.warmup_epochs={b.warmup_epochs} needs optim.epochs and must be between 0 and "
                               f"it (optim.epochs={b.epochs})")
+        if not self.teacher and self.demo is None and video_options(self.student) is not None:
+            raise RecipeError("the recipe has no teacher, but a video student (student.video) learns from its "
+                              "teacher's frames: give a 'teacher:' spec or a 'demo:' section")
+        if not self.teacher and self.demo is None and self.loss.label_weight:
+            raise RecipeError(f"loss.label_weight={self.loss.label_weight} learns the labels through the "
+                              f"teacher's zero-shot classifier, and the recipe has no teacher: give a 'teacher:' "
+                              f"spec, or set loss.label_weight=0 and use objective.labels (the student's head)")
+        video, init = video_options(self.student), getattr(self.student, "init", "teacher")
+        if video is not None and init != "teacher":
+            raise RecipeError(f"student.init={init}: a video student is its teacher's image student inflated to clips "
+                              f"(student.init: teacher); to start from a trained image student give its run folder "
+                              f"as student.video.image_student")
         if isinstance(self.student, InitOptions):
             try:
                 check_init(self.family, self.student, bool(self.teacher) or self.demo is not None)

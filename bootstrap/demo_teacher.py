@@ -102,31 +102,37 @@ def _data_key(demo: DemoConfig) -> dict:
     return {**_data_args(demo), "version": DEMO_DATA_VERSION}
 
 
+def _cached_data(folder: Path, info_json: str, make, what: str, verbose: bool) -> Path:
+    """``folder``, made once by ``make(tmp)`` (which writes ``info_json`` there) under a lock, then renamed into place."""
+    if (folder / info_json).is_file():
+        return folder
+    with _locked(folder.with_name(folder.name + ".lock")):
+        if (folder / info_json).is_file():
+            return folder
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.time()
+        if verbose:
+            print(f"making {what} in {folder} ...", flush=True)
+        make(tmp)
+        # The info file names the folder it was written to: rewrite it for its final place.
+        info = json.loads((tmp / info_json).read_text())
+        info["out_dir"] = str(folder)
+        (tmp / info_json).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, folder)
+        if verbose:
+            print(f"{what.split(' (')[0]} ready in {time.time() - t0:.0f} s", flush=True)
+    return folder
+
+
 def ensure_demo_data(demo: DemoConfig, verbose: bool = True) -> Path:
     """The demo dataset folder (``train/``, ``val/``, ``demo.json``), generated once and cached."""
     from data.demo import make_demo_dataset
 
     args = _data_args(demo)
     folder = cache_root(demo) / "demo-data" / _digest(_data_key(demo))
-    if (folder / "demo.json").is_file():
-        return folder
-    with _locked(folder.with_name(folder.name + ".lock")):
-        if (folder / "demo.json").is_file():
-            return folder
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.time()
-        if verbose:
-            print(f"making the demo dataset ({args['num']} images of {args['size']} px) in {folder} ...", flush=True)
-        make_demo_dataset(tmp, **args)
-        # demo.json names the folder it was written to: rewrite it for its final place.
-        info = json.loads((tmp / "demo.json").read_text())
-        info["out_dir"] = str(folder)
-        (tmp / "demo.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, folder)
-        if verbose:
-            print(f"demo dataset ready in {time.time() - t0:.0f} s", flush=True)
-    return folder
+    return _cached_data(folder, "demo.json", lambda tmp: make_demo_dataset(tmp, **args),
+                        f"the demo dataset ({args['num']} images of {args['size']} px)", verbose)
 
 
 def model_cfg(cfg: DemoTeacherConfig, image_size: int) -> dict:
@@ -196,6 +202,20 @@ def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) 
     return folder
 
 
+def ensure_demo_videos(demo: DemoConfig, verbose: bool = True) -> Path:
+    """The demo video folder (``train/``, ``val/``, ``video_demo.json``; `data.video_demo`), generated once and
+    cached."""
+    from data.video_demo import VIDEO_DEMO_VERSION, make_video_demo_dataset
+
+    v = demo.video
+    args = {"num": v.num_videos, "seed": v.seed, "size": demo.image_size, "frames": v.frames,
+            "val_fraction": v.val_fraction}
+    folder = cache_root(demo) / "demo-videos" / _digest({**args, "version": VIDEO_DEMO_VERSION})
+    return _cached_data(folder, "video_demo.json", lambda tmp: make_video_demo_dataset(tmp, **args, progress=verbose),
+                        f"the demo videos ({v.num_videos} videos of {v.frames} frames of {demo.image_size} px)",
+                        verbose)
+
+
 def teacher_summary(spec) -> dict:
     """What a run's summary says of its teacher: the spec's kind, model and weights, and for the demo teacher how
     it was trained and how good it is (its demo_teacher.json)."""
@@ -216,14 +236,16 @@ def teacher_summary(spec) -> dict:
 def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
     """Make (or find) the demo data and teacher; a new recipe whose `teacher`, `data.train/val` and `eval.data`
     (and `eval.train_data`) are the demo's where the recipe leaves them empty (no teacher where the run needs
-    none)."""
+    none). With `demo.video` the data are the demo videos, and the teacher is still the image demo's (trained on the
+    demo images, applied frame by frame)."""
     demo = recipe.demo
     data_dir = ensure_demo_data(demo, verbose)
     sections = {}
     # A run with labels alone whose student does not start from its teacher needs none (recipes/demo_supervised.yaml).
-    needs_teacher = recipe.objective.needs_teacher or getattr(recipe.student, "init", "teacher") == "teacher"
-    if not recipe.teacher and needs_teacher:
+    if not recipe.teacher and recipe.needs_teacher:
         sections["teacher"] = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
+    if demo.video is not None:
+        data_dir = ensure_demo_videos(demo, verbose)
     data = {}
     if recipe.data.train is None:
         data["train"] = str(data_dir / "train")

@@ -1,7 +1,7 @@
-"""The held-out check: a fixed set of held-out images, the teacher's embeddings of them, and the student's
-fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and at the end,
-logged and drawn (`alignment.png`); in a run with labels also the top-1 and top-5 accuracy of the student's head
-(and of its EMA) on their labels (`accuracy.png`). A run without a teacher checks the accuracy alone.
+"""The held-out check: a fixed set of held-out images (or clips), the teacher's embeddings of them, and the
+student's fidelity to those (cosine, centred cosine, retrieval) at the start, every `run.eval_every` steps and at
+the end, logged and drawn (`alignment.png`); in a run with labels also the top-1 and top-5 accuracy of the student's
+head (and of its EMA) on their labels (`accuracy.png`). A run without a teacher checks the accuracy alone.
 """
 
 from __future__ import annotations
@@ -21,13 +21,21 @@ from .stepper import NonFiniteLossError
 __all__ = ["HeldoutCheck", "embed_all", "format_result", "load_heldout", "plot_accuracy", "plot_alignment"]
 
 
-def load_heldout(shards, transform, limit: int, allow_pipe: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, labels: bool = False):
-    """The first `limit` images of `shards` (in shard order), preprocessed: the fixed held-out set, with their
-    keys (and with ``labels`` their classes)."""
-    from data.evalsets import first_images
+def load_heldout(shards, teacher, limit: int, allow_pipe: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, media=None, labels: bool = False, image_view=None):
+    """The first `limit` images (or clips: `media`, `data.media`) of `shards` in shard order, in the teacher's
+    evaluation view (``image_view``: the images' view in a run without a teacher): the fixed held-out set, the
+    ``shard#key`` of each, and with ``labels`` their classes (long, -1 where a sample has none)."""
+    from data.media import ImageMedia
 
-    return first_images(shards, transform, limit, allow_pipe, max_pixels, labels=labels)
+    media = media or ImageMedia()
+    if teacher is None:
+        if media.video or image_view is None:
+            raise ValueError("a held-out set without a teacher takes images in the student's own view (image_view)")
+        transform = image_view
+    else:
+        transform = media.eval_transform(teacher.preprocess, teacher.eval_transform())
+    return media.first_samples(shards, transform, limit, allow_pipe, max_pixels, labels=labels)
 
 
 @torch.no_grad()

@@ -120,9 +120,15 @@ def check_data(recipe: Recipe) -> None:
     for key in ("train", "val"):
         if getattr(d, key) is not None:
             try:
-                check_shards(resolve_shards(getattr(d, key), d.allow_pipe))
+                urls = resolve_shards(getattr(d, key), d.allow_pipe)
+                check_shards(urls)
+                recipe.media.check_shards(urls)  # videos for a video student, images otherwise; clips that fit
             except ValueError as exc:  # e.g. a pipe: URL without data.allow_pipe
                 raise RecipeError(f"data.{key}: {exc}") from None
+    if recipe.loss.label_weight:  # labelled shards, before the teacher is built
+        from .labels import training_classes
+
+        training_classes(recipe)
     if recipe.run.final_report:  # the report at the end must not be the first to find its data missing
         for key in ("data", "train_data"):
             source = getattr(recipe.eval, key)

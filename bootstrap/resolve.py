@@ -3,6 +3,8 @@
 `resolve_run(recipe, accelerator)` turns the loaded recipe into the run's resolved recipe and its facts:
 
 * the demo's data and teacher (made or found in the cache) fill what a demo recipe leaves empty;
+* a video student's image student given as a run folder (``student.video.image_student``) is checked and named
+  by its weights file;
 * the data is checked (`bootstrap.launch.check_data`); a run with labels reads the training data's class
   names (`data.labels.shard_classnames`: labelled shards, or one line naming the shard folder and key);
 * a schedule in epochs (``optim.epochs``) becomes steps, from the data's size and the global batch;
@@ -125,6 +127,28 @@ def with_steps(recipe: Recipe, world_size: int) -> Recipe:
     if steps < 1:
         raise RecipeError(f"optim.epochs={o.epochs} is less than one optimizer step ({per_epoch:g} per epoch)")
     return recipe.replace(optim=dataclasses.replace(o, steps=steps, warmup_steps=warmup))
+def with_image_student(recipe: Recipe) -> Recipe:
+    """The recipe whose ``student.video.image_student`` names a weights file: a finished run folder given there is
+    checked (finished, the same teacher) and resolved to its ``student.safetensors``."""
+    from data.targets import teacher_identity
+    from students.run_folder import NotARunError, RunFolderError
+    from students.video import video_options
+
+    video = video_options(recipe.student)
+    if video is None or not video.image_student or not Path(video.image_student).expanduser().is_dir():
+        return recipe
+    try:
+        folder = RunFolder.finished(Path(video.image_student).expanduser())
+        spec = folder.teacher_spec()
+    except (NotARunError, RunFolderError) as exc:
+        raise RecipeError(f"student.video.image_student: {exc}") from None
+    if teacher_identity(spec) != teacher_identity(recipe.teacher):
+        raise RecipeError(f"student.video.image_student: the run {folder.path} learned from teacher "
+                          f"{spec.get('kind')}:{spec.get('model')}, not this recipe's {recipe.teacher.get('kind')}:"
+                          f"{recipe.teacher.get('model')}: use that run's teacher section, or another run")
+    weights = str(folder.file(RunFolder.STUDENT_WEIGHTS).resolve())
+    student = dataclasses.replace(recipe.student, video=dataclasses.replace(video, image_student=weights))
+    return recipe.replace(student=student)
 
 
 def with_teacher_weights(recipe: Recipe, path: Path) -> Recipe:
@@ -152,6 +176,7 @@ def resolve_run(recipe: Recipe, accelerator, say: Callable[[str], None]) -> tupl
     folder = RunFolder(recipe.run.output_dir)
     main = accelerator.is_main_process
     recipe = with_demo(recipe, accelerator, verbose=main)
+    recipe = with_image_student(recipe)
     check_data(recipe)
     classnames = training_classnames(recipe)
     recipe = with_steps(recipe, accelerator.num_processes)

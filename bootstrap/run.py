@@ -35,6 +35,7 @@ def finish_run(recipe, run_dir: Path) -> bool:
     import traceback
 
     from eval import evaluate_run
+    from eval.report import headline
     from students.export import export_run
 
     steps = []
@@ -55,6 +56,8 @@ def finish_run(recipe, run_dir: Path) -> bool:
             continue
         where = result if isinstance(result, (str, Path)) else run_dir
         print(f"{what}: {where} ({time.time() - t0:.0f} s)", flush=True)
+        if isinstance(result, dict) and headline(result):
+            print(headline(result), flush=True)
     return ok
 
 

@@ -295,7 +295,10 @@ class Stepper:
             images = images.to(device, non_blocking=True)
             labels = None
             if phase.needs_labels:
-                labels = self._labels(extras).to(device, non_blocking=True)
+                # objective.labels checks every label (its head needs them all); the zero-shot term of
+                # loss.label_weight alone (bootstrap.labels) skips samples without a class (-1).
+                labels = self._labels(extras) if self.num_classes else extras["cls"]
+                labels = labels.to(device, non_blocking=True)
                 if self.mix is not None:
                     images, labels = self._mixed(images, labels)
             with acc.autocast(), torch.no_grad():

@@ -20,7 +20,7 @@ for what its phase needs (`students.family.Phase.needs`: embedding, tokens, atte
 * ``data.targets: auto``: like DIR, with the folder in the cache (``demo.cache_dir``,
   ``$SPARSEFORMER_CACHE`` or ``~/.cache/sparseformer-bootstrap``, under ``targets/``), named by a
   hash of what the targets depend on, and made on first use with one view per epoch of the
-  run (so no view repeats).
+  run (so no view repeats), or ``data.target_views`` views (fewer: less of the teacher's work, views repeat).
 
 Cached targets stop at the embedding: a phase that needs the teacher's attention maps (the
 Sparsifiner reconstruct phase) runs the teacher online; final tokens can be cached
@@ -145,6 +145,8 @@ def auto_dir(recipe, teacher, views: int) -> Path:
            "decode": d.decode,
            "heldout": d.heldout_samples, "views": views, "seed": recipe.run.seed,
            "precision": recipe.run.mixed_precision, "max_pixels": d.max_pixels, "version": 2}
+    if recipe.media.video:  # the clips (image runs keep the folders they had)
+        key["media"] = recipe.media.settings()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return root / "targets" / digest
 
@@ -152,11 +154,11 @@ def auto_dir(recipe, teacher, views: int) -> Path:
 def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], None] = print):
     """The run's `OnlineTargets` or `CachedTargets` (``recipe.data.targets``), `NoTargets` without a teacher; with cached targets
     the folder is checked against this run first (``data.targets.TargetsError`` naming the field)."""
-    from data.evalsets import first_images
     from data.shards import resolve_shards
     from data.targets import CHECK_SAMPLES, RUN_FIELDS, check_against_teacher, open_targets, read_manifest, warn_view_reuse
 
     from .cache_targets import run_manifest
+    from .heldout import load_heldout
 
     d = recipe.data
     if teacher is None:
@@ -166,24 +168,25 @@ def target_source(recipe, teacher, transform, accelerator, say: Callable[[str], 
     folder = Path(d.targets).expanduser()
     epochs = run_epochs(recipe, accelerator.num_processes)
     if d.targets == "auto":
-        folder = auto_dir(recipe, teacher, epochs)
+        views = d.target_views or epochs
+        folder = auto_dir(recipe, teacher, views)
         if not (read_manifest(folder) or {}).get("complete"):
             from .cache_targets import cache_targets
 
-            say(f"data.targets=auto: caching the teacher's targets ({epochs} views per image) in {folder}")
-            cache_targets(recipe, epochs, folder, accelerator=accelerator, teacher=teacher, progress=recipe.run.progress)
+            say(f"data.targets=auto: caching the teacher's targets ({views} views per image) in {folder}")
+            cache_targets(recipe, views, folder, accelerator=accelerator, teacher=teacher, progress=recipe.run.progress)
     manifest = read_manifest(folder) or {}
     views = manifest.get("views", 1)
     wanted = run_manifest(recipe, teacher, transform, views, manifest.get("dtype", "float16"),
                           manifest.get("tokens_shape") is not None)
     store = open_targets(folder, {k: wanted[k] for k in RUN_FIELDS}, resolve_shards(d.train, d.allow_pipe))
     # A manifest can be edited: a few cached views and held-out targets are embedded again by the teacher.
-    heldout = None if d.val is None else first_images(d.val, teacher.eval_transform(), CHECK_SAMPLES, d.allow_pipe,
-                                                      d.max_pixels)
+    heldout = None if d.val is None else load_heldout(d.val, teacher, CHECK_SAMPLES, d.allow_pipe, d.max_pixels,
+                                                      recipe.media)
     home = next(teacher.parameters()).device
     check_against_teacher(store, lambda x: teacher.embed(x.to(home)).float().cpu(), transform, heldout,
-                          max_pixels=d.max_pixels)
-    if accelerator.is_main_process:
+                          max_pixels=d.max_pixels, media=recipe.media)
+    if accelerator.is_main_process and not (d.targets == "auto" and d.target_views):  # not where the recipe chose it
         warn_view_reuse(store.views, epochs)
     say(f"cached targets: {folder} ({store.views} views per image, {manifest.get('dtype')}); the teacher stays on "
         f"the CPU and never runs in the loop")

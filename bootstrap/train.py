@@ -31,12 +31,14 @@ from data.outputs import open_append, write_text
 from students.family import ConfigError, PhaseContext
 from students.init import build_student
 from students.run_folder import RunFolder
+from teachers.frames import media_teacher
 
 from .batches import TrainBatches, loader_stats_over_ranks
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError
 from .demo_teacher import teacher_summary
 from .heldout import HeldoutCheck, embed_all, format_result, load_heldout
+from .labels import label_term, with_label_term
 from .launch import launch, sayer
 from .metrics import LogWindow, MetricsLog
 from .resolve import resolve_run
@@ -63,9 +65,15 @@ def train(recipe: Recipe) -> dict:
 
     # Online (default): the teacher goes to the device and gives every batch its targets. Cached (data.targets):
     # it stays on the CPU (the student inherits its weights) and runs only for what the cache does not hold.
-    # Without a teacher (labels alone) the batches carry all there is to learn.
-    view = None if teacher is None else teacher.train_transform(decode=recipe.data.decode, **recipe.data.augment)
-    targets = target_source(recipe, teacher, view, accelerator, say=say)
+    # Without a teacher (labels alone) the batches carry all there is to learn. Samples are images or clips
+    # (recipe.media; a video run always has a teacher); over clips the teacher answers frame by frame.
+    media = recipe.media
+    view = None if teacher is None else recipe.train_transform(teacher)
+    if media.video:
+        say(f"samples are clips: {media.sampling.describe()}, one crop and flip per clip; the teacher embeds every "
+            f"frame and its target is the mean (teachers.frames)")
+    targets = target_source(recipe, None if teacher is None else media_teacher(teacher, media), view, accelerator,
+                            say=say)
     stepper = _stepper(run, teacher, targets, accelerator, say)
     student = stepper.student
     state = TrainState()
@@ -137,6 +145,7 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
         # The authors pass their GradScaler's scale into the clamp; a scaled gradient would be clamped here.
         raise RecipeError("run.mixed_precision=fp16 scales the gradients that this student's restrict_grad_norm "
                           "clamps at a bound meant for unscaled ones: train it with run.mixed_precision=bf16 or no")
+    phases = with_label_term(phases, label_term(recipe, teacher, accelerator.device))
     if targets.cached:
         targets.run_online_for(phases)
     source = "no teacher" if teacher is None else (
@@ -146,7 +155,9 @@ def _stepper(run, teacher, targets, accelerator, say) -> Stepper:
     start_text = "" if init == "teacher" else f" from {init}"
     labels = f"; {len(run.classnames)} classes" if run.classnames else ""
     say(f"{source}; {family.name} student{start_text}, {policy.summary()}{labels}; phases: "
-        + ", ".join(f"{p.name} ({p.steps} steps: {' + '.join(t.name for t in p.terms)})" for p in phases))
+        + ", ".join(f"{p.name} ({p.steps} steps: {' + '.join(t.name for t in p.terms)})" for p in phases)
+        + (f"; + {recipe.loss.label_weight} x cross-entropy of the zero-shot logits with data.train's labels "
+           f"(loss.label_weight)" if recipe.loss.label_weight else ""))
     pre_logits = teacher is None or teacher.target != "proj"
     return Stepper(accelerator, family, student, policy, phases, pre_logits, recipe, run.checkpoints, say,
                    classnames=run.classnames)
@@ -186,10 +197,8 @@ class Preprocess:
 def _train_batches(recipe: Recipe, view, targets, state: TrainState, out: RunFolder, accelerator,
                    resumed: bool) -> TrainBatches:
     """This rank's training batches (``view``: the training transform) from the data position in ``state``."""
-    from data.stream import build_train_loader
-
     d, rank = recipe.data, accelerator.process_index
-    loader = build_train_loader(
+    loader = recipe.media.train_loader(
         d.train, view, d.batch_size, d.num_workers,
         epoch_samples=d.epoch_samples, resampled=d.resampled, shuffle_buffer=d.shuffle_buffer,
         seed=recipe.run.seed, rank=rank, world_size=accelerator.num_processes, shardshuffle=d.shardshuffle,
@@ -207,13 +216,15 @@ def _train_batches(recipe: Recipe, view, targets, state: TrainState, out: RunFol
 
 
 def _heldout_check(run, teacher, preprocess: Preprocess, targets, accelerator, metrics) -> HeldoutCheck | None:
-    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images (None without ``data.val``):
-    alignment with the teacher's embeddings of them, and in a run with labels the accuracy on their labels."""
+    """The held-out check of ``data.val``'s first ``data.heldout_samples`` images or clips (None without
+    ``data.val``): alignment with the teacher's embeddings of them, and in a run with labels the accuracy on their
+    labels."""
     d = run.recipe.data
     if d.val is None:
         return None
-    view = teacher.eval_transform() if teacher is not None else preprocess.eval_view()
-    images, keys, labels = load_heldout(d.val, view, d.heldout_samples, d.allow_pipe, d.max_pixels, labels=True)
+    images, keys, labels = load_heldout(d.val, teacher, d.heldout_samples, d.allow_pipe, d.max_pixels,
+                                        run.recipe.media, labels=True,
+                                        image_view=None if teacher is not None else preprocess.eval_view())
     device, autocast = accelerator.device, accelerator.autocast
     held = None if teacher is None else \
         targets.heldout(keys, lambda embed: embed_all(embed, images, d.eval_batch_size, device, autocast))

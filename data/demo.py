@@ -202,11 +202,14 @@ def _background(kind: str, tints: list[str], side: int, light_shape: bool, rng: 
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_sample(index: int, seed: int = 0, size: int = 64, label: int | None = None) -> tuple[Image.Image, dict]:
+def render_sample(index: int, seed: int = 0, size: int = 64, label: int | None = None, *,
+                  position: tuple[float, float] | None = None) -> tuple[Image.Image, dict]:
     """Render demo image ``index`` for ``seed``; returns the PIL image and its attributes
     (``cls``, ``shape``, ``colour``, ``size``, ``scale``, ``background``, ``tints``, ``caption``, ...).
 
-    The class is ``index % len(DEMO_CLASSNAMES)`` unless ``label`` is given.
+    The class is ``index % len(DEMO_CLASSNAMES)`` unless ``label`` is given. ``position`` places the
+    shape's box at that fraction ``(x, y)`` of the room the image leaves it (0: left / top, 1: right /
+    bottom) instead of at random, all else unchanged: the frames of a moving shape (`data.video_demo`).
     """
     rng = np.random.default_rng([seed, index])
     label = index % len(DEMO_CLASSNAMES) if label is None else label
@@ -228,6 +231,8 @@ def render_sample(index: int, seed: int = 0, size: int = 64, label: int | None =
     extent = (hi - lo) * factor
     margin = 1.0
     centre = np.array([rng.uniform(margin, size - margin - extent[0]), rng.uniform(margin, size - margin - extent[1])])
+    if position is not None:
+        centre = margin + np.asarray(position, dtype=float) * np.maximum(size - 2 * margin - extent, 0.0)
     offset = centre - lo * factor  # top-left of the box lands at `centre`
 
     side = size * _SHAPE_SS

@@ -2,10 +2,10 @@
 evaluation sets use them.
 
 Templates: ``"openai"`` (the 80 prompts of the CLIP paper), ``"simple"`` (7), ``"demo"`` (the
-demo data set's), or a list of ``"{}"`` format strings; by default (None) the evaluation set's
+demo data set's), ``"kinetics"`` (CLIP's 28 for Kinetics, `data.kinetics`), or a list of ``"{}"`` format strings; by default (None) the evaluation set's
 own (``templates`` in its shards' ``dataset.json``, as the demo data has) or else ``"openai"``.
 Class names: ImageNet-1k's (open_clip's ``IMAGENET_CLASSNAMES``) by default or where an eval set's
-classes are WordNet ids, else the eval set's own.
+classes are WordNet ids, else the eval set's own; ``"kinetics400"``: Kinetics-400's (`data.kinetics`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Sequence
 __all__ = ["TEMPLATE_SETS", "dataset_templates", "name_or_list_file", "resolve_classnames", "resolve_templates",
            "template_set_name"]
 
-TEMPLATE_SETS = ("openai", "simple", "demo")
+TEMPLATE_SETS = ("openai", "simple", "demo", "kinetics")
+CLASSNAME_SETS = ("imagenet", "kinetics400")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -46,6 +47,10 @@ def resolve_templates(templates: str | Sequence[str] | None = "openai") -> list:
         from .demo import DEMO_TEMPLATES
 
         return list(DEMO_TEMPLATES)
+    if templates == "kinetics":
+        from .kinetics import KINETICS_TEMPLATES
+
+        return list(KINETICS_TEMPLATES)
     if isinstance(templates, str):
         if "{}" in templates:
             return [templates]
@@ -88,6 +93,13 @@ def resolve_classnames(classnames: str | Sequence[str] | None, dataset_classname
     """
     import open_clip
 
+    if classnames == "kinetics400":
+        from .kinetics import KINETICS400_CLASSNAMES
+
+        if dataset_classnames is not None and len(dataset_classnames) != len(KINETICS400_CLASSNAMES):
+            raise ValueError(f"classnames 'kinetics400' names Kinetics-400's 400 classes, but the evaluation set has "
+                             f"{len(dataset_classnames)}; give its class names in label order instead")
+        return list(KINETICS400_CLASSNAMES)
     if classnames == "imagenet":
         if dataset_classnames is not None and len(dataset_classnames) != len(open_clip.IMAGENET_CLASSNAMES):
             # Labels index the eval set's own classes: ImageNet-1k's names would score against the wrong ones.
@@ -97,7 +109,8 @@ def resolve_classnames(classnames: str | Sequence[str] | None, dataset_classname
                 f"{', ...' if len(dataset_classnames) > 5 else ''}); give its class names in label order instead")
         return list(open_clip.IMAGENET_CLASSNAMES)
     if isinstance(classnames, str):
-        raise ValueError(f"classnames {classnames!r}: give 'imagenet' or a list of names in label order")
+        raise ValueError(f"classnames {classnames!r}: give 'imagenet', 'kinetics400' or a list of names in label "
+                         f"order")
     if classnames is not None:
         names = list(classnames)
         if dataset_classnames is not None and len(names) != len(dataset_classnames):

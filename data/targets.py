@@ -417,25 +417,32 @@ def compare_targets(cached: torch.Tensor, fresh: torch.Tensor, names: Sequence[s
 
 
 def check_against_teacher(store: TargetStore, embed, transform, heldout=None, samples: int = CHECK_SAMPLES,
-                          max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                          max_pixels: int | None = DEFAULT_MAX_PIXELS, media=None) -> None:
     """Re-embed a few cached views with the run's teacher and compare (``compare_targets``).
 
     ``embed`` maps normalised images ``[B, 3, H, W]`` to the teacher's embeddings; ``transform``
     is the run's ``ReplayableTrainTransform`` (it renders the stored view parameters). The first
     ``samples`` decodable images of the first image shard are checked, each in another view.
     ``heldout``: ``(images, keys)`` of the run's first held-out images (un-augmented), checked
-    against ``heldout.safetensors`` when the cache holds their targets.
+    against ``heldout.safetensors`` when the cache holds their targets. ``media`` (`data.media`; None: images)
+    renders the stored view of a sample: an image's, or a clip's frames.
     """
+    def render(raw: dict, params: dict) -> torch.Tensor:
+        if media is not None:
+            return media.replay(raw, transform, [params], max_pixels)[0]
+        return transform.apply(decode_sample(raw, max_pixels)["image"], params)
+
     images, cached, names = [], [], []
     with contextlib.closing(store.iter_shard(store.image_urls[0])) as raws:
         for raw in raws:
-            try:
-                sample = decode_sample(raw, max_pixels)
-            except DecodeError:
-                continue  # cached as skipped too
+            if "skip.json" in raw["__targets__"]:
+                continue  # did not decode when caching
             target = store.decode(raw)
             view = len(images) % store.views
-            images.append(transform.apply(sample["image"], target["views"][view]))
+            try:
+                images.append(render(raw, target["views"][view]))
+            except DecodeError:
+                continue  # skipped by training too
             cached.append(target["embed"][view])
             names.append(f"{raw['__key__']!r} (view {view}, shard {os.path.basename(store.image_urls[0])})")
             if len(images) >= samples:

@@ -18,6 +18,15 @@ model, teacher against model:
 alone): the sections that hold a model against it are left out, the others measure each model on its own, with
 the first student's preprocessing. A candidate that is the EMA of another's weights (``shadow``) has that one's
 cost and pictures, which are measured once.
+
+Images or videos (`bench_media`): video students are evaluated on video shards, as video models are: each
+video gives ``clips x crops`` views (`EvalConfig.clips`, ``crops``; clips of the frames the student was trained
+on), every model embeds every view (the teacher frame by frame: the mean of its frame embeddings,
+`teachers.frames`), and a video's embedding is the mean of its views'. The sections are the same, with
+class names and templates from the shards' ``dataset.json`` (or ``kinetics400`` / ``kinetics``), plus
+text <-> video retrieval (`eval.retrieval`) where the videos have captions and the teacher a text tower;
+cost is per view (a clip) and per video (views x GFLOPs per view, as video papers report it). Video students
+always have a teacher.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from data.evalsets import build_eval_loader
+from data.media import ImageMedia, VideoMedia
 from students import family_of
+from students.video import student_clip
+from teachers.frames import media_teacher
 
 from .classify import classification_eval, head_applies, own_head_applies
 from .cost import compare_cost
@@ -40,10 +51,12 @@ from .features import aligned_output, extract, student_outputs, teacher_classifi
 from .fidelity import fidelity
 from .linear_probe import DEFAULT_CS, linear_probe, split_features, train_labels_of
 from .options import PRECISIONS, EvalConfig
+from .retrieval import encode_captions, retrieval_eval
 from .zeroshot import dataset_templates, resolve_classnames, resolve_templates, template_set_name, zero_shot_classifier
 from .zeroshot import zero_shot_eval
 
-__all__ = ["TEACHER", "BenchResult", "Candidate", "has_text_tower", "jsonable", "run_bench", "student_candidate"]
+__all__ = ["TEACHER", "BenchResult", "Candidate", "bench_media", "has_text_tower", "jsonable", "run_bench",
+           "student_candidate"]
 
 TEACHER = "teacher"
 
@@ -130,7 +143,9 @@ class BenchResult:
     classification: dict[str, dict] = field(default_factory=dict)
     fidelity: dict[str, dict] = field(default_factory=dict)
     probe: dict | None = None
+    retrieval: dict[str, dict] = field(default_factory=dict)  # name -> text <-> video recall (captioned videos)
     cost: dict | None = None
+    media: dict = field(default_factory=lambda: {"kind": "image"})  # `data.media` settings (video: clips, views)
     pictures: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {report key: file}
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {family section key: result}
 
@@ -141,22 +156,51 @@ def _skips(loader) -> dict:
     return dict(num_skipped=len(skipped), skipped=skipped)
 
 
-def probe_train_split(cfg: EvalConfig, transform, dataset_classnames, allow_pipe: bool = False):
+def bench_media(candidates: Sequence[Candidate], cfg: EvalConfig):
+    """What the bench evaluates on (`data.media`): videos when the students are video students (clips of the
+    frames the first was trained on, ``cfg.clips`` x ``cfg.crops`` views per video), else images."""
+    clips = {c.name: student_clip(c.model) for c in candidates if c.kind == "student"}
+    video = [name for name, clip in clips.items() if clip is not None]
+    if not video:
+        return ImageMedia()
+    if len(video) != len(clips):
+        image = [name for name in clips if name not in video]
+        raise ValueError(f"{', '.join(video)} take(s) clips and {', '.join(image)} images: evaluate video and image "
+                         f"students apart")
+    return VideoMedia(clips[video[0]], cfg.video_backend, cfg.clips, cfg.crops)
+
+
+def probe_train_split(cfg: EvalConfig, transform, dataset_classnames, allow_pipe: bool = False, media=None):
     """The probe's train split, ``(loader, classnames, train label of each eval class)``, or None (no
     `train_data`, or no probe). The two sets' labels are matched by class name (refused where a class is missing)."""
     if not cfg.probe or cfg.train_data is None:
         return None
-    loader, train_classnames = build_eval_loader(cfg.train_data, transform, cfg.batch_size, cfg.num_workers,
-                                                 allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
+    loader, train_classnames = (media or ImageMedia()).eval_loader(cfg.train_data, transform, cfg.batch_size,
+                                                                   cfg.num_workers, allow_pipe, cfg.max_pixels)
+    if train_classnames is None:
+        raise ValueError(f"the linear probe's train split {jsonable(cfg.train_data)} has no class names (its "
+                         f"dataset.json lists none)")
     return loader, train_classnames, train_labels_of(dataset_classnames, train_classnames, jsonable(cfg.data),
                                                      jsonable(cfg.train_data))
 
 
+def _over_views(step: Callable[[Tensor], dict]) -> Callable[[Tensor], dict]:
+    """A step over videos ``[B, V, T, 3, H, W]``: every model on the ``B * V`` views, then the mean over each
+    video's V views."""
+
+    def over_views(videos: Tensor) -> dict:
+        b, v = videos.shape[:2]
+        out = step(videos.flatten(0, 1))
+        return {k: x.reshape(b, v, *x.shape[1:]).float().mean(dim=1) for k, x in out.items()}
+
+    return over_views
+
+
 def _step(teacher, candidates: Sequence[Candidate], teacher_logits: bool = False,
-          logits: Sequence[str] = ()) -> Callable[[Tensor], dict]:
+          logits: Sequence[str] = (), media=None) -> Callable[[Tensor], dict]:
     """``images -> {teacher, NAME, ...}``: every model's output aligned to ``teacher.embed`` (without a teacher its
     pre-logits feature), with ``teacher_logits`` the teacher's head outputs, and ``NAME:logits``, the head outputs
-    of the models named in ``logits``, from one batch."""
+    of the models named in ``logits``, from one batch; of videos (``media``), the mean over each video's views."""
     head = teacher_classifier(teacher) if teacher_logits else None
 
     def step(images):
@@ -172,7 +216,7 @@ def _step(teacher, candidates: Sequence[Candidate], teacher_logits: bool = False
                 out[f"{c.name}:logits"] = o
         return out
 
-    return step
+    return _over_views(step) if getattr(media, "video", False) else step
 
 
 def preprocess_of(teacher, candidates: Sequence[Candidate]) -> dict:
@@ -262,42 +306,64 @@ def run_bench(teacher, candidates: Sequence[Candidate], cfg: EvalConfig, *, pict
     names = [c.name for c in candidates]
     if TEACHER in names or len(set(names)) != len(names):
         raise ValueError(f"the models need distinct names other than '{TEACHER}', got {names}")
+    media = bench_media(candidates, cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast_dtype = PRECISIONS[cfg.precision]
     result = BenchResult(describe_teacher(teacher), str(device), jsonable(cfg.to_dict()), list(notes))
+    result.media = jsonable(media.settings())
     training = {c.name: c.model.training for c in candidates}
-    if teacher is not None:
-        teacher.to(device)
+    if teacher is None and media.video:
+        raise ValueError("video students are evaluated against their teacher (frame by frame): give the teacher")
+    answering = None if teacher is None else media_teacher(teacher, media)  # over clips: frame by frame
+    if answering is not None:
+        answering.to(device)
     for c in candidates:
         c.model.eval().to(device)
     try:
         if cfg.data is not None:
-            _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe)
+            _sections(answering, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe,
+                      media)
         else:
             result.notes.append("no evaluation set (eval.data / --data): accuracy, fidelity and pictures skipped, "
                                 "cost only")
         if cfg.cost:
-            fns = {} if teacher is None else {TEACHER: (teacher.embed, image_tower(teacher))}
+            fns = {} if teacher is None else {TEACHER: (answering.embed, image_tower(teacher))}
             target = None if teacher is None else teacher.target
             fns.update({c.name: (_aligned_fn(c.model, target), c.params) for c in candidates if c.shadow is None})
             result.cost = compare_cost(fns, preprocess_of(teacher, candidates)["size"], batch_size=cfg.cost_batch_size,
                                        device=device, iters=cfg.cost_iters, warmup=min(3, cfg.cost_iters),
-                                       autocast_dtype=autocast_dtype)
+                                       autocast_dtype=autocast_dtype, frames=media.frames if media.video else None)
+            if media.video:  # a video is views x clips: its cost is the views' (the way video papers count)
+                for cost in result.cost.values():
+                    cost.update(views=media.num_clips * media.num_crops,
+                                gflops_per_video=cost["gflops"] * media.num_clips * media.num_crops)
     finally:
         for c in candidates:
             c.model.train(training[c.name])
     return result
 
 
-def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe) -> None:
-    transform = _eval_view(teacher, candidates)
-    loader, dataset_classnames = build_eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
+def _labelled(features, names: Sequence[str] | None) -> str | None:
+    """Why accuracy cannot be measured on these features (no class names, samples without a label), or None."""
+    if names is None:
+        return "the evaluation set names no classes (its dataset.json lists no classnames; give eval.classnames)"
+    if "labels" not in features or bool((features["labels"] < 0).any()):
+        return "some of its samples have no label (no .cls)"
+    return None
+
+
+def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress, pictures_dir, allow_pipe,
+              media) -> None:
+    transform = _eval_view(teacher, candidates) if teacher is None else \
+        media.eval_transform(teacher.preprocess, teacher.eval_transform())
+    loader, dataset_classnames = media.eval_loader(cfg.data, transform, cfg.batch_size, cfg.num_workers,
                                                    allow_pipe=allow_pipe, max_pixels=cfg.max_pixels)
     # Class names are checked before any feature is computed: the prompts' and the probe's.
+    named = dataset_classnames is not None or cfg.classnames is not None or not media.video
     zero_shot_names = resolve_classnames(cfg.classnames, dataset_classnames) \
-        if teacher is not None and has_text_tower(teacher) else None
-    probe_train = probe_train_split(cfg, transform, dataset_classnames, allow_pipe)
-    teacher_logits = teacher is not None and teacher_classifier(teacher) is not None
+        if teacher is not None and has_text_tower(teacher) and named else None
+    probe_train = probe_train_split(cfg, transform, dataset_classnames, allow_pipe, media)
+    teacher_logits = teacher is not None and teacher_classifier(teacher) is not None and dataset_classnames is not None
     if teacher_logits:
         why = head_applies(teacher, len(dataset_classnames))
         if why:
@@ -308,18 +374,32 @@ def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress
         if teacher_logits and c.classes is None:  # a head inherited from the teacher (or ToMe's, the teacher's)
             logits.append(c.name)
             continue
+        if dataset_classnames is None:
+            continue
         why = own_head_applies(c.classes, c.info.get("output_dim", 0), dataset_classnames, teacher is not None) \
             if c.kind == "student" else "no head of its own"
         if why is None:
             logits.append(c.name)
         elif c.classes is not None:
             result.notes.append(f"classification of {c.name} skipped: {why}")
-    features = extract(loader, _step(teacher, candidates, teacher_logits, logits), device, cfg.max_samples,
-                       autocast_dtype, desc="eval features", progress=progress)
+    features = extract(loader, _step(teacher, candidates, teacher_logits, logits, media), device, cfg.max_samples,
+                       autocast_dtype, desc=f"eval features ({media.unit}s)" if media.video else "eval features",
+                       progress=progress)
     num_images = int(features[TEACHER if teacher is not None else candidates[0].name].shape[0])
     result.eval_set = dict(source=jsonable(cfg.data), num_images=num_images,
-                           num_classes=len(dataset_classnames), classnames=list(dataset_classnames), **_skips(loader))
+                           num_classes=len(dataset_classnames) if dataset_classnames else 0,
+                           classnames=list(dataset_classnames or []), **_skips(loader))
+    if media.video:
+        result.eval_set.update(media="video", views_per_video=media.num_clips * media.num_crops,
+                               clip=media.sampling.describe())
     names = [c.name for c in candidates]
+    unlabelled = _labelled(features, dataset_classnames if not media.video else (zero_shot_names or
+                                                                                 dataset_classnames))
+    if unlabelled and (zero_shot_names is not None or logits or cfg.probe):
+        result.notes.append(f"zero-shot, classification and the linear probe skipped: {unlabelled}")
+        zero_shot_names, logits, probe = None, [], False
+    else:
+        probe = cfg.probe
     if zero_shot_names is not None:
         # None: the evaluation set's own templates if its dataset.json lists some, else openai.
         templates = cfg.templates if cfg.templates is not None else dataset_templates(cfg.data)
@@ -334,10 +414,20 @@ def _sections(teacher, candidates, cfg, result, device, autocast_dtype, progress
     result.classification = {name: classification_eval(_pair(features, name)) for name in logits}
     if teacher is not None:
         result.fidelity = {name: fidelity(features[name], features[TEACHER]) for name in [TEACHER, *names]}
-    if cfg.probe:
-        result.probe = _probe(cfg, features, probe_train, _step(teacher, candidates), device, autocast_dtype,
-                              progress, models=([TEACHER] if teacher is not None else []) + names)
+    if probe:
+        result.probe = _probe(cfg, features, probe_train, _step(teacher, candidates, media=media), device,
+                              autocast_dtype, progress, models=([TEACHER] if teacher is not None else []) + names)
+    captions = getattr(loader, "captions", None)
+    if teacher is not None and captions and has_text_tower(teacher) and all(captions[:num_images]):
+        text = encode_captions(teacher, captions[:num_images], device)
+        result.retrieval = {name: retrieval_eval(features[name], text) for name in [TEACHER, *names]}
+    elif media.video and has_text_tower(teacher):
+        result.notes.append("text <-> video retrieval skipped: not every video has a caption")
     students = [c for c in candidates if c.family is not None and c.shadow is None]
+    if media.video:
+        if cfg.rois and any(c.family.pictures or c.family.sections for c in students):
+            result.notes.append("the students' pictures and family sections are drawn for image students only")
+        return
     if cfg.rois and pictures_dir is not None and any(c.family.pictures for c in students):
         images = _first_images(loader, cfg.roi_images).to(device)
         p = preprocess_of(teacher, candidates)

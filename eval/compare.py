@@ -46,7 +46,8 @@ from students.run_folder import RunFolder, RunFolderError
 
 from .baselines.budget import budget_baselines
 from .baselines.tome import ToMe
-from .bench import TEACHER, Candidate, image_tower, jsonable, run_bench, student_candidate
+from .baselines.video import budget_baselines as video_baselines
+from .bench import TEACHER, Candidate, bench_media, image_tower, jsonable, run_bench, student_candidate
 from .options import EvalConfig, add_eval_options, eval_options
 from .report import _num, _pct, run_eval_options, write_report
 
@@ -83,6 +84,19 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         if (emas or {}).get(name) is not None:
             candidates.append(student_candidate(f"{name} (EMA)", emas[name], (sources or {}).get(name), shadow=name))
     notes = list(notes)
+    media = bench_media(candidates, cfg)
+    if media.video:
+        if tome:
+            raise CompareError("--tome merges the tokens of images: for video students the comparison adds its own "
+                               "baselines at the student's budget (the teacher on fewer frames, and with random "
+                               "patch dropping); drop --tome")
+        first = next(c for c in candidates if c.kind == "student")
+        baselines, why = video_baselines(teacher, first.model, media.frames, teacher.preprocess.size)
+        for m in baselines:
+            candidates.append(Candidate(m.name, "baseline", m, image_tower(teacher), dict(
+                method="random" if m.keep else "frames", frames=m.frames, keep=m.keep, budget_of=first.name,
+                tokens=f"{m.keep + teacher.num_prefix_tokens} per frame" if m.keep else None)))
+        notes += [f"baselines at the budget of {first.name}: {', '.join(m.name for m in baselines)}", *why]
     for r in tome:
         m = ToMe(teacher, r)  # a bad r fails here, before any work
         candidates.append(Candidate(m.name, "tome", m, image_tower(teacher), dict(
@@ -91,7 +105,13 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         if m.schedule != ([m.requested] * teacher.depth if isinstance(m.requested, int) else m.requested):
             notes.append(f"{m.name}: a block merges at most half of the patch tokens it receives (as in ToMe), "
                          f"so it merges {m.schedule} per block")
-    if budgets is None and teacher is None:  # runs trained with labels alone: no teacher to hold to a budget
+    if media.video and budgets:
+        raise CompareError("--budget runs the teacher on images at a token budget: for video students the comparison "
+                           "adds its own baselines at the student's budget (fewer frames, random patch dropping); "
+                           "drop --budget")
+    if media.video:
+        budgets = []
+    elif budgets is None and teacher is None:  # runs trained with labels alone: no teacher to hold to a budget
         budgets = ()
     elif budgets is None:
         budgets = student_budgets(models, teacher)
@@ -104,7 +124,8 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
     report: dict[str, Any] = dict(
         teacher=bench.teacher, device=bench.device, config=bench.config, notes=bench.notes,
         models={} if teacher is None else
-        {TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches))})
+        {TEACHER: dict(kind="teacher", tokens=str(teacher.num_prefix_tokens + teacher.num_patches)
+                       + (" per frame" if bench.media.get("kind") == "video" else ""))})
     for c in candidates:
         report["models"][c.name] = dict(kind=c.kind, **({"source": c.info.get("source")} if c.kind == "student" else {}),
                                         **{k: v for k, v in c.info.items() if k != "source"})
@@ -120,8 +141,11 @@ def compare(models: Mapping[str, nn.Module], teacher, eval_source=None, *, tome:
         report["fidelity"] = bench.fidelity
     if bench.probe is not None:
         report["linear_probe"] = bench.probe
+    if bench.retrieval:
+        report["retrieval"] = bench.retrieval
     if bench.cost is not None:
         report["cost"] = bench.cost
+    report["media"] = bench.media
     report["table"] = _table(report)
     report = jsonable(report)
     if out_dir is not None:
@@ -178,6 +202,8 @@ def _table(report: Mapping[str, Any]) -> list[dict]:
             row["probe_top1"] = probe[name]["top1"]
         if name in fid:
             row.update({k: fid[name][k] for k in ("cosine", "centred_cosine", "retrieval_top1")})
+        if name in report.get("retrieval", {}):
+            row["text_r1"] = report["retrieval"][name]["text_to_video"]["R@1"]
         c = cost.get(name) or cost.get(info.get("ema_of"))  # an EMA costs what its student costs
         if c:
             row.update(params_m=c["params"] / 1e6, gflops=c["gflops"], images_per_s=c.get("images_per_s"),
@@ -202,17 +228,20 @@ def _accuracy_axis(report: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     t = report["teacher"]
+    video = (report.get("media") or {}).get("kind") == "video"
+    unit = "clip" if video else "image"
     if t is None:
         lines = ["# Comparison of students trained without a teacher", "",
                  f"Device: {report['device']}. Every model saw the same images in one process."]
     else:
         lines = [f"# Comparison on {t['kind']}:{t['name']} ({t['family']})", "",
                  f"Teacher: {t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
-                 f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report['device']}. Every model saw the same "
-                 f"images in one process."]
+                 f"{t['image_size'][0]}x{t['image_size'][1]}{' per frame' if video else ''}. Device: "
+                 f"{report['device']}. Every model saw the same {'videos' if video else 'images'} in one process."]
     if "eval_set" in report:
         e = report["eval_set"]
-        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes.")
+        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} {'videos' if video else 'images'}, "
+                     f"{e['num_classes']} classes.")
     lines.append("")
     cols = [("model", "model", str), ("tokens", "tokens", lambda v: "–" if v is None else str(v))]
     acc = "zero-shot top-1" if "zero_shot" in report else "head top-1" if "classification" in report else None
@@ -225,9 +254,12 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     if "fidelity" in report:
         cols += [("cosine", "cosine", lambda v: _num(v, 4)), ("centred_cosine", "centred cosine", lambda v: _num(v, 4)),
                  ("retrieval_top1", "retrieval top-1", _pct)]
+    if "retrieval" in report:
+        cols.append(("text_r1", "text -> video R@1", _pct))
     if "cost" in report:
-        cols += [("gflops", "GFLOPs", _num), ("flops_vs_teacher", "FLOPs ÷", lambda v: _num(v) + "x" if v else "–"),
-                 ("images_per_s", "img/s", lambda v: _num(v, 1)),
+        cols += [("gflops", "GFLOPs per clip" if video else "GFLOPs", _num),
+                 ("flops_vs_teacher", "FLOPs ÷", lambda v: _num(v) + "x" if v else "–"),
+                 ("images_per_s", "clips/s" if video else "img/s", lambda v: _num(v, 1)),
                  ("speed_vs_teacher", "speed ×", lambda v: _num(v) + "x" if v else "–"),
                  ("peak_mb", "peak MB", lambda v: _num(v, 1)), ("params_m", "params (M)", _num)]
     lines += ["| " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
@@ -237,8 +269,8 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     if "cost" in report:
         c = report["cost"].get(TEACHER) or next(iter(report["cost"].values()))
         lines.append(f"Cost: batch {c['batch_size']} at {c['image_size'][0]}x{c['image_size'][1]} on {c['device']}; "
-                     f"GFLOPs per image counted with torch's FlopCounterMode (2 per multiply-add); FLOPs ÷: the "
-                     f"teacher's GFLOPs over the model's; speed ×: img/s over the teacher's; peak MB: weights + "
+                     f"GFLOPs per {unit} counted with torch's FlopCounterMode (2 per multiply-add); FLOPs ÷: the "
+                     f"teacher's GFLOPs over the model's; speed ×: {unit}s/s over the teacher's; peak MB: weights + "
                      f"activations.")
     if "fidelity" in report:
         lines.append("Fidelity: each model's embedding against the teacher's on the same image (centred: teacher "
@@ -250,11 +282,19 @@ def to_markdown(report: Mapping[str, Any], picture: str | None = None) -> str:
     if "linear_probe" in report:
         p = report["linear_probe"]
         lines.append(f"Linear probe: {p['split']}; chance {_pct(p['chance_top1'])}.")
+    if video and "cost" in report:
+        c = report["cost"][TEACHER]
+        lines.append(f"Video: clips of {c['frames']} frames, {c['views']} view(s) per video (a video costs views x "
+                     f"GFLOPs per clip); the teacher embeds every frame and averages.")
+    if video and any(info["kind"] == "baseline" for info in report["models"].values()):
+        lines.append("Baselines: the teacher on fewer frames (spread over the clip), and the teacher on every frame "
+                     "keeping a random subset of each frame's patch tokens, each at most the student's GFLOPs per "
+                     "clip (eval.baselines.video).")
     if any(info["kind"] == "tome" for info in report["models"].values()):
         lines.append("ToMe: Token Merging (Bolya et al., ICLR 2023) on the teacher, training-free: r tokens merged "
                      "per block (bipartite soft matching on the keys, size-weighted, proportional attention); "
                      "tokens: entering the first block -> leaving the last.")
-    if any(info["kind"] == "baseline" for info in report["models"].values()):
+    if not video and any(info["kind"] == "baseline" for info in report["models"].values()):
         lines.append("Budget baselines: the teacher untrained at a token budget (patch tokens; the class token and "
                      "registers on top): `teacher at S px`, the images resized to S px, the position embedding "
                      "interpolated as timm does (`resample_abs_pos_embed`); `teacher patch P`, the patch embedding "
@@ -279,15 +319,17 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
         metric_rows.append(_accuracy_axis(report))
     from matplotlib.figure import Figure
 
-    x_axes = [("gflops", "GFLOPs per image (lower is cheaper)", False)]
+    unit = "clip" if (report.get("media") or {}).get("kind") == "video" else "image"
+    x_axes = [("gflops", f"GFLOPs per {unit} (lower is cheaper)", False)]
     if all(r.get("images_per_s") for r in rows):
-        x_axes.append(("images_per_s", "images / s (higher is faster)", True))
+        x_axes.append(("images_per_s", f"{unit}s / s (higher is faster)", True))
     fig = Figure(figsize=(5.2 * len(x_axes), 4.2 * len(metric_rows)), dpi=110)
     style = {"teacher": dict(marker="*", s=180, color="black"), "student": dict(marker="o", s=60, color="tab:blue"),
              "tome": dict(marker="s", s=45, color="tab:orange")}
     baseline_style = {"resolution": dict(marker="^", label="teacher, lower resolution"),
                       "patch": dict(marker="v", label="teacher, larger patch"),
-                      "random": dict(marker="X", label="teacher, random tokens")}
+                      "random": dict(marker="X", label="teacher, random tokens"),
+                      "frames": dict(marker="<", label="teacher, fewer frames")}
     for i, (ykey, ylabel) in enumerate(metric_rows):
         for j, (xkey, xlabel, higher_better) in enumerate(x_axes):
             ax = fig.add_subplot(len(metric_rows), len(x_axes), i * len(x_axes) + j + 1)
@@ -315,7 +357,7 @@ def draw_pareto(report: Mapping[str, Any], path: str | os.PathLike) -> str | Non
             if i == 0 and j == 0:
                 ax.legend(fontsize=7, loc="lower right")
     t = report["teacher"]
-    fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and training-free baselines on the same images",
+    fig.suptitle(f"{t['kind']}:{t['name']}: teacher, students and training-free baselines on the same {unit}s",
                  fontsize=10)
     fig.tight_layout()
     with replacing(path) as tmp:

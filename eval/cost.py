@@ -161,27 +161,31 @@ def peak_memory(fn: Callable[[Tensor], Any], batch: Tensor, autocast_dtype: torc
 
 def model_cost(fn: Callable[[Tensor], Any], module: nn.Module, image_size, batch_size: int = 32,
                device: str | torch.device = "cpu", iters: int = 10, warmup: int = 3,
-               autocast_dtype: torch.dtype | None = None, throughput: bool = True) -> dict:
-    """Everything above for one model: ``fn`` maps normalised images ``[B, 3, H, W]`` to its output.
+               autocast_dtype: torch.dtype | None = None, throughput: bool = True, frames: int | None = None) -> dict:
+    """Everything above for one model: ``fn`` maps normalised images ``[B, 3, H, W]`` (with ``frames``: clips
+    ``[B, frames, 3, H, W]``) to its output.
 
     ``module`` holds the parameters that ``fn`` uses (e.g. the teacher's image tower). Returns
-    ``params``, ``trainable_params``, ``gflops`` / ``gmacs`` per image, ``images_per_s``,
-    ``ms_per_batch``, ``batch_size``, ``weights_mb``, ``activation_peak_mb`` and ``peak_mb``
-    (weights + activations), ``device``.
+    ``params``, ``trainable_params``, ``gflops`` / ``gmacs`` per image (per clip), ``images_per_s``
+    (clips per second), ``ms_per_batch``, ``batch_size``, ``weights_mb``, ``activation_peak_mb`` and
+    ``peak_mb`` (weights + activations), ``device`` (and ``frames``).
     """
     device = torch.device(device)
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    shape = (3, h, w) if frames is None else (frames, 3, h, w)
     gen = torch.Generator().manual_seed(0)
     params = count_params(module)
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     weights += sum(b.numel() * b.element_size() for b in module.buffers())
-    one = torch.randn(1, 3, h, w, generator=gen).to(device)
+    one = torch.randn(1, *shape, generator=gen).to(device)
     flops = count_flops(fn, one)
     out = dict(params=params["total"], trainable_params=params["trainable"], gflops=flops / 1e9,
                gmacs=flops / 2e9, weights_mb=weights / 2**20, device=str(device), batch_size=batch_size,
                image_size=[h, w])
+    if frames is not None:
+        out["frames"] = frames
     if throughput:
-        batch = torch.randn(batch_size, 3, h, w, generator=gen).to(device)
+        batch = torch.randn(batch_size, *shape, generator=gen).to(device)
         out.update(measure_throughput(fn, batch, iters, warmup, autocast_dtype))
         act = peak_memory(fn, batch, autocast_dtype)
         out["activation_peak_mb"] = None if act is None else act / 2**20

@@ -31,6 +31,17 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return out
 
 
+def per_class_top1(logits: Tensor, labels: Tensor) -> list[float | None]:
+    """Top-1 accuracy of each class's samples (None for a class without samples): where a mean hides a
+    class the model cannot tell from another (the video demo's two directions of motion)."""
+    hits = (logits.argmax(dim=1) == labels.to(logits.device)).float()
+    out = []
+    for c in range(logits.shape[1]):
+        mine = labels.to(logits.device) == c
+        out.append(hits[mine].mean().item() if mine.any() else None)
+    return out
+
+
 def agreement(logits_a: Tensor, logits_b: Tensor) -> float:
     """Fraction of rows where both models' top-1 predictions are the same class."""
     if logits_a.shape != logits_b.shape:
@@ -42,8 +53,9 @@ def compare_predictions(logits: Mapping[str, Tensor], labels: Tensor, ks: Sequen
     """Top-k accuracy for ``teacher`` and ``student`` logits on the same images, and their agreement.
 
     Returns ``{"teacher": {"top1", "top5"}, "student": {...}, "agreement": ..., "chance_top1": 1/C,
-    "num_images": N, "num_classes": C}``. Without ``teacher`` logits (a teacher with no classifier over these
-    classes, or none) ``teacher`` and ``agreement`` are None.
+    "num_images": N, "num_classes": C, "per_class_top1": {"teacher": [C], "student": [C]}}``. Without ``teacher``
+    logits (a teacher with no classifier over these classes, or none) ``teacher``, ``agreement`` and
+    ``per_class_top1["teacher"]`` are None.
     """
     if "student" not in logits:
         raise KeyError("compare_predictions needs 'student' logits (and 'teacher' logits for the agreement)")
@@ -55,4 +67,6 @@ def compare_predictions(logits: Mapping[str, Tensor], labels: Tensor, ks: Sequen
         chance_top1=1.0 / s.shape[1],
         num_images=int(s.shape[0]),
         num_classes=int(s.shape[1]),
+        per_class_top1={"teacher": None if t is None else per_class_top1(t, labels),
+                        "student": per_class_top1(s, labels)},
     )

@@ -26,6 +26,10 @@
       device: null            # null: cuda if available, else cpu
       precision: fp32         # fp32 | bf16 | fp16 autocast for features and throughput
       max_pixels: 64000000    # larger images are skipped and counted before decoding (null: no limit of ours)
+      clips: 1                # video students: clips per video (spread over it) ...
+      crops: 1                # ... x crops per clip (1: centre, 3: along the longer side); a video's embedding
+                              #   is the mean of its views', its cost views x GFLOPs per view
+      video_backend: auto     # auto | pyav | torchcodec
 
 Relative paths in ``eval:`` of a run's recipe are tried from the working directory, then from the run folder.
 A ``pipe:`` shard URL runs a shell command: it is refused unless the caller opts in (``allow_pipe=True``:
@@ -74,6 +78,9 @@ class EvalConfig:
     device: Union[str, None] = None
     precision: str = "fp32"
     max_pixels: Union[int, None] = DEFAULT_MAX_PIXELS
+    clips: int = 1
+    crops: int = 1
+    video_backend: str = "auto"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "EvalConfig":
@@ -88,7 +95,7 @@ class EvalConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"eval precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         at_least = dict(batch_size=1, cost_batch_size=1, cost_iters=1, roi_images=1, num_workers=0,
-                        max_samples=1, train_max_samples=1, max_pixels=1)
+                        max_samples=1, train_max_samples=1, max_pixels=1, clips=1)
         for key, low in at_least.items():
             value = getattr(self, key)
             optional = key.startswith(("max_", "train_max_"))
@@ -105,6 +112,10 @@ class EvalConfig:
                 or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in self.probe_cs)):
             raise ValueError(f"eval probe_cs must be a non-empty list of positive numbers or null, "
                              f"got {self.probe_cs!r}")
+        if self.crops not in (1, 3):
+            raise ValueError(f"eval crops must be 1 (the centre) or 3 (along the longer side), got {self.crops!r}")
+        if self.video_backend not in ("auto", "pyav", "torchcodec"):
+            raise ValueError(f"eval video_backend must be auto, pyav or torchcodec, got {self.video_backend!r}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -133,6 +144,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--cost-batch-size", type=int)
+    p.add_argument("--clips", type=int, help="video students: clips per video (default 1)")
+    p.add_argument("--crops", type=int, choices=[1, 3], help="video students: crops per clip (default 1)")
     p.add_argument("--no-probe", dest="probe", action="store_const", const=False)
     p.add_argument("--no-cost", dest="cost", action="store_const", const=False)
     p.add_argument("--no-progress", action="store_true")
@@ -148,5 +161,5 @@ def eval_options(args: argparse.Namespace) -> dict:
                    templates=name_or_list_file(args.templates), batch_size=args.batch_size,
                    num_workers=args.num_workers, max_samples=args.max_samples, device=args.device,
                    precision=args.precision, cost_batch_size=args.cost_batch_size, probe=args.probe,
-                   cost=args.cost, rois=getattr(args, "rois", None))
+                   cost=args.cost, rois=getattr(args, "rois", None), clips=args.clips, crops=args.crops)
     return {k: v for k, v in options.items() if v is not None}

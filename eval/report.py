@@ -32,10 +32,11 @@ from students import FAMILIES
 from data.outputs import write_text
 from students.run_folder import RunFolder
 
-from .bench import jsonable, run_bench, student_candidate
+from .bench import TEACHER, jsonable, run_bench, student_candidate
 from .options import EvalConfig
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_run", "load_run", "prepare_out_dir", "to_markdown", "write_report"]
+__all__ = ["EvalConfig", "evaluate", "evaluate_run", "headline", "load_run", "prepare_out_dir", "to_markdown",
+           "write_report"]
 
 STUDENT, EMA = "student", "student_ema"
 
@@ -73,6 +74,9 @@ def evaluate(student: nn.Module, teacher, eval_source=None, out_dir: str | os.Pa
             report["fidelity_ema"] = bench.fidelity[EMA]
     if bench.probe is not None:
         report["linear_probe"] = bench.probe
+    if STUDENT in bench.retrieval:
+        report["retrieval"] = {"teacher": bench.retrieval[TEACHER], "student": bench.retrieval[STUDENT]}
+    report["media"] = bench.media
     report.update(bench.pictures.get(STUDENT, {}))
     report.update(bench.sections.get(STUDENT, {}))
     if bench.cost is not None:
@@ -176,6 +180,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     t = report["teacher"]
     st = report.get("student", {})
     ema = bool(report.get("ema"))
+    video = (report.get("media") or {}).get("kind") == "video"
+    unit = "video" if video else "image"
     tokens = st.get("token_text") or f"{st.get('latent_tokens', '?')} tokens"
     if t is None:
         lines = [f"# Evaluation: {st.get('type', '?')} student (trained without a teacher)", "",
@@ -184,15 +190,20 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                  + f". Device: {report.get('device', '?')}."]
     else:
         lines = [f"# Evaluation: {st.get('type', '?')} student of {t['kind']}:{t['name']} ({t['family']})", ""]
-        lines.append(f"Student: {st.get('type', '?')} with {tokens}; teacher: "
+        lines.append(f"Student: {st.get('type', '?')} with {tokens}{' per clip' if video else ''}; teacher: "
                      f"{t['depth']} blocks of width {t['width']}, {t['num_patches']} patches at "
-                     f"{t['image_size'][0]}x{t['image_size'][1]}. Device: {report.get('device', '?')}.")
+                     f"{t['image_size'][0]}x{t['image_size'][1]}{' per frame' if video else ''}. "
+                     f"Device: {report.get('device', '?')}.")
     if ema:
         lines[-1] += " The student (EMA) column: the exponential moving average of its weights the run kept."
     if "eval_set" in report:
         e = report["eval_set"]
-        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} images, {e['num_classes']} classes."
+        lines.append(f"Evaluation set: `{e['source']}`, {e['num_images']} {unit}s, {e['num_classes']} classes."
                      + _skipped_line(e.get("skipped"), "evaluation"))
+        if video:
+            lines.append(f"Each video: {e['views_per_video']} view(s) ({report['media']['num_clips']} clip(s) x "
+                         f"{report['media']['num_crops']} crop(s)), each {e['clip']}; the teacher embeds every frame "
+                         f"and averages (CLIP's video protocol), every model averages its embedding over the views.")
     lines.append("")
     has_teacher = t is not None
 
@@ -200,7 +211,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         z = report["zero_shot"]
         lines += [f"## Zero-shot classification ({z['templates']} templates, {z['num_templates']} prompts per class)",
                   ""] + _accuracy_table(z)
-        lines += ["", _agreement_line(z, f" ({z['num_classes']} classes, {z['num_images']} images)"), ""]
+        lines += ["", _agreement_line(z, f" ({z['num_classes']} classes, {z['num_images']} {unit}s)"), ""]
         if (z.get("logits") or {}).get("kind") == "sigmoid":
             lg, pr = z["logits"], z["top1_probability"]
             sign = "+" if lg["bias"] >= 0 else "−"
@@ -224,7 +235,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         chosen = [p[m]["C"] for m in ("teacher", "student", EMA) if m in p]
         lines.append("| C chosen | " + " | ".join(f"{c:g}" for c in chosen) + (" | |" if has_teacher else " |"))
         lines += ["", f"Split: {p['split']} ({first['num_train']} train / {first['num_test']} test "
-                      f"images); C chosen on a held-out part of the train split. Chance top-1: "
+                      f"{unit}s); C chosen on a held-out part of the train split. Chance top-1: "
                       f"{_pct(p['chance_top1'])}."]
         if p.get("train_skipped"):
             lines.append(_skipped_line(p["train_skipped"], "train").strip())
@@ -232,11 +243,21 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         if unconverged:
             lines.append(f"Warning: the logistic regression did not converge for {', '.join(unconverged)}.")
         lines.append("")
+    if "retrieval" in report:
+        r = report["retrieval"]
+        lines += [f"## Text <-> {unit} retrieval (the teacher's text tower; one caption per {unit})", "",
+                  "| | teacher | student | student / teacher |", "|---|---:|---:|---:|"]
+        for direction, label in (("text_to_video", f"text -> {unit}"), ("video_to_text", f"{unit} -> text")):
+            for k, value in r["teacher"][direction].items():
+                lines.append(f"| {label} {k} | {_pct(value)} | {_pct(r['student'][direction][k])} | "
+                             f"{_ratio(r['student'][direction][k], value)} |")
+        chance = ", ".join(f"{k} {_pct(v)}" for k, v in r["teacher"]["chance"].items())
+        lines += ["", f"Chance: {chance} ({r['teacher']['num_samples']} {unit}s).", ""]
     if "fidelity" in report:
         f, fe = report["fidelity"], report.get("fidelity_ema")
         head = "| measure | value | EMA | constant-embedding baseline |" if fe else \
             "| measure | value | constant-embedding baseline |"
-        lines += ["## Fidelity (student embedding against the teacher's, same images)", "", head,
+        lines += [f"## Fidelity (student embedding against the teacher's, same {unit}s)", "", head,
                   "|---|---:|---:|---:|" if fe else "|---|---:|---:|"]
         for label, key, fmt, base in (("mean cosine", "cosine", lambda v: f"{v:.4f}", "can be high"),
                                       ("centred cosine (teacher mean removed)", "centred_cosine",
@@ -248,16 +269,24 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     if "cost" in report:
         cost = report["cost"]
         ct, cs = cost.get("teacher"), cost["student"]
-        lines += [f"## Cost (batch {cs['batch_size']} at {cs['image_size'][0]}x{cs['image_size'][1]}, "
-                  f"{cs['device']})", ""]
+        per = f"clip of {cs['frames']} frames" if video else "image"
+        lines += [f"## Cost (batch {cs['batch_size']} {'clips' if video else 'images'} at {cs['image_size'][0]}x"
+                  f"{cs['image_size'][1]}, {cs['device']})", ""]
         t_or = (lambda key, scale=1: None if ct is None or ct.get(key) is None else ct[key] / scale)
-        lines += _side_by_side([
+        rows = [
             ("parameters (M)", _num, t_or("params", 1e6), cs["params"] / 1e6),
-            ("GFLOPs per image (2 per multiply-add)", _num, t_or("gflops"), cs["gflops"]),
-            ("GMACs per image", _num, t_or("gmacs"), cs["gmacs"]),
-            ("images / s", lambda x: _num(x, 1), t_or("images_per_s"), cs.get("images_per_s")),
+            (f"GFLOPs per {per} (2 per multiply-add)", _num, t_or("gflops"), cs["gflops"]),
+            (f"GMACs per {per}", _num, t_or("gmacs"), cs["gmacs"]),
+        ]
+        if video:
+            rows.append((f"GFLOPs per video ({cs['views']} view(s))", _num, t_or("gflops_per_video"),
+                         cs["gflops_per_video"]))
+        rows += [
+            ("clips / s" if video else "images / s", lambda x: _num(x, 1), t_or("images_per_s"),
+             cs.get("images_per_s")),
             ("peak memory (MB, weights + activations)", lambda x: _num(x, 1), t_or("peak_mb"), cs.get("peak_mb")),
-        ], teacher=ct is not None)
+        ]
+        lines += _side_by_side(rows, teacher=ct is not None)
         lines += ["", "FLOPs counted with torch's FlopCounterMode (matrix products, convolutions, attention)"
                       + ("; the EMA has the student's." if ema else "."), ""]
     family = _family(st.get("family"))
@@ -279,6 +308,26 @@ def to_markdown(report: Mapping[str, Any]) -> str:
 def _family(name):
     """The student family a report names (None for a report of another kind of model)."""
     return FAMILIES.get(name)
+
+
+def headline(report: Mapping[str, Any]) -> str:
+    """The report in one line: zero-shot (or head) top-1 of teacher and student, and GFLOPs per image or clip."""
+    parts = []
+    for key, what in (("zero_shot", "zero-shot"), ("classification", "head")):
+        if key in report:
+            a = report[key]
+            teacher = f"teacher {_pct(a['teacher'].get('top1'))}, " if a.get("teacher") else ""
+            parts.append(f"{what} top-1: {teacher}student {_pct(a['student'].get('top1'))} "
+                         f"({a['num_classes']} classes)")
+    if "cost" in report:
+        ct, cs = report["cost"].get("teacher"), report["cost"]["student"]
+        per = "clip" if cs.get("frames") else "image"
+        if ct is None:
+            parts.append(f"GFLOPs per {per}: student {_num(cs['gflops'])}")
+        else:
+            parts.append(f"GFLOPs per {per}: teacher {_num(ct['gflops'])}, student {_num(cs['gflops'])} "
+                         f"({ct['gflops'] / cs['gflops']:.1f}x fewer)")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -77,6 +77,7 @@ from data.outputs import new_files_into, replacing, write_text
 
 from .families import family_of
 from .run_folder import RunFolder
+from .video import input_shape
 
 __all__ = ["export_openclip", "export_run", "export_timm", "load_openclip_export", "main", "openclip_model_cfg",
            "read_run", "teacher_pretrained_cfg"]
@@ -130,8 +131,10 @@ def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: 
 def _check_student(student: Any):
     """The student's timm names (its family's registration, names and export fields)."""
     family = family_of(student)
-    if type(student) is not family.model:
-        raise TypeError(f"the export takes an image student (a {family.model.__name__}), got {type(student).__name__}")
+    if type(student) is not family.model_class(student.config):
+        # e.g. a MediaSparseFormer built without a video config: reloaded, its config would build another model.
+        raise TypeError(f"the export takes a student its config rebuilds (a {family.model_class(student.config).__name__}"
+                        f" for this config), got {type(student).__name__}")
     return family.timm
 
 
@@ -145,9 +148,10 @@ def _student_pretrained_cfg(student: nn.Module, pretrained_cfg: Mapping | None, 
                       "pretrained_cfg=dict(input_size=(3, H, W), mean=..., std=..., interpolation=..., crop_pct=...)")
 
 
-def _probe_images(pcfg: Mapping, device: torch.device, batch: int = 2) -> torch.Tensor:
+def _probe_images(student: nn.Module, pcfg: Mapping, device: torch.device, batch: int = 2) -> torch.Tensor:
+    """Random inputs of the student: images at its input size, or clips of a video student."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *pcfg["input_size"], generator=g).to(device)
+    return torch.randn(batch, *input_shape(student, tuple(pcfg["input_size"][1:])), generator=g).to(device)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -215,7 +219,7 @@ def _verify_timm(student: nn.Module, out: Path, pcfg: Mapping) -> None:
 
     device = _device_of(student)
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).to(device).eval()
-    x = _probe_images(pcfg, device)
+    x = _probe_images(student, pcfg, device)
     with torch.no_grad(), _eval_mode(student):
         diff = _max_diff(reloaded(x), student(x))
     if diff > _ATOL:
@@ -405,7 +409,7 @@ def _verify_openclip(student: nn.Module, clip: nn.Module, tokenizer: Any, out: P
     tokens = reloaded_tok(_PROBE_TEXTS)
     if tokenizer is not None and not torch.equal(tokenizer(_PROBE_TEXTS), tokens):
         raise ExportError(f"open_clip.get_tokenizer('{name}') does not tokenise like the teacher's tokenizer")
-    x = _probe_images(pcfg, device)
+    x = _probe_images(student, pcfg, device)
     with torch.no_grad(), _eval_mode(student, clip):
         image_diff = _max_diff(reloaded.encode_image(x), student(x))
         text_diff = _max_diff(reloaded.encode_text(tokens.to(device)),

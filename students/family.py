@@ -375,6 +375,10 @@ class StudentFamily:
         ``num_classes`` None keeps the config's head), or None where the family cannot start from scratch
         (``no_scratch`` says why).
     named: ``name -> (config dict, pretrained_cfg dict)`` of the family's named configurations, or None.
+    model_of: ``config -> model class`` where a family has several (SparseFormer: image or video).
+
+    A family takes video when its options have a ``video`` field (`students.video`); its video students
+    record their clips in their config's ``video`` section.
     """
 
     name: str
@@ -394,11 +398,19 @@ class StudentFamily:
     scratch: Callable[[Any, "int | None"], nn.Module] | None = None
     no_scratch: str = ""
     named: Callable[[str], tuple[dict, dict]] | None = None
+    # The model class a config builds (a family with several, e.g. image and video models); None: `model`.
+    model_of: Callable[[Any], type] | None = None
 
     @property
     def model(self) -> type:
         return self.models[0]
 
+    def model_class(self, config) -> type:
+        """The class of the model a config object (or its dict) builds."""
+        config = self.config.from_dict(config)
+        return self.model if self.model_of is None else self.model_of(config)
+
     def new(self, config) -> nn.Module:
         """A fresh model of this family from a config object or its dict."""
-        return self.model(self.config.from_dict(config))
+        config = self.config.from_dict(config)
+        return self.model_class(config)(config)

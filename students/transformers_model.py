@@ -53,6 +53,7 @@ from data.outputs import new_files_into, write_text
 from teachers.base import hidden_state_index
 
 from . import families
+from .family import ConfigError
 
 try:
     import transformers
@@ -182,8 +183,10 @@ class StudentVisionModel(PreTrainedModel):
         """Wrap a trained student (a copy of its weights). `pretrained_cfg` defaults to the student's own."""
         family = families.family_of(student)
         if type(student) is not family.model:
-            raise TypeError(f"{type(student).__name__} is not an image student (a {family.model.__name__}); the "
-                            f"transformers model takes images [B, 3, H, W]")
+            raise ConfigError(f"{type(student).__name__} is not an image student (a {family.model.__name__}); the "
+                              f"transformers model takes images [B, 3, H, W]. A video student gives a video LLM its "
+                              f"clip's tokens with forward_tokens(clips [B, T, 3, H, W]); python -m students.export "
+                              f"writes it for timm or OpenCLIP")
         pcfg = pretrained_cfg or getattr(student, "pretrained_cfg", None)
         if not pcfg:
             raise ValueError("the student carries no pretrained_cfg (input size, mean, std): pass pretrained_cfg="

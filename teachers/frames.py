@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from .base import Teacher
 
-__all__ = ["VideoTeacher", "check_clips", "embed_frames", "frame_targets", "frames_forward_tokens", "video_embedding"]
+__all__ = ["VideoTeacher", "check_clips", "embed_frames", "frame_targets", "frames_forward_tokens", "media_teacher",
+           "video_embedding"]
 
 
 def check_clips(clips: Tensor, teacher: Teacher) -> None:
@@ -160,3 +161,10 @@ class VideoTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"frames of {self.teacher.kind}:{self.teacher.name}, max_frames={self.max_frames}"
+
+
+def media_teacher(teacher, media) -> Teacher | VideoTeacher:
+    """The teacher as it answers for the samples of ``media`` (`data.media`): over frames for clips, else itself."""
+    if not getattr(media, "video", False) or isinstance(teacher, VideoTeacher):
+        return teacher
+    return VideoTeacher(teacher)

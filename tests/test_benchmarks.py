@@ -170,7 +170,8 @@ def test_tome_speed_puts_tome_at_2x_and_4x_fewer_flops_beside_the_student():
 
 def test_mllm_tokens_counts_what_fewer_image_tokens_save_a_llava_7b():
     out = run_script("mllm_tokens.py", "--clip-model", "ViT-B-32-quickgelu", "--students", "17",
-                     "--prompt-tokens", "8", "--threads", "1")
+                     "--prompt-tokens", "8", "--threads", "1", "--video-tower", "ViT-B-32-quickgelu",
+                     "--video-frames", "4", "--video-students", "9", "--video-replicates", "1", "2")
     clip, student = table_rows(out)
     assert clip[0] == "CLIP ViT-B-32-quickgelu" and student[0].startswith("student of it, 17 tokens")
     assert (clip[1], clip[2], student[1], student[2]) == ("49", "57", "17", "25")  # 7x7 patches; + 8 prompt tokens
@@ -182,6 +183,14 @@ def test_mllm_tokens_counts_what_fewer_image_tokens_save_a_llava_7b():
     for row in (clip, student):
         assert abs(float(row[5]) - 2 * weights * int(row[2]) / 1e9) < 2
         assert float(row[9]) == int(row[2]) / 2  # fp16 K and V: 2 * 32 layers * 4096 * 2 bytes = 0.5 MiB a token
+    # The video table: 4 frames of 7x7 patches pooled 2x2 to 4x4 = 16 tokens each, against video students whose
+    # 8 latent tokens (+ the class token) see the whole clip, once or twice over time.
+    tower, once, twice = table_rows(out[out.index("one video of 4 frames"):])
+    assert (tower[1], once[1], twice[1]) == ("64", "9", "17")
+    assert abs(float(tower[3]) - 4 * float(clip[3])) < 0.2  # the tower on every frame: 4 x 8.8 GFLOPs
+    assert float(once[3]) < float(twice[3]) < float(tower[3])
+    # Qwen2-7B with 4 key/value heads: 2 * 28 layers * 4 heads * 128 * 2 bytes = 56 KiB a token.
+    assert abs(float(tower[9]) - int(tower[2]) * 56 / 1024) < 0.1
 
 
 def test_student_speed_puts_sparsifiners_beside_their_dense_teacher():
@@ -194,3 +203,15 @@ def test_student_speed_puts_sparsifiners_beside_their_dense_teacher():
     assert teacher[2] == "197" and float(teacher[6]) == 0.715 == float(teacher[7])
     assert float(k10[7]) < float(k25[7]) < float(teacher[7]) < float(k25[6])  # masked < dense < executed
     assert 0.25 < float(k25[8]) < 0.27 and float(k25[4]) > 0
+
+
+def test_video_speed_puts_a_video_student_beside_its_teacher_over_frames():
+    out = run_script("video_speed.py", "--clip-model", "ViT-B-32-quickgelu", "--tokens", "17", "--frames", "2", "4",
+                     "--threads", "1", "--iters", "3", "--warmup", "1")
+    rows = table_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("2", "teacher over frames"), ("2", "video student"),
+                                            ("4", "teacher over frames"), ("4", "video student")]
+    # ViT-B/32: 8.8 GFLOPs a frame, every frame; the student's 17 tokens see the clip, its convolution every frame.
+    assert float(rows[0][3]) == 17.6 and float(rows[2][3]) == 35.3
+    assert rows[1][2] == rows[3][2] == "17 per clip"
+    assert float(rows[1][3]) < float(rows[3][3]) < float(rows[2][3])

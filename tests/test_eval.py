@@ -18,7 +18,7 @@ from eval.__main__ import main as cli_main
 from eval.classify import classification_eval
 from eval.features import extract, teacher_student_step
 from eval.linear_probe import fit_probe, linear_probe
-from eval.metrics import agreement, topk_accuracy
+from eval.metrics import agreement, per_class_top1, topk_accuracy
 from students.sparseformer.pictures import PANEL_PX, draw_rois
 from eval.zeroshot import resolve_classnames, resolve_templates, zero_shot
 from students.sparseformer.construct import bootstrap_student
@@ -118,6 +118,8 @@ def test_topk_and_agreement_exact():
     assert agreement(logits, 2 * logits) == 1.0
     with pytest.raises(ValueError, match="class names' order"):
         topk_accuracy(logits, torch.tensor([0, 6]))
+    three = torch.cat([logits, logits[:1]])  # rows predict 0, 5, 0
+    assert per_class_top1(three, torch.tensor([1, 5, 0])) == [1.0, 0.0, None, None, None, 1.0]
 
 
 # ------------------------------------------------------------------ zero-shot

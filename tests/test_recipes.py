@@ -23,10 +23,10 @@ PAPER = {
 def test_every_recipe_is_there_and_loads(tmp_path):
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     assert names == ["augreg_base", "augreg_base_finetune", "augreg_large", "clip_base", "clip_base_budget",
-                     "clip_large", "demo", "demo_budget", "demo_sparsifiner", "demo_supervised", "dinov2_base",
-                     "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
+                     "clip_large", "demo", "demo_budget", "demo_sparsifiner", "demo_supervised", "demo_video",
+                     "dinov2_base", "dinov3_base", "pe_core_large", "siglip2_so400m", "siglip_base",
                      "sparseformer_v1_base", "sparseformer_v1_small", "sparseformer_v1_tiny",
-                     "sparsifiner_clip_base", "sparsifiner_deit_small"]
+                     "sparsifiner_clip_base", "sparsifiner_deit_small", "video_clip_base"]
     for name in names:
         overrides = [] if name.startswith("demo") else ["data.train=/data/train"]
         if name == "augreg_base_finetune":  # it starts from a run folder
@@ -38,13 +38,15 @@ def test_every_recipe_is_there_and_loads(tmp_path):
         assert again == recipe
 
 
-@pytest.mark.parametrize("name,options", [("demo_sparsifiner", "SparsifinerOptions"), ("demo_budget", "BudgetOptions")])
+@pytest.mark.parametrize("name,options", [("demo_sparsifiner", "SparsifinerOptions"), ("demo_budget", "BudgetOptions"),
+                                          ("demo_video", "BootstrapOptions")])
 def test_the_other_demos_share_the_demos_data_and_teacher(name, options):
     from bootstrap.demo_teacher import _data_key, _teacher_key
 
     demo, other = load_recipe(RECIPES / "demo.yaml"), load_recipe(RECIPES / f"{name}.yaml")
     assert _data_key(other.demo) == _data_key(demo.demo) and _teacher_key(other.demo) == _teacher_key(demo.demo)
     assert type(other.student).__name__ == options
+    assert other.media.video == (name == "demo_video") and (name != "demo_video" or other.student.video.frames == 8)
 
 
 @pytest.mark.parametrize("name,tokens", [("demo_budget", 16), ("clip_base_budget", 49)])

@@ -2,6 +2,7 @@
 students bootstrapped from a ViT teacher (arXiv 2312.01987).
 
     model.py       SparseFormer and MediaSparseFormer (video), exact to the released checkpoints
+    video.py       video students: an image student inflated to clips (`inflate`)
     config.py      SparseFormerConfig (the released JSON form)
     released.py    the released configurations (v1 and btsp), as data
     construct.py   a student built from a teacher: its last 2N/3 blocks, norm and head (`bootstrap_student`)
@@ -18,7 +19,8 @@ from ..family import StudentEncoding, StudentFamily, VisionDescription, ReportPi
 from . import training
 from .config import CompatibleConfig, GridSampleConfig, SparseFormerConfig
 from .construct import BootstrapOptions, bootstrap_student
-from .model import MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace, first_block_unit
+from .model import (MediaSparseFormer, SparseFormer, SparseFormerOutput, SparseFormerTrace, first_block_unit,
+                    model_class)
 from .pictures import draw_rois
 from .released import RELEASED, get_config, get_pretrained_cfg, get_teacher_spec, list_models
 from .timm_names import NAMES
@@ -54,4 +56,5 @@ FAMILY = StudentFamily(
     vision=VisionDescription(_vision_describe, _vision_encode), scratch=training.scratch, named=training.named,
     pictures=(ReportPicture("rois", "rois.png", draw_rois, "Where the student looks",
                             "Each token's RoI and sampling points at every sampling stage, then the final RoIs."),),
+    model_of=model_class,
 )

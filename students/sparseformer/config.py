@@ -120,6 +120,58 @@ class CompatibleConfig:
                               f"got {self.mlp_hidden_dim!r}")
 
 
+VIDEO_LAYOUTS = ("frames_first", "channels_first")
+VIDEO_ROI_ENCODINGS = ("xy", "none")
+SAMPLING_MODES = ("segments", "stride")  # data.video_transforms.ClipSampling's
+
+
+@dataclass
+class VideoConfig:
+    """What makes a SparseFormer config a video student's (`MediaSparseFormer`): an extension, written only for
+    video students. The authors' video model (a config without it) takes ``[B, 3, T, H, W]`` and encodes no RoI.
+
+    frames, sampling, stride: the clips it was trained on (``data.video_transforms.ClipSampling``), which
+        evaluation takes by default, as it takes an image student's input size from its pretrained config;
+    replicates: every latent token is copied ``replicates`` times, copy k looking at the k-th of as many time
+        segments of the clip (design note, section 7);
+    layout: ``frames_first`` clips ``[B, T, 3, H, W]``, as the data, the teachers over frames and most video
+        libraries give them (VideoMAE, LLaVA-OneVision), or ``channels_first`` ``[B, 3, T, H, W]`` (the authors');
+    roi_encoding: ``xy`` encodes a tube's spatial box (x1, y1, x2, y2) as the image model encodes an RoI, so that
+        a student inflated from an image student keeps what its PE_INJECT learned (a clip of one still frame gives
+        the image student's output); ``none`` is the authors' zero vector.
+    """
+
+    frames: int = 8
+    sampling: str = "segments"
+    stride: int = 1
+    replicates: int = 1
+    layout: str = "frames_first"
+    roi_encoding: str = "xy"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "VideoConfig") -> "VideoConfig":
+        if isinstance(d, VideoConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a SparseFormer config's 'video' must be a mapping (frames, replicates, ...), "
+                              f"got {type(d).__name__}")
+        check_keys(cls, d, "the video section of a SparseFormer config", error=ConfigError)
+        return cls(**d)
+
+    def validate(self) -> None:
+        for name in ("frames", "stride", "replicates"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"video.{name} must be an integer >= 1, got {v!r}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"video.sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.sampling!r}")
+        if self.layout not in VIDEO_LAYOUTS:
+            raise ConfigError(f"video.layout must be one of {', '.join(VIDEO_LAYOUTS)}, got {self.layout!r}")
+        if self.roi_encoding not in VIDEO_ROI_ENCODINGS:
+            raise ConfigError(f"video.roi_encoding must be one of {', '.join(VIDEO_ROI_ENCODINGS)}, "
+                              f"got {self.roi_encoding!r}")
+
+
 @dataclass
 class SparseFormerConfig(ConfigFile):
     conv_dim: int
@@ -148,6 +200,9 @@ class SparseFormerConfig(ConfigFile):
     # (`teachers.rope.RotaryPositions.spec`). The blocks after the last RoI op then rotate each latent token's
     # query and key by its RoI's centre on the teacher's patch grid (`SparseFormer.block_rotations`).
     rope: dict | None = None
+    # A video student's clips, token copies over time, input layout and RoI encoding (`VideoConfig`; None: an
+    # image model, or the authors' video model).
+    video: VideoConfig | None = None
     # Metadata carried by released configs; not used by the computation.
     normalization_factor: list[list[float]] | None = None  # [mean, std]
     model_type: str | None = None
@@ -176,6 +231,8 @@ class SparseFormerConfig(ConfigFile):
             d["cls_token_insert_layer"] = 0
         if d.get("proj_dim") is None:
             d["proj_dim"] = 0
+        if d.get("video") is not None:
+            d["video"] = VideoConfig.from_dict(d["video"])
         cfg = cls(compatible_config=compat, **d)
         cfg.validate()
         return cfg
@@ -187,7 +244,8 @@ class SparseFormerConfig(ConfigFile):
         # round-trips to exactly the JSON it came from.
         for k, unset in (("normalization_factor", None), ("model_type", None),
                          ("drop_path_rate", 0.0), ("cls_token_insert_layer", 0), ("pool_spec", None),
-                         ("norm_before_pool", False), ("pool_include_prefix", False), ("rope", None)):
+                         ("norm_before_pool", False), ("pool_include_prefix", False), ("rope", None),
+                         ("video", None)):
             if d[k] == unset:
                 del d[k]
         return d
@@ -282,3 +340,5 @@ class SparseFormerConfig(ConfigFile):
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         self.compatible_config.grid_sample_config.validate()
+        if self.video is not None:
+            self.video.validate()

@@ -11,6 +11,7 @@ blocks the first N/3 are fine-tuned and the last N/3 stay frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from data.schema import load
 from teachers.base import teacher_extras
 
 from ..family import ConfigError, InitOptions, ParameterPolicy, policy_from
+from ..video import VideoOptions, video_options
 from .config import POOL_TO_HEAD_OP, SparseFormerConfig
 from .model import SFUnit, SparseFormer
 from .released import btsp_config
@@ -52,6 +54,8 @@ class BootstrapOptions(InitOptions):
     finetune_blocks: int | None = None  # inherited blocks that train; default N // 3; the rest stay frozen
     train_head: bool = False  # the inherited final norm and head stay frozen by default
     drop_path_rate: float = 0.0
+    # A video student (`students.video.VideoOptions`): the image student above, inflated to clips.
+    video: VideoOptions | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "BootstrapOptions":
@@ -196,9 +200,20 @@ def bootstrap_student(teacher: "Teacher", **options: Any) -> tuple[SparseFormer,
 
     Options are the fields of `BootstrapOptions`. Returns the student (its
     `pretrained_cfg` is the teacher's preprocessing) and the parameter policy,
-    already applied (frozen parameters have `requires_grad=False`).
+    already applied (frozen parameters have `requires_grad=False`). With `video`
+    (`students.video.VideoOptions` or its dict) the image student (built here, or with
+    `video.image_student` the weights of one) is inflated to a `MediaSparseFormer`
+    (`students.sparseformer.video`) and the policy carries over by parameter name.
     """
+    from .video import inflate, load_image_student
+
     opts = options.pop("options", None) or BootstrapOptions.from_dict(options)
+    video = video_options(opts)
+    if video is not None:
+        student, policy = bootstrap_student(teacher, options=dataclasses.replace(opts, video=None))
+        if video.image_student:
+            load_image_student(student, video.image_student)
+        return inflate(student, video, policy)
     r = _resolve(teacher, opts)
     student = SparseFormer(student_config(teacher, opts))
     copy_teacher_weights(student, teacher, r["drop"])

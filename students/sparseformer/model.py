@@ -210,6 +210,8 @@ class SFUnit(nn.Module):
         self.restrict_grad_norm = cc.restrict_grad_norm
         self.offset_std_eps = 1e-7 if cc.imagenet_code_norms else 1e-5
         self.type_op_adjust = cc.type_op_adjust
+        # Video: the RoI encoding of a tube (`VideoConfig.roi_encoding`; the authors' model encodes none).
+        self.video_roi_encoding = cfg.video.roi_encoding if cfg.video is not None else "none"
         eps = cc.ln_eps
 
         # Registration order gives the released checkpoints' key order.
@@ -292,7 +294,10 @@ class SFUnit(nn.Module):
     def position_encoding(self, roi: Tensor) -> Tensor:
         if self.ndim == 2:
             return roi_position_encoding(roi, self.dim)
-        # Video: the RoI encoding is a zero vector (pe_transition still runs on it).
+        if self.video_roi_encoding == "xy":
+            # A tube's spatial box (x1, y1, x2, y2), encoded as the image model encodes an RoI.
+            return roi_position_encoding(roi[..., [0, 1, 3, 4]], self.dim)
+        # The authors' video model: the RoI encoding is a zero vector (pe_transition still runs on it).
         return roi.new_zeros(*roi.shape[:-1], self.dim)
 
     # ------------------------------------------------------------ forward
@@ -395,6 +400,9 @@ class SparseFormer(nn.Module):
     def __init__(self, config: SparseFormerConfig | Mapping[str, Any], replicates: int = 1):
         super().__init__()
         cfg = SparseFormerConfig.from_dict(config)
+        if cfg.video is not None and self.ndim == 2:
+            raise ValueError("this config describes a video student (its 'video' section): build it as a "
+                             "MediaSparseFormer (students.student_from_config picks the class from the config)")
         self.config = cfg
         self.replicates = replicates
         if not isinstance(replicates, int) or replicates < 1:
@@ -438,7 +446,9 @@ class SparseFormer(nn.Module):
             return None, None
         if self.ndim != 2:
             raise ValueError(f"a {type(self).__name__} cannot hold rotary position embeddings (rope): its latent "
-                             f"tokens' positions are read from image RoIs")
+                             f"tokens' positions are read from image RoIs, and a video student's are tubes. Bootstrap "
+                             f"video students from a teacher with learned position embeddings (CLIP, SigLIP, DINOv2), "
+                             f"or drop student.video")
         if self.num_blocks == 0:
             raise ValueError("rope: rotary positions are given to the blocks after the last RoI op, and this "
                              "configuration has none")
@@ -761,9 +771,38 @@ class MediaSparseFormer(SparseFormer):
     """SparseFormer for video `[B, 3, T, H, W]`: RoIs are tubes (x1, y1, t1, x2, y2, t2).
 
     `replicates = r` multiplies the tokens block-wise: token `k*N + i` is copy k of image token i.
+    A config with a `video` section (`VideoConfig`: a video student of this project) fixes `replicates`,
+    takes clips in its `layout` (`frames_first`: `[B, T, 3, H, W]`, as the data and the teachers over
+    frames give them) and encodes RoIs by its `roi_encoding`; without one it is the authors' model.
     """
 
     ndim = 3
+
+    def __init__(self, config: SparseFormerConfig | Mapping[str, Any], replicates: int | None = None):
+        cfg = SparseFormerConfig.from_dict(config)
+        if cfg.video is not None:
+            if replicates not in (None, cfg.video.replicates):
+                raise ValueError(f"replicates={replicates} differs from the config's video.replicates="
+                                 f"{cfg.video.replicates}; leave replicates out")
+            replicates = cfg.video.replicates
+        super().__init__(cfg, 1 if replicates is None else replicates)
+
+    @property
+    def frames_first(self) -> bool:
+        """Whether clips come as `[B, T, 3, H, W]` (the config's `video.layout`) rather than `[B, 3, T, H, W]`."""
+        return self.config.video is not None and self.config.video.layout == "frames_first"
+
+    def forward_features(self, images: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.frames_first:
+            if not isinstance(images, Tensor) or images.dim() != 5 or images.shape[2] != 3:
+                shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+                hint = (" (this looks like [B, 3, T, H, W]: pass clips.transpose(1, 2))"
+                        if isinstance(images, Tensor) and images.dim() == 5 and images.shape[1] == 3 else
+                        " (one clip? pass clip[None])" if isinstance(images, Tensor) and images.dim() == 4 else "")
+                raise ValueError(f"this video student takes clips [B, T, 3, H, W] (frames first, as the data and "
+                                 f"teachers give them), got {shape}{hint}")
+            images = images.transpose(1, 2)
+        return super().forward_features(images, *args, **kwargs)
 
     def _init_rois(self) -> None:
         n, r = self.config.num_latent_tokens, self.replicates
@@ -778,6 +817,11 @@ class MediaSparseFormer(SparseFormer):
     def load_2d_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
         """Load the weights of an image SparseFormer, inflated to video (design note, section 7)."""
         return self.load_state_dict(inflate_state_dict(state_dict, self.config, self.replicates), strict=strict)
+
+
+def model_class(config: SparseFormerConfig | Mapping[str, Any]) -> type[SparseFormer]:
+    """The class a config builds: `MediaSparseFormer` for a video student's config (its `video` section)."""
+    return MediaSparseFormer if SparseFormerConfig.from_dict(config).video is not None else SparseFormer
 
 
 def _inflate_rois(roi2d: Tensor, replicates: int) -> Tensor:

@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from ..timm_registry import IMAGENET_MEAN_STD, TimmNames
 from .config import HEAD_OP_TO_POOL, POOL_TO_HEAD_OP, SparseFormerConfig
-from .model import SparseFormer
+from .model import SparseFormer, model_class
 from .released import RELEASED
 
 __all__ = ["CONFIG_FILE", "GENERIC_NAME", "HASH_PREFIX", "NAMES", "config_hash", "pretrained_cfg_for",
@@ -122,7 +122,8 @@ def _sparseformer(config: SparseFormerConfig, num_classes: int | None = None, in
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
     # A fresh config per model: reset_classifier edits the model's config in place.
-    return SparseFormer(config.replace(**changes))
+    config = config.replace(**changes)
+    return model_class(config)(config)
 
 
 NAMES = TimmNames(

@@ -3,7 +3,6 @@ alignment with the teacher's embedding, by default; labels; distillation), and h
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def build(teacher: "Teacher", options: BootstrapOptions) -> tuple[nn.Module, ParameterPolicy]:
-    student, policy = bootstrap_student(teacher, **dataclasses.asdict(options))
+    student, policy = bootstrap_student(teacher, options=options)
     if teacher.target != "proj":
         # The aligned output stops before the head, so the head would get no gradient; its parameters
         # move to the frozen side with their counts (the run's summary reports them). A phase that reads the
