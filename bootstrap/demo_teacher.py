@@ -218,7 +218,9 @@ def ensure_demo_videos(demo: DemoConfig, verbose: bool = True) -> Path:
 
 def teacher_summary(spec) -> dict:
     """What a run's summary says of its teacher: the spec's kind, model and weights, and for the demo teacher how
-    it was trained and how good it is (its demo_teacher.json)."""
+    it was trained and how good it is (its demo_teacher.json); a run with labels alone has none."""
+    if not spec:
+        return {"description": "none (the run learns from labels alone)"}
     out = {k: spec.get(k) for k in ("kind", "model", "pretrained")}
     pretrained = spec.get("pretrained")
     info = Path(pretrained).with_name(INFO_JSON) if isinstance(pretrained, str) else None

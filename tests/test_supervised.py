@@ -297,6 +297,7 @@ def test_a_run_with_labels_alone_trains_its_head_and_keeps_an_ema(supervised_run
     assert (run / "accuracy.png").is_file() and not (run / "alignment.png").exists()
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["heldout_end"]["top1"] == held[-1]["heldout/top1"]
+    assert summary["teacher"] == {"description": "none (the run learns from labels alone)"}  # not "None:None"
 
 
 def test_resuming_mid_epoch_gives_the_same_weights_and_ema(supervised_run, tmp_path):
