@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoints import CheckpointMismatchError, load_checkpoint_strict, load_state_dict_file
 from .families import family_of
-from .family import ConfigError, ParameterPolicy, StudentFamily, policy_from, read_json
+from .family import ConfigError, StudentFamily, policy_from, read_json
 from .run_folder import NotARunError, RunFolder
 from .timm_registry import IMAGENET_MEAN_STD
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .family import LossTerm, Phase
+from .family import LossTerm, Phase, enter_objective_phase, forward_outputs_of
 
 __all__ = ["LOSS_TYPES", "alignment_loss", "alignment_term", "batch_cosine", "distill_term", "kl_to_logits",
            "label_loss", "label_term", "objective_outputs", "objective_phase", "objective_terms", "teacher_logits_fn", "token_loss"]
@@ -159,3 +159,19 @@ def objective_phase(ctx) -> Phase:
     terms = tuple(objective_terms(ctx))
     name = "align" if [t.name for t in terms] == ["align"] else "train"
     return Phase(name, o.steps, o.lr, o.min_lr, o.warmup_steps, objective_outputs(terms), terms)
+
+
+class OnePhaseTraining:
+    """The training of a family that learns in one phase on the recipe's objective (SparseFormer, budget): its
+    `StudentFamily` phases, enter, forward and steps."""
+
+    enter = staticmethod(enter_objective_phase)  # the construction applied the policy; the head trains where the
+    forward = staticmethod(forward_outputs_of)  # phase reads the logits
+
+    @staticmethod
+    def phases(ctx) -> list[Phase]:
+        return [objective_phase(ctx)]
+
+    @staticmethod
+    def steps(options, optim) -> int:
+        return optim.steps

@@ -14,8 +14,6 @@ reduces them itself.
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..family import StudentFamily, VisionDescription, vit_tower_encoding
 from . import training
 from .config import BudgetConfig

@@ -4,12 +4,12 @@ the same images at full resolution (the alignment loss every family uses), or tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..family import ParameterPolicy, Phase, PhaseContext, enter_objective_phase, forward_outputs_of
-from ..losses import objective_phase
+from ..family import ParameterPolicy
+from ..losses import OnePhaseTraining
 from .construct import BudgetOptions, budget_student
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,18 +20,5 @@ def build(teacher: "Teacher", options: BudgetOptions) -> tuple[nn.Module, Parame
     return budget_student(teacher, options=options)
 
 
-def phases(ctx: PhaseContext) -> list[Phase]:
-    return [objective_phase(ctx)]
-
-
-def enter(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
-    # One phase; the construction applied the policy. The head trains where the phase reads the logits.
-    return enter_objective_phase(student, policy, phase)
-
-
-def forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    return forward_outputs_of(student, images, outputs, pre_logits)
-
-
-def steps(options: Any, optim: Any) -> int:
-    return optim.steps
+phases, enter, forward, steps = (OnePhaseTraining.phases, OnePhaseTraining.enter, OnePhaseTraining.forward,
+                                 OnePhaseTraining.steps)

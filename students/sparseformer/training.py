@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..family import ParameterPolicy, Phase, PhaseContext, enter_objective_phase, forward_outputs_of
-from ..losses import objective_phase
+from ..family import ParameterPolicy
+from ..losses import OnePhaseTraining
 from .config import SparseFormerConfig
 from .construct import BootstrapOptions, bootstrap_student
 from .model import SparseFormer
@@ -48,18 +48,5 @@ def named(name: str) -> tuple[dict, dict]:
     return released_config(name), get_pretrained_cfg(name).to_timm()
 
 
-def phases(ctx: PhaseContext) -> list[Phase]:
-    return [objective_phase(ctx)]
-
-
-def enter(student: nn.Module, policy: ParameterPolicy, phase: Phase) -> ParameterPolicy:
-    # One phase; the construction applied the policy. The head trains where the phase reads the logits.
-    return enter_objective_phase(student, policy, phase)
-
-
-def forward(student: nn.Module, images: Tensor, outputs: tuple[str, ...], pre_logits: bool) -> dict:
-    return forward_outputs_of(student, images, outputs, pre_logits)
-
-
-def steps(options: Any, optim: Any) -> int:
-    return optim.steps
+phases, enter, forward, steps = (OnePhaseTraining.phases, OnePhaseTraining.enter, OnePhaseTraining.forward,
+                                 OnePhaseTraining.steps)

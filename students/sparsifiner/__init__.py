@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..family import ExtraSection, ReportPicture, StudentFamily, VisionDescription, vit_tower_encoding
 from . import training
 from .config import SparsifinerConfig
