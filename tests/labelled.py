@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from data.shards import ShardSink, prepare_out_dir, write_dataset_json
+from test_bootstrap import run_here  # noqa: F401 (the runs in this process, as every run test makes them)
 
 
 def write_labelled_shards(folder: Path, images: np.ndarray, labels: Sequence[int], classnames: Sequence[str] | None,
@@ -30,18 +31,3 @@ def write_labelled_shards(folder: Path, images: np.ndarray, labels: Sequence[int
                                 "shards": shards, "classnames": None if classnames is None else list(classnames),
                                 "num_classes": None if classnames is None else len(classnames)})
     return folder
-
-
-def run_here(recipe: Path, out: Path, *overrides: str) -> int:
-    """`python bootstrap/run.py RECIPE ...` in this process, with accelerate's singletons reset."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from bootstrap.run import main
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    try:
-        return main([str(recipe), f"run.output_dir={out}", *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
