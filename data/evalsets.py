@@ -276,25 +276,37 @@ def first_images(shards, transform: Callable, limit: int, allow_pipe: bool = Fal
     ``shard#key`` of each (a run's fixed held-out set), and with ``labels`` their classes too (long, -1 where
     a sample has none). Images that do not decode are left out with a warning; a shard that turns out
     unreadable raises ``ShardError``."""
-    images, keys, classes = [], [], []
 
-    def out():
-        stacked = torch.stack(images)
-        return (stacked, keys, torch.tensor(classes, dtype=torch.long)) if labels else (stacked, keys)
+    def load(raw):
+        sample = decode_sample(raw, max_pixels)
+        return transform(sample["image"]), sample
 
+    return first_decoded(shards, load, limit, allow_pipe, labels, DecodeError, "no images that decode")
+
+
+def first_decoded(shards, load: Callable, limit: int, allow_pipe: bool, labels: bool, skip: type,
+                  nothing: str):
+    """The held-out set of any media: the first ``limit`` samples of ``shards`` that ``load(raw) -> (tensor,
+    sample)`` gives, stacked, with their ``shard#key`` (and with ``labels`` their classes, -1 where none); a
+    sample whose ``load`` raises ``skip`` is left out with a warning, and none at all is a ValueError saying
+    the shards hold ``nothing``."""
+    tensors, keys, classes = [], [], []
     counter = SkipCounter()
     for url in resolve_shards(shards, allow_pipe):
         for raw in iter_shard(url, allow_pipe):
             try:
-                sample = decode_sample(raw, max_pixels)
-            except DecodeError as exn:
+                tensor, sample = load(raw)
+            except skip as exn:
                 counter(exn)
                 continue
-            images.append(transform(sample["image"]))
+            tensors.append(tensor)
             keys.append(f"{url}#{sample['__key__']}")
             classes.append(sample["cls"])
-            if len(images) >= limit:
-                return out()
-    if not images:
-        raise ValueError(f"the held-out shards {shards} hold no images that decode")
-    return out()
+            if len(tensors) >= limit:
+                break
+        if len(tensors) >= limit:
+            break
+    if not tensors:
+        raise ValueError(f"the held-out shards {shards} hold {nothing}")
+    stacked = torch.stack(tensors)
+    return (stacked, keys, torch.tensor(classes, dtype=torch.long)) if labels else (stacked, keys)

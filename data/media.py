@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, SkipCounter, decode_sample
-from .evalsets import build_eval_loader, first_images
-from .shards import is_remote, iter_shard, read_dataset_info, resolve_shards
+from .decode import DEFAULT_MAX_PIXELS, decode_sample
+from .evalsets import build_eval_loader, first_decoded, first_images
+from .shards import is_remote, read_dataset_info, resolve_shards
 from .stream import build_train_loader
 
 __all__ = ["ImageMedia", "Media", "VideoMedia"]
@@ -178,30 +178,15 @@ class VideoMedia:
         short are left out with a warning."""
         from .video import VideoDecodeError, decode_video_sample
 
-        backend, counter = self._backend(), SkipCounter()
-        clips, keys, classes = [], [], []
+        backend = self._backend()
 
-        def out():
-            stacked = torch.stack(clips)
-            return (stacked, keys, torch.tensor(classes, dtype=torch.long)) if labels else (stacked, keys)
+        def load(raw):
+            sample = decode_video_sample(raw, backend)
+            with sample.pop("video") as video:
+                return transform(video)[0], sample
 
-        for url in resolve_shards(shards, allow_pipe):
-            for raw in iter_shard(url, allow_pipe):
-                try:
-                    sample = decode_video_sample(raw, backend)
-                    with sample.pop("video") as video:
-                        views = transform(video)
-                except VideoDecodeError as exn:
-                    counter(exn)
-                    continue
-                clips.append(views[0])
-                keys.append(f"{url}#{sample['__key__']}")
-                classes.append(sample["cls"])
-                if len(clips) >= limit:
-                    return out()
-        if not clips:
-            raise ValueError(f"the held-out shards {shards} hold no video that gives {self.sampling.describe()}")
-        return out()
+        return first_decoded(shards, load, limit, allow_pipe, labels, VideoDecodeError,
+                             f"no video that gives {self.sampling.describe()}")
 
     def draw_views(self, raw: dict, transform, generators: Sequence[torch.Generator],
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[str, list[dict], list[torch.Tensor]]:
