@@ -98,6 +98,42 @@ def test_a_video_student_on_a_still_clip_is_its_image_student(teacher):
         assert (video(moving) - image(x)).abs().max() > 1e-3  # the clip's other frames are seen
 
 
+def test_the_time_axis_starts_one_frame_long_and_well_conditioned(teacher):
+    """A video student's tubes start one frame long around their segments' centres, with their points spread over
+    that frame's time (each time on points all over the RoI); a small change to the time offsets then changes the
+    output a little, where the authors' inflation (every point at time offset 0) blows the same change up."""
+    from students.sparseformer.video import time_ticks
+
+    image = _perturbed(bootstrap_student(teacher, **STUDENT)[0])
+    video = inflate(image, VideoOptions(frames=4, replicates=2)).eval()
+    roi = video.initial_roi.weight.detach()
+    torch.testing.assert_close(roi[:, 5] - roi[:, 2], torch.full((roi.shape[0],), 0.25))
+    n = roi.shape[0] // 2  # two tubes per latent token: the first and the second half of the clip
+    torch.testing.assert_close((roi[:, 2] + roi[:, 5]) / 2, torch.tensor([0.25] * n + [0.75] * n))
+    ticks = time_ticks(16).view(4, 4)
+    assert sorted(ticks.flatten().tolist()) == [(i + 0.5) / 16 - 0.5 for i in range(16)]
+    quarters = (ticks + 0.5).mul(4).floor()  # which quarter of the time each grid point samples
+    assert all(len(set(row.tolist())) == 4 for row in quarters) and all(len(set(c.tolist())) == 4 for c in quarters.T)
+
+    authors = MediaSparseFormer(video.config)
+    authors.load_2d_state_dict(image.state_dict())
+    authors.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    moving = torch.stack([x.roll(3 * t, dims=-1) for t in range(4)], dim=1)
+
+    def nudged(model):
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            before = model(moving)
+            for name, p in model.named_parameters():
+                if name.endswith("roi_offset_bias"):
+                    p.view(-1, 3)[:, 2] += 1e-4 * torch.randn(p.numel() // 3, generator=g)
+            return (model(moving) - before).abs().max().item()
+
+    ours, theirs = nudged(video), nudged(authors)
+    assert ours < 1e-3 < theirs, (ours, theirs)
+
+
 def test_video_students_are_built_saved_and_exported_as_image_ones(teacher, tmp_path):
     from students.export import export_openclip, export_timm
     from students.run_folder import RunFolder

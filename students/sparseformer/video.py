@@ -12,7 +12,10 @@ frozen) carries over by name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
+
+import torch
 
 from ..checkpoints import CheckpointMismatchError, load_checkpoint_strict, load_state_dict_file
 from ..family import ConfigError, ParameterPolicy, policy_from
@@ -20,7 +23,7 @@ from ..video import VideoOptions
 from .config import VideoConfig
 from .model import MediaSparseFormer, SparseFormer
 
-__all__ = ["inflate", "load_image_student", "video_config"]
+__all__ = ["inflate", "load_image_student", "start_time_axis", "video_config"]
 
 
 def video_config(video: VideoOptions) -> VideoConfig:
@@ -37,6 +40,7 @@ def inflate(image: SparseFormer, video: VideoOptions | VideoConfig, policy: Para
     section = video if isinstance(video, VideoConfig) else video_config(video)
     student = MediaSparseFormer(image.config.replace(video=asdict(section)))
     student.load_2d_state_dict(image.state_dict())
+    start_time_axis(student, section.frames)
     student.train(image.training)
     if hasattr(image, "pretrained_cfg"):
         student.pretrained_cfg = dict(image.pretrained_cfg)
@@ -44,6 +48,32 @@ def inflate(image: SparseFormer, video: VideoOptions | VideoConfig, policy: Para
         return student
     trains = set(policy.trainable)
     return student, policy_from(student, lambda name: name in trains).apply(student)
+
+
+def time_ticks(num_points: int) -> torch.Tensor:
+    """``num_points`` time offsets spread evenly over [-0.5, 0.5], in an order that walks the points' k x k
+    spatial grid (row-major, `SparseFormer._offset_grid`) diagonally, so that points close in time lie apart
+    in space."""
+    k = int(round(math.sqrt(num_points)))
+    order = torch.arange(num_points)
+    if k * k == num_points:  # point (row i, column j) takes slot (j + i * (k // 2 + 1)) mod k of its row's k
+        i, j = order // k, order % k
+        order = ((j + i * (k // 2 + 1)) % k) * k + i
+    return (order.float() + 0.5) / num_points - 0.5
+
+
+@torch.no_grad()
+def start_time_axis(student: MediaSparseFormer, frames: int) -> None:
+    """Tubes one frame long, centred on their time segments, and sampling points spread over that time (see the
+    module docstring); the spatial boxes and offsets are left as they are."""
+    roi = student.initial_roi.weight
+    centre = (roi[:, 2] + roi[:, 5]) / 2
+    half = 0.5 / frames
+    roi[:, 2], roi[:, 5] = centre - half, centre + half
+    for layer in student.layers:
+        bias = getattr(layer, "roi_offset_bias", None)
+        if bias is not None:
+            bias.view(layer.num_points, 3)[:, 2] = time_ticks(layer.num_points).to(bias.dtype)
 
 
 def load_image_student(student: SparseFormer, path: str) -> None:
