@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch bootstrap/ru
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bootstrap.config import RecipeError, load_recipe  # noqa: E402
+from bootstrap.image_stage import image_stage  # noqa: E402
 
 USAGE = "usage: accelerate launch bootstrap/run.py RECIPE.yaml [section.key=value ...]"
 
@@ -61,6 +62,36 @@ def finish_run(recipe, run_dir: Path) -> bool:
     return ok
 
 
+def _finished_image_run(stage, train) -> bool | int:
+    """Train (or resume) the image stage's run unless it is finished (`bootstrap.image_stage`); True once it is,
+    else the exit status (the image run stopped early: run.stop_after)."""
+    from accelerate import PartialState
+
+    from students.run_folder import NotARunError, RunFolder
+
+    main = PartialState().is_main_process
+    try:
+        RunFolder.finished(stage.folder)
+        if main:
+            print(f"student.video.image_student: the image student is the finished run {stage.folder} "
+                  f"({stage.spec})", flush=True)
+        return True
+    except NotARunError:
+        pass
+    if main:
+        print(f"student.video.image_student: training the image student first ({stage.spec} -> {stage.folder}); "
+              f"the video run inflates it", flush=True)
+    t0 = time.time()
+    summary = train(stage.image)
+    if not summary.get("finished"):
+        return 0
+    if main and not summary.get("already_finished"):
+        finish_run(stage.image, stage.folder)
+        print(f"image stage done in {time.time() - t0:.0f} s: {stage.folder}", flush=True)
+    PartialState().wait_for_everyone()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
@@ -68,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         recipe = load_recipe(argv[0], argv[1:])
+        stage = image_stage(recipe, argv[0])
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     try:
+        if stage is not None:  # the video student's image student: its recipe's run, finished first
+            image_done = _finished_image_run(stage, train)
+            if image_done is not True:
+                return image_done
+            recipe = stage.video
         summary = train(recipe)
     except RecipeError as exc:  # found once the run could look at its folder (run.output_dir, a resumed recipe)
         print(f"error: {exc}", file=sys.stderr, flush=True)

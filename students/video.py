@@ -8,8 +8,9 @@ A recipe makes a video student with ``student.video`` (`VideoOptions`)::
         sampling: segments   # segments (TSN: one frame per equal segment) | stride (frames `stride` apart)
         stride: 1
         replicates: 1        # each latent token copied over as many time segments (SparseFormer's tubes)
-        image_student: null  # a finished run folder whose image student is inflated; null: the image student is
-                             #   built from the teacher as for images, then inflated
+        image_student: null  # a finished run folder whose image student is inflated; or, in a run, a recipe (with
+                             #   key=value overrides) whose run is trained first (`bootstrap.image_stage`); null:
+                             #   the image student is built from the teacher as for images, then inflated
 
 Video is a property of the data and the student, not a new loop: a family whose options have a ``video``
 field takes video (`video_options`), and its video students carry the clips they were trained on in their

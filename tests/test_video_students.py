@@ -195,6 +195,79 @@ def test_a_runs_image_student_is_the_starting_point(teacher, tmp_path):
 
 
 
+def _image_recipe(tmp_path: Path, name: str = "image.yaml", **changes) -> Path:
+    """RECIPE as an image recipe (no student.video) on demo images, with ``changes`` to its sections."""
+    from data.demo import make_demo_dataset
+
+    images = tmp_path / "images"
+    if not images.exists():
+        make_demo_dataset(images, num=12, size=32, val_fraction=1 / 4, shard_size=6)
+    recipe = copy.deepcopy(RECIPE)
+    recipe["student"].pop("video")
+    recipe["data"].update(train=str(images / "train"), val=str(images / "val"), heldout_samples=3)
+    recipe["eval"]["data"] = str(images / "val")
+    recipe["run"]["output_dir"] = str(tmp_path / "image_run")
+    for section, values in changes.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    (None, r"image_student: recipe .*nope.yaml does not exist \(give a recipe file"),
+    ({"student": {"video": {"frames": 4}}}, r"image_student: .*image.yaml makes a video student \(student.video\)"),
+    ({"student": {"conv_dim": 8}}, r"image_student: .*image.yaml builds another student: student.conv_dim \(8 there, "
+                                   r"16 here\); add student.conv_dim=16 after the recipe"),
+    ({"teacher": {**TEACHER, "model": "another-clip"}}, r"image.yaml learns from another teacher than this recipe"),
+    ({"run": {"mixed_precision": "bf16"}}, r"image.yaml has run.mixed_precision=bf16 and this recipe no: one process "),
+    ({"run": {"output_dir": "SAME"}}, r"image.yaml writes to .*video_run, this run's folder: add run.output_dir="),
+])
+def test_an_image_recipe_that_does_not_fit_is_one_line_before_anything_trains(tmp_path, changes, message):
+    from bootstrap.config import RecipeError, load_recipe
+    from bootstrap.image_stage import image_stage
+
+    if changes is None:
+        spec = str(tmp_path / "nope.yaml")
+    else:
+        if changes.get("run", {}).get("output_dir") == "SAME":
+            changes = {"run": {"output_dir": str(tmp_path / "video_run")}}
+        spec = str(_image_recipe(tmp_path, **changes))
+    recipe = load_recipe(base=copy.deepcopy(RECIPE), overrides=[
+        "data.train=x", f"run.output_dir={tmp_path / 'video_run'}", f"student.video.image_student={spec}"])
+    with pytest.raises(RecipeError, match=message) as info:
+        image_stage(recipe)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_an_image_recipe_is_trained_first_and_its_student_inflated(recipe_file, tmp_path, capsys):
+    """student.video.image_student naming a recipe (with overrides): one command trains that image run, then the
+    video run from its student; the same command again finds the image run finished and leaves it alone."""
+    from students.sparseformer.video import load_image_student
+
+    image_yaml = _image_recipe(tmp_path, run={"output_dir": str(tmp_path / "elsewhere")})
+    spec = f"student.video.image_student={image_yaml} run.output_dir={tmp_path / 'image_run'} optim.steps=4"
+    assert run_here(recipe_file, tmp_path / "video", spec, "optim.steps=2") == 0
+    out = capsys.readouterr().out
+    assert f"training the image student first ({image_yaml} run.output_dir={tmp_path / 'image_run'}" in out
+    image_run = tmp_path / "image_run"
+    assert json.loads((image_run / "train_summary.json").read_text())["steps"] == 4  # the override applied
+    assert not (tmp_path / "elsewhere").exists()
+    recipe = yaml.safe_load((tmp_path / "video" / "recipe.yaml").read_text())
+    assert recipe["student"]["video"]["image_student"] == str((image_run / "student.safetensors").resolve())
+    # The video run started from that image student: loading it into the same construction works as the run did.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomTeacherWarning)
+        image = bootstrap_student(create_teacher(copy.deepcopy(TEACHER)), **STUDENT)[0]
+    load_image_student(image, recipe["student"]["video"]["image_student"])
+
+    stamp = (image_run / "student.safetensors").stat().st_mtime_ns
+    assert run_here(recipe_file, tmp_path / "video2", spec, "optim.steps=2") == 0
+    assert f"the image student is the finished run {image_run}" in capsys.readouterr().out
+    assert (image_run / "student.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_a_teacher_with_rotary_positions_has_no_video_student():
     from test_rope_teachers import _teacher
 
@@ -504,24 +577,34 @@ def test_demo_videos_move_and_two_classes_differ_only_by_direction():
 
 @pytest.mark.slow
 def test_the_video_demo_bootstraps_from_the_image_demos_teacher(tmp_path, capsys):
-    """recipes/demo_video.yaml in miniature: the image demo's data and teacher, the demo videos, the run, the report
+    """recipes/demo_video.yaml in miniature: the image demo's data and teacher, its image stage (recipes/demo.yaml
+    with this student, trained first), the demo videos, the run from the inflated image student, the report
     (zero-shot of teacher and student, printed) and the export."""
+    import shlex
+
     cache = tmp_path / "cache"
-    tiny = ["demo.num_images=48", "demo.image_size=32", f"demo.cache_dir={cache}",
+    student = ("{tokens: 5, drop_blocks: 1, finetune_blocks: 1, focus_width: 16, focus_repeats: 1, num_points: 4, "
+               "pg_inner_dim: 16, conv_dim: 8}")
+    demo = ["demo.num_images=48", "demo.image_size=32", f"demo.cache_dir={cache}",
             "demo.teacher={width: 32, layers: 2, heads: 2, patch_size: 8, embed_dim: 16, text_width: 16, "
-            "text_layers: 1, text_heads: 1, steps: 4, batch_size: 8, min_zero_shot: 0}",
-            "demo.video={num_videos: 20, frames: 6}",
-            "student={tokens: 5, drop_blocks: 1, finetune_blocks: 1, focus_width: 16, focus_repeats: 1, "
-            "num_points: 4, pg_inner_dim: 16, conv_dim: 8, video: {frames: 4}}",
-            "data.batch_size=4", "data.heldout_samples=5", "optim.steps=2", "optim.warmup_steps=1",
-            "run.progress=false", "run.eval_every=2", "eval.batch_size=5", "eval.cost_batch_size=2",
-            "eval.cost_iters=1"]
+            "text_layers: 1, text_heads: 1, steps: 4, batch_size: 8, min_zero_shot: 0}"]
+    small = ["data.batch_size=4", "data.heldout_samples=5", "optim.steps=2", "optim.warmup_steps=1",
+             "run.progress=false", "run.eval_every=2", "eval.batch_size=5", "eval.cost_batch_size=2",
+             "eval.cost_iters=1"]
+    image_stage = shlex.join([str(ROOT / "recipes" / "demo.yaml"), *demo, f"student={student}", *small,
+                              f"run.output_dir={tmp_path / 'image'}", "export.enabled=false"])
+    tiny = [*demo, "demo.video={num_videos: 20, frames: 6}",
+            f"student={student[:-1]}, video: {{frames: 4, image_student: {json.dumps(image_stage)}}}}}", *small]
     assert run_here(ROOT / "recipes" / "demo_video.yaml", tmp_path / "run", *tiny) == 0
     out = capsys.readouterr().out
     assert "training the demo teacher" in out and "making the demo videos (20 videos of 6 frames of 32 px)" in out
+    assert out.index("training the image student first") < out.index("making the demo videos")
     assert "held-out: start cosine" in out and "zero-shot top-1: teacher" in out and "GFLOPs per clip" in out
     recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert "demo-videos" in recipe["data"]["train"] and "demo-teacher" in recipe["teacher"]["pretrained"]
+    assert recipe["student"]["video"]["image_student"] == str((tmp_path / "image" / "student.safetensors").resolve())
+    image_recipe = yaml.safe_load((tmp_path / "image" / "recipe.yaml").read_text())
+    assert image_recipe["teacher"] == recipe["teacher"] and "demo-data" in image_recipe["data"]["train"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["zero_shot"]["num_classes"] == 10 and report["eval_set"]["num_images"] == 5
     assert (tmp_path / "run" / "export_openclip" / "open_clip_config.json").is_file()
