@@ -49,6 +49,22 @@ def test_the_other_demos_share_the_demos_data_and_teacher(name, options):
     assert other.media.video == (name == "demo_video") and (name != "demo_video" or other.student.video.frames == 8)
 
 
+def test_the_video_demo_starts_from_the_image_demo_with_its_own_early_convolution():
+    """Its image stage is recipes/demo.yaml with this student's conv_dim, checked to fit (`bootstrap.image_stage`)."""
+    from bootstrap.image_stage import image_stage
+
+    stage = image_stage(load_recipe(RECIPES / "demo_video.yaml"), RECIPES / "demo_video.yaml")
+    demo = load_recipe(RECIPES / "demo.yaml", ["student.conv_dim=16", "run.output_dir=runs/demo_video_image"])
+    assert stage.image == demo and stage.folder == Path("runs/demo_video_image")
+    assert stage.video.student.video.image_student == "runs/demo_video_image"
+    assert stage.video.student.video.replicates == 2
+    # It runs as the command runs (threads, progress bars, the demo's cache), and trains what its recipe says.
+    stage = image_stage(load_recipe(RECIPES / "demo_video.yaml", ["run.cpu_threads=1", "run.progress=false",
+                                                                  "demo.cache_dir=/elsewhere", "optim.steps=50"]))
+    assert (stage.image.run.cpu_threads, stage.image.run.progress, stage.image.demo.cache_dir) == (1, False, "/elsewhere")
+    assert stage.image.optim.steps == demo.optim.steps
+
+
 @pytest.mark.parametrize("name,tokens", [("demo_budget", 16), ("clip_base_budget", 49)])
 def test_budget_recipes_run_the_teacher_at_the_sparseformers_token_count(name, tokens):
     import warnings
