@@ -175,9 +175,10 @@ def _check_quality(info: dict, floor: float, where: Path) -> dict:
     return info
 
 
-def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) -> Path:
+def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True, progress: bool | None = None) -> Path:
     """The cached demo teacher folder, trained first if it is not there. A teacher below the quality floor is
-    not cached: it is left in ``<folder>.below-floor`` for a look, and the error says so."""
+    not cached: it is left in ``<folder>.below-floor`` for a look, and the error says so. ``progress`` (default:
+    ``verbose``) shows the training's progress bar."""
     folder = cache_root(demo) / "demo-teacher" / _digest(_teacher_key(demo))
     floor = demo.teacher.min_zero_shot
     if (folder / INFO_JSON).is_file():
@@ -190,7 +191,7 @@ def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        info = train_demo_teacher(demo, data_dir, tmp, verbose=verbose)
+        info = train_demo_teacher(demo, data_dir, tmp, verbose=verbose, progress=progress)
         try:
             _check_quality(info, floor, folder)
         except DemoTeacherError as exc:
@@ -202,7 +203,7 @@ def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True) 
     return folder
 
 
-def ensure_demo_videos(demo: DemoConfig, verbose: bool = True) -> Path:
+def ensure_demo_videos(demo: DemoConfig, verbose: bool = True, progress: bool | None = None) -> Path:
     """The demo video folder (``train/``, ``val/``, ``video_demo.json``; `data.video_demo`), generated once and
     cached."""
     from data.video_demo import VIDEO_DEMO_VERSION, make_video_demo_dataset
@@ -211,7 +212,8 @@ def ensure_demo_videos(demo: DemoConfig, verbose: bool = True) -> Path:
     args = {"num": v.num_videos, "seed": v.seed, "size": demo.image_size, "frames": v.frames,
             "val_fraction": v.val_fraction}
     folder = cache_root(demo) / "demo-videos" / _digest({**args, "version": VIDEO_DEMO_VERSION})
-    return _cached_data(folder, "video_demo.json", lambda tmp: make_video_demo_dataset(tmp, **args, progress=verbose),
+    return _cached_data(folder, "video_demo.json", lambda tmp: make_video_demo_dataset(
+        tmp, **args, progress=verbose if progress is None else progress),
                         f"the demo videos ({v.num_videos} videos of {v.frames} frames of {demo.image_size} px)",
                         verbose)
 
@@ -241,13 +243,14 @@ def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
     none). With `demo.video` the data are the demo videos, and the teacher is still the image demo's (trained on the
     demo images, applied frame by frame)."""
     demo = recipe.demo
+    progress = verbose and recipe.run.progress  # run.progress=false: the lines, without progress bars
     data_dir = ensure_demo_data(demo, verbose)
     sections = {}
     # A run with labels alone whose student does not start from its teacher needs none (recipes/demo_supervised.yaml).
     if not recipe.teacher and recipe.needs_teacher:
-        sections["teacher"] = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose))
+        sections["teacher"] = teacher_spec(ensure_demo_teacher(demo, data_dir, verbose, progress))
     if demo.video is not None:
-        data_dir = ensure_demo_videos(demo, verbose)
+        data_dir = ensure_demo_videos(demo, verbose, progress)
     data = {}
     if recipe.data.train is None:
         data["train"] = str(data_dir / "train")
@@ -321,8 +324,10 @@ def zero_shot_accuracy(encode, images: torch.Tensor, labels: torch.Tensor, class
     return correct / max(1, images.shape[0])
 
 
-def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: bool = True) -> dict:
-    """Train the demo CLIP's image tower against its locked text tower; write it to `out`."""
+def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: bool = True,
+                       progress: bool | None = None) -> dict:
+    """Train the demo CLIP's image tower against its locked text tower; write it to `out` (``progress``, default
+    ``verbose``: the progress bar)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -365,8 +370,8 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
     if verbose:
         print(f"training the demo teacher (CLIP image tower width {cfg.width}, {cfg.layers} layers, locked random "
               f"text tower) on {n} images: {cfg.steps} steps of {cfg.batch_size} ...", flush=True)
-    bar = tqdm(total=cfg.steps, desc="demo teacher", unit="step", disable=not verbose, dynamic_ncols=True,
-               file=sys.stdout)
+    bar = tqdm(total=cfg.steps, desc="demo teacher", unit="step", dynamic_ncols=True,
+               disable=not (verbose if progress is None else progress), file=sys.stdout)
     clip.visual.train()
     step, perm, pos = 0, torch.randperm(n, generator=gen), 0
     while step < cfg.steps:

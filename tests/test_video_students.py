@@ -596,8 +596,9 @@ def test_the_video_demo_bootstraps_from_the_image_demos_teacher(tmp_path, capsys
     tiny = [*demo, "demo.video={num_videos: 20, frames: 6}",
             f"student={student[:-1]}, video: {{frames: 4, image_student: {json.dumps(image_stage)}}}}}", *small]
     assert run_here(ROOT / "recipes" / "demo_video.yaml", tmp_path / "run", *tiny) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "training the demo teacher" in out and "making the demo videos (20 videos of 6 frames of 32 px)" in out
+    assert "demo teacher:" not in out + err and "demo videos:" not in out + err  # run.progress=false: no bars
     assert out.index("training the image student first") < out.index("making the demo videos")
     assert "held-out: start cosine" in out and "zero-shot top-1: teacher" in out and "GFLOPs per clip" in out
     recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
