@@ -83,8 +83,8 @@ def check_decode_path(name: str) -> None:
                          f"no faster than PIL here (torchvision.io's decoders are deprecated since torchvision 0.29); "
                          f"{choose}")
     if name == "fast" and _simplejpeg() is None:
-        raise ValueError(f"'fast' needs simplejpeg (libjpeg-turbo), which is not installed: pip install simplejpeg, "
-                         f"or choose reduced (PIL, the same decoded pixels, slower)")
+        raise ValueError("'fast' needs simplejpeg (libjpeg-turbo), which is not installed: pip install simplejpeg, "
+                         "or choose reduced (PIL, the same decoded pixels, slower)")
     if name not in DECODE_PATHS:
         close = difflib.get_close_matches(str(name), DECODE_PATHS, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
