@@ -65,11 +65,15 @@ def finish_run(recipe, run_dir: Path) -> bool:
 def _finished_image_run(stage, train) -> bool | int:
     """Train (or resume) the image stage's run unless it is finished (`bootstrap.image_stage`); True once it is,
     else the exit status (the image run stopped early: run.stop_after)."""
+    import os
+
     from accelerate import PartialState
 
     from students.run_folder import NotARunError, RunFolder
 
-    main = PartialState().is_main_process
+    # Not PartialState() yet: made before the run's Accelerator it would settle accelerate's state without the
+    # launcher's CPU flag, and each process of a CPU launch would run alone.
+    main = os.environ.get("RANK", "0") == "0"
     try:
         RunFolder.finished(stage.folder)
         if main:
@@ -82,7 +86,7 @@ def _finished_image_run(stage, train) -> bool | int:
         print(f"student.video.image_student: training the image student first ({stage.spec} -> {stage.folder}); "
               f"the video run inflates it", flush=True)
     t0 = time.time()
-    summary = train(stage.image)
+    summary = train(stage.image, more_runs_follow=True)
     if not summary.get("finished"):
         return 0
     if main and not summary.get("already_finished"):

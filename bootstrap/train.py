@@ -48,8 +48,10 @@ from .target_source import target_source
 __all__ = ["NonFiniteLossError", "train"]
 
 
-def train(recipe: Recipe) -> dict:
-    """Run a bootstrapping recipe to the end; returns the summary (also in train_summary.json)."""
+def train(recipe: Recipe, more_runs_follow: bool = False) -> dict:
+    """Run a bootstrapping recipe to the end; returns the summary (also in train_summary.json). With
+    ``more_runs_follow`` (an image stage before its video run, `bootstrap.image_stage`) the processes stay joined
+    for the next run of this launch."""
     from tqdm.auto import tqdm
 
     t_start = time.time()
@@ -120,9 +122,10 @@ def train(recipe: Recipe) -> dict:
     if state.step < total:  # run.stop_after
         say(f"stopped after step {state.step} of {total} (run.stop_after); the same command with "
             f"run.stop_after=null resumes from {run.checkpoints}")
-        accelerator.end_training()
+        _end(accelerator, more_runs_follow)
         return {"finished": False, "steps": state.step}
-    return _finish(accelerator, run, stepper, batches.loader.stats, state, t_start, first_check, last_check)
+    return _finish(accelerator, run, stepper, batches.loader.stats, state, t_start, first_check, last_check,
+                   more_runs_follow)
 
 
 # ----------------------------------------------------------------------------- the parts of the story
@@ -242,8 +245,18 @@ def _postfix(values: dict, window: LogWindow) -> dict:
     return postfix
 
 
+def _end(accelerator, more_runs_follow: bool) -> None:
+    """The trackers closed; and, unless another run of this launch follows, the process group too (accelerate's
+    end_training, after which no collective can run in this process)."""
+    if more_runs_follow:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
+
+
 def _finish(accelerator, run, stepper: Stepper, loader_stats, state: TrainState, t_start: float, first_check,
-            last_check) -> dict:
+            last_check, more_runs_follow: bool = False) -> dict:
     """The student and the summary into the run folder (main process), after the collectives every rank joins."""
     full = accelerator.get_state_dict(stepper.model)  # collective (gathers FSDP shards)
     checksums = rank_checksums(accelerator, stepper.model)
@@ -271,7 +284,7 @@ def _finish(accelerator, run, stepper: Stepper, loader_stats, state: TrainState,
                   + (f", {len(skipped['bad_shards'])} shard(s) turned out unreadable" if skipped["bad_shards"] else "")
                   + f" (over {accelerator.num_processes} process(es); named in train_summary.json)", flush=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _end(accelerator, more_runs_follow)
     return summary
 
 

@@ -384,6 +384,24 @@ def test_two_processes_train_one_video_student(recipe_file, tmp_path):
     assert len(set(summary["rank_checksums"])) == 1
 
 
+@pytest.mark.slow
+def test_two_processes_train_the_image_stage_then_the_video_student(recipe_file, tmp_path):
+    image_yaml = _image_recipe(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "bootstrap/run.py", str(recipe_file), f"run.output_dir={out}", "optim.steps=3", "run.eval_every=3",
+           "run.checkpoint_every=3", "data.batch_size=2", f"student.video.image_student={image_yaml} optim.steps=3 "
+           f"data.batch_size=2 run.eval_every=3 run.checkpoint_every=3"]
+    result = run_subprocess(cmd, {"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training the image student first") == 1  # said once, by the main process
+    image = json.loads((tmp_path / "image_run" / "train_summary.json").read_text())
+    video = json.loads((out / "train_summary.json").read_text())
+    for summary in (image, video):
+        assert summary["processes"] == 2 and summary["global_batch"] == 4 and len(set(summary["rank_checksums"])) == 1
+    assert result.stdout.count("image stage done in") == 1
+
+
 def test_cached_video_targets_replay_the_teachers_clips(recipe_file, tmp_path):
     """The caching pass stores each view's frames, crop and flip; rendering them again and embedding the clip with
     the teacher over frames gives the stored target (float32 storage: to rounding), and a run trains on them."""
