@@ -134,7 +134,13 @@ def with_image_student(recipe: Recipe) -> Recipe:
     from students.run_folder import NotARunError, RunFolderError
     from students.video import video_options
 
+    from .image_stage import is_recipe_spec
+
     video = video_options(recipe.student)
+    if video is not None and is_recipe_spec(video.image_student):
+        raise RecipeError(f"student.video.image_student={video.image_student!r} names a recipe, which bootstrap/run.py "
+                          f"trains first (bootstrap.image_stage); started otherwise, a run needs that run's folder "
+                          f"there: run bootstrap/run.py, or give the finished image run's folder")
     if video is None or not video.image_student or not Path(video.image_student).expanduser().is_dir():
         return recipe
     try:

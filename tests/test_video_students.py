@@ -240,6 +240,17 @@ def test_an_image_recipe_that_does_not_fit_is_one_line_before_anything_trains(tm
     assert "\n" not in str(info.value)
 
 
+def test_a_run_started_without_bootstrap_run_names_the_image_recipe_it_cannot_train(tmp_path):
+    from bootstrap.config import RecipeError, load_recipe
+    from bootstrap.resolve import with_image_student
+
+    recipe = load_recipe(base=copy.deepcopy(RECIPE), overrides=[
+        "data.train=x", f"student.video.image_student={_image_recipe(tmp_path)} optim.steps=3"])
+    with pytest.raises(RecipeError, match=r"image_student='.*image.yaml optim.steps=3' names a recipe, which "
+                                          r"bootstrap/run.py trains first .* give the finished image run's folder$"):
+        with_image_student(recipe)
+
+
 @pytest.mark.slow
 def test_an_image_recipe_is_trained_first_and_its_student_inflated(recipe_file, tmp_path, capsys):
     """student.video.image_student naming a recipe (with overrides): one command trains that image run, then the
