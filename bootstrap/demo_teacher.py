@@ -175,10 +175,10 @@ def _check_quality(info: dict, floor: float, where: Path) -> dict:
     return info
 
 
-def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True, progress: bool | None = None) -> Path:
+def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True, progress: bool = True) -> Path:
     """The cached demo teacher folder, trained first if it is not there. A teacher below the quality floor is
-    not cached: it is left in ``<folder>.below-floor`` for a look, and the error says so. ``progress`` (default:
-    ``verbose``) shows the training's progress bar."""
+    not cached: it is left in ``<folder>.below-floor`` for a look, and the error says so. A verbose one shows the
+    training's progress bar unless ``progress`` is false."""
     folder = cache_root(demo) / "demo-teacher" / _digest(_teacher_key(demo))
     floor = demo.teacher.min_zero_shot
     if (folder / INFO_JSON).is_file():
@@ -203,7 +203,7 @@ def ensure_demo_teacher(demo: DemoConfig, data_dir: Path, verbose: bool = True, 
     return folder
 
 
-def ensure_demo_videos(demo: DemoConfig, verbose: bool = True, progress: bool | None = None) -> Path:
+def ensure_demo_videos(demo: DemoConfig, verbose: bool = True, progress: bool = True) -> Path:
     """The demo video folder (``train/``, ``val/``, ``video_demo.json``; `data.video_demo`), generated once and
     cached."""
     from data.video_demo import VIDEO_DEMO_VERSION, make_video_demo_dataset
@@ -213,7 +213,7 @@ def ensure_demo_videos(demo: DemoConfig, verbose: bool = True, progress: bool | 
             "val_fraction": v.val_fraction}
     folder = cache_root(demo) / "demo-videos" / _digest({**args, "version": VIDEO_DEMO_VERSION})
     return _cached_data(folder, "video_demo.json", lambda tmp: make_video_demo_dataset(
-        tmp, **args, progress=verbose if progress is None else progress),
+        tmp, **args, progress=verbose and progress),
                         f"the demo videos ({v.num_videos} videos of {v.frames} frames of {demo.image_size} px)",
                         verbose)
 
@@ -243,7 +243,7 @@ def prepare_demo(recipe: Recipe, verbose: bool = True) -> Recipe:
     none). With `demo.video` the data are the demo videos, and the teacher is still the image demo's (trained on the
     demo images, applied frame by frame)."""
     demo = recipe.demo
-    progress = verbose and recipe.run.progress  # run.progress=false: the lines, without progress bars
+    progress = recipe.run.progress  # run.progress=false: the lines, without progress bars
     data_dir = ensure_demo_data(demo, verbose)
     sections = {}
     # A run with labels alone whose student does not start from its teacher needs none (recipes/demo_supervised.yaml).
@@ -325,9 +325,9 @@ def zero_shot_accuracy(encode, images: torch.Tensor, labels: torch.Tensor, class
 
 
 def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: bool = True,
-                       progress: bool | None = None) -> dict:
-    """Train the demo CLIP's image tower against its locked text tower; write it to `out` (``progress``, default
-    ``verbose``: the progress bar)."""
+                       progress: bool = True) -> dict:
+    """Train the demo CLIP's image tower against its locked text tower; write it to `out` (verbose: with a
+    progress bar unless ``progress`` is false)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -371,7 +371,7 @@ def train_demo_teacher(demo: DemoConfig, data_dir: Path, out: Path, verbose: boo
         print(f"training the demo teacher (CLIP image tower width {cfg.width}, {cfg.layers} layers, locked random "
               f"text tower) on {n} images: {cfg.steps} steps of {cfg.batch_size} ...", flush=True)
     bar = tqdm(total=cfg.steps, desc="demo teacher", unit="step", dynamic_ncols=True,
-               disable=not (verbose if progress is None else progress), file=sys.stdout)
+               disable=not (verbose and progress), file=sys.stdout)
     clip.visual.train()
     step, perm, pos = 0, torch.randperm(n, generator=gen), 0
     while step < cfg.steps:

@@ -62,9 +62,9 @@ def finish_run(recipe, run_dir: Path) -> bool:
     return ok
 
 
-def _finished_image_run(stage, train) -> bool | int:
-    """Train (or resume) the image stage's run unless it is finished (`bootstrap.image_stage`); True once it is,
-    else the exit status (the image run stopped early: run.stop_after)."""
+def _finished_image_run(stage, train) -> bool:
+    """Train (or resume) the image stage's run unless it is finished (`bootstrap.image_stage`); whether it is (not
+    when the image run stopped early: run.stop_after)."""
     import os
 
     from accelerate import PartialState
@@ -88,7 +88,7 @@ def _finished_image_run(stage, train) -> bool | int:
     t0 = time.time()
     summary = train(stage.image, more_runs_follow=True)
     if not summary.get("finished"):
-        return 0
+        return False
     if main and not summary.get("already_finished"):
         finish_run(stage.image, stage.folder)
         print(f"image stage done in {time.time() - t0:.0f} s: {stage.folder}", flush=True)
@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         if stage is not None:  # the video student's image student: its recipe's run, finished first
-            image_done = _finished_image_run(stage, train)
-            if image_done is not True:
-                return image_done
+            if not _finished_image_run(stage, train):
+                return 0
             recipe = stage.video
         summary = train(recipe)
     except RecipeError as exc:  # found once the run could look at its folder (run.output_dir, a resumed recipe)
